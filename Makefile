@@ -1,0 +1,34 @@
+# Fender developer commands. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint schema install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start Fender on the example policy together with its demo upstreams.
+run: $(STAMP)
+	$(BIN)/fender demo --policy policies/example.yaml
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+
+## Regenerate policies/schema.json from the policy models.
+schema: $(STAMP)
+	$(BIN)/fender schema > policies/schema.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

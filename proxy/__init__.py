@@ -1,0 +1,3 @@
+"""Fender: a sidecar resilience proxy."""
+
+__version__ = "0.1.0"
