@@ -1,0 +1,812 @@
+"""The policy file as pydantic models.
+
+The root is :class:`Policy`.  Every model derives from :class:`PolicyModel`
+(unknown keys refused, immutable, defaults validated), and every field carries
+a ``description=`` that is the user documentation: it flows into the JSON
+Schema (``policies/schema.json``) and the README's policy reference.
+
+Adding a section to a route later (``rate_limit``, ``retry``, ...) is one
+optional field on :class:`Route` whose type is another :class:`PolicyModel`;
+cross-field checks go in :meth:`Policy._cross_checks` and report through
+:func:`~proxy.config.units.policy_error` with a location so the loader can
+print the right line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    Strict,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from proxy.config.units import Duration, Size, describe_value, policy_error
+
+__all__ = [
+    "PolicyModel",
+    "Name",
+    "Count",
+    "Flag",
+    "Text",
+    "IpNetwork",
+    "ListenAddress",
+    "ServerOptions",
+    "PoolOptions",
+    "Replica",
+    "Upstream",
+    "RouteMatch",
+    "Route",
+    "Policy",
+    "dump_policy",
+    "NAME_PATTERN",
+    "KNOWN_METHODS",
+]
+
+
+class PolicyModel(BaseModel):
+    """Base of every policy section: unknown keys refused, immutable, defaults validated.
+
+    Defaults may therefore be written in policy notation (``default="15s"``),
+    which is also what the JSON Schema shows.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- small types
+
+NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
+_NAME_RE = re.compile(r"[a-zA-Z0-9_.-]{1,64}")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        if not value:
+            raise policy_error('a name cannot be empty (use 1 to 64 letters, digits, "_", "." or "-")')
+        raise policy_error(
+            f'{describe_value(value)} is not a valid name (use 1 to 64 letters, digits, "_", "." or "-")'
+        )
+    return value
+
+
+Name = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN}),
+]
+"""A route or upstream name: 1 to 64 of ``a-zA-Z0-9_.-``."""
+
+Count = Annotated[int, Strict()]
+"""A whole number; ``"100"`` (text), ``1.0`` and ``true`` are refused."""
+
+Flag = Annotated[bool, Strict()]
+"""``true`` or ``false`` only."""
+
+Text = Annotated[str, Strict()]
+"""Text; numbers are refused rather than silently converted."""
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+)
+
+
+def _valid_hostname(host: str) -> bool:
+    return _HOSTNAME_RE.fullmatch(host) is not None
+
+
+def _check_host(host: str, example: str) -> str:
+    """Validate an IPv4 address, an IPv6 address (without brackets) or a DNS name; lower-case it."""
+    if not host:
+        raise ValueError(f"the host is missing (write it like {example})")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    lowered = host.lower()
+    if not _valid_hostname(lowered):
+        raise ValueError(f"{describe_value(host)} is not a valid host name or IP address")
+    return lowered
+
+
+def _parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise policy_error(f"expected a CIDR like 10.0.0.0/8 or 192.168.1.7, got {describe_value(value)}")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        try:
+            fixed = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise policy_error(
+                f"{describe_value(value)} is not an IP network (write it like 10.0.0.0/8, fd00::/8 or 192.168.1.7)"
+            ) from exc
+        raise policy_error(f"{describe_value(value)} has host bits set (did you mean {fixed}?)") from exc
+
+
+IpNetwork = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    PlainValidator(_parse_network),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "examples": ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]}),
+]
+"""An IP network in CIDR notation; a bare address means a single host (/32 or /128)."""
+
+# --------------------------------------------------------------------------- listen addresses
+
+_LISTEN_HINT = "write it like 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080"
+LISTEN_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+
+
+def _parse_listen(text: str) -> dict[str, Any]:
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise policy_error(f'{describe_value(text)}: missing "]" after the IPv6 address ({_LISTEN_HINT})')
+        if not rest.startswith(":"):
+            raise policy_error(f"{describe_value(text)}: the port is missing ({_LISTEN_HINT})")
+        host, port_text = inner, rest[1:]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise policy_error(
+                f"{describe_value(text)}: {host!r} is not an IPv6 address ({_LISTEN_HINT})"
+            ) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise policy_error(f"{describe_value(text)}: the port is missing ({_LISTEN_HINT})")
+        if ":" in host:
+            raise policy_error(
+                f"{describe_value(text)}: write IPv6 addresses in brackets, like [::1]:8080 or [::]:8080"
+            )
+        if not host:
+            raise policy_error(
+                f"{describe_value(text)}: the host is missing "
+                f"(write 127.0.0.1{text} for this machine only, or 0.0.0.0{text} for all interfaces)"
+            )
+        try:
+            host = _check_host(host, "127.0.0.1:8080")
+        except ValueError as exc:
+            raise policy_error(f"{describe_value(text)}: {exc}") from None
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise policy_error(
+            f"{describe_value(text)}: the port must be a number from 0 to 65535 (0 picks a free port)"
+        )
+    return {"host": host, "port": int(port_text)}
+
+
+class ListenAddress(PolicyModel):
+    """A ``host:port`` a listener binds to; written as one string in the policy file."""
+
+    host: Text = Field(description="IP address or host name to bind; IPv6 addresses without brackets.")
+    port: Count = Field(ge=0, le=65535, description="TCP port; 0 lets the OS pick a free port (for tests).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return _parse_listen(data)
+        if isinstance(data, dict | ListenAddress):
+            return data
+        if isinstance(data, int) and not isinstance(data, bool):
+            raise policy_error(
+                f"{data} is only a port; write 127.0.0.1:{data} (or 0.0.0.0:{data} for all interfaces)"
+            )
+        raise policy_error(f"expected host:port, got {describe_value(data)} ({_LISTEN_HINT})")
+
+    @model_serializer(mode="plain", when_used="json")
+    def _to_text(self) -> str:
+        return str(self)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {
+            "type": "string",
+            "pattern": LISTEN_PATTERN,
+            "examples": ["127.0.0.1:8080", "0.0.0.0:8080", "[::1]:8080"],
+        }
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_wildcard(self) -> bool:
+        """True when bound to every interface (``0.0.0.0`` or ``::``)."""
+        return self.host in ("0.0.0.0", "::")
+
+    def overlaps(self, other: ListenAddress) -> bool:
+        """Whether binding both addresses would clash (same port, and same host or a wildcard)."""
+        if self.port == 0 or other.port == 0 or self.port != other.port:
+            return False
+        return self.host == other.host or self.is_wildcard or other.is_wildcard
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ServerOptions(PolicyModel):
+    """Downstream (client-facing) limits of the data-path listener."""
+
+    max_header_bytes: Annotated[Size, Field(gt=0)] = Field(
+        default="32KiB",
+        description=(
+            "Largest request head (request line plus all header lines) a client may send; larger heads "
+            "get 431. 32KiB fits large cookies and tokens while bounding the memory one connection can pin."
+        ),
+    )
+    max_header_count: Count = Field(
+        default=100,
+        ge=1,
+        description="Most header fields one request may carry; more get 431. 100 is the common proxy default.",
+    )
+    keepalive_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="75s",
+        description=(
+            "Idle client keep-alive connections are closed after this long. 75s outlives the 60s idle "
+            "timeout of common load balancers, so they close first and never reuse a connection we just closed."
+        ),
+    )
+    max_connections: Count = Field(
+        default=2048,
+        ge=1,
+        description=(
+            "Most concurrent client connections; beyond it new connections get 503 and are closed. "
+            "Bounds memory and file descriptors under a connection flood."
+        ),
+    )
+    access_log: Flag = Field(
+        default=False,
+        description="Write one buffered line per request to the access log. Off by default: metrics cover the common questions.",
+    )
+    trusted_proxies: tuple[IpNetwork, ...] = Field(
+        default=(),
+        description=(
+            "Networks (CIDR, e.g. 10.0.0.0/8) whose X-Forwarded-For header is believed when finding the "
+            "client address. Empty by default: the TCP peer is the client."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- upstreams
+
+_URL_HINT = "write it like http://127.0.0.1:9001"
+
+
+def _parse_replica_url(url: str) -> tuple[str, int]:
+    """Check a replica URL and return ``(host, port)``; the host has no brackets."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise policy_error(f"{describe_value(url)} has no scheme: write http://{url.lstrip('/')}")
+    scheme = scheme.lower()
+    if scheme == "https":
+        raise policy_error(
+            f"{describe_value(url)}: TLS to upstreams is not supported yet "
+            "(use http://, e.g. to a local TLS-originating sidecar)"
+        )
+    if scheme != "http":
+        raise policy_error(f'{describe_value(url)}: only http:// URLs are supported, not "{scheme}://"')
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise policy_error(
+            f"{describe_value(url)}: user names and passwords are not allowed in a replica URL"
+        )
+    if parts.path not in ("", "/"):
+        raise policy_error(
+            f"{describe_value(url)}: a replica URL cannot have a path ({parts.path!r}); "
+            "the request path is passed through unchanged"
+        )
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise policy_error(f"{describe_value(url)}: a replica URL cannot have a query or fragment")
+    netloc = parts.netloc
+    if netloc.startswith("["):
+        host_text, _, rest = netloc[1:].partition("]")
+        try:
+            host = str(ipaddress.IPv6Address(host_text))
+        except ValueError:
+            raise policy_error(f"{describe_value(url)}: {host_text!r} is not an IPv6 address") from None
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and not rest.startswith(":"):
+            raise policy_error(f"{describe_value(url)} is not a valid URL ({_URL_HINT})")
+    else:
+        host_text, sep, port_text = netloc.rpartition(":")
+        if not sep:
+            host_text, port_text = netloc, None
+        try:
+            host = _check_host(host_text, "http://127.0.0.1:9001")
+        except ValueError as exc:
+            raise policy_error(f"{describe_value(url)}: {exc}") from None
+    if port_text is None or port_text == "":
+        if port_text == "":
+            raise policy_error(f"{describe_value(url)}: the port is empty ({_URL_HINT})")
+        return host, 80
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise policy_error(f"{describe_value(url)}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+class PoolOptions(PolicyModel):
+    """Connection pool towards each replica of an upstream (the limits apply per replica)."""
+
+    max_connections: Count = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Most open connections to one replica; further requests wait for a free one (see max_pending). "
+            "Protects the replica from connection storms."
+        ),
+    )
+    max_keepalive: Count = Field(
+        default=20,
+        ge=0,
+        description=(
+            "Most idle connections kept open to one replica for reuse; extra idle ones are closed. "
+            "0 disables reuse. Must not exceed max_connections."
+        ),
+    )
+    connect_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="1s",
+        description=(
+            "Deadline for the TCP connect to a replica; a slower connect counts as a failure of that replica. "
+            "1s is far above a healthy connect on the same network."
+        ),
+    )
+    idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="60s",
+        description=(
+            "Idle pooled connections are closed after this long. Keep it below the upstream server's own "
+            "keep-alive timeout so we never send on a connection it is closing."
+        ),
+    )
+    max_pending: Count = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Most requests waiting for a free connection to one replica; beyond it requests fail fast with 503 "
+            "instead of queueing. 0 means never wait."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _keepalive_within_connections(self) -> PoolOptions:
+        if self.max_keepalive > self.max_connections:
+            raise policy_error(
+                f"max_keepalive ({self.max_keepalive}) cannot exceed max_connections ({self.max_connections})",
+                "max_keepalive",
+            )
+        return self
+
+
+class Replica(PolicyModel):
+    """One instance of an upstream service."""
+
+    url: Text = Field(
+        description=(
+            "Where the replica listens: http://HOST:PORT (port 80 if left out). No path, query or user info; "
+            "https is not supported yet."
+        ),
+    )
+    priority: Count = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Failover tier: 0 is preferred. Traffic goes to the lowest-numbered tier that has healthy "
+            "replicas; higher tiers are standbys."
+        ),
+    )
+    weight: Count = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Share of traffic among the healthy replicas of the same priority, from 1 to 1000 (relative).",
+    )
+
+    _host: str = PrivateAttr(default="")
+    _port: int = PrivateAttr(default=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        _parse_replica_url(url)
+        return url
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._host, self._port = _parse_replica_url(self.url)
+
+    @property
+    def host(self) -> str:
+        """Host to connect to (IPv6 without brackets, names lower-cased)."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """TCP port to connect to."""
+        return self._port
+
+    @property
+    def name(self) -> str:
+        """``host:port`` (IPv6 in brackets); also the Host value when a route rewrites it."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self._port}"
+
+
+class Upstream(PolicyModel):
+    """A service behind the proxy: its replicas and how to connect to them."""
+
+    replicas: tuple[Replica, ...] = Field(
+        description="The instances of this service; at least one. Each is written {url: http://HOST:PORT, priority: 0, weight: 1}.",
+    )
+    pool: PoolOptions = Field(
+        default_factory=PoolOptions,
+        description="Connection pool limits, applied to each replica separately.",
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_distinct(cls, replicas: tuple[Replica, ...]) -> tuple[Replica, ...]:
+        if not replicas:
+            raise policy_error("an upstream needs at least one replica (write - url: http://127.0.0.1:9001)")
+        seen: dict[str, int] = {}
+        for index, replica in enumerate(replicas):
+            if replica.name in seen:
+                raise policy_error(
+                    f"replica {replica.name} is listed twice (also replicas[{seen[replica.name]}])",
+                    index,
+                    "url",
+                )
+            seen[replica.name] = index
+        return replicas
+
+
+# --------------------------------------------------------------------------- routes
+
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_method(value: str) -> str:
+    method = value.upper()
+    if method in KNOWN_METHODS:
+        return method
+    if not _TOKEN_RE.fullmatch(value):
+        raise policy_error(
+            f"{describe_value(value)} is not an HTTP method (allowed: {', '.join(KNOWN_METHODS)})"
+        )
+    close = difflib.get_close_matches(method, KNOWN_METHODS, n=1)
+    hint = f'did you mean "{close[0]}"? ' if close else ""
+    raise policy_error(
+        f"unknown HTTP method {describe_value(value)} ({hint}allowed: {', '.join(KNOWN_METHODS)})"
+    )
+
+
+Method = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_method),
+    WithJsonSchema({"type": "string", "examples": list(KNOWN_METHODS)}),
+]
+
+
+def _check_header_name(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise policy_error(f"{describe_value(value)} is not a valid header name")
+    return value.lower()
+
+
+HeaderName = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_header_name),
+    WithJsonSchema({"type": "string", "pattern": r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}),
+]
+
+_PATH_FIELDS = ("path_prefix", "path", "path_regex")
+
+
+def _check_path(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.startswith("/"):
+        raise policy_error(f'{describe_value(value)} must start with "/"')
+    if any(c in value for c in "?# \t"):
+        raise policy_error(
+            f"{describe_value(value)}: a path cannot contain spaces, ? or # (queries are not matched)"
+        )
+    return value
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        re.compile(value)
+    except re.error as exc:
+        where = f" at position {exc.pos}" if exc.pos is not None else ""
+        raise policy_error(
+            f"{describe_value(value)} is not a valid regular expression: {exc.msg}{where}"
+        ) from None
+    return value
+
+
+def _check_match_host(value: str | None) -> str | None:
+    if value is None:
+        return None
+    host = value.lower()
+    bare = host[2:] if host.startswith("*.") else host
+    if ":" in bare and not bare.startswith("["):
+        raise policy_error(f"{describe_value(value)}: leave out the port (the port is ignored when matching)")
+    if not _valid_hostname(bare):
+        raise policy_error(
+            f'{describe_value(value)} is not a host name (write api.example.com, or "*.example.com" for any subdomain)'
+        )
+    return host
+
+
+class RouteMatch(PolicyModel):
+    """Which requests a route takes; every condition given must hold.
+
+    When none of ``path``, ``path_prefix`` and ``path_regex`` is given the route
+    matches every path (``path_prefix: /``).
+    """
+
+    path_prefix: Annotated[Text | None, AfterValidator(_check_path)] = Field(
+        default=None,
+        description=(
+            'Path must start with this (plain string prefix of the normalised path, so "/api" also '
+            'matches "/apis"; write "/api/" to match the segment only). "/" when no path condition is given.'
+        ),
+    )
+    path: Annotated[Text | None, AfterValidator(_check_path)] = Field(
+        default=None,
+        description="Path must equal this exactly (after normalisation, without the query string).",
+    )
+    path_regex: Annotated[Text | None, AfterValidator(_check_regex)] = Field(
+        default=None,
+        description="Path must fully match this Python regular expression (anchored at both ends).",
+    )
+    host: Annotated[Text | None, AfterValidator(_check_match_host)] = Field(
+        default=None,
+        description=(
+            'Host header must equal this (case-insensitive, port ignored); "*.example.com" matches any '
+            "subdomain of example.com. Any host when unset."
+        ),
+    )
+    methods: tuple[Method, ...] = Field(
+        default=(),
+        description="Allowed request methods, e.g. [GET, HEAD]; empty means any method.",
+    )
+    headers: dict[HeaderName, Text] = Field(
+        default_factory=dict,
+        description="Request headers that must be present with exactly these values (names are case-insensitive).",
+    )
+
+    _regex: re.Pattern[str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and all(data.get(key) is None for key in _PATH_FIELDS):
+            return {**data, "path_prefix": "/"}
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _dedupe_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(methods))
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _headers_distinct(cls, headers: Any) -> Any:
+        if isinstance(headers, dict):
+            seen: dict[str, Any] = {}
+            for name in headers:
+                if isinstance(name, str):
+                    if name.lower() in seen:
+                        raise policy_error(
+                            f'header "{name}" is given twice (also as "{seen[name.lower()]}"; names are case-insensitive)',
+                            name,
+                        )
+                    seen[name.lower()] = name
+        return headers
+
+    @model_validator(mode="after")
+    def _one_path_condition(self) -> RouteMatch:
+        given = [key for key in _PATH_FIELDS if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise policy_error(
+                f"give only one of path, path_prefix and path_regex (found {' and '.join(given)})",
+                given[1],
+            )
+        return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._regex = re.compile(self.path_regex) if self.path_regex is not None else None
+
+    @property
+    def regex(self) -> re.Pattern[str] | None:
+        """``path_regex`` compiled (use ``fullmatch``), or None."""
+        return self._regex
+
+
+class Route(PolicyModel):
+    """Sends matching requests to an upstream, with deadlines and limits."""
+
+    name: Name = Field(
+        description="Unique route name (1 to 64 of a-z A-Z 0-9 _ . -); used in metrics, logs and the admin API.",
+    )
+    match: RouteMatch = Field(
+        default_factory=RouteMatch,
+        description="Conditions a request must meet; routes are tried in file order and the first match wins.",
+    )
+    upstream: Name = Field(description="Name of the upstream (under `upstreams:`) that serves this route.")
+    timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="15s",
+        description=(
+            "Deadline from receiving the request until the upstream's response head arrives (connect, send, "
+            "wait, and any retries fit inside it); past it the client gets 504. 15s cuts off hung calls "
+            "well before typical client timeouts."
+        ),
+    )
+    idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="60s",
+        description=(
+            "Longest silence allowed while a request or response body is streaming, either way; past it both "
+            "connections are cut. Catches stalled peers without limiting long downloads."
+        ),
+    )
+    max_body: Size = Field(
+        default="1MiB",
+        description="Largest request body accepted; larger ones get 413. 0B means no limit. 1MiB suits JSON APIs.",
+    )
+    rewrite_host: Flag = Field(
+        default=False,
+        description=(
+            "false passes the client's Host header unchanged; true replaces it with the chosen replica's "
+            "host:port (for upstreams that route on Host)."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- root
+
+
+def _version_check(value: int) -> int:
+    if value != 1:
+        raise policy_error(f"unsupported policy version {value} (this Fender reads version 1)")
+    return value
+
+
+class Policy(PolicyModel):
+    """A complete Fender policy: listeners, upstream services and routes."""
+
+    version: Annotated[Count, AfterValidator(_version_check)] = Field(
+        default=1,
+        description="Policy file format version. Only 1 exists; later formats will be migrated from it.",
+        json_schema_extra={"const": 1},
+    )
+    listen: ListenAddress = Field(
+        default="127.0.0.1:8080",
+        description=(
+            "host:port of the data-path listener that clients send requests to. 127.0.0.1 keeps it local to "
+            "the pod/host (sidecar); use 0.0.0.0 to accept remote clients."
+        ),
+    )
+    admin: ListenAddress = Field(
+        default="127.0.0.1:9901",
+        description=(
+            "host:port of the admin listener (health, metrics, effective config). Local-only by default: "
+            "it is unauthenticated, so never expose it on 0.0.0.0 without a network policy."
+        ),
+    )
+    server: ServerOptions = Field(
+        default_factory=ServerOptions,
+        description="Limits on client connections and requests.",
+    )
+    upstreams: dict[Name, Upstream] = Field(
+        description="The services behind the proxy, by name; at least one.",
+        json_schema_extra={"minProperties": 1},
+    )
+    routes: tuple[Route, ...] = Field(
+        description="Routes, tried in file order; the first whose match holds takes the request. At least one.",
+        json_schema_extra={"minItems": 1},
+    )
+
+    @field_validator("upstreams")
+    @classmethod
+    def _some_upstreams(cls, upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
+        if not upstreams:
+            raise policy_error(
+                "at least one upstream is needed (write e.g. catalog: {replicas: [{url: http://127.0.0.1:9001}]})"
+            )
+        return upstreams
+
+    @field_validator("routes")
+    @classmethod
+    def _some_routes(cls, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+        if not routes:
+            raise policy_error("at least one route is needed (write e.g. - {name: all, upstream: catalog})")
+        return routes
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Policy:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+
+        if self.listen.overlaps(self.admin):
+            where = "admin" if "admin" in self.model_fields_set else "listen"
+            problems.append(
+                (
+                    (where,),
+                    f"listen ({self.listen}) and admin ({self.admin}) would bind the same port; "
+                    "give them different ports",
+                )
+            )
+
+        first_seen: dict[str, int] = {}
+        for index, route in enumerate(self.routes):
+            if route.name in first_seen:
+                problems.append(
+                    (
+                        ("routes", index, "name"),
+                        f'duplicate route name "{route.name}" (already used by routes[{first_seen[route.name]}])',
+                    )
+                )
+            else:
+                first_seen[route.name] = index
+            if route.upstream not in self.upstreams:
+                close = difflib.get_close_matches(route.upstream, list(self.upstreams), n=1)
+                hint = f'did you mean "{close[0]}"? ' if close else ""
+                problems.append(
+                    (
+                        ("routes", index, "upstream"),
+                        f'unknown upstream "{route.upstream}" ({hint}defined upstreams: {", ".join(self.upstreams)})',
+                    )
+                )
+
+        if problems:
+            raise _many_errors(problems)
+        return self
+
+    def upstream_for(self, route: Route) -> Upstream:
+        """The upstream a route sends to (always present in a validated policy)."""
+        return self.upstreams[route.upstream]
+
+
+def _many_errors(problems: list[tuple[tuple[str | int, ...], str]]) -> PydanticCustomError:
+    """One pydantic error carrying several located problems (the loader reports each one)."""
+    if len(problems) == 1:
+        at, message = problems[0]
+        return policy_error(message, *at)
+    lines = [f"{'.'.join(map(str, at))}: {message}" for at, message in problems]
+    return PydanticCustomError(
+        "fender_policy",
+        "{reason}",
+        {"reason": "; ".join(lines), "fender_issues": [(list(at), message) for at, message in problems]},
+    )
+
+
+def dump_policy(policy: Policy) -> dict[str, Any]:
+    """The effective policy (defaults filled in) as plain data in policy-file notation.
+
+    Durations come out as ``"2s"``, sizes as ``"1MiB"``, addresses as
+    ``"127.0.0.1:8080"``; parsing the result again gives an equal policy.
+    """
+    return policy.model_dump(mode="json")
