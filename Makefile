@@ -16,7 +16,7 @@ install: $(STAMP)
 
 ## Start Fender on the example policy together with its demo upstreams.
 run: $(STAMP)
-	$(BIN)/fender demo --policy policies/example.yaml
+	$(BIN)/fender demo policies/example.yaml
 
 ## Run the whole test suite.
 test: $(STAMP)

@@ -1,0 +1,117 @@
+"""Admin listener endpoints. Never on the request path; 127.0.0.1 unless the policy says otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from proxy.config import dump_policy
+
+if TYPE_CHECKING:
+    from proxy.server import Fender
+
+# How long a readiness probe result is reused: probes from kubelet and from
+# people must not turn into a connection storm against the upstreams.
+READY_CACHE_SECONDS = 1.0
+PROBE_TIMEOUT_CAP = 1.0
+
+
+async def _reachable(host: str, port: int, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+class Readiness:
+    """Is the policy loaded and does every upstream have a replica that accepts connections?"""
+
+    def __init__(self, fender: Fender) -> None:
+        self._fender = fender
+        self._checked_at = -1e9
+        self._result: dict | None = None
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> dict:
+        async with self._lock:
+            now = time.monotonic()
+            if self._result is not None and now - self._checked_at < READY_CACHE_SECONDS:
+                return self._result
+            runtime = self._fender.dataplane.runtime
+            names = list(runtime.upstreams)
+            results = await asyncio.gather(*(self._upstream(runtime.upstreams[n]) for n in names))
+            upstreams = dict(zip(names, results, strict=True))
+            self._result = {"ready": all(u["reachable"] for u in upstreams.values()), "upstreams": upstreams}
+            self._checked_at = time.monotonic()
+            return self._result
+
+    @staticmethod
+    async def _upstream(upstream) -> dict:
+        timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
+        replicas = upstream.replicas
+        ok = await asyncio.gather(*(_reachable(r.host, r.port, timeout) for r in replicas))
+        return {
+            "reachable": any(ok),
+            "replicas": {r.name: ("reachable" if up else "unreachable") for r, up in zip(replicas, ok, strict=True)},
+        }
+
+
+def build_admin_app(fender: Fender) -> Starlette:
+    readiness = Readiness(fender)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        result = await readiness.check()
+        return JSONResponse(result, status_code=200 if result["ready"] else 503)
+
+    async def metrics(request: Request) -> Response:
+        for upstream in fender.dataplane.runtime.upstreams.values():
+            upstream.export_pool_gauges()
+        # Rendering many series takes milliseconds; a worker thread keeps the event loop serving.
+        body = await run_in_threadpool(generate_latest, fender.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def config(request: Request) -> Response:
+        runtime = fender.dataplane.runtime
+        return JSONResponse({"source": runtime.source, "policy": dump_policy(runtime.policy)})
+
+    async def routes(request: Request) -> Response:
+        runtime = fender.dataplane.runtime
+        out = []
+        for route in runtime.routes:
+            options = route.options
+            out.append(
+                {
+                    "name": route.name,
+                    "match": options.match.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+                    "upstream": options.upstream,
+                    "replicas": [
+                        {"name": r.name, "priority": r.priority, "weight": r.weight, "in_use": r.pool.in_use, "idle": r.pool.idle}
+                        for r in route.upstream.replicas
+                    ],
+                }
+            )
+        return JSONResponse({"routes": out})
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/admin/config", config),
+            Route("/admin/routes", routes),
+        ]
+    )

@@ -1,0 +1,143 @@
+"""The `fender` command: run, validate, schema, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from proxy import __version__
+from proxy.config import PolicyError, load_policy, schema_text
+
+DEFAULT_POLICY = "policies/example.yaml"
+
+
+def _load_or_report(path: str):
+    try:
+        return load_policy(path)
+    except PolicyError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return None
+
+
+def _summary(path: str, policy) -> str:
+    replicas = sum(len(u.replicas) for u in policy.upstreams.values())
+    return (
+        f"{path}: ok ({len(policy.routes)} routes, {len(policy.upstreams)} upstreams, {replicas} replicas; "
+        f"listen {policy.listen.host}:{policy.listen.port}, admin {policy.admin.host}:{policy.admin.port})"
+    )
+
+
+def cmd_validate(args) -> int:
+    policy = _load_or_report(args.policy)
+    if policy is None:
+        return 1
+    print(_summary(args.policy, policy))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    sys.stdout.write(schema_text())
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _run(policy, source: str, demo: bool) -> None:
+    from proxy.server import Fender
+
+    demo_servers = []
+    if demo:
+        demo_servers = await _start_demo(policy)
+    fender = Fender(policy, source)
+    await fender.start()
+    if demo:
+        _print_tour(policy, fender)
+    try:
+        await fender.run_until_signalled()
+    finally:
+        for server in demo_servers:
+            server.should_exit = True
+        for server in demo_servers:
+            await server.shutdown()
+
+
+async def _start_demo(policy):
+    import uvicorn
+
+    from proxy.demo import DemoUpstream, demo_replicas
+    from proxy.server import _Server, bind_socket
+
+    servers = []
+    for name, host, port in demo_replicas(policy):
+        config = uvicorn.Config(DemoUpstream(name), loop="none", lifespan="off", log_config=None, access_log=False, ws="none")
+        config.load()
+        server = _Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[bind_socket(host, port)])
+        servers.append(server)
+        print(f"demo upstream {name} on {host}:{port}")
+    return servers
+
+
+def _print_tour(policy, fender) -> None:
+    base = f"http://{policy.listen.host}:{fender.data_port}"
+    admin = f"http://{policy.admin.host}:{fender.admin_port}"
+    print(
+        f"""
+Fender {__version__} is proxying on {base} (admin on {admin}). Try:
+  curl -i {base}/catalog/items          # primary replica answers
+  curl -i {base}/flaky/orders           # a flaky upstream: about one in three gets 503
+  curl -i {base}/nowhere                # no route: Fender's own 404
+  curl -s {admin}/metrics | grep fender_requests_total
+  curl -s {admin}/admin/routes
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+
+
+def cmd_run(args, demo: bool = False) -> int:
+    _configure_logging(args.log_level)
+    policy = _load_or_report(args.policy)
+    if policy is None:
+        print(f"fender: not starting: {args.policy} is invalid (see above)", file=sys.stderr)
+        return 2
+    from proxy.server import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_run(policy, args.policy, demo))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fender", description="Fender: a sidecar resilience proxy.")
+    parser.add_argument("--version", action="version", version=f"fender {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy on a policy file")
+    run.add_argument("policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run the proxy plus built-in demo upstreams for the policy's local replicas")
+    demo.add_argument("policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})")
+    demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    demo.set_defaults(func=lambda a: cmd_run(a, demo=True))
+
+    validate = sub.add_parser("validate", help="check a policy file; print FILE:LINE:COL errors")
+    validate.add_argument("policy")
+    validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the policy JSON Schema (for editor completion)")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,277 @@
+"""The data-path ASGI application.
+
+Pure ASGI on purpose (no framework): per request it parses what it needs from
+the raw header pairs in one pass, matches a route, runs the route's pipeline
+and streams the reply back. Everything else was decided when the policy
+loaded (see runtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.dataplane.forward import BodyTooLarge, RequestBodyTimeout
+from proxy.dataplane.headers import RequestHead, add_forwarding, new_request_id, response_headers
+from proxy.dataplane.paths import normalise_path
+from proxy.dataplane.router import host_without_port
+from proxy.dataplane.runtime import BUFFER_BODY_LIMIT, RouteRuntime, Runtime
+from proxy.upstream import UpstreamError
+
+access_log = logging.getLogger("fender.access")
+log = logging.getLogger("fender")
+
+_NO_ROUTE_NAME = "-"
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is nobody left to answer."""
+
+
+class ResponseAborted(Exception):
+    """The upstream failed after the response head was sent: the server must cut this client connection.
+
+    uvicorn closes the client connection when the application raises after
+    the response started; ``quiet_aborts`` keeps that expected case out of the
+    error log (it is counted in metrics instead).
+    """
+
+
+class _QuietAborts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ResponseAborted | ClientGone)
+
+
+def quiet_aborts() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
+
+
+class BodyStream:
+    """Feeds the client's request body to the upstream client, chunk by chunk."""
+
+    __slots__ = ("_receive", "_limit", "_idle", "_received", "_done")
+
+    def __init__(self, receive, first: bytes, limit: int, idle_timeout: float) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._idle = idle_timeout
+        self._received = 0
+        self._done = False
+
+    async def __call__(self) -> bytes:
+        while not self._done:
+            try:
+                async with asyncio.timeout(self._idle):
+                    message = await self._receive()
+            except TimeoutError:
+                raise RequestBodyTimeout from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            body = message.get("body", b"")
+            self._done = not message.get("more_body", False)
+            self._received += len(body)
+            if self._limit and self._received > self._limit:
+                raise BodyTooLarge
+            if body:
+                return body
+        return b""
+
+
+async def read_body(receive, limit: int, idle_timeout: float) -> bytes:
+    """Read a small request body whole (its Content-Length is already checked)."""
+    parts: list[bytes] = []
+    received = 0
+    try:
+        async with asyncio.timeout(idle_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                body = message.get("body", b"")
+                if body:
+                    received += len(body)
+                    if limit and received > limit:
+                        raise BodyTooLarge
+                    parts.append(body)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise RequestBodyTimeout from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class DataPlane:
+    """ASGI callable for the proxy listener. ``runtime`` may be swapped at any time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off and websockets are disabled on the data listener
+        runtime = self.runtime
+        started = time.perf_counter()
+        head = RequestHead(scope["headers"])
+        method = scope["method"]
+        if head.bad is not None:
+            await self._local(runtime, None, send, method, LocalReply("bad_request", head.bad, close=True), head)
+            return
+        path = normalise_path(scope.get("raw_path") or scope["path"].encode())
+        if path is None:
+            reply = LocalReply("bad_request", "request target must be an absolute path", close=True)
+            await self._local(runtime, None, send, method, reply, head)
+            return
+        if head.host is None and scope["http_version"] == "1.1":
+            await self._local(runtime, None, send, method, LocalReply("bad_request", "missing Host header"), head)
+            return
+        authority = scope.get("fender.authority")
+        if authority is not None and authority != head.host:
+            # An absolute-form target naming another host: Fender is not an open proxy.
+            reply = LocalReply("bad_request", "absolute-form target for another host", close=True)
+            await self._local(runtime, None, send, method, reply, head)
+            return
+        route = runtime.router.match(method, host_without_port(head.host), path, scope["headers"])
+        if route is None:
+            runtime.metrics.no_route.inc()
+            detail = f"{method} {path.decode('latin-1')[:200]}"
+            await self._local(runtime, None, send, method, LocalReply("no_route", detail), head)
+            return
+
+        metrics = route.metrics
+        metrics.in_flight.inc()
+        try:
+            await self._proxy(runtime, route, scope, receive, send, method, path, head, started)
+        finally:
+            metrics.in_flight.dec()
+
+    async def _proxy(self, runtime, route: RouteRuntime, scope, receive, send, method, path, head, started):
+        query = scope["query_string"]
+        target = path + b"?" + query if query else path
+        client = scope.get("client")
+        add_forwarding(
+            head,
+            client[0] if client else None,
+            b"https" if scope.get("scheme") == "https" else b"http",
+            scope["http_version"],
+            runtime.trusted,
+        )
+        length = head.content_length
+        max_body = route.max_body
+        if max_body and length is not None and length > max_body:
+            await self._local(runtime, route, send, method, LocalReply("body_too_large", close=True), head)
+            return
+        body = b""
+        body_stream = None
+        content_length = None
+        if length is None and not head.chunked or length == 0:
+            pass
+        elif length is not None and length <= BUFFER_BODY_LIMIT:
+            try:
+                body = await read_body(receive, max_body, route.idle_timeout)
+            except BodyTooLarge:
+                await self._local(runtime, route, send, method, LocalReply("body_too_large", close=True), head)
+                return
+            except RequestBodyTimeout:
+                reply = LocalReply("request_body_timeout", close=True)
+                await self._local(runtime, route, send, method, reply, head)
+                return
+            except ClientGone:
+                return
+        else:
+            body_stream = BodyStream(receive, b"", max_body, route.idle_timeout)
+            content_length = length
+
+        exchange = Exchange(
+            method, target, head.forward, head.host, body, body_stream, content_length,
+            head.request_id, route.name, started,
+        )
+        try:
+            reply = await route.pipeline(exchange)
+        except ClientGone:
+            return
+        await self._respond(runtime, route, scope, receive, send, method, reply, exchange, started)
+
+    async def _respond(self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started):
+        status = reply.status
+        if isinstance(reply, LocalReply):
+            route.metrics.local(reply.reason).inc()
+            headers = reply.headers + [(b"x-request-id", ex.request_id)]
+        else:
+            headers = response_headers(reply.headers, ex.request_id)
+        metrics = route.metrics
+        metrics.request_counter(method, status).inc()
+        metrics.duration.observe(time.perf_counter() - started)
+        if runtime.access_log:
+            self._access(scope, method, status, ex, started)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if method == "HEAD" or not reply.has_body():
+            reply.close()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        watcher = None
+        try:
+            chunk = await reply.read()
+            if not chunk:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            while True:
+                # Read one ahead: a body that arrived whole goes out as one final message.
+                following = await reply.read()
+                await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
+                if not following:
+                    return
+                chunk = following
+                if watcher is None:
+                    # A long body: notice a client that leaves, so the upstream read stops too.
+                    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+                elif watcher.done():
+                    reply.close()
+                    return
+        except UpstreamError as error:
+            reply.close()
+            if ex.upstream_name is not None:
+                runtime.upstreams[ex.upstream_name].metrics.error(error.reason).inc()
+            route.metrics.local(error.reason).inc()
+            raise ResponseAborted(error.reason) from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _local(self, runtime: Runtime, route, send, method: str, reply: LocalReply, head: RequestHead):
+        request_id = head.request_id or new_request_id()
+        if route is None:
+            runtime.metrics.local_responses.labels(_NO_ROUTE_NAME, reply.reason).inc()
+        else:
+            route.metrics.local(reply.reason).inc()
+            route.metrics.request_counter(method, reply.status).inc()
+        headers = reply.headers + [(b"x-request-id", request_id)]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        body = b"" if method == "HEAD" else reply.body
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    @staticmethod
+    def _access(scope, method, status, ex: Exchange, started) -> None:
+        client = scope.get("client")
+        access_log.info(
+            '%s "%s %s" %d route=%s upstream=%s replica=%s rid=%s %.1fms',
+            client[0] if client else "-",
+            method,
+            ex.target.decode("latin-1")[:512],
+            status,
+            ex.route_name,
+            ex.upstream_name or "-",
+            ex.replica_name or "-",
+            ex.request_id.decode("latin-1"),
+            (time.perf_counter() - started) * 1000,
+        )
+

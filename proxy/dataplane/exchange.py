@@ -1,0 +1,140 @@
+"""The request as the pipeline sees it, and the replies layers hand back.
+
+Every layer of a route's pipeline is ``async (Exchange) -> Reply``. A reply is
+either an upstream response whose head has arrived and whose body is still on
+the wire, or a local reply Fender generates itself. Because the body is not
+sent to the client until the outermost layer writes it, a retry or breaker
+layer can look at the status and decide before anything reached the client.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.upstream import UpstreamError
+
+
+class Reply(Protocol):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def has_body(self) -> bool: ...
+    async def read(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class Exchange:
+    """One request on its way through a route's pipeline."""
+
+    __slots__ = (
+        "method",
+        "method_bytes",
+        "target",
+        "headers",
+        "host",
+        "body",
+        "body_stream",
+        "content_length",
+        "request_id",
+        "route_name",
+        "started",
+        "upstream_name",
+        "replica_name",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        host: bytes | None,
+        body: bytes,
+        body_stream,
+        content_length: int | None,
+        request_id: bytes,
+        route_name: str,
+        started: float,
+    ) -> None:
+        self.method = method
+        self.method_bytes = method.encode()
+        self.target = target
+        self.headers = headers
+        self.host = host
+        self.body = body
+        self.body_stream = body_stream
+        self.content_length = content_length
+        self.request_id = request_id
+        self.route_name = route_name
+        self.started = started
+        self.upstream_name: str | None = None
+        self.replica_name: str | None = None
+
+
+# reason -> status of the local reply. The reason is also the X-Fender-Error
+# header value and the metric label, so it is a stable, documented word.
+LOCAL_STATUS = {
+    "no_route": 404,
+    "bad_request": 400,
+    "request_body_timeout": 408,
+    "body_too_large": 413,
+    "header_too_large": 431,
+    "connect_failure": 502,
+    "reset": 502,
+    "reset_mid_body": 502,
+    "bad_response": 502,
+    "pool_overflow": 503,
+    "connect_timeout": 504,
+    "timeout": 504,
+}
+
+_REASON_TEXT = {
+    "no_route": "no route matches this request",
+    "bad_request": "malformed request",
+    "request_body_timeout": "the request body did not arrive in time",
+    "body_too_large": "request body larger than this route allows",
+    "header_too_large": "request header fields too large",
+    "connect_failure": "could not connect to the upstream",
+    "reset": "the upstream closed the connection before sending a response",
+    "reset_mid_body": "the upstream closed the connection mid-response",
+    "bad_response": "the upstream sent an invalid response",
+    "pool_overflow": "too many requests waiting for an upstream connection",
+    "connect_timeout": "timed out connecting to the upstream",
+    "timeout": "the upstream did not answer in time",
+}
+
+
+class LocalReply:
+    """A response Fender generates itself, with a reason header and short text body."""
+
+    __slots__ = ("status", "headers", "body", "reason", "_sent")
+
+    def __init__(self, reason: str, detail: str = "", status: int | None = None, close: bool = False) -> None:
+        self.reason = reason
+        self.status = status if status is not None else LOCAL_STATUS[reason]
+        text = _REASON_TEXT.get(reason, reason)
+        self.body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
+        self.headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"x-fender-error", reason.encode()),
+        ]
+        if close:
+            self.headers.append((b"connection", b"close"))
+        self._sent = False
+
+    def has_body(self) -> bool:
+        return True
+
+    async def read(self) -> bytes:
+        if self._sent:
+            return b""
+        self._sent = True
+        return self.body
+
+    def close(self) -> None:
+        self._sent = True
+
+    @classmethod
+    def from_upstream_error(cls, error: UpstreamError) -> LocalReply:
+        reason = error.reason if error.reason in LOCAL_STATUS else "bad_response"
+        return cls(reason)

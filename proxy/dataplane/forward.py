@@ -1,0 +1,134 @@
+"""The innermost layer: send the exchange to one replica of the route's upstream.
+
+Each replica has its own connection pool (a bulkhead at the connection level:
+one slow replica cannot take the connections of another). Replica choice here
+is the simple default, the lowest priority level with weighted round robin;
+failover with health checks and outlier ejection replaces ``choose``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.upstream import UpstreamError, UpstreamPool
+
+
+class BodyTooLarge(Exception):
+    """The streamed request body passed the route's max_body."""
+
+
+class RequestBodyTimeout(Exception):
+    """The client stopped sending its request body."""
+
+
+class ReplicaRuntime:
+    __slots__ = ("name", "host", "port", "priority", "weight", "pool", "authority")
+
+    def __init__(self, replica, pool_options) -> None:
+        self.host = replica.host
+        self.port = replica.port
+        self.name = f"{replica.host}:{replica.port}"
+        self.authority = self.name.encode()
+        self.priority = replica.priority
+        self.weight = replica.weight
+        self.pool = UpstreamPool(
+            replica.host,
+            replica.port,
+            max_connections=pool_options.max_connections,
+            max_keepalive=pool_options.max_keepalive,
+            connect_timeout=pool_options.connect_timeout,
+            keepalive_idle_timeout=pool_options.idle_timeout,
+            max_pending=pool_options.max_pending,
+        )
+
+
+class UpstreamRuntime:
+    """The replicas of one upstream and their pools, built once per policy load."""
+
+    def __init__(self, name: str, options, metrics: Metrics) -> None:
+        self.name = name
+        self.options = options
+        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
+        self.metrics = UpstreamMetrics(metrics, name)
+        self._pool_gauges = metrics.pool_connections
+        best = min(r.priority for r in self.replicas)
+        preferred = [r for r in self.replicas if r.priority == best]
+        # Interleaved weighted order (smooth weighted round robin), computed once.
+        self._order = itertools.cycle(_smooth_weighted_order(preferred))
+
+    def choose(self) -> ReplicaRuntime:
+        return next(self._order)
+
+    def export_pool_gauges(self) -> None:
+        """Copy pool sizes into gauges; called at scrape time, not per request."""
+        for replica in self.replicas:
+            self._pool_gauges.labels(self.name, replica.name, "in_use").set(replica.pool.in_use)
+            self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.pool.close() for r in self.replicas), return_exceptions=True)
+
+
+def _smooth_weighted_order(replicas: list[ReplicaRuntime]) -> list[ReplicaRuntime]:
+    """nginx's smooth weighted round robin, unrolled into one period."""
+    total = sum(r.weight for r in replicas)
+    current = [0] * len(replicas)
+    order = []
+    for _ in range(total):
+        for i, r in enumerate(replicas):
+            current[i] += r.weight
+        best = max(range(len(replicas)), key=current.__getitem__)
+        current[best] -= total
+        order.append(replicas[best])
+    return order
+
+
+class Forwarder:
+    """Terminal layer: one try against one replica; faults become local replies."""
+
+    __slots__ = ("upstream", "timeout", "idle_timeout", "rewrite_host", "_metrics")
+
+    def __init__(self, upstream: UpstreamRuntime, route) -> None:
+        self.upstream = upstream
+        self.timeout = route.timeout
+        self.idle_timeout = route.idle_timeout
+        self.rewrite_host = route.rewrite_host
+        self._metrics = upstream.metrics
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        replica = self.upstream.choose()
+        ex.upstream_name = self.upstream.name
+        ex.replica_name = replica.name
+        host = replica.authority if (self.rewrite_host or ex.host is None) else ex.host
+        headers = [(b"host", host), *ex.headers]
+        metrics = self._metrics
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            response = await replica.pool.request(
+                ex.method_bytes,
+                ex.target,
+                headers,
+                body=ex.body,
+                body_stream=ex.body_stream,
+                content_length=ex.content_length,
+                head_timeout=self.timeout,
+                idle_timeout=self.idle_timeout,
+            )
+        except UpstreamError as error:
+            metrics.error(error.reason).inc()
+            metrics.outcome(replica.name, error.reason).inc()
+            return LocalReply.from_upstream_error(error)
+        except BodyTooLarge:
+            return LocalReply("body_too_large", close=True)
+        except RequestBodyTimeout:
+            return LocalReply("request_body_timeout", close=True)
+        metrics.duration.observe(loop.time() - started)
+        metrics.outcome(replica.name, _STATUS_OUTCOME[min(max(response.status // 100, 1), 5)]).inc()
+        return response
+
+
+_STATUS_OUTCOME = ("", "1xx", "2xx", "3xx", "4xx", "5xx")

@@ -1,0 +1,221 @@
+"""Header rules for both directions, working on raw ASGI byte pairs.
+
+Hop-by-hop fields (RFC 9110 section 7.6.1) belong to one connection and are
+dropped both ways, together with every field the Connection header names.
+Framing (Content-Length, Transfer-Encoding) is re-created by each side's
+HTTP/1.1 code, so it is never copied from the other side's message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Dropped from requests as well: framing is ours, forwarding headers are rebuilt below.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+    b"via",
+}
+# Response framing is passed through: Content-Length tells uvicorn the length.
+_RESPONSE_DROP = HOP_BY_HOP
+
+VIA_TOKEN = b"fender"
+_MAX_REQUEST_ID = 128
+_rid_prefix = os.urandom(5).hex().encode()
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    # Unique per process (random prefix) and cheap (a counter): no uuid per request.
+    return b"%s-%x" % (_rid_prefix, next(_rid_counter))
+
+
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= c <= 0x7E for c in value)
+
+
+class TrustedProxies:
+    """Which peers may tell us the original client (X-Forwarded-*)."""
+
+    __slots__ = ("_networks", "_cache")
+
+    def __init__(self, networks) -> None:
+        self._networks = tuple(ipaddress.ip_network(n) for n in networks)
+        self._cache: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, peer: str) -> bool:
+        if not self._networks:
+            return False
+        hit = self._cache.get(peer)
+        if hit is None:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                hit = False
+            else:
+                hit = any(address in net for net in self._networks)
+            if len(self._cache) < 4096:
+                self._cache[peer] = hit
+        return hit
+
+
+class RequestHead:
+    """What the data path needs from the client's header list, gathered in one pass."""
+
+    __slots__ = (
+        "forward",
+        "host",
+        "content_length",
+        "chunked",
+        "request_id",
+        "xff",
+        "xfp",
+        "xfh",
+        "via",
+        "bad",
+        "header_bytes",
+    )
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        forward: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.request_id: bytes | None = None
+        self.xff: list[bytes] = []
+        self.xfp: bytes | None = None
+        self.xfh: bytes | None = None
+        self.via: list[bytes] = []
+        self.bad: str | None = None
+        connection: list[bytes] | None = None
+        drop = _REQUEST_DROP
+        for name, value in headers:
+            if name not in drop:
+                forward.append((name, value))
+                continue
+            if name == b"host":
+                if self.host is not None and self.host != value:
+                    self.bad = "more than one Host header"
+                self.host = value
+            elif name == b"content-length":
+                if not value.isdigit() or (self.content_length is not None and int(value) != self.content_length):
+                    self.bad = "invalid Content-Length"
+                else:
+                    self.content_length = int(value)
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"x-forwarded-for":
+                self.xff.append(value)
+            elif name == b"x-forwarded-proto":
+                self.xfp = value
+            elif name == b"x-forwarded-host":
+                self.xfh = value
+            elif name == b"x-request-id":
+                if _valid_request_id(value):
+                    self.request_id = value
+            elif name == b"via":
+                self.via.append(value)
+            elif name == b"connection":
+                if connection is None:
+                    connection = []
+                connection.append(value)
+            # every other hop-by-hop field is simply dropped
+        if connection is not None:
+            named = _connection_tokens(connection) - {b"close", b"keep-alive"}
+            if named:
+                forward = [(n, v) for n, v in forward if n not in named]
+        self.forward = forward
+
+
+def add_forwarding(
+    head: RequestHead,
+    peer: str | None,
+    scheme: bytes,
+    http_version: str,
+    trusted: TrustedProxies,
+) -> None:
+    """Append X-Forwarded-*, Via and X-Request-Id to ``head.forward``.
+
+    A peer that is not a trusted proxy cannot choose what the upstream sees:
+    its X-Forwarded-* values are replaced by what Fender observed (as Traefik
+    does by default). A trusted peer's chain is kept and the peer appended.
+    """
+    forward = head.forward
+    peer_bytes = peer.encode() if peer else b"unknown"
+    if head.xff and peer and trusted.trusts(peer):
+        forward.append((b"x-forwarded-for", b", ".join(head.xff) + b", " + peer_bytes))
+        forward.append((b"x-forwarded-proto", head.xfp or scheme))
+        forward.append((b"x-forwarded-host", head.xfh or head.host or b""))
+    else:
+        forward.append((b"x-forwarded-for", peer_bytes))
+        forward.append((b"x-forwarded-proto", scheme))
+        if head.host is not None:
+            forward.append((b"x-forwarded-host", head.host))
+    via = (b"1.0 " if http_version == "1.0" else b"1.1 ") + VIA_TOKEN
+    forward.append((b"via", b", ".join(head.via) + b", " + via if head.via else via))
+    if head.request_id is None:
+        head.request_id = new_request_id()
+    forward.append((b"x-request-id", head.request_id))
+
+
+def response_headers(upstream_headers: list[tuple[bytes, bytes]], request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """Headers for the client: hop-by-hop dropped, Via and X-Request-Id added."""
+    out: list[tuple[bytes, bytes]] = []
+    connection: list[bytes] | None = None
+    chunked = False
+    has_length = False
+    drop = _RESPONSE_DROP
+    for name, value in upstream_headers:
+        if name in drop:
+            if name == b"connection":
+                if connection is None:
+                    connection = []
+                connection.append(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            continue
+        if name == b"content-length":
+            has_length = True
+        elif name == b"x-request-id":
+            continue
+        out.append((name, value))
+    if connection is not None:
+        named = _connection_tokens(connection) - {b"close", b"keep-alive"}
+        if named:
+            out = [(n, v) for n, v in out if n not in named]
+    if chunked and has_length:
+        # RFC 9112 6.3: Transfer-Encoding overrides Content-Length; never pass both on.
+        out = [(n, v) for n, v in out if n != b"content-length"]
+    out.append((b"via", b"1.1 " + VIA_TOKEN))
+    out.append((b"x-request-id", request_id))
+    return out

@@ -1,0 +1,47 @@
+"""A loaded policy turned into the objects the data path runs.
+
+Built once per policy load: the router, each route's pipeline, each upstream's
+replica pools, and the metric children they use. The data plane reads one
+Runtime reference per request, so swapping the reference swaps the policy.
+"""
+
+from __future__ import annotations
+
+from proxy.dataplane.headers import TrustedProxies
+from proxy.dataplane.pipeline import Handler, build_pipeline
+from proxy.dataplane.router import Router, compile_match
+from proxy.dataplane.forward import UpstreamRuntime
+from proxy.metrics import Metrics, RouteMetrics
+
+# Bodies up to this size are read whole before the upstream request, so the
+# request goes out in one write and can be replayed; larger ones stream.
+BUFFER_BODY_LIMIT = 64 * 1024
+
+
+class RouteRuntime:
+    __slots__ = ("name", "options", "pipeline", "metrics", "max_body", "idle_timeout", "upstream")
+
+    def __init__(self, options, upstream: UpstreamRuntime, metrics: Metrics) -> None:
+        self.name = options.name
+        self.options = options
+        self.upstream = upstream
+        self.max_body = options.max_body
+        self.idle_timeout = options.idle_timeout
+        self.metrics = RouteMetrics(metrics, options.name)
+        self.pipeline: Handler = build_pipeline(options, upstream, metrics)
+
+
+class Runtime:
+    def __init__(self, policy, metrics: Metrics, source: str = "") -> None:
+        self.policy = policy
+        self.source = source
+        self.metrics = metrics
+        self.upstreams = {name: UpstreamRuntime(name, up, metrics) for name, up in policy.upstreams.items()}
+        self.routes = [RouteRuntime(r, self.upstreams[r.upstream], metrics) for r in policy.routes]
+        self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
+        self.trusted = TrustedProxies(policy.server.trusted_proxies)
+        self.access_log = policy.server.access_log
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()

@@ -1,0 +1,225 @@
+"""Running Fender: the data listener (uvicorn, raw ASGI) and the admin listener.
+
+Both listeners share one event loop and one process: the breakers, buckets
+and caches the admin API shows are the very objects the data path uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.admin.app import build_admin_app
+from proxy.dataplane.app import DataPlane, quiet_aborts
+from proxy.dataplane.runtime import Runtime
+from proxy.metrics import Metrics
+
+log = logging.getLogger("fender")
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+_HEAD_ERRORS = {
+    414: b"HTTP/1.1 414 URI Too Long\r\n",
+    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+}
+
+
+class FenderHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with request-head limits and absolute-form detection.
+
+    uvicorn does not bound the request head, so a client could send headers
+    until memory runs out. Counting bytes in the parser callbacks stops it at
+    ``max_header_bytes`` (431, or 414 for the target alone) and
+    ``max_header_count`` (431). The class attributes are set from the policy.
+    """
+
+    max_header_bytes = 32 * 1024
+    max_header_count = 100
+
+    _head_bytes = 0
+    _head_count = 0
+    _head_error = 0
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._head_count = 0
+        self._head_error = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_header_bytes:
+            self._head_error = 414
+            raise _HeadTooLarge
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        self._head_count += 1
+        if self._head_bytes > self.max_header_bytes or self._head_count > self.max_header_count:
+            self._head_error = 431
+            raise _HeadTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            # Absolute-form (RFC 9112 3.2.2): remember the authority it names,
+            # so the data plane can refuse targets for other hosts.
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                parsed = None
+            if parsed is not None and parsed.host:
+                authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
+                self.scope["fender.authority"] = authority
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        status = self._head_error
+        if not status:
+            super().send_400_response(msg)
+            return
+        body = b"fender: request head too large\n"
+        self.transport.write(
+            b"".join(
+                [
+                    _HEAD_ERRORS[status],
+                    b"content-type: text/plain; charset=utf-8\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"x-fender-error: header_too_large\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    # Signals are handled once for both listeners by Fender, not by each server.
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class Fender:
+    """One Fender instance: data plane + admin listener, started and stopped together."""
+
+    def __init__(self, policy, source: str = "", metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.policy = policy
+        self.source = source
+        FenderHttpProtocol.max_header_bytes = policy.server.max_header_bytes
+        FenderHttpProtocol.max_header_count = policy.server.max_header_count
+        self.runtime = Runtime(policy, self.metrics, source)
+        self.dataplane = DataPlane(self.runtime)
+        self.metrics.policy.info({"source": source or "-", "version": str(policy.version)})
+        self.admin_app = build_admin_app(self)
+        self._servers: list[_Server] = []
+        self._tasks: list[asyncio.Task] = []
+        self.data_port = 0
+        self.admin_port = 0
+        quiet_aborts()
+
+    def _configs(self) -> tuple[uvicorn.Config, uvicorn.Config]:
+        server = self.policy.server
+        data = uvicorn.Config(
+            self.dataplane,
+            loop="none",
+            http=FenderHttpProtocol,
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=True,
+            timeout_keep_alive=max(1, round(server.keepalive_timeout)),
+            limit_concurrency=server.max_connections,
+            timeout_graceful_shutdown=30,
+        )
+        admin = uvicorn.Config(
+            self.admin_app,
+            loop="none",
+            http="httptools",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        return data, admin
+
+    async def start(self, data_sock: socket.socket | None = None, admin_sock: socket.socket | None = None) -> None:
+        """Bind (unless sockets are given), start both listeners, return once they accept."""
+        policy = self.policy
+        data_sock = data_sock or bind_socket(policy.listen.host, policy.listen.port)
+        admin_sock = admin_sock or bind_socket(policy.admin.host, policy.admin.port)
+        self.data_port = data_sock.getsockname()[1]
+        self.admin_port = admin_sock.getsockname()[1]
+        for config, sock in zip(self._configs(), (data_sock, admin_sock), strict=True):
+            config.load()
+            server = _Server(config)
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[sock])
+            self._servers.append(server)
+            self._tasks.append(asyncio.ensure_future(self._run(server)))
+        log.info(
+            "fender: proxy on %s:%d, admin on %s:%d, policy %s",
+            policy.listen.host,
+            self.data_port,
+            policy.admin.host,
+            self.admin_port,
+            self.source or "-",
+        )
+
+    @staticmethod
+    async def _run(server: _Server) -> None:
+        await server.main_loop()
+        await server.shutdown()
+
+    def request_stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks)
+
+    async def stop(self) -> None:
+        self.request_stop()
+        await self.wait()
+        await self.runtime.close()
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.wait()
+        await self.runtime.close()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
