@@ -360,7 +360,7 @@ class PoolOptions(PolicyModel):
         ge=0,
         description=(
             "Most idle connections kept open to one replica for reuse; extra idle ones are closed. "
-            "0 disables reuse. Must not exceed max_connections."
+            "0 disables reuse. Must not exceed max_connections (the default 20 shrinks to it when it is lower)."
         ),
     )
     connect_timeout: Annotated[Duration, Field(gt=0)] = Field(
@@ -386,6 +386,17 @@ class PoolOptions(PolicyModel):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_keepalive(cls, data: Any) -> Any:
+        # The default of 20 idle connections must not trip the check below when
+        # only max_connections was lowered: it then follows max_connections.
+        if isinstance(data, dict) and data.get("max_keepalive") is None:
+            limit = data.get("max_connections")
+            if isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit < 20:
+                return {**data, "max_keepalive": limit}
+        return data
+
     @model_validator(mode="after")
     def _keepalive_within_connections(self) -> PoolOptions:
         if self.max_keepalive > self.max_connections:
@@ -404,6 +415,10 @@ class Replica(PolicyModel):
             "Where the replica listens: http://HOST:PORT (port 80 if left out). No path, query or user info; "
             "https is not supported yet."
         ),
+        json_schema_extra={
+            "pattern": "^http://",
+            "examples": ["http://127.0.0.1:9001", "http://catalog.internal:8080"],
+        },
     )
     priority: Count = Field(
         default=0,
@@ -562,14 +577,11 @@ def _check_match_host(value: str | None) -> str | None:
 
 
 class RouteMatch(PolicyModel):
-    """Which requests a route takes; every condition given must hold.
-
-    When none of ``path``, ``path_prefix`` and ``path_regex`` is given the route
-    matches every path (``path_prefix: /``).
-    """
+    """Which requests a route takes; every condition given must hold (no path condition: every path)."""
 
     path_prefix: Annotated[Text | None, AfterValidator(_check_path)] = Field(
         default=None,
+        json_schema_extra={"pattern": "^/"},
         description=(
             'Path must start with this (plain string prefix of the normalised path, so "/api" also '
             'matches "/apis"; write "/api/" to match the segment only). "/" when no path condition is given.'
@@ -578,6 +590,7 @@ class RouteMatch(PolicyModel):
     path: Annotated[Text | None, AfterValidator(_check_path)] = Field(
         default=None,
         description="Path must equal this exactly (after normalisation, without the query string).",
+        json_schema_extra={"pattern": "^/"},
     )
     path_regex: Annotated[Text | None, AfterValidator(_check_regex)] = Field(
         default=None,
@@ -597,6 +610,7 @@ class RouteMatch(PolicyModel):
     headers: dict[HeaderName, Text] = Field(
         default_factory=dict,
         description="Request headers that must be present with exactly these values (names are case-insensitive).",
+        json_schema_extra={"additionalProperties": False},
     )
 
     _regex: re.Pattern[str] | None = PrivateAttr(default=None)
@@ -723,7 +737,7 @@ class Policy(PolicyModel):
     )
     upstreams: dict[Name, Upstream] = Field(
         description="The services behind the proxy, by name; at least one.",
-        json_schema_extra={"minProperties": 1},
+        json_schema_extra={"minProperties": 1, "additionalProperties": False},
     )
     routes: tuple[Route, ...] = Field(
         description="Routes, tried in file order; the first whose match holds takes the request. At least one.",

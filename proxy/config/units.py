@@ -174,6 +174,8 @@ def format_duration(seconds: float) -> str:
     exact = Fraction(Decimal(repr(float(seconds))))
     if exact < 0:
         raise ValueError(f"negative duration {seconds!r}")
+    if exact == 0:
+        return "0s"
     for unit in ("h", "m", "s"):
         count = exact / _DURATION_UNITS[unit]
         if count.denominator == 1:

@@ -1,0 +1,447 @@
+"""Load the YAML policy file, reporting every problem with its line and column.
+
+This module is the only user of ruamel.yaml in the project.  The document is
+read with the round-trip loader, which records where every mapping key, value
+and list item starts; the data is then converted to plain Python, validated by
+the pydantic models, and each pydantic error is mapped back to a position:
+
+* unknown key            -> the key
+* missing required key   -> the mapping (or list item) that lacks it
+* bad value              -> the value
+
+Errors are raised as :class:`PolicyError`, whose ``issues`` are
+:class:`PolicyIssue` values printing as ``FILE:LINE:COL: PATH: MESSAGE``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Union
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
+from ruamel.yaml.scalarfloat import ScalarFloat
+from ruamel.yaml.scalarint import ScalarInt
+
+from proxy.config.models import Policy, dump_policy
+from proxy.config.units import (
+    DURATION_PATTERN,
+    PERCENT_PATTERN,
+    SIZE_PATTERN,
+    describe_value,
+    format_duration,
+    format_percent,
+    format_size,
+)
+
+__all__ = [
+    "PolicyIssue",
+    "PolicyError",
+    "load_policy",
+    "parse_policy",
+    "dump_policy_yaml",
+    "format_path",
+]
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One problem in a policy file.
+
+    ``line`` and ``col`` are 1-based; both are 0 when the problem is not in the
+    text (e.g. the file cannot be read).  ``path`` is the dotted location
+    (``routes[1].timeout``; empty for the document itself) and ``message`` says
+    what is wrong and what to write instead.
+    """
+
+    source: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}:{self.col}" if self.line > 0 else self.source
+        what = f"{self.path}: {self.message}" if self.path else self.message
+        return f"{where}: {what}"
+
+
+class PolicyError(Exception):
+    """A policy could not be loaded; ``issues`` lists every problem found, in file order."""
+
+    def __init__(self, issues: Sequence[PolicyIssue]) -> None:
+        self.issues: list[PolicyIssue] = list(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+    def __str__(self) -> str:
+        return "\n".join(str(issue) for issue in self.issues)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file; raise :class:`PolicyError` on any problem."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise PolicyError([PolicyIssue(source, 0, 0, "", f"cannot read the policy file: {reason}")]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PolicyError(
+            [PolicyIssue(source, line, col, "", "the policy file is not valid UTF-8 text")]
+        ) from None
+    return parse_policy(text, source)
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate a policy given as YAML text; ``source`` names it in error messages."""
+    data, index = _read_yaml(text.removeprefix("\ufeff"), source)
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_issues_from(exc, index, source)) from None
+
+
+def dump_policy_yaml(policy: Policy) -> str:
+    """The effective policy (defaults filled in) as YAML text in policy-file notation."""
+    yaml = YAML(typ="rt")
+    yaml.default_flow_style = False
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    out = io.StringIO()
+    yaml.dump(dump_policy(policy), out)
+    return out.getvalue()
+
+
+def format_path(loc: Iterable[str | int]) -> str:
+    """``("routes", 1, "timeout")`` -> ``routes[1].timeout``; odd keys are quoted: ``upstreams["a.b"]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += '["' + part.replace("\\", "\\\\").replace('"', '\\"') + '"]'
+    return out
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where a node sits: ``key`` is its key (or list item) position, ``value`` its value position."""
+
+    key: tuple[int, int]
+    value: tuple[int, int]
+
+
+def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, _Place]]:
+    yaml = YAML(typ="rt")
+    try:
+        document = yaml.load(text)
+    except MarkedYAMLError as exc:
+        raise PolicyError([_yaml_issue(exc, source)]) from None
+    except YAMLError as exc:
+        line, col = _offset_position(text, getattr(exc, "position", 0))
+        raise PolicyError([PolicyIssue(source, line, col, "", f"cannot read the YAML: {exc}")]) from None
+
+    if document is None:
+        raise PolicyError(
+            [
+                PolicyIssue(
+                    source,
+                    1,
+                    1,
+                    "",
+                    "the policy is empty; it needs at least an `upstreams:` and a `routes:` section",
+                )
+            ]
+        )
+    if not isinstance(document, CommentedMap):
+        line, col = _node_start(document)
+        raise PolicyError(
+            [
+                PolicyIssue(
+                    source,
+                    line,
+                    col,
+                    "",
+                    f"the top level must be a mapping of keys (listen:, upstreams:, routes:, ...), "
+                    f"got {describe_value(_plain(document, (), {}, (1, 1), (1, 1)))}",
+                )
+            ]
+        )
+    index: dict[Loc, _Place] = {}
+    data = _plain(document, (), index, (1, 1), (1, 1))
+    return data, index
+
+
+def _node_start(node: Any) -> tuple[int, int]:
+    lc = getattr(node, "lc", None)
+    if lc is not None and lc.line is not None:
+        return lc.line + 1, lc.col + 1
+    return 1, 1
+
+
+def _offset_position(text: str, offset: int) -> tuple[int, int]:
+    offset = max(0, min(offset or 0, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return line, col
+
+
+def _yaml_issue(exc: MarkedYAMLError, source: str) -> PolicyIssue:
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    problem = (exc.problem or "").strip()
+    if isinstance(exc, DuplicateKeyError):
+        found = re.search(r'duplicate key "(.*?)" with value', problem)
+        key = found.group(1) if found else "?"
+        message = (
+            f'duplicate key "{key}" (a key may appear only once in a mapping; remove or merge one of them)'
+        )
+        return PolicyIssue(source, line, col, "", message)
+    message = f"invalid YAML: {problem or 'syntax error'}"
+    if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        context = exc.context.strip()
+        message += (
+            f" ({context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+        )
+    elif exc.context:
+        message += f" ({exc.context.strip()})"
+    if "'\\t'" in problem or "\t" in problem:
+        message += "; indent with spaces, not tabs"
+    return PolicyIssue(source, line, col, "", message)
+
+
+def _plain(
+    node: Any, loc: Loc, index: dict[Loc, _Place], key_pos: tuple[int, int], value_pos: tuple[int, int]
+) -> Any:
+    """Convert ruamel's round-trip node to plain Python, recording positions in ``index``."""
+    index[loc] = _Place(key_pos, value_pos)
+    if isinstance(node, CommentedMap):
+        out: dict[Any, Any] = {}
+        for raw_key, value in node.items():
+            key = _plain_scalar(raw_key)
+            try:
+                key_line, key_col = node.lc.key(raw_key)
+                child_key = (key_line + 1, key_col + 1)
+            except (KeyError, TypeError):  # merged (<<) keys have no position of their own
+                child_key = value_pos
+            try:
+                value_line, value_col = node.lc.value(raw_key)
+                child_value = (value_line + 1, value_col + 1)
+            except (KeyError, TypeError):
+                child_value = child_key
+            if value is None and child_value[0] != child_key[0]:
+                child_value = child_key  # `key:` with nothing after it: point at the key
+            out[key] = _plain(value, (*loc, key), index, child_key, child_value)
+        return out
+    if isinstance(node, CommentedSeq):
+        items: list[Any] = []
+        for position, value in enumerate(node):
+            try:
+                item_line, item_col = node.lc.item(position)
+                item_pos = (item_line + 1, item_col + 1)
+            except (KeyError, TypeError, IndexError):
+                item_pos = value_pos
+            items.append(_plain(value, (*loc, position), index, item_pos, item_pos))
+        return items
+    return _plain_scalar(node)
+
+
+def _plain_scalar(value: Any) -> Any:
+    if isinstance(value, ScalarBoolean):
+        return bool(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, ScalarInt):
+        return int(value)
+    if isinstance(value, ScalarFloat):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, CommentedMap | CommentedSeq):
+        return _plain(value, (), {}, (1, 1), (1, 1))
+    return value
+
+
+# --------------------------------------------------------------------------- pydantic errors
+
+
+def _issues_from(exc: ValidationError, index: dict[Loc, _Place], source: str) -> list[PolicyIssue]:
+    issues: list[PolicyIssue] = []
+    for error in exc.errors(include_url=False):
+        loc: Loc = tuple(error["loc"])
+        ctx = error.get("ctx") or {}
+        if "fender_issues" in ctx:
+            located = [((*loc, *at), message) for at, message in ctx["fender_issues"]]
+        elif "fender_at" in ctx:
+            located = [((*loc, *ctx["fender_at"]), error["msg"])]
+        else:
+            located = [(loc, _friendly(error, loc))]
+        for where, message in located:
+            line, col = _position(where, error["type"], index)
+            path = format_path(part for part in where if part != "[key]")
+            issues.append(PolicyIssue(source, line, col, path, message))
+    unique = list(dict.fromkeys(issues))
+    unique.sort(key=lambda issue: (issue.line, issue.col))
+    return unique
+
+
+def _position(loc: Loc, error_type: str, index: dict[Loc, _Place]) -> tuple[int, int]:
+    want_key = error_type == "extra_forbidden"
+    if loc and loc[-1] == "[key]":
+        loc, want_key = loc[:-1], True
+    if error_type == "missing":
+        loc, want_key = loc[:-1], True
+    for length in range(len(loc), -1, -1):
+        place = index.get(loc[:length])
+        if place is not None:
+            if want_key or length < len(loc):
+                return place.key
+            return place.value
+    return 1, 1
+
+
+_UNIT_FORMATS = (
+    (re.compile(DURATION_PATTERN), format_duration),
+    (re.compile(SIZE_PATTERN), format_size),
+    (re.compile(PERCENT_PATTERN), format_percent),
+)
+
+
+def _bound(value: Any, raw_input: Any) -> str:
+    """Show a numeric bound in the same notation as the value the user wrote."""
+    if isinstance(raw_input, str) and isinstance(value, int | float):
+        for pattern, formatter in _UNIT_FORMATS:
+            if pattern.fullmatch(raw_input):
+                return formatter(value)
+    return describe_value(value)
+
+
+def _friendly(error: Any, loc: Loc) -> str:
+    kind: str = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    got = describe_value(value)
+
+    if kind == "fender_policy":
+        return error["msg"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        model = _model_at(loc[:-1])
+        if model is None:
+            return f'unknown key "{key}"'
+        allowed = list(model.model_fields)
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        return f'unknown key "{key}" ({hint}allowed: {", ".join(allowed)})'
+    if kind == "missing":
+        return f'missing required key "{loc[-1]}"' if loc else "missing required key"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return f"expected a whole number, got text {got} (write it without quotes: {value.strip()})"
+        return f"expected a whole number, got {got}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {got}"
+    if kind in ("string_type", "string_sub_type"):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f'expected text, got the number {got} (put it in quotes: "{got}")'
+        return f"expected text, got {got}"
+    if kind in ("float_type", "float_parsing"):
+        return f"expected a number, got {got}"
+    if kind in ("list_type", "tuple_type", "iterable_type", "set_type"):
+        if isinstance(value, str):
+            return f"expected a list, got {got} (write it as [{value}])"
+        return f"expected a list, got {got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "dataclass_type"):
+        return f"expected a mapping (key: value lines), got {got}"
+    if kind == "greater_than":
+        return f"must be greater than {_bound(ctx.get('gt'), value)}, got {got}"
+    if kind == "greater_than_equal":
+        return f"must be at least {_bound(ctx.get('ge'), value)}, got {got}"
+    if kind == "less_than":
+        return f"must be less than {_bound(ctx.get('lt'), value)}, got {got}"
+    if kind == "less_than_equal":
+        return f"must be at most {_bound(ctx.get('le'), value)}, got {got}"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return f"allows at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}, got {got}"
+    if kind == "string_pattern_mismatch":
+        return f"{got} does not match the pattern {ctx.get('pattern')}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if isinstance(value, date):
+        return f"{error['msg']} (got a date; put it in quotes if it is meant as text)"
+    return str(error["msg"])
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The policy model that validates the mapping at ``loc`` (for listing its allowed keys)."""
+    current: Any = Policy
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            current = field.annotation
+            continue
+        origin = typing.get_origin(current)
+        args = typing.get_args(current)
+        if origin in (list, tuple, set, frozenset) and args:
+            current = args[0]
+        elif origin is dict and len(args) == 2:
+            current = args[1]
+        else:
+            return None
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is Union or origin is types.UnionType:
+            members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+            models = [
+                m for m in members if isinstance(_unwrap(m), type) and issubclass(_unwrap(m), BaseModel)
+            ]
+            tp = models[0] if models else (members[0] if members else tp)
+            if not models:
+                return tp
+        else:
+            return tp
