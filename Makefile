@@ -26,9 +26,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy tests
 	$(BIN)/ruff format --check proxy tests
 
-## Regenerate policies/schema.json from the policy models.
+## Regenerate policies/schema.json and the README policy reference from the policy models.
 schema: $(STAMP)
-	$(BIN)/fender schema > policies/schema.json
+	$(BIN)/python -m proxy.docs --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
