@@ -145,7 +145,7 @@ def _parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 IpNetwork = Annotated[
     ipaddress.IPv4Network | ipaddress.IPv6Network,
     PlainValidator(_parse_network),
-    PlainSerializer(str, return_type=str, when_used="json"),
+    PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": "string", "examples": ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]}),
 ]
 """An IP network in CIDR notation; a bare address means a single host (/32 or /128)."""
@@ -213,7 +213,7 @@ class ListenAddress(PolicyModel):
             )
         raise policy_error(f"expected host:port, got {describe_value(data)} ({_LISTEN_HINT})")
 
-    @model_serializer(mode="plain", when_used="json")
+    @model_serializer(mode="plain")
     def _to_text(self) -> str:
         return str(self)
 
@@ -305,7 +305,10 @@ def _parse_replica_url(url: str) -> tuple[str, int]:
         )
     if scheme != "http":
         raise policy_error(f'{describe_value(url)}: only http:// URLs are supported, not "{scheme}://"')
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise policy_error(f"{describe_value(url)} is not a valid URL ({exc}; {_URL_HINT})") from None
     if "@" in parts.netloc:
         raise policy_error(
             f"{describe_value(url)}: user names and passwords are not allowed in a replica URL"

@@ -10,14 +10,15 @@ A value is always written with its unit in the policy file (``250ms``,
 ``64KiB``, ``100/s``, ``50%``); a bare number is refused with a hint, because
 ``timeout: 5`` is ambiguous (seconds? milliseconds?).
 
-In Python the parsed values are plain numbers (``Duration`` -> float seconds,
-``Size`` -> int bytes, ``Percent`` -> float fraction 0..1) or a
-:class:`RateValue`.  ``model_dump(mode="json")`` writes them back in the
-policy-file notation, so the effective policy can be shown as YAML.
+On the model attributes the parsed values are plain numbers (``Duration`` ->
+float seconds, ``Size`` -> int bytes, ``Percent`` -> float fraction 0..1) or a
+:class:`RateValue`.  ``model_dump()`` (either mode) writes them back in the
+policy-file notation, so a dump can be shown as YAML and validated again.
 
 Bounds can be added with the usual pydantic constraints, e.g.
 ``Annotated[Duration, Field(gt=0)]``; the bound is given in base units
-(seconds, bytes, fraction).
+(seconds, bytes, fraction).  String defaults (``default="15s"``) need
+``validate_default=True``, which :class:`proxy.config.models.PolicyModel` sets.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def _serialize_duration(seconds: float) -> str:
 Duration = Annotated[
     float,
     PlainValidator(parse_duration),
-    PlainSerializer(_serialize_duration, return_type=str, when_used="json"),
+    PlainSerializer(_serialize_duration, return_type=str),
     WithJsonSchema(
         {
             "type": "string",
@@ -276,7 +277,7 @@ def format_size(size: int) -> str:
 Size = Annotated[
     int,
     PlainValidator(parse_size),
-    PlainSerializer(format_size, return_type=str, when_used="json"),
+    PlainSerializer(format_size, return_type=str),
     WithJsonSchema(
         {
             "type": "string",
@@ -364,7 +365,7 @@ def format_rate(rate: RateValue) -> str:
 Rate = Annotated[
     RateValue,
     PlainValidator(parse_rate),
-    PlainSerializer(format_rate, return_type=str, when_used="json"),
+    PlainSerializer(format_rate, return_type=str),
     WithJsonSchema(
         {
             "type": "string",
@@ -414,7 +415,7 @@ def format_percent(fraction: float) -> str:
 Percent = Annotated[
     float,
     PlainValidator(parse_percent),
-    PlainSerializer(format_percent, return_type=str, when_used="json"),
+    PlainSerializer(format_percent, return_type=str),
     WithJsonSchema(
         {
             "type": "string",
