@@ -1224,3 +1224,62 @@ def test_every_field_is_documented() -> None:
     for where, prop in _walk_properties(policy_json_schema()):
         description = prop.get("description", "")
         assert len(description) > 20, f"{where} needs a description"
+
+
+# =========================================================================== YAML corner cases
+
+
+def test_keys_must_be_text() -> None:
+    assert problems(
+        """\
+        1: x
+        upstreams:
+          null: {}
+        """
+    ) == [
+        'policy.yaml:1:1: keys must be text, got 1 (put it in quotes: "1")',
+        "policy.yaml:3:3: upstreams: keys must be text, got nothing (null)",
+    ]
+
+
+def test_merge_keys_and_aliases_work_and_keep_positions() -> None:
+    text = """\
+        upstreams:
+          catalog:
+            replicas:
+              - url: http://127.0.0.1:9001
+        routes:
+          - &base {name: catalog, upstream: catalog, timeout: 2s}
+          - <<: *base
+            name: second
+            timeot: 1s
+        """
+    assert problem(text).startswith('policy.yaml:9:5: routes[1].timeot: unknown key "timeot"')
+    policy = parse_policy(dedent(text).replace("timeot: 1s", "max_body: 2MiB"))
+    assert [(route.name, route.timeout, route.max_body) for route in policy.routes] == [
+        ("catalog", 2.0, 1024 * 1024),
+        ("second", 2.0, 2 * 1024 * 1024),
+    ]
+
+
+def test_alias_expansion_is_bounded() -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for depth in range(1, 7):
+        name, previous = chr(97 + depth), chr(96 + depth)
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 10) + "]")
+    found = problems("\n".join(levels) + "\n")
+    assert len(found) == 1
+    assert "the policy is too large (more than 200000 values after aliases)" in found[0]
+
+
+def test_absurd_numbers_are_refused_not_crashed() -> None:
+    assert "is too long to be a duration" in unit_error(duration="1" + "0" * 400 + "h")
+    assert "the period is too long" in unit_error(rate="1/1" + "0" * 400 + "h")
+
+
+def test_dates_are_not_durations() -> None:
+    found = problem("server: {keepalive_timeout: 2024-01-01}\n" + MINIMAL)
+    assert (
+        found
+        == "policy.yaml:1:29: server.keepalive_timeout: expected a duration like 250ms, 2s or 1m, got a date"
+    )

@@ -192,12 +192,15 @@ def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, _Place
                     col,
                     "",
                     f"the top level must be a mapping of keys (listen:, upstreams:, routes:, ...), "
-                    f"got {describe_value(_plain(document, (), {}, (1, 1), (1, 1)))}",
+                    f"got {describe_value(_plain_scalar(document))}",
                 )
             ]
         )
     index: dict[Loc, _Place] = {}
-    data = _plain(document, (), index, (1, 1), (1, 1))
+    converter = _Converter(source, index)
+    data = converter.convert(document, (), (1, 1), (1, 1))
+    if converter.issues:
+        raise PolicyError(sorted(converter.issues, key=lambda issue: (issue.line, issue.col)))
     return data, index
 
 
@@ -239,15 +242,50 @@ def _yaml_issue(exc: MarkedYAMLError, source: str) -> PolicyIssue:
     return PolicyIssue(source, line, col, "", message)
 
 
-def _plain(
-    node: Any, loc: Loc, index: dict[Loc, _Place], key_pos: tuple[int, int], value_pos: tuple[int, int]
-) -> Any:
-    """Convert ruamel's round-trip node to plain Python, recording positions in ``index``."""
-    index[loc] = _Place(key_pos, value_pos)
-    if isinstance(node, CommentedMap):
-        out: dict[Any, Any] = {}
+# Aliases may repeat a subtree many times; the converted policy never needs more nodes than this.
+_MAX_NODES = 200_000
+
+
+class _Converter:
+    """Convert ruamel's round-trip nodes to plain Python, recording positions in ``index``."""
+
+    def __init__(self, source: str, index: dict[Loc, _Place]) -> None:
+        self.source = source
+        self.index = index
+        self.issues: list[PolicyIssue] = []
+        self.nodes = 0
+        self.active: set[int] = set()  # containers being converted (to spot recursive aliases)
+
+    def problem(self, loc: Loc, pos: tuple[int, int], message: str) -> None:
+        self.issues.append(PolicyIssue(self.source, pos[0], pos[1], format_path(loc), message))
+
+    def convert(self, node: Any, loc: Loc, key_pos: tuple[int, int], value_pos: tuple[int, int]) -> Any:
+        self.index[loc] = _Place(key_pos, value_pos)
+        self.nodes += 1
+        if self.nodes > _MAX_NODES:
+            if self.nodes == _MAX_NODES + 1:
+                self.problem(
+                    loc, value_pos, f"the policy is too large (more than {_MAX_NODES} values after aliases)"
+                )
+            return None
+        if not isinstance(node, CommentedMap | CommentedSeq):
+            return _plain_scalar(node)
+        if id(node) in self.active:
+            self.problem(
+                loc, value_pos, "an alias refers to a mapping or list that contains it (recursive alias)"
+            )
+            return None
+        self.active.add(id(node))
+        try:
+            if isinstance(node, CommentedMap):
+                return self._mapping(node, loc, value_pos)
+            return self._sequence(node, loc, value_pos)
+        finally:
+            self.active.discard(id(node))
+
+    def _mapping(self, node: CommentedMap, loc: Loc, value_pos: tuple[int, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for raw_key, value in node.items():
-            key = _plain_scalar(raw_key)
             try:
                 key_line, key_col = node.lc.key(raw_key)
                 child_key = (key_line + 1, key_col + 1)
@@ -260,9 +298,17 @@ def _plain(
                 child_value = child_key
             if value is None and child_value[0] != child_key[0]:
                 child_value = child_key  # `key:` with nothing after it: point at the key
-            out[key] = _plain(value, (*loc, key), index, child_key, child_value)
+            if not isinstance(raw_key, str):
+                shown = describe_value(_plain_scalar(raw_key))
+                if isinstance(raw_key, int | float) and not isinstance(raw_key, bool):
+                    shown += f' (put it in quotes: "{shown}")'
+                self.problem(loc, child_key, f"keys must be text, got {shown}")
+                continue
+            key = str(raw_key)
+            out[key] = self.convert(value, (*loc, key), child_key, child_value)
         return out
-    if isinstance(node, CommentedSeq):
+
+    def _sequence(self, node: CommentedSeq, loc: Loc, value_pos: tuple[int, int]) -> list[Any]:
         items: list[Any] = []
         for position, value in enumerate(node):
             try:
@@ -270,9 +316,8 @@ def _plain(
                 item_pos = (item_line + 1, item_col + 1)
             except (KeyError, TypeError, IndexError):
                 item_pos = value_pos
-            items.append(_plain(value, (*loc, position), index, item_pos, item_pos))
+            items.append(self.convert(value, (*loc, position), item_pos, item_pos))
         return items
-    return _plain_scalar(node)
 
 
 def _plain_scalar(value: Any) -> Any:
@@ -286,8 +331,10 @@ def _plain_scalar(value: Any) -> Any:
         return float(value)
     if isinstance(value, str):
         return str(value)
-    if isinstance(value, CommentedMap | CommentedSeq):
-        return _plain(value, (), {}, (1, 1), (1, 1))
+    if isinstance(value, CommentedMap):
+        return dict(value)
+    if isinstance(value, CommentedSeq):
+        return list(value)
     return value
 
 

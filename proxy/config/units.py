@@ -139,7 +139,10 @@ def parse_duration(value: Any) -> float:
     match = _DURATION_RE.fullmatch(text)
     if match is None:
         raise policy_error(f"{describe_value(value)} is not a duration ({_duration_hint(text)})")
-    return float(Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    try:
+        return float(Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    except OverflowError:
+        raise policy_error(f"{describe_value(value)} is too long to be a duration") from None
 
 
 def _duration_hint(text: str) -> str:
@@ -333,7 +336,10 @@ def parse_rate(value: Any) -> RateValue:
         raise policy_error(f"{describe_value(value)}: the count must be at least 1 ({_RATE_HINT})")
     if period <= 0:
         raise policy_error(f"{describe_value(value)}: the period must be longer than 0s ({_RATE_HINT})")
-    return RateValue(count=count, per_seconds=float(period))
+    try:
+        return RateValue(count=count, per_seconds=float(period))
+    except OverflowError:
+        raise policy_error(f"{describe_value(value)}: the period is too long ({_RATE_HINT})") from None
 
 
 def _rate_hint(text: str) -> str:
