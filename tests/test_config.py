@@ -342,7 +342,7 @@ upstreams:
   catalog:
     replicas:
       - {url: http://127.0.0.1:9001, priority: 0, weight: 3}
-      - url: http://catalog-standby.internal
+      - url: http://catalog_standby.internal
         priority: 1
     pool: {max_connections: 10, connect_timeout: 250ms}
   search:
@@ -396,9 +396,9 @@ def test_full_policy_loads_with_defaults_filled_in() -> None:
         3,
     )
     assert (standby.host, standby.port, standby.name, standby.priority, standby.weight) == (
-        "catalog-standby.internal",
+        "catalog_standby.internal",
         80,
-        "catalog-standby.internal:80",
+        "catalog_standby.internal:80",
         1,
         1,
     )

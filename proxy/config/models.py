@@ -103,7 +103,8 @@ Text = Annotated[str, Strict()]
 """Text; numbers are refused rather than silently converted."""
 
 _HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+    # DNS names; "_" is allowed too because container service names often use it.
+    r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
 )
 
 
