@@ -1,0 +1,78 @@
+"""Fault classes raised by the upstream client.
+
+Every fault carries two facts the layers above need:
+
+* ``reason`` - a stable short label, used as a metric label value and in the
+  ``X-Fender-Error`` response header;
+* ``request_sent`` - whether any byte of the request may have reached the
+  upstream.  The retry layer only resends non-idempotent requests when this is
+  False.
+"""
+
+from __future__ import annotations
+
+
+class UpstreamError(Exception):
+    """Base class of every upstream fault."""
+
+    reason: str = "upstream_error"
+    request_sent: bool = True
+
+    def __init__(self, message: str = "", *, request_sent: bool | None = None) -> None:
+        super().__init__(message or self.reason)
+        if request_sent is not None:
+            self.request_sent = request_sent
+
+
+class ConnectFailure(UpstreamError):
+    """Refused, unreachable, DNS failure, or closed before the request was written."""
+
+    reason = "connect_failure"
+    request_sent = False
+
+
+class ConnectTimeout(UpstreamError):
+    """The TCP connect did not complete within ``connect_timeout``."""
+
+    reason = "connect_timeout"
+    request_sent = False
+
+
+class PoolOverflow(UpstreamError):
+    """No connection became free within the wait, or too many requests were already waiting."""
+
+    reason = "pool_overflow"
+    request_sent = False
+
+
+class ResetBeforeHeaders(UpstreamError):
+    """Closed or reset after the request was written, before a complete response head."""
+
+    reason = "reset"
+
+
+class ResetMidBody(UpstreamError):
+    """Closed or reset while the response body was streaming."""
+
+    reason = "reset_mid_body"
+
+
+class UpstreamTimeout(UpstreamError):
+    """Read timeout: waiting for the response head, or silence between body chunks."""
+
+    reason = "timeout"
+
+
+class BadResponse(UpstreamError):
+    """Unparseable or unacceptable response (bad status line, bad framing, head too large...)."""
+
+    reason = "bad_response"
+
+
+class RequestBodyError(ValueError):
+    """The caller's ``body_stream`` ended before ``content_length`` bytes, or gave more.
+
+    Not an :class:`UpstreamError`: the fault is on the downstream side, so it must
+    not count against the upstream (no breaker trip, no retry).  The connection
+    is closed, since the upstream saw a truncated request.
+    """
