@@ -44,7 +44,9 @@ def cmd_schema(args) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 async def _run(policy, source: str, demo: bool) -> None:
@@ -74,7 +76,9 @@ async def _start_demo(policy):
 
     servers = []
     for name, host, port in demo_replicas(policy):
-        config = uvicorn.Config(DemoUpstream(name), loop="none", lifespan="off", log_config=None, access_log=False, ws="none")
+        config = uvicorn.Config(
+            DemoUpstream(name), loop="none", lifespan="off", log_config=None, access_log=False, ws="none"
+        )
         config.load()
         server = _Server(config)
         server.lifespan = config.lifespan_class(config)
@@ -120,12 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy on a policy file")
-    run.add_argument("policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})")
+    run.add_argument(
+        "policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})"
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="run the proxy plus built-in demo upstreams for the policy's local replicas")
-    demo.add_argument("policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})")
+    demo = sub.add_parser(
+        "demo", help="run the proxy plus built-in demo upstreams for the policy's local replicas"
+    )
+    demo.add_argument(
+        "policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})"
+    )
     demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=lambda a: cmd_run(a, demo=True))
 

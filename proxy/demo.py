@@ -37,12 +37,17 @@ class DemoUpstream:
             status = 503
         if "ms" in query and query["ms"][0].isdigit():
             await asyncio.sleep(min(int(query["ms"][0]), 30_000) / 1000)
-        body = json.dumps({"replica": self.name, "method": scope["method"], "path": path, "status": status}).encode()
+        body = json.dumps(
+            {"replica": self.name, "method": scope["method"], "path": path, "status": status}
+        ).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

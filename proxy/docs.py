@@ -100,7 +100,9 @@ def readme_with_reference(readme: str, reference: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="rewrite README.md's reference and policies/schema.json")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite README.md's reference and policies/schema.json"
+    )
     args = parser.parse_args(argv)
     reference = render_reference()
     if not args.write:

@@ -150,6 +150,8 @@ class Fender:
             lifespan="off",
             log_config=None,
             access_log=False,
+            # Fender decides whom to trust for X-Forwarded-* itself (server.trusted_proxies).
+            proxy_headers=False,
             server_header=False,
             date_header=True,
             timeout_keep_alive=max(1, round(server.keepalive_timeout)),
@@ -164,12 +166,15 @@ class Fender:
             lifespan="off",
             log_config=None,
             access_log=False,
+            proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=5,
         )
         return data, admin
 
-    async def start(self, data_sock: socket.socket | None = None, admin_sock: socket.socket | None = None) -> None:
+    async def start(
+        self, data_sock: socket.socket | None = None, admin_sock: socket.socket | None = None
+    ) -> None:
         """Bind (unless sockets are given), start both listeners, return once they accept."""
         policy = self.policy
         data_sock = data_sock or bind_socket(policy.listen.host, policy.listen.port)

@@ -68,7 +68,9 @@ def test_request_head_refuses_ambiguous_framing_and_hosts(headers):
 
 
 def test_untrusted_peer_cannot_choose_forwarded_headers():
-    head = RequestHead([(b"host", b"svc:80"), (b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-proto", b"https")])
+    head = RequestHead(
+        [(b"host", b"svc:80"), (b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-proto", b"https")]
+    )
     add_forwarding(head, "10.1.2.3", b"http", "1.1", TrustedProxies([]))
     sent = dict(head.forward)
     assert sent[b"x-forwarded-for"] == b"10.1.2.3"
@@ -123,7 +125,14 @@ def test_response_headers_strip_hop_by_hop_and_fix_framing():
 
 
 def _match(**kw):
-    fields = {"path": None, "path_prefix": None, "path_regex": None, "host": None, "methods": [], "headers": {}}
+    fields = {
+        "path": None,
+        "path_prefix": None,
+        "path_regex": None,
+        "host": None,
+        "methods": [],
+        "headers": {},
+    }
     fields.update(kw)
     return SimpleNamespace(**fields)
 

@@ -63,7 +63,9 @@ class Readiness:
         ok = await asyncio.gather(*(_reachable(r.host, r.port, timeout) for r in replicas))
         return {
             "reachable": any(ok),
-            "replicas": {r.name: ("reachable" if up else "unreachable") for r, up in zip(replicas, ok, strict=True)},
+            "replicas": {
+                r.name: ("reachable" if up else "unreachable") for r, up in zip(replicas, ok, strict=True)
+            },
         }
 
 
@@ -99,7 +101,13 @@ def build_admin_app(fender: Fender) -> Starlette:
                     "match": options.match.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
                     "upstream": options.upstream,
                     "replicas": [
-                        {"name": r.name, "priority": r.priority, "weight": r.weight, "in_use": r.pool.in_use, "idle": r.pool.idle}
+                        {
+                            "name": r.name,
+                            "priority": r.priority,
+                            "weight": r.weight,
+                            "in_use": r.pool.in_use,
+                            "idle": r.pool.idle,
+                        }
                         for r in route.upstream.replicas
                     ],
                 }

@@ -124,7 +124,9 @@ class DataPlane:
         head = RequestHead(scope["headers"])
         method = scope["method"]
         if head.bad is not None:
-            await self._local(runtime, None, send, method, LocalReply("bad_request", head.bad, close=True), head)
+            await self._local(
+                runtime, None, send, method, LocalReply("bad_request", head.bad, close=True), head
+            )
             return
         path = normalise_path(scope.get("raw_path") or scope["path"].encode())
         if path is None:
@@ -132,7 +134,9 @@ class DataPlane:
             await self._local(runtime, None, send, method, reply, head)
             return
         if head.host is None and scope["http_version"] == "1.1":
-            await self._local(runtime, None, send, method, LocalReply("bad_request", "missing Host header"), head)
+            await self._local(
+                runtime, None, send, method, LocalReply("bad_request", "missing Host header"), head
+            )
             return
         authority = scope.get("fender.authority")
         if authority is not None and authority != head.host:
@@ -179,7 +183,9 @@ class DataPlane:
             try:
                 body = await read_body(receive, max_body, route.idle_timeout)
             except BodyTooLarge:
-                await self._local(runtime, route, send, method, LocalReply("body_too_large", close=True), head)
+                await self._local(
+                    runtime, route, send, method, LocalReply("body_too_large", close=True), head
+                )
                 return
             except RequestBodyTimeout:
                 reply = LocalReply("request_body_timeout", close=True)
@@ -192,8 +198,16 @@ class DataPlane:
             content_length = length
 
         exchange = Exchange(
-            method, target, head.forward, head.host, body, body_stream, content_length,
-            head.request_id, route.name, started,
+            method,
+            target,
+            head.forward,
+            head.host,
+            body,
+            body_stream,
+            content_length,
+            head.request_id,
+            route.name,
+            started,
         )
         try:
             reply = await route.pipeline(exchange)
@@ -201,7 +215,9 @@ class DataPlane:
             return
         await self._respond(runtime, route, scope, receive, send, method, reply, exchange, started)
 
-    async def _respond(self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started):
+    async def _respond(
+        self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started
+    ):
         status = reply.status
         if isinstance(reply, LocalReply):
             route.metrics.local(reply.reason).inc()
@@ -213,11 +229,15 @@ class DataPlane:
         metrics.duration.observe(time.perf_counter() - started)
         if runtime.access_log:
             self._access(scope, method, status, ex, started)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
         if method == "HEAD" or not reply.has_body():
+            if method != "HEAD":
+                # 204/304 carry no body; uvicorn would hold a 304's Content-Length against it.
+                headers = [h for h in headers if h[0] != b"content-length"]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             reply.close()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         watcher = None
         try:
             chunk = await reply.read()
@@ -226,7 +246,12 @@ class DataPlane:
                 return
             while True:
                 # Read one ahead: a body that arrived whole goes out as one final message.
-                following = await reply.read()
+                try:
+                    following = await reply.read()
+                except UpstreamError:
+                    # Pass on what did arrive before cutting the connection.
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    raise
                 await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
                 if not following:
                     return
@@ -274,4 +299,3 @@ class DataPlane:
             ex.request_id.decode("latin-1"),
             (time.perf_counter() - started) * 1000,
         )
-

@@ -128,7 +128,9 @@ class RequestHead:
                     self.bad = "more than one Host header"
                 self.host = value
             elif name == b"content-length":
-                if not value.isdigit() or (self.content_length is not None and int(value) != self.content_length):
+                if not value.isdigit() or (
+                    self.content_length is not None and int(value) != self.content_length
+                ):
                     self.bad = "invalid Content-Length"
                 else:
                     self.content_length = int(value)
@@ -188,7 +190,9 @@ def add_forwarding(
     forward.append((b"x-request-id", head.request_id))
 
 
-def response_headers(upstream_headers: list[tuple[bytes, bytes]], request_id: bytes) -> list[tuple[bytes, bytes]]:
+def response_headers(
+    upstream_headers: list[tuple[bytes, bytes]], request_id: bytes
+) -> list[tuple[bytes, bytes]]:
     """Headers for the client: hop-by-hop dropped, Via and X-Request-Id added."""
     out: list[tuple[bytes, bytes]] = []
     connection: list[bytes] | None = None

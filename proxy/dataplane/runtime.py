@@ -7,10 +7,10 @@ Runtime reference per request, so swapping the reference swaps the policy.
 
 from __future__ import annotations
 
+from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
 from proxy.dataplane.pipeline import Handler, build_pipeline
 from proxy.dataplane.router import Router, compile_match
-from proxy.dataplane.forward import UpstreamRuntime
 from proxy.metrics import Metrics, RouteMetrics
 
 # Bodies up to this size are read whole before the upstream request, so the

@@ -43,7 +43,10 @@ async def main(url: str, seconds: float, connections: int) -> dict:
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(
-        *(worker(parts.hostname, parts.port, parts.path or "/", deadline, latencies, counters) for _ in range(connections))
+        *(
+            worker(parts.hostname, parts.port, parts.path or "/", deadline, latencies, counters)
+            for _ in range(connections)
+        )
     )
     elapsed = time.perf_counter() - started
     latencies.sort()

@@ -184,7 +184,8 @@ def run_wrk(url: str, seconds: float, connections: int) -> dict:
     return {
         "rps": rps,
         "requests": total,
-        "errors": (int(errors.group(1)) if errors else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+        "errors": (int(errors.group(1)) if errors else 0)
+        + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
         **lat,
     }
 
@@ -197,11 +198,15 @@ def run_python_load(url: str, seconds: float, connections: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--json", default=str(ROOT / "tests" / "bench" / "last.json"), help="where to write results")
+    parser.add_argument(
+        "--json", default=str(ROOT / "tests" / "bench" / "last.json"), help="where to write results"
+    )
     args = parser.parse_args(argv)
 
     have_nginx = shutil.which("nginx") is not None
@@ -213,14 +218,35 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     try:
         if have_nginx:
-            procs.start([*taskset(1), "nginx", "-c", str(nginx_conf(workdir, upstream_port, None)), "-p", str(workdir)])
-            procs.start([*taskset(0), "nginx", "-c", str(nginx_conf(workdir, upstream_port, nginx_proxy_port)), "-p", str(workdir)])
+            procs.start(
+                [
+                    *taskset(1),
+                    "nginx",
+                    "-c",
+                    str(nginx_conf(workdir, upstream_port, None)),
+                    "-p",
+                    str(workdir),
+                ]
+            )
+            procs.start(
+                [
+                    *taskset(0),
+                    "nginx",
+                    "-c",
+                    str(nginx_conf(workdir, upstream_port, nginx_proxy_port)),
+                    "-p",
+                    str(workdir),
+                ]
+            )
             wait_port(nginx_proxy_port)
         else:
             procs.start([*taskset(1), sys.executable, "-c", RAW_UPSTREAM, str(upstream_port)])
         wait_port(upstream_port)
         policy = fender_policy(workdir, fender_port, admin_port, upstream_port)
-        fender = procs.start([*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"], cwd=ROOT)
+        fender = procs.start(
+            [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
+            cwd=ROOT,
+        )
         wait_port(fender_port)
         urllib.request.urlopen(f"http://127.0.0.1:{fender_port}/", timeout=5).read()
 
@@ -235,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_before = cpu_seconds(fender.pid) if name == "fender" else None
                 result = load(f"http://127.0.0.1:{port}/", args.seconds, args.connections)
                 if cpu_before is not None:
-                    result["cpu_us_per_request"] = (cpu_seconds(fender.pid) - cpu_before) / max(result["requests"], 1) * 1e6
+                    result["cpu_us_per_request"] = (
+                        (cpu_seconds(fender.pid) - cpu_before) / max(result["requests"], 1) * 1e6
+                    )
                 results.setdefault(name, []).append(result)
                 print(f"round {round_no + 1}: {name:12s} {result['rps']:10.0f} req/s", file=sys.stderr)
         fender_rss = rss_mib(fender.pid)
@@ -269,8 +297,10 @@ def _median(rows: list[dict]) -> dict:
 
 
 def _print_table(report: dict) -> None:
-    print(f"load: {report['load_tool']}, upstream: {report['upstream']}, {report['connections']} connections, "
-          f"median of {report['rounds']} rounds of {report['seconds']}s")
+    print(
+        f"load: {report['load_tool']}, upstream: {report['upstream']}, {report['connections']} connections, "
+        f"median of {report['rounds']} rounds of {report['seconds']}s"
+    )
     print(f"{'target':14s} {'req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'cpu us/req':>11s}")
     for name, row in report["results"].items():
         cpu = row.get("cpu_us_per_request")

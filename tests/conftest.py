@@ -1,0 +1,271 @@
+"""Shared fixtures: Fender in-process or as a subprocess, and a real HTTP upstream.
+
+Everything listens on 127.0.0.1 with ephemeral ports and is stopped by the
+fixture that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+import uvicorn
+
+from proxy.config import parse_policy
+from proxy.server import Fender, _Server, bind_socket
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pattern_bytes(size: int, offset: int = 0) -> bytes:
+    """Deterministic body content, so both ends can hash without storing it."""
+    block = bytes(range(256)) * 256  # 64 KiB
+    start = offset % len(block)
+    out = (block[start:] + block * (size // len(block) + 2))[:size]
+    return out
+
+
+class EchoUpstream:
+    """A real HTTP server (uvicorn) for tests. Routes:
+
+    - ``/stream?size=N&chunk=M``: N bytes of pattern content, chunked (no length)
+    - ``/status/NNN``: that status
+    - ``/slow?ms=N``: answers after N ms
+    - ``/hash``: reads the request body, answers its sha256 and length as JSON
+    - anything else: JSON with what arrived (method, path, query, headers, body length)
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        digest = hashlib.sha256()
+        length = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            digest.update(chunk)
+            length += len(chunk)
+            more = message.get("more_body", False)
+        record = {
+            "method": scope["method"],
+            "path": scope.get("raw_path", b"").decode("latin-1"),
+            "query": scope["query_string"].decode("latin-1"),
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]],
+            "body_length": length,
+            "body_sha256": digest.hexdigest(),
+        }
+        self.requests.append(record)
+        if path.startswith("/stream"):
+            size = int(query.get("size", "0"))
+            step = int(query.get("chunk", str(256 * 1024)))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream")],
+                }
+            )
+            sent = 0
+            while sent < size:
+                n = min(step, size - sent)
+                await send({"type": "http.response.body", "body": pattern_bytes(n, sent), "more_body": True})
+                sent += n
+            await send({"type": "http.response.body", "body": b""})
+            return
+        status = 200
+        if path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+        if path.startswith("/slow"):
+            await asyncio.sleep(int(query.get("ms", "0")) / 1000)
+        body = json.dumps(record).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"x-upstream-private"),
+            (b"x-upstream-private", b"do-not-forward"),
+            (b"keep-alive", b"timeout=30"),
+        ]
+        if status in (204, 304):
+            headers = [h for h in headers if h[0] != b"content-length"]
+            body = b""
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
+
+
+async def start_asgi(app) -> tuple[_Server, int]:
+    config = uvicorn.Config(app, loop="none", lifespan="off", log_config=None, access_log=False, ws="none")
+    config.load()
+    server = _Server(config)
+    server.lifespan = config.lifespan_class(config)
+    sock = bind_socket("127.0.0.1", 0)
+    await server.startup(sockets=[sock])
+    return server, sock.getsockname()[1]
+
+
+@pytest.fixture
+async def echo_upstream():
+    app = EchoUpstream()
+    server, port = await start_asgi(app)
+    app.port = port
+    yield app
+    server.should_exit = True
+    await server.shutdown()
+
+
+def policy_text(upstream_port: int, routes: str = "", upstreams: str = "", server: str = "") -> str:
+    """A test policy: one upstream 'echo' on the given port plus whatever the test adds."""
+    routes = (
+        routes
+        or """
+      - name: all
+        upstream: echo
+    """
+    )
+    return (
+        textwrap.dedent(
+            f"""
+            listen: 127.0.0.1:0
+            admin: 127.0.0.1:0
+            upstreams:
+              echo:
+                replicas: [{{url: http://127.0.0.1:{upstream_port}}}]
+            """
+        )
+        + textwrap.indent(textwrap.dedent(upstreams), "  ")
+        + ("server:\n" + textwrap.indent(textwrap.dedent(server), "  ") if server else "")
+        + "routes:\n"
+        + textwrap.indent(textwrap.dedent(routes), "  ")
+    )
+
+
+@pytest.fixture
+async def start_fender():
+    started: list[Fender] = []
+
+    async def start(text: str) -> Fender:
+        policy = parse_policy(text, "test-policy.yaml")
+        fender = Fender(policy, "test-policy.yaml")
+        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+        fender.url = f"http://127.0.0.1:{fender.data_port}"
+        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
+        started.append(fender)
+        return fender
+
+    yield start
+    for fender in started:
+        await fender.stop()
+
+
+async def raw_request(port: int, data: bytes | list[bytes], timeout: float = 5.0) -> bytes:
+    """Send hand-written bytes, return everything the server sends until it closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for part in [data] if isinstance(data, bytes) else data:
+            writer.write(part)
+            await writer.drain()
+        out = b""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(65536), 0.5 if out else timeout)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        return out
+    finally:
+        writer.close()
+
+
+class FenderProcess:
+    """Fender as a real subprocess (`python -m proxy run`), for CLI and memory tests."""
+
+    def __init__(self, policy_path: Path) -> None:
+        self.policy_path = policy_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, port: int, timeout: float = 20.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", str(self.policy_path), "--log-level", "warning"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fender exited: {self.proc.stderr.read().decode()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("fender did not start listening")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Bounded wait until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fender_process(tmp_path):
+    procs: list[FenderProcess] = []
+
+    def make(text: str) -> FenderProcess:
+        path = tmp_path / f"policy-{len(procs)}.yaml"
+        path.write_text(text)
+        proc = FenderProcess(path)
+        procs.append(proc)
+        return proc
+
+    yield make
+    for proc in procs:
+        proc.stop()
