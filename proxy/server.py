@@ -189,7 +189,7 @@ class Fender:
             self._servers.append(server)
             self._tasks.append(asyncio.ensure_future(self._run(server)))
         log.info(
-            "fender: proxy on %s:%d, admin on %s:%d, policy %s",
+            "proxy on %s:%d, admin on %s:%d, policy %s",
             policy.listen.host,
             self.data_port,
             policy.admin.host,
