@@ -556,6 +556,50 @@ async def test_early_response_during_upload() -> None:
         assert resp.status == 413 and up.connections == 2
 
 
+async def test_early_response_while_blocked_on_drain() -> None:
+    # The upstream answers and stops reading: the client, stuck waiting for
+    # the transport to drain, is woken by the response head.
+    async def body_stream() -> bytes:
+        return b"u" * 65536
+
+    async def refuse(req: Request, conn: Responder) -> None:
+        await conn.send(413, (), b"no")
+        await conn.hang()
+
+    async with RawUpstream(refuse, stream_request_body=True) as up, pool_for(up) as pool:
+        resp = await pool.request(b"POST", b"/", HOST, body_stream=body_stream)
+        assert resp.status == 413 and await read_all(resp) == b"no"
+        assert_clean(pool)  # closed with a RST (the paused server cannot notice)
+        resp, _ = await get(pool)
+        assert resp.status == 413 and up.connections == 2
+
+
+async def test_upload_stall_times_out() -> None:
+    async def body_stream() -> bytes:
+        return b"u" * 65536
+
+    async def never_reads(req: Request, conn: Responder) -> None:
+        await conn.hang()
+
+    async with RawUpstream(never_reads, stream_request_body=True) as up, pool_for(up) as pool:
+        with pytest.raises(UpstreamTimeout) as info:
+            await pool.request(b"POST", b"/", HOST, body_stream=body_stream, idle_timeout=0.2)
+        assert info.value.request_sent is True
+        assert_clean(pool)
+
+
+async def test_slow_downstream_body_does_not_count_against_head_timeout() -> None:
+    parts = [b"a", b"b", b""]
+
+    async def slow_client() -> bytes:
+        await asyncio.sleep(0.15)  # a slow downstream client, 0.45 s in total
+        return parts.pop(0)
+
+    async with RawUpstream(echo) as up, pool_for(up) as pool:
+        resp = await pool.request(b"POST", b"/", HOST, body_stream=slow_client, head_timeout=0.3)
+        assert await read_all(resp) == b"ab"
+
+
 # -- pool limits ------------------------------------------------------------------------------------
 
 

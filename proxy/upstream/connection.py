@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import select
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
@@ -24,10 +26,11 @@ from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError
 if TYPE_CHECKING:
     from .pool import UpstreamPool
 
-# Response-body flow control: stop reading the socket when this much body is
-# buffered and unread, resume once the reader took it (read() takes everything).
+# Response-body flow control: stop reading the socket when more than this much
+# body is buffered and unread.  read() takes the whole buffer, so reading
+# resumes as soon as the reader comes back (the buffer is then empty).
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def _parser_fault(exc: HttpParserError) -> UpstreamError:
@@ -293,6 +296,7 @@ class Connection(asyncio.Protocol):
         "_resp",
         "_parser",
         "_req_done",
+        "_upload_cut",
         "_write_paused",
         "_drain_waiter",
         "_poller",
@@ -309,6 +313,7 @@ class Connection(asyncio.Protocol):
         self._resp: UpstreamResponse | None = None
         self._parser: HttpResponseParser | None = None
         self._req_done = False
+        self._upload_cut = False  # request body cut short: close with RST
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
         self._poller: select.poll | None = None
@@ -329,6 +334,8 @@ class Connection(asyncio.Protocol):
         """The request is fully written (or the upload was cut short if not ``reusable``)."""
         self._req_done = True
         resp = self._resp
+        if not reusable:
+            self._upload_cut = True
         if resp is not None:
             if not reusable:
                 resp.keep_alive = False
@@ -411,13 +418,29 @@ class Connection(asyncio.Protocol):
         return bool(self._poller.poll(0))
 
     def close(self) -> None:
+        """Close with a FIN; abort instead after a cut upload (unsent request bytes)."""
         if not self.closed:
-            self.closed = True
-            self.transport.close()
+            if self._upload_cut:
+                self.abort()
+            else:
+                self.closed = True
+                self.transport.close()
 
     def abort(self) -> None:
+        """Close with a RST: unsent bytes are dropped, also those already in the kernel.
+
+        Without SO_LINGER 0 the kernel would keep trying to deliver queued
+        request bytes to an upstream that stopped reading, and the upstream
+        would never see the connection end.
+        """
         if not self.closed:
             self.closed = True
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                except OSError:
+                    pass
             self.transport.abort()
 
     # -- asyncio.Protocol ------------------------------------------------------

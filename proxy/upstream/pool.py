@@ -89,7 +89,8 @@ class UpstreamPool:
 
         ``headers`` is sent as given (lowercase names, Host included); framing
         headers are added here.  ``head_timeout`` counts from this call (pool
-        wait and connect included) to the complete head; ``idle_timeout``
+        wait and connect included) to the complete head, minus the time spent
+        waiting for ``body_stream`` (the downstream client); ``idle_timeout``
         bounds silence while reading the body and stalls while uploading.
         """
         loop = self._loop
@@ -127,7 +128,9 @@ class UpstreamPool:
             if rest is not None:
                 conn.transport.write(rest)
             if body_stream is not None and content_length != 0:
-                await self._upload(conn, resp, body_stream, content_length, idle_timeout)
+                waited = await self._upload(conn, resp, body_stream, content_length, idle_timeout)
+                if deadline is not None:
+                    deadline += waited  # a slow downstream client is not the upstream's fault
             else:
                 conn.request_done()
             if not resp._head_done and resp._exc is None:
@@ -155,16 +158,23 @@ class UpstreamPool:
         body_stream: Callable[[], Awaitable[bytes]],
         content_length: int | None,
         idle_timeout: float | None,
-    ) -> None:
-        """Stream the request body, respecting flow control; stop early on a response or fault."""
+    ) -> float:
+        """Stream the request body, respecting flow control; stop early on a response or fault.
+
+        Returns the seconds spent waiting for ``body_stream`` (the downstream).
+        """
         write = conn.transport.write
+        now = conn.loop.time
         remaining = content_length
+        waited = 0.0
         while True:
+            started = now()
             chunk = await body_stream()
+            waited += now() - started
             if resp._head_done or resp._conn is not conn:
                 # Early response (e.g. 413) or fault: stop; never reuse after a cut upload.
                 conn.request_done(reusable=False)
-                return
+                return waited
             if not chunk:
                 if remaining is None:
                     write(b"0\r\n\r\n")
@@ -184,8 +194,9 @@ class UpstreamPool:
                 await conn.drain(idle_timeout)
                 if resp._head_done or resp._conn is not conn:
                     conn.request_done(reusable=False)
-                    return
+                    return waited
         conn.request_done()
+        return waited
 
     # -- acquiring ---------------------------------------------------------------
 
