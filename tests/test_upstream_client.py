@@ -343,6 +343,13 @@ async def test_connect_timeout_on_saturated_backlog() -> None:
             await pool.request(b"GET", b"/", HOST)
         assert info.value.request_sent is False and info.value.reason == "connect_timeout"
         assert_clean(pool)
+        # Cancelled while connecting: the slot is freed too.
+        connecting = asyncio.create_task(pool.request(b"GET", b"/", HOST))
+        await settle(lambda: pool.in_use == 1)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        assert_clean(pool)
 
 
 async def test_black_hole_head_timeout() -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # resumes as soon as the reader comes back (the buffer is then empty).
 HIGH_WATER = 256 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_HAVE_POLL = hasattr(select, "poll")  # not on Windows: the stale check is then skipped
 
 
 def _parser_fault(exc: HttpParserError) -> UpstreamError:
@@ -415,7 +416,8 @@ class Connection(asyncio.Protocol):
         One non-blocking poll(2); it closes the window where a just-closed
         keep-alive connection would be picked before its eof was processed.
         """
-        return bool(self._poller.poll(0))
+        poller = self._poller
+        return poller is not None and bool(poller.poll(0))
 
     def close(self) -> None:
         """Close with a FIN; abort instead after a cut upload (unsent request bytes)."""
@@ -448,8 +450,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        self._poller = poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        if _HAVE_POLL and sock is not None:
+            self._poller = poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         resp = self._resp
