@@ -109,6 +109,23 @@ class Metrics:
             registry=r,
         )
 
+        # Families of each policy module follow, one block per module, named
+        # fender_<module>_..., e.g. fender_ratelimit_requests_total.
+
+        # metrics: rate limits
+
+        # metrics: bulkheads
+
+        # metrics: retries
+
+        # metrics: circuit breakers
+
+        # metrics: failover and health checks
+
+        # metrics: response cache
+
+        # metrics: operations (reload, checkpoints, drain)
+
 
 class RouteMetrics:
     """Label children of one route, bound when the policy loads."""

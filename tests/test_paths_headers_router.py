@@ -164,3 +164,13 @@ def test_router_first_match_wins_and_conditions_combine():
 )
 def test_host_without_port(host, expected):
     assert host_without_port(host) == expected
+
+
+def test_client_address_walks_trusted_chain_only():
+    trusted = TrustedProxies(["10.0.0.0/8"])
+    head = RequestHead([(b"x-forwarded-for", b"203.0.113.9, 198.51.100.1, 10.0.0.3")])
+    add_forwarding(head, "10.0.0.2", b"http", "1.1", trusted)
+    assert head.client == "198.51.100.1"  # first untrusted hop from the right; its left part is unverified
+    spoofed = RequestHead([(b"x-forwarded-for", b"1.2.3.4")])
+    add_forwarding(spoofed, "192.0.2.7", b"http", "1.1", trusted)
+    assert spoofed.client == "192.0.2.7"  # the peer is not trusted: its XFF means nothing

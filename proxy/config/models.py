@@ -22,11 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
-    PlainSerializer,
-    PlainValidator,
     PrivateAttr,
     Strict,
     WithJsonSchema,
@@ -59,97 +55,17 @@ __all__ = [
 ]
 
 
-class PolicyModel(BaseModel):
-    """Base of every policy section: unknown keys refused, immutable, defaults validated.
-
-    Defaults may therefore be written in policy notation (``default="15s"``),
-    which is also what the JSON Schema shows.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-# --------------------------------------------------------------------------- small types
-
-NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
-_NAME_RE = re.compile(r"[a-zA-Z0-9_.-]{1,64}")
-
-
-def _check_name(value: str) -> str:
-    if not _NAME_RE.fullmatch(value):
-        if not value:
-            raise policy_error('a name cannot be empty (use 1 to 64 letters, digits, "_", "." or "-")')
-        raise policy_error(
-            f'{describe_value(value)} is not a valid name (use 1 to 64 letters, digits, "_", "." or "-")'
-        )
-    return value
-
-
-Name = Annotated[
-    str,
-    Strict(),
-    AfterValidator(_check_name),
-    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN}),
-]
-"""A route or upstream name: 1 to 64 of ``a-zA-Z0-9_.-``."""
-
-Count = Annotated[int, Strict()]
-"""A whole number; ``"100"`` (text), ``1.0`` and ``true`` are refused."""
-
-Flag = Annotated[bool, Strict()]
-"""``true`` or ``false`` only."""
-
-Text = Annotated[str, Strict()]
-"""Text; numbers are refused rather than silently converted."""
-
-_HOSTNAME_RE = re.compile(
-    # DNS names; "_" is allowed too because container service names often use it.
-    r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
+from proxy.config.base import (  # noqa: E402  (re-exported: the models' building blocks)
+    NAME_PATTERN,
+    Count,
+    Flag,
+    IpNetwork,
+    Name,
+    PolicyModel,
+    Text,
+    _check_host,
+    _valid_hostname,
 )
-
-
-def _valid_hostname(host: str) -> bool:
-    return _HOSTNAME_RE.fullmatch(host) is not None
-
-
-def _check_host(host: str, example: str) -> str:
-    """Validate an IPv4 address, an IPv6 address (without brackets) or a DNS name; lower-case it."""
-    if not host:
-        raise ValueError(f"the host is missing (write it like {example})")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    lowered = host.lower()
-    if not _valid_hostname(lowered):
-        raise ValueError(f"{describe_value(host)} is not a valid host name or IP address")
-    return lowered
-
-
-def _parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return value
-    if not isinstance(value, str):
-        raise policy_error(f"expected a CIDR like 10.0.0.0/8 or 192.168.1.7, got {describe_value(value)}")
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        try:
-            fixed = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise policy_error(
-                f"{describe_value(value)} is not an IP network (write it like 10.0.0.0/8, fd00::/8 or 192.168.1.7)"
-            ) from exc
-        raise policy_error(f"{describe_value(value)} has host bits set (did you mean {fixed}?)") from exc
-
-
-IpNetwork = Annotated[
-    ipaddress.IPv4Network | ipaddress.IPv6Network,
-    PlainValidator(_parse_network),
-    PlainSerializer(str, return_type=str),
-    WithJsonSchema({"type": "string", "examples": ["10.0.0.0/8", "fd00::/8", "192.168.1.7"]}),
-]
-"""An IP network in CIDR notation; a bare address means a single host (/32 or /128)."""
 
 # --------------------------------------------------------------------------- listen addresses
 
@@ -479,6 +395,11 @@ class Upstream(PolicyModel):
         description="Connection pool limits, applied to each replica separately.",
     )
 
+    # Replica selection and health sections (failover): balance, health_check,
+    # outlier_detection, panic_threshold.
+
+    # section: failover
+
     @field_validator("replicas")
     @classmethod
     def _replicas_distinct(cls, replicas: tuple[Replica, ...]) -> tuple[Replica, ...]:
@@ -703,6 +624,22 @@ class Route(PolicyModel):
         ),
     )
 
+    # Per-route policy sections. Each is an optional field whose options model
+    # lives in its own module under proxy/resilience/; absent means off.
+    # (One anchor per section, so work on different sections merges cleanly.)
+
+    # section: rate_limit
+
+    # section: bulkhead
+
+    # section: retry
+
+    # section: circuit_breaker
+
+    # section: cache
+
+    # section: explain and deadline propagation
+
 
 # --------------------------------------------------------------------------- root
 
@@ -747,6 +684,14 @@ class Policy(PolicyModel):
         description="Routes, tried in file order; the first whose match holds takes the request. At least one.",
         json_schema_extra={"minItems": 1},
     )
+
+    # Top-level sections owned by other modules.
+
+    # section: cache store
+
+    # section: checkpoint and drain
+
+    # section: shared (Redis fleet tier)
 
     @field_validator("upstreams")
     @classmethod

@@ -208,6 +208,9 @@ class DataPlane:
             head.request_id,
             route.name,
             started,
+            head.client,
+            scope["headers"],
+            runtime.clock.now() + route.timeout,
         )
         try:
             reply = await route.pipeline(exchange)
@@ -224,6 +227,8 @@ class DataPlane:
             headers = reply.headers + [(b"x-request-id", ex.request_id)]
         else:
             headers = response_headers(reply.headers, ex.request_id)
+        if ex.response_headers:
+            headers.extend(ex.response_headers)
         metrics = route.metrics
         metrics.request_counter(method, status).inc()
         metrics.duration.observe(time.perf_counter() - started)

@@ -38,6 +38,13 @@ class Exchange:
         "request_id",
         "route_name",
         "started",
+        "client",
+        "request_headers",
+        "deadline",
+        "try_timeout",
+        "tried",
+        "trace",
+        "response_headers",
         "upstream_name",
         "replica_name",
     )
@@ -54,6 +61,9 @@ class Exchange:
         request_id: bytes,
         route_name: str,
         started: float,
+        client: str | None = None,
+        request_headers: list[tuple[bytes, bytes]] | None = None,
+        deadline: float = float("inf"),
     ) -> None:
         self.method = method
         self.method_bytes = method.encode()
@@ -66,8 +76,27 @@ class Exchange:
         self.request_id = request_id
         self.route_name = route_name
         self.started = started
+        # The client's address as Fender trusts it (the TCP peer unless a trusted proxy said otherwise).
+        self.client = client
+        # The client's header pairs as received (before hop-by-hop removal), for keys and matching.
+        self.request_headers = request_headers if request_headers is not None else []
+        # Absolute time (SYSTEM_CLOCK.now() scale) by which the response head must have arrived.
+        self.deadline = deadline
+        # Per-try cap set by the retry layer; None means only the deadline applies.
+        self.try_timeout: float | None = None
+        # Replica names already tried for this request, so a retry can pick another.
+        self.tried: list[str] = []
+        # Decisions made on the way (Fender-Trace), or None when nobody asked for them.
+        self.trace: list[str] | None = None
+        # Extra headers layers want on the client's response (RateLimit, Retry-After, Cache-Status, ...).
+        self.response_headers: list[tuple[bytes, bytes]] = []
         self.upstream_name: str | None = None
         self.replica_name: str | None = None
+
+    def note(self, text: str) -> None:
+        """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""
+        if self.trace is not None:
+            self.trace.append(text)
 
 
 # reason -> status of the local reply. The reason is also the X-Fender-Error
@@ -106,10 +135,20 @@ _REASON_TEXT = {
 class LocalReply:
     """A response Fender generates itself, with a reason header and short text body."""
 
-    __slots__ = ("status", "headers", "body", "reason", "_sent")
+    __slots__ = ("status", "headers", "body", "reason", "error", "_sent")
 
-    def __init__(self, reason: str, detail: str = "", status: int | None = None, close: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        status: int | None = None,
+        close: bool = False,
+        error: UpstreamError | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.reason = reason
+        # The upstream fault behind this reply, if any (a retry layer checks error.request_sent).
+        self.error = error
         self.status = status if status is not None else LOCAL_STATUS[reason]
         text = _REASON_TEXT.get(reason, reason)
         self.body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
@@ -118,6 +157,8 @@ class LocalReply:
             (b"content-length", str(len(self.body)).encode()),
             (b"x-fender-error", reason.encode()),
         ]
+        if headers:
+            self.headers.extend(headers)
         if close:
             self.headers.append((b"connection", b"close"))
         self._sent = False
@@ -137,4 +178,4 @@ class LocalReply:
     @classmethod
     def from_upstream_error(cls, error: UpstreamError) -> LocalReply:
         reason = error.reason if error.reason in LOCAL_STATUS else "bad_response"
-        return cls(reason)
+        return cls(reason, error=error)

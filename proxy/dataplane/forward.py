@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.upstream import UpstreamError, UpstreamPool
@@ -59,8 +60,14 @@ class UpstreamRuntime:
         # Interleaved weighted order (smooth weighted round robin), computed once.
         self._order = itertools.cycle(_smooth_weighted_order(preferred))
 
-    def choose(self) -> ReplicaRuntime:
+    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime:
+        """The replica for the next try (the failover module replaces this policy)."""
         return next(self._order)
+
+    def observe(
+        self, replica: ReplicaRuntime, status: int, error: UpstreamError | None, duration: float
+    ) -> None:
+        """Outcome of one try, for passive health (outlier detection). status is 0 on a fault."""
 
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
@@ -89,24 +96,30 @@ def _smooth_weighted_order(replicas: list[ReplicaRuntime]) -> list[ReplicaRuntim
 class Forwarder:
     """Terminal layer: one try against one replica; faults become local replies."""
 
-    __slots__ = ("upstream", "timeout", "idle_timeout", "rewrite_host", "_metrics")
+    __slots__ = ("upstream", "idle_timeout", "rewrite_host", "_metrics", "_clock")
 
-    def __init__(self, upstream: UpstreamRuntime, route) -> None:
+    def __init__(self, upstream: UpstreamRuntime, route, clock: Clock = SYSTEM_CLOCK) -> None:
         self.upstream = upstream
-        self.timeout = route.timeout
         self.idle_timeout = route.idle_timeout
         self.rewrite_host = route.rewrite_host
         self._metrics = upstream.metrics
+        self._clock = clock
 
     async def __call__(self, ex: Exchange) -> Reply:
-        replica = self.upstream.choose()
-        ex.upstream_name = self.upstream.name
+        started = self._clock.now()
+        head_timeout = ex.deadline - started
+        if ex.try_timeout is not None and ex.try_timeout < head_timeout:
+            head_timeout = ex.try_timeout
+        if head_timeout <= 0:
+            return LocalReply("timeout", "no time left before the route's deadline")
+        upstream = self.upstream
+        replica = upstream.choose(ex)
+        ex.upstream_name = upstream.name
         ex.replica_name = replica.name
+        ex.tried.append(replica.name)
         host = replica.authority if (self.rewrite_host or ex.host is None) else ex.host
         headers = [(b"host", host), *ex.headers]
         metrics = self._metrics
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
             response = await replica.pool.request(
                 ex.method_bytes,
@@ -115,19 +128,25 @@ class Forwarder:
                 body=ex.body,
                 body_stream=ex.body_stream,
                 content_length=ex.content_length,
-                head_timeout=self.timeout,
+                head_timeout=head_timeout,
                 idle_timeout=self.idle_timeout,
             )
         except UpstreamError as error:
             metrics.error(error.reason).inc()
             metrics.outcome(replica.name, error.reason).inc()
+            upstream.observe(replica, 0, error, self._clock.now() - started)
+            ex.note(f"try {replica.name} {error.reason}")
             return LocalReply.from_upstream_error(error)
         except BodyTooLarge:
             return LocalReply("body_too_large", close=True)
         except RequestBodyTimeout:
             return LocalReply("request_body_timeout", close=True)
-        metrics.duration.observe(loop.time() - started)
+        elapsed = self._clock.now() - started
+        metrics.duration.observe(elapsed)
         metrics.outcome(replica.name, _STATUS_OUTCOME[min(max(response.status // 100, 1), 5)]).inc()
+        upstream.observe(replica, response.status, None, elapsed)
+        if ex.trace is not None:
+            ex.note(f"try {replica.name} {response.status} {elapsed * 1000:.1f}ms")
         return response
 
 

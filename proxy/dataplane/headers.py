@@ -103,7 +103,7 @@ class RequestHead:
         "xfh",
         "via",
         "bad",
-        "header_bytes",
+        "client",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -117,6 +117,7 @@ class RequestHead:
         self.xfh: bytes | None = None
         self.via: list[bytes] = []
         self.bad: str | None = None
+        self.client: str | None = None
         connection: list[bytes] | None = None
         drop = _REQUEST_DROP
         for name, value in headers:
@@ -174,7 +175,9 @@ def add_forwarding(
     """
     forward = head.forward
     peer_bytes = peer.encode() if peer else b"unknown"
+    head.client = peer
     if head.xff and peer and trusted.trusts(peer):
+        head.client = client_from_chain(head.xff, peer, trusted)
         forward.append((b"x-forwarded-for", b", ".join(head.xff) + b", " + peer_bytes))
         forward.append((b"x-forwarded-proto", head.xfp or scheme))
         forward.append((b"x-forwarded-host", head.xfh or head.host or b""))
@@ -188,6 +191,17 @@ def add_forwarding(
     if head.request_id is None:
         head.request_id = new_request_id()
     forward.append((b"x-request-id", head.request_id))
+
+
+def client_from_chain(xff: list[bytes], peer: str, trusted: TrustedProxies) -> str:
+    """The original client: the rightmost address in the chain that is not a trusted proxy."""
+    hops = [h.strip().decode("latin-1") for value in xff for h in value.split(b",") if h.strip()]
+    client = peer
+    for hop in reversed(hops):
+        client = hop
+        if not trusted.trusts(hop):
+            break
+    return client
 
 
 def response_headers(

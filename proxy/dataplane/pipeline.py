@@ -1,33 +1,65 @@
 """Per-route pipelines, assembled once when the policy loads.
 
-A pipeline is a chain of layers, tower-style: each layer is built around the
-next one and exposes ``async __call__(exchange) -> Reply``. The order is fixed
-(see architecture.md): rate limit, cache, circuit breaker, bulkhead, retry,
-then the forwarder. Each policy module contributes one factory to
-``LAYER_FACTORIES``; a factory returns None when its section is absent from the
-route, so a route pays only for the policies it names.
+A pipeline is a chain of layers, tower-style: each layer wraps the next and
+exposes ``async __call__(exchange) -> Reply``. The order is fixed (see
+architecture.md): rate limit, cache, circuit breaker, bulkhead, retry, then
+the forwarder. Each policy module under ``proxy/resilience/`` provides
+``build_layer(route, next_handler, ctx)``, which returns None when the route
+does not use that policy, so a route pays only for the policies it names.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, Reply
 from proxy.dataplane.forward import Forwarder, UpstreamRuntime
 from proxy.metrics import Metrics
 
 Handler = Callable[[Exchange], Awaitable[Reply]]
-# (route options, the next handler, metrics) -> a handler wrapping next, or None
-LayerFactory = Callable[[object, Handler, Metrics], Handler | None]
 
-# Outermost first. Policy issues add their factory here.
-LAYER_FACTORIES: list[LayerFactory] = []
+# Outermost first. A module that does not exist yet is skipped, so each policy
+# lands by adding its module, without touching this file.
+LAYER_MODULES = (
+    "proxy.resilience.ratelimit",
+    "proxy.resilience.cache",
+    "proxy.resilience.breaker",
+    "proxy.resilience.bulkhead",
+    "proxy.resilience.retry",
+)
 
 
-def build_pipeline(route, upstream: UpstreamRuntime, metrics: Metrics) -> Handler:
-    handler: Handler = Forwarder(upstream, route)
-    for factory in reversed(LAYER_FACTORIES):
-        wrapped = factory(route, handler, metrics)
+@dataclass
+class LayerContext:
+    """What a layer factory may use besides the route's own options."""
+
+    metrics: Metrics
+    upstream: UpstreamRuntime
+    policy: Any
+    clock: Clock = SYSTEM_CLOCK
+    # Objects shared between routes (e.g. one breaker per upstream), keyed by
+    # the owning module; a reload may hand over entries whose settings did not change.
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer_builders() -> list[Callable]:
+    builders = []
+    for name in LAYER_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        builders.append(importlib.import_module(name).build_layer)
+    return builders
+
+
+def build_pipeline(route, ctx: LayerContext) -> Handler:
+    handler: Handler = Forwarder(ctx.upstream, route, ctx.clock)
+    for build_layer in reversed(_layer_builders()):
+        wrapped = build_layer(route, handler, ctx)
         if wrapped is not None:
             handler = wrapped
     return handler

@@ -7,9 +7,10 @@ Runtime reference per request, so swapping the reference swaps the policy.
 
 from __future__ import annotations
 
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
-from proxy.dataplane.pipeline import Handler, build_pipeline
+from proxy.dataplane.pipeline import Handler, LayerContext, build_pipeline
 from proxy.dataplane.router import Router, compile_match
 from proxy.metrics import Metrics, RouteMetrics
 
@@ -19,25 +20,33 @@ BUFFER_BODY_LIMIT = 64 * 1024
 
 
 class RouteRuntime:
-    __slots__ = ("name", "options", "pipeline", "metrics", "max_body", "idle_timeout", "upstream")
+    __slots__ = ("name", "options", "pipeline", "metrics", "max_body", "idle_timeout", "timeout", "upstream")
 
-    def __init__(self, options, upstream: UpstreamRuntime, metrics: Metrics) -> None:
+    def __init__(self, options, ctx: LayerContext) -> None:
+        upstream = ctx.upstream
         self.name = options.name
         self.options = options
         self.upstream = upstream
         self.max_body = options.max_body
         self.idle_timeout = options.idle_timeout
-        self.metrics = RouteMetrics(metrics, options.name)
-        self.pipeline: Handler = build_pipeline(options, upstream, metrics)
+        self.timeout = options.timeout
+        self.metrics = RouteMetrics(ctx.metrics, options.name)
+        self.pipeline: Handler = build_pipeline(options, ctx)
 
 
 class Runtime:
-    def __init__(self, policy, metrics: Metrics, source: str = "") -> None:
+    def __init__(self, policy, metrics: Metrics, source: str = "", clock: Clock = SYSTEM_CLOCK) -> None:
         self.policy = policy
         self.source = source
         self.metrics = metrics
+        self.clock = clock
+        # Objects layers share across routes (e.g. one breaker per upstream), by module.
+        self.shared: dict = {}
         self.upstreams = {name: UpstreamRuntime(name, up, metrics) for name, up in policy.upstreams.items()}
-        self.routes = [RouteRuntime(r, self.upstreams[r.upstream], metrics) for r in policy.routes]
+        self.routes = [
+            RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
+            for r in policy.routes
+        ]
         self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
         self.trusted = TrustedProxies(policy.server.trusted_proxies)
         self.access_log = policy.server.access_log

@@ -169,7 +169,7 @@ def fender_policy(workdir: Path, port: int, admin: int, upstream_port: int) -> P
 
 
 def run_wrk(url: str, seconds: float, connections: int) -> dict:
-    cmd = [*taskset(1), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    cmd = [*taskset(1), "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
