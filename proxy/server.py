@@ -179,6 +179,7 @@ class Fender:
         policy = self.policy
         data_sock = data_sock or bind_socket(policy.listen.host, policy.listen.port)
         admin_sock = admin_sock or bind_socket(policy.admin.host, policy.admin.port)
+        await self.runtime.start()
         self.data_port = data_sock.getsockname()[1]
         self.admin_port = admin_sock.getsockname()[1]
         for config, sock in zip(self._configs(), (data_sock, admin_sock), strict=True):

@@ -114,12 +114,24 @@ def build_admin_app(fender: Fender) -> Starlette:
             )
         return JSONResponse({"routes": out})
 
-    return Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics),
-            Route("/admin/config", config),
-            Route("/admin/routes", routes),
-        ]
-    )
+    endpoints = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/admin/config", config),
+        Route("/admin/routes", routes),
+    ]
+    # Each policy module with admin endpoints keeps them in its own module
+    # (proxy/admin/<module>.py, a function `routes(fender) -> list[Route]`) and adds one line here.
+
+    # admin: rate limits and bulkheads
+
+    # admin: breakers
+
+    # admin: upstreams and health
+
+    # admin: cache
+
+    # admin: operations
+
+    return Starlette(routes=endpoints)

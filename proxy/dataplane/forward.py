@@ -69,6 +69,9 @@ class UpstreamRuntime:
     ) -> None:
         """Outcome of one try, for passive health (outlier detection). status is 0 on a fault."""
 
+    async def start(self) -> None:
+        """Start background work (health checks) once the runtime goes live."""
+
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
         for replica in self.replicas:

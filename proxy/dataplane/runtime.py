@@ -51,6 +51,11 @@ class Runtime:
         self.trusted = TrustedProxies(policy.server.trusted_proxies)
         self.access_log = policy.server.access_log
 
+    async def start(self) -> None:
+        """Start background work (health checks, refreshers) before the runtime serves."""
+        for upstream in self.upstreams.values():
+            await upstream.start()
+
     async def close(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
