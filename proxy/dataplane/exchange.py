@@ -112,6 +112,7 @@ LOCAL_STATUS = {
     "reset_mid_body": 502,
     "bad_response": 502,
     "pool_overflow": 503,
+    "no_healthy_replica": 503,
     "connect_timeout": 504,
     "timeout": 504,
 }
@@ -127,6 +128,7 @@ _REASON_TEXT = {
     "reset_mid_body": "the upstream closed the connection mid-response",
     "bad_response": "the upstream sent an invalid response",
     "pool_overflow": "too many requests waiting for an upstream connection",
+    "no_healthy_replica": "no healthy replica of the upstream can take this request",
     "connect_timeout": "timed out connecting to the upstream",
     "timeout": "the upstream did not answer in time",
 }

@@ -60,8 +60,12 @@ class UpstreamRuntime:
         # Interleaved weighted order (smooth weighted round robin), computed once.
         self._order = itertools.cycle(_smooth_weighted_order(preferred))
 
-    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime:
-        """The replica for the next try (the failover module replaces this policy)."""
+    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
+        """The replica for the next try, or None when none may take it (503 no_healthy_replica).
+
+        Contract with the retry layer: replicas named in ``ex.tried`` should be
+        avoided while another eligible one exists. The failover module replaces this policy.
+        """
         return next(self._order)
 
     def observe(
@@ -117,6 +121,8 @@ class Forwarder:
             return LocalReply("timeout", "no time left before the route's deadline")
         upstream = self.upstream
         replica = upstream.choose(ex)
+        if replica is None:
+            return LocalReply("no_healthy_replica", status=503, headers=[(b"retry-after", b"1")])
         ex.upstream_name = upstream.name
         ex.replica_name = replica.name
         ex.tried.append(replica.name)
