@@ -34,6 +34,45 @@ _HEAD_ERRORS = {
 }
 
 
+class CorkedTransport:
+    """Coalesces the writes of one event-loop turn into one system call.
+
+    uvicorn writes a response head and its body separately; for the common
+    small response that is two ``write`` system calls where one will do.
+    Writes are buffered and flushed once at the end of the current loop turn
+    (``call_soon``), so nothing waits longer than that; everything else is
+    passed to the real transport.
+    """
+
+    __slots__ = ("_transport", "_buffer", "_loop")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._buffer: list[bytes] = []
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        if not self._buffer:
+            self._loop.call_soon(self._flush)
+        self._buffer.append(data)
+
+    def _flush(self) -> None:
+        buffer = self._buffer
+        if not buffer:
+            return
+        self._buffer = []
+        if self._transport.is_closing():
+            return
+        self._transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 class FenderHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with request-head limits and absolute-form detection.
 
@@ -49,6 +88,9 @@ class FenderHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_count = 0
     _head_error = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CorkedTransport(transport, self.loop))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
