@@ -190,9 +190,11 @@ def run_wrk(url: str, seconds: float, connections: int) -> dict:
     }
 
 
-def run_python_load(url: str, seconds: float, connections: int) -> dict:
+def run_python_load(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
     script = ROOT / "tests" / "bench" / "load.py"
     cmd = [*taskset(1), sys.executable, str(script), url, str(seconds), str(connections)]
+    if rate:
+        cmd.append(str(rate))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     return json.loads(out)
 
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument(
+        "--rate", type=float, default=1000.0, help="fixed request rate for the latency measurement"
+    )
+    parser.add_argument(
         "--json", default=str(ROOT / "tests" / "bench" / "last.json"), help="where to write results"
     )
     args = parser.parse_args(argv)
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-"))
     upstream_port, nginx_proxy_port, fender_port, admin_port = (free_port() for _ in range(4))
     results: dict[str, list[dict]] = {}
+    latency: dict[str, list[dict]] = {}
     try:
         if have_nginx:
             procs.start(
@@ -266,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 results.setdefault(name, []).append(result)
                 print(f"round {round_no + 1}: {name:12s} {result['rps']:10.0f} req/s", file=sys.stderr)
+        # Added latency at a moderate fixed rate (open loop, so stalls are not hidden).
+        for _ in range(args.rounds):
+            for name in ("direct", "fender"):
+                result = run_python_load(f"http://127.0.0.1:{targets[name]}/", args.seconds, 10, args.rate)
+                latency.setdefault(name, []).append(result)
         fender_rss = rss_mib(fender.pid)
     finally:
         procs.stop_all()
@@ -277,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     if "nginx_proxy" in summary:
         ratios["fender_vs_nginx_proxy"] = summary["fender"]["rps"] / summary["nginx_proxy"]["rps"]
         ratios["nginx_proxy_vs_direct"] = summary["nginx_proxy"]["rps"] / summary["direct"]["rps"]
+    fixed = {name: _median(rows) for name, rows in latency.items()}
+    if fixed:
+        fixed["added_p50_ms"] = round(fixed["fender"]["p50_ms"] - fixed["direct"]["p50_ms"], 3)
+        fixed["added_p99_ms"] = round(fixed["fender"]["p99_ms"] - fixed["direct"]["p99_ms"], 3)
     report = {
         "load_tool": "wrk" if have_wrk else "bundled",
         "upstream": "nginx" if have_nginx else "bundled",
@@ -284,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "rounds": args.rounds,
         "results": summary,
+        "fixed_rate": {"rate": args.rate, **fixed},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -307,6 +323,13 @@ def _print_table(report: dict) -> None:
         print(
             f"{name:14s} {row['rps']:10.0f} {row.get('p50_ms', float('nan')):8.2f} {row.get('p99_ms', float('nan')):8.2f} "
             f"{row.get('errors', 0):7.0f} {cpu if cpu is not None else float('nan'):11.1f}"
+        )
+    fixed = report.get("fixed_rate") or {}
+    if "fender" in fixed:
+        print(
+            f"at {fixed['rate']:.0f} req/s: direct p50 {fixed['direct']['p50_ms']:.2f} ms p99 {fixed['direct']['p99_ms']:.2f} ms; "
+            f"fender p50 {fixed['fender']['p50_ms']:.2f} ms p99 {fixed['fender']['p99_ms']:.2f} ms "
+            f"(added p50 {fixed['added_p50_ms']:.2f} ms, p99 {fixed['added_p99_ms']:.2f} ms)"
         )
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.1%}")
