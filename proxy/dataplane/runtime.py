@@ -43,7 +43,9 @@ class RouteRuntime:
         self.timeout = options.timeout
         # Bodies up to this size are read whole: a route with retries keeps up to max_replay_body for replay.
         retry = getattr(options, "retry", None)
-        self.buffer_limit = max(BUFFER_BODY_LIMIT, retry.max_replay_body) if retry is not None else BUFFER_BODY_LIMIT
+        self.buffer_limit = (
+            max(BUFFER_BODY_LIMIT, retry.max_replay_body) if retry is not None else BUFFER_BODY_LIMIT
+        )
         self.explain = getattr(options, "explain", False)
         self.metrics = RouteMetrics(ctx.metrics, options.name)
         self.pipeline: Handler = build_pipeline(options, ctx)

@@ -143,8 +143,12 @@ class FallbackOptions(PolicyModel):
     """The answer an open breaker gives instead of Fender's 503."""
 
     status: Count = Field(default=503, ge=200, le=599, description="Status code of the fallback answer.")
-    body: Text = Field(default="", max_length=65536, description="Body of the fallback answer (at most 64KiB).")
-    content_type: Text = Field(default="text/plain; charset=utf-8", description="Content-Type of the fallback answer.")
+    body: Text = Field(
+        default="", max_length=65536, description="Body of the fallback answer (at most 64KiB)."
+    )
+    content_type: Text = Field(
+        default="text/plain; charset=utf-8", description="Content-Type of the fallback answer."
+    )
 
 
 class BreakerOptions(PolicyModel):
@@ -434,7 +438,10 @@ class CircuitBreaker:
             child.inc()
         if to == OPEN:
             log.warning(
-                "breaker %s: %s -> open for %s", self.name, STATE_NAMES[came], format_duration(round(self.open_for, 3))
+                "breaker %s: %s -> open for %s",
+                self.name,
+                STATE_NAMES[came],
+                format_duration(round(self.open_for, 3)),
             )
         else:
             log.warning("breaker %s: %s -> %s", self.name, STATE_NAMES[came], STATE_NAMES[to])
@@ -515,7 +522,9 @@ class BreakerLayer:
         wait = max(1, math.ceil(self.breaker.retry_after()))
         extra = [(b"retry-after", str(wait).encode())]
         if self._fallback is None:
-            return LocalReply("breaker_open", f"circuit {self.breaker.name} is open", status=503, headers=extra)
+            return LocalReply(
+                "breaker_open", f"circuit {self.breaker.name} is open", status=503, headers=extra
+            )
         status, body, content_type = self._fallback
         reply = LocalReply("breaker_open", status=status, headers=extra)
         reply.body = body
@@ -545,7 +554,9 @@ class BreakerLayer:
             elif reason in _UPSTREAM_FAULTS:
                 breaker.record(token, False, self.clock.now() - started)
             else:
-                breaker.release(token)  # Fender's own answer (bulkhead, limits): says nothing about the upstream
+                breaker.release(
+                    token
+                )  # Fender's own answer (bulkhead, limits): says nothing about the upstream
         else:
             breaker.record(token, reply.status in self._statuses, self.clock.now() - started)
         return reply

@@ -46,7 +46,17 @@ class BudgetOptions(PolicyModel):
 class RetryBudget:
     """Token accounting over a sliding window of ``SLOTS`` slices, on the injected clock."""
 
-    __slots__ = ("ratio", "reserve", "_width", "_clock", "_requests", "_retries", "_epoch", "_req_sum", "_ret_sum")
+    __slots__ = (
+        "ratio",
+        "reserve",
+        "_width",
+        "_clock",
+        "_requests",
+        "_retries",
+        "_epoch",
+        "_req_sum",
+        "_ret_sum",
+    )
 
     def __init__(self, options: BudgetOptions, clock: Clock) -> None:
         self.ratio = options.ratio

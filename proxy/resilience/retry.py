@@ -78,7 +78,9 @@ def _check_method(value: Any) -> str:
     return value.upper()
 
 
-RetryMethod = Annotated[str, PlainValidator(_check_method), WithJsonSchema({"type": "string", "enum": list(_KNOWN_METHODS)})]
+RetryMethod = Annotated[
+    str, PlainValidator(_check_method), WithJsonSchema({"type": "string", "enum": list(_KNOWN_METHODS)})
+]
 
 
 class RetryOptions(PolicyModel):
