@@ -76,6 +76,11 @@ def test_retry_options_validation():
         RetryOptions(attempts=0)
     with pytest.raises(ValidationError, match="not an HTTP method"):
         RetryOptions(methods=["FETCH"])
+    for bad in ("5", True):  # numbers are numbers: no silent conversion
+        with pytest.raises(ValidationError):
+            BudgetOptions(min_per_second=bad)
+        with pytest.raises(ValidationError):
+            BackoffOptions(multiplier=bad)
 
 
 # --------------------------------------------------------------------------- deadline

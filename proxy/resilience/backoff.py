@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 
 from proxy.config.base import PolicyModel
 from proxy.config.units import Duration, policy_error
@@ -36,7 +36,7 @@ class BackoffOptions(PolicyModel):
         default="1s",
         description="Longest single wait between two tries, whatever the growth.",
     )
-    multiplier: Annotated[float, Field(ge=1, le=10)] = Field(
+    multiplier: Annotated[float, Strict(), Field(ge=1, le=10)] = Field(
         default=2.0,
         description="Growth of the wait from one retry to the next (2 doubles it). Not used by decorrelated jitter.",
     )

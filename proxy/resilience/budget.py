@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, Strict
 
 from proxy.clock import Clock
 from proxy.config.base import PolicyModel
@@ -33,7 +33,7 @@ class BudgetOptions(PolicyModel):
             "requests (Linkerd's and Envoy's default)."
         ),
     )
-    min_per_second: Annotated[float, Field(ge=0)] = Field(
+    min_per_second: Annotated[float, Strict(), Field(ge=0)] = Field(
         default=5,
         description="Retries per second always allowed on top of the ratio, so a low-traffic route can still retry.",
     )
