@@ -83,6 +83,15 @@ def test_failure_rate_needs_minimum_calls_then_trips_on_count_window():
     assert breaker.state == OPEN
 
 
+def test_count_window_smaller_than_minimum_calls_judges_once_full():
+    breaker = make(window=3, minimum_calls=10, failure_rate="50%")
+    call(breaker, True)
+    call(breaker, True)
+    assert breaker.state == CLOSED
+    call(breaker, False)  # window full: 2 of 3 failed
+    assert breaker.state == OPEN
+
+
 def test_count_window_forgets_calls_older_than_the_last_n():
     breaker = make(window=4, minimum_calls=4, failure_rate="50%")
     call(breaker, True)

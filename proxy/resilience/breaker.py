@@ -178,7 +178,7 @@ class BreakerOptions(PolicyModel):
     minimum_calls: Count = Field(
         default=10,
         ge=1,
-        description="Calls needed in the window before the rates are judged, so two failures out of two do not trip it.",
+        description="Calls needed in the window before the rates are judged, so two failures out of two do not trip it (a smaller count window judges once full).",
     )
     open_for: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
@@ -310,8 +310,11 @@ class CircuitBreaker:
         self.open_for = options.open_for
         self.trips = 0
         self.consecutive = 0
+        # As in Resilience4j, a count window smaller than minimum_calls judges once it is full.
+        self._minimum = options.minimum_calls
         if options.window.calls is not None:
             self.window: CountWindow | TimeWindow = CountWindow(options.window.calls)
+            self._minimum = min(self._minimum, options.window.calls)
         else:
             self.window = TimeWindow(options.window.seconds or 1.0, clock.now())
         # Half-open bookkeeping.
@@ -387,9 +390,7 @@ class CircuitBreaker:
             limit = self.options.consecutive_failures
             if limit and self.consecutive >= limit:
                 self._trip()
-            elif window.calls >= self.options.minimum_calls and self._over(
-                window.calls, window.failures, window.slow
-            ):
+            elif window.calls >= self._minimum and self._over(window.calls, window.failures, window.slow):
                 self._trip()
         elif state == HALF_OPEN:
             self.in_flight -= 1
