@@ -445,7 +445,7 @@ class CircuitBreaker:
                 format_duration(round(self.open_for, 3)),
             )
         else:
-            log.warning("breaker %s: %s -> %s", self.name, STATE_NAMES[came], STATE_NAMES[to])
+            log.info("breaker %s: %s -> %s", self.name, STATE_NAMES[came], STATE_NAMES[to])
 
     # -- operator controls (admin API) --------------------------------------
 
