@@ -135,7 +135,7 @@ def _check_failure_class(value: Any) -> str:
 FailureClass = Annotated[
     str,
     PlainValidator(_check_failure_class),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 400, "maximum": 599}]}),
+    WithJsonSchema({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 400, "maximum": 599}]}),
 ]
 
 

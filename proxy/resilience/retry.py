@@ -68,7 +68,7 @@ def _check_condition(value: Any) -> str:
 RetryCondition = Annotated[
     str,
     PlainValidator(_check_condition),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 400, "maximum": 599}]}),
+    WithJsonSchema({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 400, "maximum": 599}]}),
 ]
 
 
