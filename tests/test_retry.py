@@ -319,9 +319,10 @@ async def test_retry_after_is_honoured_when_it_fits_and_returned_when_it_does_no
                 if clock.sleepers:
                     break
                 await asyncio.sleep(0.01)
+            assert clock.sleepers == 1
             clock.advance(1.9)
-            await asyncio.sleep(0.05)
-            assert len(up.requests) == 1 and not pending.done()  # waits the upstream's 2s, not 10ms
+            # Still asleep: it waits the upstream's 2s, not the 10ms backoff.
+            assert clock.sleepers == 1 and len(up.requests) == 1 and not pending.done()
             clock.advance(0.1)
             r = await asyncio.wait_for(pending, 5)
             assert (r.status_code, r.text) == (200, "now")
