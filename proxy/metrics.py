@@ -117,8 +117,65 @@ class Metrics:
         # metrics: bulkheads
 
         # metrics: retries
+        self.retry_attempts = Counter(
+            "fender_retry_attempts_total",
+            "Tries made by a route's retry layer (first tries included), by route and outcome "
+            "(status class or fault reason).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "fender_retries_total",
+            "Retries started, by route and the retry_on condition that caused them.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "fender_retry_budget_exhausted_total",
+            "Failures returned without a retry because the route's retry budget was spent.",
+            ["route"],
+            registry=r,
+        )
+        self.retries_skipped = Counter(
+            "fender_retries_skipped_total",
+            "Retryable failures returned as they were for another reason: deadline, not_replayable, "
+            "not_idempotent, retry_after (the upstream asked for more time than the deadline leaves).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.retry_backoff = Counter(
+            "fender_retry_backoff_seconds_total",
+            "Time spent waiting between tries (backoff and honoured Retry-After), by route.",
+            ["route"],
+            registry=r,
+        )
 
         # metrics: circuit breakers
+        self.breaker_state = Gauge(
+            "fender_breaker_state",
+            "State of each circuit breaker: 0 closed, 1 open, 2 half-open.",
+            ["breaker"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "fender_breaker_transitions_total",
+            "Circuit breaker state changes, by breaker and the states left and entered.",
+            ["breaker", "from_state", "to_state"],
+            registry=r,
+        )
+        self.breaker_rejected = Counter(
+            "fender_breaker_rejected_total",
+            "Requests answered without an upstream call because the breaker was open or its half-open "
+            "trial permits were taken.",
+            ["breaker"],
+            registry=r,
+        )
+        self.breaker_calls = Counter(
+            "fender_breaker_calls_total",
+            "Calls recorded by each breaker, by outcome (success, failure, slow, slow_failure).",
+            ["breaker", "outcome"],
+            registry=r,
+        )
 
         # metrics: failover and health checks
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from proxy.admin import breakers
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     # admin: rate limits and bulkheads
 
     # admin: breakers
+    endpoints += breakers.routes(fender)
 
     # admin: upstreams and health
 

@@ -33,6 +33,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Size, describe_value, policy_error
+from proxy.resilience.breaker import BreakerOptions
+from proxy.resilience.retry import RetryOptions
 
 __all__ = [
     "PolicyModel",
@@ -633,12 +635,36 @@ class Route(PolicyModel):
     # section: bulkhead
 
     # section: retry
+    retry: RetryOptions | None = Field(
+        default=None,
+        description="Retry failed tries with backoff, within the route's timeout and a retry budget. Absent: no retries.",
+    )
 
     # section: circuit_breaker
+    circuit_breaker: BreakerOptions | None = Field(
+        default=None,
+        description="Stop calling the upstream while it keeps failing, then probe it (Resilience4j semantics). Absent: off.",
+    )
 
     # section: cache
 
     # section: explain and deadline propagation
+    propagate_deadline: Flag = Field(
+        default=True,
+        description=(
+            "Send the time left before this route's deadline upstream as Fender-Deadline-Ms, so a Fender in front "
+            "of the upstream stops working on the request when the caller has given up. A request that carries "
+            "the header always has its own deadline shortened to it."
+        ),
+    )
+    explain: Flag = Field(
+        default=False,
+        description=(
+            "Add a Fender-Trace header to every response of this route listing the decisions taken (breaker, "
+            "tries, backoff, ...). Without it, a request from 127.0.0.1/::1 or server.trusted_proxies can ask "
+            "with Fender-Explain: 1."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- root

@@ -17,7 +17,7 @@ from proxy.dataplane.forward import BodyTooLarge, RequestBodyTimeout
 from proxy.dataplane.headers import RequestHead, add_forwarding, new_request_id, response_headers
 from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
-from proxy.dataplane.runtime import BUFFER_BODY_LIMIT, RouteRuntime, Runtime
+from proxy.dataplane.runtime import RouteRuntime, Runtime
 from proxy.upstream import UpstreamError
 
 access_log = logging.getLogger("fender.access")
@@ -110,6 +110,23 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
+_LOOPBACK = ("127.0.0.1", "::1")
+_MAX_TRACE = 4096
+
+
+def _trusted_peer(client, runtime) -> bool:
+    """Fender-Explain is honoured from loopback and from server.trusted_proxies only."""
+    if not client:
+        return False
+    peer = client[0]
+    return peer in _LOOPBACK or runtime.trusted.trusts(peer)
+
+
+def _trace_value(trace: list[str]) -> bytes:
+    value = "; ".join(trace).encode("latin-1", "replace")
+    return value if len(value) <= _MAX_TRACE else value[: _MAX_TRACE - 3] + b"..."
+
+
 class DataPlane:
     """ASGI callable for the proxy listener. ``runtime`` may be swapped at any time."""
 
@@ -179,7 +196,7 @@ class DataPlane:
         content_length = None
         if length is None and not head.chunked or length == 0:
             pass
-        elif length is not None and length <= BUFFER_BODY_LIMIT:
+        elif length is not None and length <= route.buffer_limit:
             try:
                 body = await read_body(receive, max_body, route.idle_timeout)
             except BodyTooLarge:
@@ -212,6 +229,11 @@ class DataPlane:
             scope["headers"],
             runtime.clock.now() + route.timeout,
         )
+        if head.deadline_ms is not None and head.deadline_ms < route.timeout * 1000:
+            # A calling Fender gives up after this long: never work past that (deadline propagation).
+            exchange.deadline = runtime.clock.now() + head.deadline_ms / 1000
+        if route.explain or (head.explain and _trusted_peer(client, runtime)):
+            exchange.trace = []  # layers add entries with ex.note(); sent back as Fender-Trace
         try:
             reply = await route.pipeline(exchange)
         except ClientGone:
@@ -229,6 +251,8 @@ class DataPlane:
             headers = response_headers(reply.headers, ex.request_id)
         if ex.response_headers:
             headers.extend(ex.response_headers)
+        if ex.trace is not None:
+            headers.append((b"fender-trace", _trace_value(ex.trace)))
         metrics = route.metrics
         metrics.request_counter(method, status).inc()
         metrics.duration.observe(time.perf_counter() - started)

@@ -103,7 +103,7 @@ def _smooth_weighted_order(replicas: list[ReplicaRuntime]) -> list[ReplicaRuntim
 class Forwarder:
     """Terminal layer: one try against one replica; faults become local replies."""
 
-    __slots__ = ("upstream", "idle_timeout", "rewrite_host", "_metrics", "_clock")
+    __slots__ = ("upstream", "idle_timeout", "rewrite_host", "_metrics", "_clock", "_propagate")
 
     def __init__(self, upstream: UpstreamRuntime, route, clock: Clock = SYSTEM_CLOCK) -> None:
         self.upstream = upstream
@@ -111,6 +111,7 @@ class Forwarder:
         self.rewrite_host = route.rewrite_host
         self._metrics = upstream.metrics
         self._clock = clock
+        self._propagate = getattr(route, "propagate_deadline", False)
 
     async def __call__(self, ex: Exchange) -> Reply:
         started = self._clock.now()
@@ -128,6 +129,9 @@ class Forwarder:
         ex.tried.append(replica.name)
         host = replica.authority if (self.rewrite_host or ex.host is None) else ex.host
         headers = [(b"host", host), *ex.headers]
+        if self._propagate and head_timeout < 1e9:
+            # Deadline propagation: how long this try will wait, so the upstream can give up with us.
+            headers.append((b"fender-deadline-ms", b"%d" % int(head_timeout * 1000)))
         metrics = self._metrics
         try:
             response = await replica.pool.request(

@@ -32,6 +32,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
     b"via",
+    # Fender's own request headers (deadline propagation, explanations): read here, re-created by Fender.
+    b"fender-deadline-ms",
+    b"fender-explain",
 }
 # Response framing is passed through: Content-Length tells uvicorn the length.
 _RESPONSE_DROP = HOP_BY_HOP
@@ -104,6 +107,8 @@ class RequestHead:
         "via",
         "bad",
         "client",
+        "deadline_ms",
+        "explain",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -118,6 +123,8 @@ class RequestHead:
         self.via: list[bytes] = []
         self.bad: str | None = None
         self.client: str | None = None
+        self.deadline_ms: int | None = None  # Fender-Deadline-Ms from a calling Fender
+        self.explain = False  # Fender-Explain: 1 (honoured only from trusted peers)
         connection: list[bytes] | None = None
         drop = _REQUEST_DROP
         for name, value in headers:
@@ -148,6 +155,12 @@ class RequestHead:
                     self.request_id = value
             elif name == b"via":
                 self.via.append(value)
+            elif name == b"fender-deadline-ms":
+                if value.isdigit() and len(value) <= 12:
+                    ms = int(value)
+                    self.deadline_ms = ms if self.deadline_ms is None else min(ms, self.deadline_ms)
+            elif name == b"fender-explain":
+                self.explain = value.strip() == b"1"
             elif name == b"connection":
                 if connection is None:
                     connection = []

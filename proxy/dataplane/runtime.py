@@ -20,7 +20,18 @@ BUFFER_BODY_LIMIT = 64 * 1024
 
 
 class RouteRuntime:
-    __slots__ = ("name", "options", "pipeline", "metrics", "max_body", "idle_timeout", "timeout", "upstream")
+    __slots__ = (
+        "name",
+        "options",
+        "pipeline",
+        "metrics",
+        "max_body",
+        "idle_timeout",
+        "timeout",
+        "upstream",
+        "buffer_limit",
+        "explain",
+    )
 
     def __init__(self, options, ctx: LayerContext) -> None:
         upstream = ctx.upstream
@@ -30,6 +41,12 @@ class RouteRuntime:
         self.max_body = options.max_body
         self.idle_timeout = options.idle_timeout
         self.timeout = options.timeout
+        # Bodies up to this size are read whole: a route with retries keeps up to max_replay_body for replay.
+        retry = getattr(options, "retry", None)
+        self.buffer_limit = (
+            max(BUFFER_BODY_LIMIT, retry.max_replay_body) if retry is not None else BUFFER_BODY_LIMIT
+        )
+        self.explain = getattr(options, "explain", False)
         self.metrics = RouteMetrics(ctx.metrics, options.name)
         self.pipeline: Handler = build_pipeline(options, ctx)
 

@@ -9,3 +9,8 @@
    section. The pipeline (``proxy/dataplane/pipeline.py``) calls it once per
    route at policy load.
 """
+
+# The policy models import the options models from these modules; loading the
+# config package first means importing a policy module on its own cannot enter
+# that cycle half-way (models.py -> proxy.resilience.X -> proxy.config -> models.py).
+import proxy.config  # noqa: E402, F401

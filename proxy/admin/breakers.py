@@ -1,0 +1,42 @@
+"""Admin endpoints for circuit breakers.
+
+``GET /admin/breakers``: every breaker with its state, time left open, window
+counts and half-open permits. ``POST /admin/breakers/{name}/open|close``:
+force a breaker open (for its current open_for) or closed (which also
+resets its window and open_for); an operator's lever during an incident.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.resilience.breaker import breakers
+
+if TYPE_CHECKING:
+    from proxy.server import Fender
+
+
+def routes(fender: Fender) -> list[Route]:
+    async def list_breakers(request: Request) -> Response:
+        runtime = fender.dataplane.runtime
+        return JSONResponse({"breakers": [b.snapshot() for b in breakers(runtime)]})
+
+    async def force(request: Request) -> Response:
+        name = request.path_params["name"]
+        action = request.path_params["action"]
+        if action not in ("open", "close"):
+            return JSONResponse({"error": "action must be open or close"}, status_code=404)
+        for breaker in breakers(fender.dataplane.runtime):
+            if breaker.name == name:
+                breaker.force("open" if action == "open" else "closed")
+                return JSONResponse(breaker.snapshot())
+        return JSONResponse({"error": f"no breaker named {name!r}"}, status_code=404)
+
+    return [
+        Route("/admin/breakers", list_breakers, methods=["GET"]),
+        Route("/admin/breakers/{name}/{action}", force, methods=["POST"]),
+    ]

@@ -1,0 +1,293 @@
+"""Retries with backoff, a retry budget, per-try timeouts and the route's deadline.
+
+The layer sits just outside the forwarder and calls it again when a try ends
+in a ``retry_on`` condition, as long as all of these hold:
+
+* tries are left (``attempts`` counts the first one);
+* the request body can be sent again (it was buffered whole; a streamed body
+  is not, and the response then carries ``X-Fender-Retry: not-replayable``);
+* the method is idempotent (``methods``), or the request carries an
+  ``Idempotency-Key`` header, or nothing reached the upstream (a connect
+  failure is always safe to retry);
+* the wait (backoff, or the upstream's ``Retry-After`` when it fits) and a try
+  as long as the last one both fit before the route's deadline;
+* the retry budget is not spent.
+
+Otherwise the last answer goes back as it is. Layers never write to the
+client, so a retry can only ever replace an answer nobody has seen yet; the
+upstream response it replaces is closed first (its connection is dropped).
+
+A retry goes to another replica when one is eligible: the forwarder records
+each replica tried in ``ex.tried`` and the replica picker avoids them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Annotated, Any
+
+from pydantic import Field, PlainValidator, WithJsonSchema
+
+from proxy.clock import Clock
+from proxy.config.base import Count, Flag, PolicyModel
+from proxy.config.units import Duration, Size, describe_value, policy_error
+from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.resilience.backoff import Backoff, BackoffOptions
+from proxy.resilience.budget import BudgetOptions, RetryBudget
+
+# Forwarder fault reasons (LocalReply.reason) that retry_on may name.
+RETRY_FAULTS = (
+    "connect_failure",
+    "connect_timeout",
+    "reset",
+    "timeout",
+    "bad_response",
+    "pool_overflow",
+    "no_healthy_replica",
+)
+_KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+_OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _check_condition(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise policy_error(f"expected a retry condition like 503 or reset, got {describe_value(value)}")
+    if value in RETRY_FAULTS or value in ("5xx", "gateway_error"):
+        return value
+    if value.isdigit() and 400 <= int(value) <= 599:
+        return value
+    raise policy_error(
+        f"{describe_value(value)} is not a retry condition (use a status from 400 to 599, 5xx, "
+        f"gateway_error (502, 503, 504), or one of {', '.join(RETRY_FAULTS)})"
+    )
+
+
+RetryCondition = Annotated[
+    str,
+    PlainValidator(_check_condition),
+    WithJsonSchema({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 400, "maximum": 599}]}),
+]
+
+
+def _check_method(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in _KNOWN_METHODS:
+        raise policy_error(f"{describe_value(value)} is not an HTTP method ({', '.join(_KNOWN_METHODS)})")
+    return value.upper()
+
+
+RetryMethod = Annotated[
+    str, PlainValidator(_check_method), WithJsonSchema({"type": "string", "enum": list(_KNOWN_METHODS)})
+]
+
+
+class RetryOptions(PolicyModel):
+    """When and how often a failed try is made again."""
+
+    attempts: Count = Field(
+        default=3, ge=1, le=10, description="Total tries including the first; 1 turns retries off."
+    )
+    per_try_timeout: Annotated[Duration | None, Field(gt=0)] = Field(
+        default=None,
+        description=(
+            "Deadline of one try's response head; a slower try is abandoned and may be retried. "
+            "Unset: each try may use what is left of the route's timeout."
+        ),
+    )
+    backoff: BackoffOptions = Field(
+        default_factory=BackoffOptions, description="Wait between tries: exponential with jitter."
+    )
+    retry_on: tuple[RetryCondition, ...] = Field(
+        default=("connect_failure", "connect_timeout", "reset", "502", "503", "504"),
+        description=(
+            "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504) and "
+            "faults: " + ", ".join(RETRY_FAULTS) + "."
+        ),
+    )
+    budget: BudgetOptions = Field(
+        default_factory=BudgetOptions,
+        description="Cap on the extra load retries may add, so a down upstream is not hit harder.",
+    )
+    methods: tuple[RetryMethod, ...] = Field(
+        default=("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"),
+        description=(
+            "Methods retried after the request may have reached the upstream. Others (POST, PATCH) are retried "
+            "then only with an Idempotency-Key header; any method is retried when nothing was sent (connect failure)."
+        ),
+    )
+    max_replay_body: Annotated[Size, Field(le=16 * 1024 * 1024)] = Field(
+        default="64KiB",
+        description=(
+            "Largest request body kept in memory so it can be sent again; larger (or chunked) bodies stream and "
+            "are not retried. At most 16MiB; every request in flight may hold this much."
+        ),
+    )
+    honor_retry_after: Flag = Field(
+        default=True,
+        description="Wait as long as the upstream's Retry-After asks when that fits in the deadline; else return its answer.",
+    )
+
+
+def _retry_after(reply: Reply) -> float | None:
+    """Seconds from the upstream's Retry-After (delta-seconds or HTTP-date), or None."""
+    for name, value in reply.headers:
+        if name == b"retry-after":
+            text = value.decode("latin-1").strip()
+            if text.isdigit():
+                return float(text)
+            try:
+                when = email.utils.parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                return None
+            if when is None:
+                return None
+            return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+class RetryMetrics:
+    __slots__ = ("_m", "route", "attempts", "retries", "skipped", "budget_exhausted", "backoff")
+
+    def __init__(self, metrics, route: str) -> None:
+        self._m = metrics
+        self.route = route
+        self.attempts: dict[str, Any] = {}
+        self.retries: dict[str, Any] = {}
+        self.skipped = {
+            r: metrics.retries_skipped.labels(route, r)
+            for r in ("deadline", "not_replayable", "not_idempotent", "retry_after")
+        }
+        self.budget_exhausted = metrics.retry_budget_exhausted.labels(route)
+        self.backoff = metrics.retry_backoff.labels(route)
+        for outcome in (*_OUTCOMES, *RETRY_FAULTS, "other"):
+            self.attempts[outcome] = metrics.retry_attempts.labels(route, outcome)
+
+    def retry(self, reason: str):
+        child = self.retries.get(reason)
+        if child is None:
+            child = self.retries[reason] = self._m.retries.labels(self.route, reason)
+        return child
+
+
+class RetryLayer:
+    __slots__ = (
+        "next",
+        "clock",
+        "attempts",
+        "per_try_timeout",
+        "backoff",
+        "budget",
+        "methods",
+        "max_replay",
+        "honor_retry_after",
+        "_statuses",
+        "_reasons",
+        "_metrics",
+    )
+
+    def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
+        self.next = next_handler
+        self.clock = clock
+        self.attempts = options.attempts
+        self.per_try_timeout = options.per_try_timeout
+        self.backoff = Backoff(options.backoff)
+        self.budget = RetryBudget(options.budget, clock)
+        self.methods = frozenset(options.methods)
+        self.max_replay = options.max_replay_body
+        self.honor_retry_after = options.honor_retry_after
+        statuses: dict[int, str] = {}
+        reasons: set[str] = set()
+        for item in options.retry_on:
+            if item == "5xx":
+                statuses.update({s: "5xx" for s in range(500, 600) if s not in statuses})
+            elif item == "gateway_error":
+                statuses.update({s: str(s) for s in (502, 503, 504)})
+            elif item.isdigit():
+                statuses[int(item)] = item
+            else:
+                reasons.add(item)
+        self._statuses = statuses
+        self._reasons = frozenset(reasons)
+        self._metrics = metrics
+
+    def _condition(self, reply: Reply) -> str | None:
+        """The retry_on condition this answer meets, or None (counting the attempt on the way)."""
+        metrics = self._metrics
+        if isinstance(reply, LocalReply):
+            reason = reply.reason
+            metrics.attempts.get(reason, metrics.attempts["other"]).inc()
+            return reason if reason in self._reasons else None
+        status = reply.status
+        metrics.attempts[_OUTCOMES[min(max(status // 100, 1), 5) - 1]].inc()
+        hit = self._statuses.get(status)
+        return str(status) if hit is not None else None
+
+    def _skip(self, ex: Exchange, why: str) -> None:
+        self._metrics.skipped[why].inc()
+        ex.response_headers.append((b"x-fender-retry", why.replace("_", "-").encode()))
+        ex.note(f"retry skipped: {why}")
+
+    def _safe_to_resend(self, ex: Exchange, reply: Reply) -> bool:
+        if ex.method in self.methods:
+            return True
+        if isinstance(reply, LocalReply) and reply.error is not None and not reply.error.request_sent:
+            return True  # nothing reached the upstream: resending is no duplicate
+        return any(name == b"idempotency-key" for name, _ in ex.request_headers)
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        budget = self.budget
+        budget.request()
+        clock = self.clock
+        nxt = self.next
+        ex.try_timeout = self.per_try_timeout
+        tried = 1
+        previous_wait = self.backoff.initial
+        while True:
+            started = clock.now()
+            reply = await nxt(ex)
+            condition = self._condition(reply)
+            if condition is None or tried >= self.attempts:
+                return reply
+            if ex.body_stream is not None or len(ex.body) > self.max_replay:
+                self._skip(ex, "not_replayable")
+                return reply
+            if not self._safe_to_resend(ex, reply):
+                self._skip(ex, "not_idempotent")
+                return reply
+            now = clock.now()
+            left = ex.deadline - now
+            wait = self.backoff.delay(tried, previous_wait)
+            if self.honor_retry_after and not isinstance(reply, LocalReply):
+                asked = _retry_after(reply)
+                if asked is not None:
+                    if asked >= left:
+                        self._skip(ex, "retry_after")
+                        return reply
+                    wait = max(wait, asked)
+            # A retry starts only if the wait and a try as long as the last one fit before the deadline.
+            if wait + max(now - started, 0.001) > left:
+                self._skip(ex, "deadline")
+                return reply
+            if not budget.try_spend():
+                self._metrics.budget_exhausted.inc()
+                ex.response_headers.append((b"x-fender-retry", b"budget-exhausted"))
+                ex.note("retry skipped: budget exhausted")
+                return reply
+            reply.close()
+            self._metrics.retry(condition).inc()
+            if wait > 0:
+                self._metrics.backoff.inc(wait)
+                await clock.sleep(wait)
+            if ex.trace is not None:
+                ex.note(f"retry {tried} after {condition}, backoff {wait * 1000:.1f}ms")
+            previous_wait = wait
+            tried += 1
+
+
+def build_layer(route, next_handler, ctx) -> RetryLayer | None:
+    options: RetryOptions | None = getattr(route, "retry", None)
+    if options is None or options.attempts <= 1:
+        return None
+    return RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
