@@ -33,6 +33,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Size, describe_value, policy_error
+from proxy.resilience.bulkhead import BulkheadOptions
+from proxy.resilience.ratelimit import RateLimits
 
 __all__ = [
     "PolicyModel",
@@ -629,8 +631,22 @@ class Route(PolicyModel):
     # (One anchor per section, so work on different sections merges cleanly.)
 
     # section: rate_limit
+    rate_limit: RateLimits | None = Field(
+        default=None,
+        description=(
+            "Rate limits for this route: one limit, or a list of limits that all apply (e.g. per client and "
+            "per route). A limited request gets 429 with Retry-After and never reaches the upstream. Off when absent."
+        ),
+    )
 
     # section: bulkhead
+    bulkhead: BulkheadOptions | None = Field(
+        default=None,
+        description=(
+            "Caps the requests of this route in flight upstream, with a bounded FIFO queue; beyond it requests "
+            "get 503 at once, without touching the upstream. Off when absent."
+        ),
+    )
 
     # section: retry
 

@@ -212,6 +212,8 @@ class DataPlane:
             scope["headers"],
             runtime.clock.now() + route.timeout,
         )
+        if body_stream is None:
+            exchange.receive = receive
         try:
             reply = await route.pipeline(exchange)
         except ClientGone:
