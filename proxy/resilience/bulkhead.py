@@ -77,7 +77,15 @@ class Rejected(Exception):
 class Bulkhead:
     """A counting semaphore with a bounded FIFO queue, a queue timeout and an injected clock."""
 
-    __slots__ = ("max_concurrent", "max_queued", "queue_timeout", "clock", "in_flight", "_waiters", "__weakref__")
+    __slots__ = (
+        "max_concurrent",
+        "max_queued",
+        "queue_timeout",
+        "clock",
+        "in_flight",
+        "_waiters",
+        "__weakref__",
+    )
 
     def __init__(self, max_concurrent: int, max_queued: int, queue_timeout: float, clock) -> None:
         self.max_concurrent = max_concurrent
@@ -221,7 +229,9 @@ class RouteBulkhead:
     def reject(self, reason: str, ex) -> LocalReply:
         self.rejected[reason].inc()
         ex.note(reason)
-        detail = "too many requests of this route in flight" if reason == "bulkhead_full" else "no slot in time"
+        detail = (
+            "too many requests of this route in flight" if reason == "bulkhead_full" else "no slot in time"
+        )
         return LocalReply(reason, detail, status=503, headers=[(b"retry-after", self.retry_after)])
 
     def snapshot(self) -> dict:

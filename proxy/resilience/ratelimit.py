@@ -33,7 +33,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
 from proxy.config.base import Count, Flag, Name, PolicyModel, Text
 from proxy.config.units import Rate, RateValue, describe_value, policy_error
@@ -102,7 +102,7 @@ class RateLimitOptions(PolicyModel):
         default=None,
         description=(
             "Policy name shown in the RateLimit headers and the admin API. Default: derived from key "
-            '(client_ip, route, header-x-api-key). Must be unique within the route.'
+            "(client_ip, route, header-x-api-key). Must be unique within the route."
         ),
     )
     shadow: Flag = Field(
@@ -166,8 +166,14 @@ def _as_tuple(value: RateLimitOptions | tuple[RateLimitOptions, ...]) -> tuple[R
     return limits
 
 
+def _shape(value: Any) -> str:
+    return "list" if isinstance(value, list | tuple) else "limit"
+
+
 RateLimits = Annotated[
-    RateLimitOptions | tuple[RateLimitOptions, ...],
+    Annotated[RateLimitOptions, Tag("limit")] | Annotated[tuple[RateLimitOptions, ...], Tag("list")],
+    # Only the branch matching the shape is validated, so errors name the real problem.
+    Discriminator(_shape),
     AfterValidator(_as_tuple),
 ]
 """``rate_limit:`` on a route: one limit mapping, or a list of limits that all apply."""
