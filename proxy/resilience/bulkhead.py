@@ -69,9 +69,10 @@ class ClientLeft(Exception):
 class Rejected(Exception):
     """No slot: ``reason`` is bulkhead_full or bulkhead_timeout."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, waited: float = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.waited = waited
 
 
 class Bulkhead:
@@ -135,7 +136,7 @@ class Bulkhead:
                 self.release()
             self._forget(slot)
             if helpers[0].done() and not helpers[0].cancelled():
-                raise Rejected("bulkhead_timeout") from None
+                raise Rejected("bulkhead_timeout", clock.now() - started) from None
             if len(helpers) > 1 and helpers[1].done() and not helpers[1].cancelled():
                 raise ClientLeft from None
             raise
@@ -266,6 +267,8 @@ def build_layer(route, next_handler, ctx):
             try:
                 waited = await bulkhead.acquire(ex.deadline - clock.now(), disconnect)
             except Rejected as rejected:
+                if rejected.reason == "bulkhead_timeout":
+                    state.queue_wait.observe(rejected.waited)
                 return state.reject(rejected.reason, ex)
             except ClientLeft:
                 state.client_left.inc()
