@@ -19,6 +19,20 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def eventually(predicate, within: float = 5.0) -> None:
+    """Wait (bounded in time and turns) until the proxy's state satisfies ``predicate``.
+
+    The bulkhead queue has no notification hook for tests; its state changes
+    within a few loop turns of the socket event that causes it.
+    """
+    async with asyncio.timeout(within):
+        for _ in range(100_000):
+            if predicate():
+                return
+            await asyncio.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
 async def test_queue_is_fifo_and_slots_pass_in_order():
     bulkhead = Bulkhead(1, 3, 10.0, ManualClock())
     assert bulkhead.try_acquire()
@@ -228,13 +242,9 @@ async def test_client_leaving_the_queue_never_reaches_the_upstream(start_fender)
             reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
             writer.write(b"GET /gone HTTP/1.1\r\nHost: svc\r\n\r\n")
             await writer.drain()
-            async with asyncio.timeout(5):
-                while state.queued != 1:
-                    await asyncio.sleep(0.005)
+            await eventually(lambda: state.queued == 1)
             writer.close()
-            async with asyncio.timeout(5):
-                while state.queued != 0:
-                    await asyncio.sleep(0.005)
+            await eventually(lambda: state.queued == 0)
             release.set()
             assert (await held).status_code == 200
             after = await client.get(fender.url + "/after")
@@ -301,9 +311,7 @@ async def test_saturated_route_does_not_hold_up_another_route(echo_upstream, sta
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             stuck = [asyncio.create_task(client.get(fender.url + f"/a/{i}")) for i in range(8)]
             await hung.wait_until(lambda: len(hung.requests) == 4)
-            async with asyncio.timeout(5):
-                while state.queued != 4:
-                    await asyncio.sleep(0.005)
+            await eventually(lambda: state.queued == 4)
             overflow = await client.get(fender.url + "/a/overflow")
             # Route B answers, all of it, while every request of route A is still pending.
             async with asyncio.timeout(10):
