@@ -373,3 +373,30 @@ async def test_concurrent_requests_admit_exactly_the_burst(echo_upstream, start_
         responses = await asyncio.gather(*(client.get(fender.url + "/") for _ in range(20)))
     assert sorted(r.status_code for r in responses) == [200] * 7 + [429] * 13
     assert len(echo_upstream.requests) == 7
+
+
+async def test_trusted_hops_take_the_client_from_the_right_of_the_chain(echo_upstream, start_fender):
+    """server.trusted_hops: 1 — the nearest proxy's entry names the client; what the client wrote is ignored."""
+    routes = """
+    - name: limited
+      upstream: echo
+      rate_limit: {rate: 1/m, burst: 1}
+    """
+    fender = await start_fender(policy_text(echo_upstream.port, routes=routes, server="trusted_hops: 1\n"))
+    async with httpx.AsyncClient() as client:
+
+        async def get(xff: str) -> int:
+            return (await client.get(fender.url + "/", headers={"X-Forwarded-For": xff})).status_code
+
+        # The client forges the left part; the proxy appended 203.0.113.5 each time: one bucket.
+        same_client = [await get(f"10.9.9.{i}, 203.0.113.5") for i in range(3)]
+        other_client = await get("203.0.113.6")
+    assert same_client == [200, 429, 429]
+    assert other_client == 200
+    assert len(echo_upstream.requests) == 2
+
+
+def test_trusted_hops_and_trusted_proxies_are_exclusive():
+    with pytest.raises(PolicyError) as info:
+        parse_policy(policy_text(1, server="trusted_hops: 1\ntrusted_proxies: [10.0.0.0/8]\n"), "t.yaml")
+    assert "either trusted_proxies or trusted_hops" in str(info.value)

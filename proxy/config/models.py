@@ -204,6 +204,26 @@ class ServerOptions(PolicyModel):
             "client address. Empty by default: the TCP peer is the client."
         ),
     )
+    trusted_hops: Count = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "Alternative to trusted_proxies when the proxies' addresses are not known: the number of proxies "
+            "always in front of Fender (the TCP peer being the nearest), each appending to X-Forwarded-For. "
+            "The client is then the address this many places from the right of X-Forwarded-For (the leftmost "
+            "when there are fewer). 0 (default) believes no X-Forwarded-For. Use one of the two, not both."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_trust_rule(self) -> ServerOptions:
+        if self.trusted_hops and self.trusted_proxies:
+            raise policy_error(
+                "give either trusted_proxies or trusted_hops, not both (they are two ways to say whom to believe)",
+                "trusted_hops",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- upstreams

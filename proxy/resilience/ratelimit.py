@@ -94,7 +94,7 @@ class RateLimitOptions(PolicyModel):
         default="client_ip",
         description=(
             "What gets its own bucket: client_ip (the TCP peer, or the client named by X-Forwarded-For when "
-            "the peer is in server.trusted_proxies), header:NAME (the header's value; requests without the "
+            "the peer is in server.trusted_proxies, or per server.trusted_hops), header:NAME (the header's value; requests without the "
             "header share one bucket), or route (one bucket for the whole route)."
         ),
     )
