@@ -400,3 +400,27 @@ def test_trusted_hops_and_trusted_proxies_are_exclusive():
     with pytest.raises(PolicyError) as info:
         parse_policy(policy_text(1, server="trusted_hops: 1\ntrusted_proxies: [10.0.0.0/8]\n"), "t.yaml")
     assert "either trusted_proxies or trusted_hops" in str(info.value)
+
+
+def test_headers_false_hides_only_that_limit_on_allowed_responses():
+    clock = ManualClock(100.0)
+    limits = route_limits(
+        """
+        - name: r
+          upstream: echo
+          rate_limit:
+            - {rate: 5/s, burst: 1, key: client_ip, headers: false}
+            - {rate: 50/s, key: route, name: total}
+        """
+    )
+    state = RouteRateLimit("r", limits, clock, Metrics())
+    now = round(clock.now() * NS)
+    allowed = make_exchange("3.3.3.3")
+    assert state.decide(allowed, now) is None
+    assert dict(allowed.response_headers) == {
+        b"ratelimit-policy": b'"total";q=50;w=1',
+        b"ratelimit": b'"total";r=49;t=1',
+    }
+    refused = state.decide(make_exchange("3.3.3.3"), now)
+    assert dict(refused.headers)[b"ratelimit-policy"] == b'"client_ip";q=5;w=1, "total";q=50;w=1'
+    assert dict(refused.headers)[b"ratelimit"] == b'"client_ip";r=0;t=1, "total";r=49;t=1'

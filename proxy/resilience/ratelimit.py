@@ -115,8 +115,8 @@ class RateLimitOptions(PolicyModel):
     headers: Flag = Field(
         default=True,
         description=(
-            "Add RateLimit-Policy and RateLimit headers (IETF draft) to allowed responses. 429 responses "
-            "always carry them together with Retry-After."
+            "Describe this limit in the RateLimit-Policy and RateLimit headers (IETF draft) of allowed "
+            "responses. 429 responses always describe every enforced limit, together with Retry-After."
         ),
     )
     max_keys: Count = Field(
@@ -286,7 +286,8 @@ def _header_key(name: bytes):
         for header, value in ex.request_headers:
             if header == name:
                 if len(value) > MAX_KEY_BYTES:
-                    return hashlib.blake2b(value, digest_size=16).digest()
+                    # NUL never occurs in a header value, so a digest cannot equal a sent value.
+                    return b"\x00" + hashlib.blake2b(value, digest_size=16).digest()
                 return value
         return MISSING
 
@@ -336,9 +337,10 @@ class RouteRateLimit:
         self.clock = clock
         self.limits = [_Limit(o) for o in limits]
         self.enforced = [limit for limit in self.limits if not limit.shadow]
-        self.headers = any(o.headers for o in limits if not o.shadow)
-        items = [policy_item(limit.options) for limit in self.enforced]
-        self.policy_header = b", ".join(items)
+        # 429s describe every enforced limit; allowed responses those whose `headers` is on.
+        self.policy_header = b", ".join(policy_item(limit.options) for limit in self.enforced)
+        self.shown = [limit for limit in self.enforced if limit.options.headers]
+        self.shown_policy_header = b", ".join(policy_item(limit.options) for limit in self.shown)
         family = metrics.ratelimit_requests
         self.allowed = family.labels(route_name, "allowed")
         self.limited = family.labels(route_name, "limited")
@@ -384,15 +386,16 @@ class RouteRateLimit:
             ex.note("ratelimit shadow_limited " + ", ".join(limit.name for limit in shadow_refused))
         else:
             self.allowed.inc()
-        if self.headers:
-            ex.response_headers.append((b"ratelimit-policy", self.policy_header))
-            ex.response_headers.append((b"ratelimit", self._state(keys, now_ns)))
+        if self.shown:
+            ex.response_headers.append((b"ratelimit-policy", self.shown_policy_header))
+            ex.response_headers.append((b"ratelimit", self._state(keys, now_ns, self.shown)))
         return None
 
-    def _state(self, keys: list, now_ns: int) -> bytes:
+    def _state(self, keys: list, now_ns: int, shown: list | None = None) -> bytes:
+        shown = self.enforced if shown is None else shown
         parts = []
         for limit, key in zip(self.limits, keys, strict=True):
-            if limit.shadow:
+            if limit not in shown:
                 continue
             limiter = limit.limiter
             parts.append(
