@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.resilience.bulkhead import Bulkhead, Rejected, SlotReply
+from proxy.resilience.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
 from tests.conftest import policy_text, raw_request
 from tests.support.raw_upstream import RawUpstream, hang, ok
 
@@ -125,6 +125,21 @@ async def test_slot_handed_over_at_the_moment_of_cancellation_is_passed_on():
     assert first.cancelled()
     assert second.done()  # the slot went on to the next waiter
     assert bulkhead.in_flight == 1
+    bulkhead.release()
+    assert bulkhead.in_flight == 0
+
+
+async def test_disconnect_while_queued_leaves_the_queue():
+    bulkhead = Bulkhead(1, 2, 10.0, ManualClock())
+    assert bulkhead.try_acquire()
+    gone = asyncio.Event()
+    waiter = asyncio.create_task(bulkhead.acquire(disconnect=gone.wait))
+    await settle()
+    assert bulkhead.queued == 1
+    gone.set()
+    with pytest.raises(ClientLeft):
+        await waiter
+    assert bulkhead.queued == 0
     bulkhead.release()
     assert bulkhead.in_flight == 0
 

@@ -110,8 +110,9 @@ class Bulkhead:
         """Wait for a slot (FIFO); returns the seconds spent queued. Raises :class:`Rejected`.
 
         ``disconnect``, when given, is an awaitable factory that returns when
-        the client has gone; the waiter then leaves the queue (CancelledError
-        is raised, as for any cancellation).
+        the client has gone; the waiter then leaves the queue and
+        :class:`ClientLeft` is raised. A cancelled waiter leaves the queue the
+        same way and never holds a slot.
         """
         if self.try_acquire():
             return 0.0
@@ -135,6 +136,9 @@ class Bulkhead:
                 # The slot was handed over just as we were cancelled: pass it on.
                 self.release()
             self._forget(slot)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # cancelled from outside: that wins over a timer firing at the same moment
             if helpers[0].done() and not helpers[0].cancelled():
                 raise Rejected("bulkhead_timeout", clock.now() - started) from None
             if len(helpers) > 1 and helpers[1].done() and not helpers[1].cancelled():
@@ -142,6 +146,8 @@ class Bulkhead:
             raise
         finally:
             for helper in helpers:
+                if helper.done() and not helper.cancelled():
+                    helper.exception()  # retrieved, so a failed receive() is not logged as lost
                 helper.cancel()
         return clock.now() - started
 
