@@ -107,6 +107,23 @@ def test_greedy_client_gets_exactly_burst_plus_rate_times_t(rate, count, period,
             assert admitted == ceiling, (rate, burst, float(t))
 
 
+def test_an_hour_of_traffic_does_not_drift():
+    """A simulated hour at 3/s (a period of 1/3 s, not exact in binary): still exactly B + floor(3t)."""
+    limiter = limiter_for("3/s", 2)
+    start = Fraction(7 * 86400)  # a week of uptime on the monotonic clock
+    admitted = 0
+    for step in range(0, 3600 * 4 + 1):
+        t = step * Fraction(1, 4)
+        now = ns(start + t)
+        for _ in range(4):
+            if limiter.check("k", now):
+                break
+            limiter.commit("k", now)
+            admitted += 1
+        assert admitted == 2 + (3 * t).__floor__()
+    assert admitted == 2 + 3 * 3600
+
+
 def test_any_window_admits_at_most_burst_plus_rate_times_window():
     """Random arrivals: for every pair of admitted requests, the ones between them fit B + rate*T."""
     rng = random.Random(4)
