@@ -113,8 +113,45 @@ class Metrics:
         # fender_<module>_..., e.g. fender_ratelimit_requests_total.
 
         # metrics: rate limits
+        self.ratelimit_requests = Counter(
+            "fender_ratelimit_requests_total",
+            "Requests checked by a route's rate limits, by decision (allowed, limited, shadow_limited).",
+            ["route", "decision"],
+            registry=r,
+        )
+        self.ratelimit_keys = Gauge(
+            "fender_ratelimit_keys",
+            "Keys (buckets) held by a route's rate limits, summed over its limits.",
+            ["route"],
+            registry=r,
+        )
 
         # metrics: bulkheads
+        self.bulkhead_in_flight = Gauge(
+            "fender_bulkhead_in_flight",
+            "Requests of a route holding a bulkhead slot (in flight upstream, body still streaming).",
+            ["route"],
+            registry=r,
+        )
+        self.bulkhead_queued = Gauge(
+            "fender_bulkhead_queued",
+            "Requests of a route waiting in its bulkhead queue for a slot.",
+            ["route"],
+            registry=r,
+        )
+        self.bulkhead_rejected = Counter(
+            "fender_bulkhead_rejected_total",
+            "Requests a route's bulkhead turned away, by reason: bulkhead_full, bulkhead_timeout (both 503), client_gone (left while queued).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.bulkhead_queue_wait = Histogram(
+            "fender_bulkhead_queue_wait_seconds",
+            "Time requests spent in a route's bulkhead queue (only requests that had to queue).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
         # metrics: retries
         self.retry_attempts = Counter(

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import breakers
+from proxy.admin import admission, breakers
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     # (proxy/admin/<module>.py, a function `routes(fender) -> list[Route]`) and adds one line here.
 
     # admin: rate limits and bulkheads
+    endpoints += admission.routes(fender)
 
     # admin: breakers
     endpoints += breakers.routes(fender)

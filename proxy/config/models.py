@@ -34,6 +34,8 @@ from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Size, describe_value, policy_error
 from proxy.resilience.breaker import BreakerOptions
+from proxy.resilience.bulkhead import BulkheadOptions
+from proxy.resilience.ratelimit import RateLimits
 from proxy.resilience.retry import RetryOptions
 
 __all__ = [
@@ -204,6 +206,26 @@ class ServerOptions(PolicyModel):
             "client address. Empty by default: the TCP peer is the client."
         ),
     )
+    trusted_hops: Count = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "Alternative to trusted_proxies when the proxies' addresses are not known: the number of proxies "
+            "always in front of Fender (the TCP peer being the nearest), each appending to X-Forwarded-For. "
+            "The client is then the address this many places from the right of X-Forwarded-For (the leftmost "
+            "when there are fewer). 0 (default) believes no X-Forwarded-For. Use one of the two, not both."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_trust_rule(self) -> ServerOptions:
+        if self.trusted_hops and self.trusted_proxies:
+            raise policy_error(
+                "give either trusted_proxies or trusted_hops, not both (they are two ways to say whom to believe)",
+                "trusted_hops",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -631,8 +653,22 @@ class Route(PolicyModel):
     # (One anchor per section, so work on different sections merges cleanly.)
 
     # section: rate_limit
+    rate_limit: RateLimits | None = Field(
+        default=None,
+        description=(
+            "Rate limits for this route: one limit, or a list of limits that all apply (e.g. per client and "
+            "per route). A limited request gets 429 with Retry-After and never reaches the upstream. Off when absent."
+        ),
+    )
 
     # section: bulkhead
+    bulkhead: BulkheadOptions | None = Field(
+        default=None,
+        description=(
+            "Caps the requests of this route in flight upstream, with a bounded FIFO queue; beyond it requests "
+            "get 503 at once, without touching the upstream. Off when absent."
+        ),
+    )
 
     # section: retry
     retry: RetryOptions | None = Field(

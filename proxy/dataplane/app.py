@@ -234,6 +234,8 @@ class DataPlane:
             exchange.deadline = runtime.clock.now() + head.deadline_ms / 1000
         if route.explain or (head.explain and _trusted_peer(client, runtime)):
             exchange.trace = []  # layers add entries with ex.note(); sent back as Fender-Trace
+        if body_stream is None:
+            exchange.receive = receive
         try:
             reply = await route.pipeline(exchange)
         except ClientGone:

@@ -47,6 +47,7 @@ class Exchange:
         "response_headers",
         "upstream_name",
         "replica_name",
+        "receive",
     )
 
     def __init__(
@@ -92,6 +93,9 @@ class Exchange:
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.upstream_name: str | None = None
         self.replica_name: str | None = None
+        # The ASGI receive callable once the request body has been read whole (else None), so a
+        # layer that makes the request wait (a bulkhead queue) can notice the client leaving.
+        self.receive = None
 
     def note(self, text: str) -> None:
         """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""

@@ -67,16 +67,20 @@ def _valid_request_id(value: bytes) -> bool:
 class TrustedProxies:
     """Which peers may tell us the original client (X-Forwarded-*)."""
 
-    __slots__ = ("_networks", "_cache")
+    __slots__ = ("_networks", "_cache", "hops")
 
-    def __init__(self, networks) -> None:
+    def __init__(self, networks, hops: int = 0) -> None:
         self._networks = tuple(ipaddress.ip_network(n) for n in networks)
         self._cache: dict[str, bool] = {}
+        # server.trusted_hops: that many proxies always stand in front (the peer is the nearest).
+        self.hops = hops
 
     def __bool__(self) -> bool:
-        return bool(self._networks)
+        return bool(self._networks) or self.hops > 0
 
     def trusts(self, peer: str) -> bool:
+        if self.hops:
+            return True  # with a hop count, the peer is by definition the nearest trusted proxy
         if not self._networks:
             return False
         hit = self._cache.get(peer)
@@ -209,6 +213,11 @@ def add_forwarding(
 def client_from_chain(xff: list[bytes], peer: str, trusted: TrustedProxies) -> str:
     """The original client: the rightmost address in the chain that is not a trusted proxy."""
     hops = [h.strip().decode("latin-1") for value in xff for h in value.split(b",") if h.strip()]
+    if trusted.hops:
+        # The nearest `hops` proxies each appended the address they saw: count from the right.
+        if not hops:
+            return peer
+        return hops[-trusted.hops] if len(hops) >= trusted.hops else hops[0]
     client = peer
     for hop in reversed(hops):
         client = hop

@@ -65,7 +65,7 @@ class Runtime:
             for r in policy.routes
         ]
         self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
-        self.trusted = TrustedProxies(policy.server.trusted_proxies)
+        self.trusted = TrustedProxies(policy.server.trusted_proxies, policy.server.trusted_hops)
         self.access_log = policy.server.access_log
 
     async def start(self) -> None:

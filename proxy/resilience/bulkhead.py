@@ -1,0 +1,303 @@
+"""Per-route bulkheads: a cap on requests in flight upstream, with a bounded FIFO queue.
+
+A request takes a slot before it goes upstream and gives it back when the
+response body has been read to the end or abandoned: the upstream is busy
+until then. Without a free slot it waits in a FIFO queue of at most
+``max_queued`` entries for at most ``queue_timeout``; a full queue rejects at
+once (503 ``bulkhead_full``), an expired wait rejects with 503
+``bulkhead_timeout``. Neither reaches the upstream.
+
+The queue is cancellation-safe: a waiter that is cancelled (or whose client
+disconnects, which the layer watches while queued) leaves the queue and never
+holds a slot; a slot handed to a waiter at the moment it was cancelled is
+passed on to the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections import deque
+from typing import Annotated
+
+from pydantic import Field
+
+from proxy.config.base import Count, PolicyModel
+from proxy.config.units import Duration
+from proxy.dataplane.exchange import LocalReply
+
+__all__ = ["BulkheadOptions", "Bulkhead", "Rejected", "build_layer"]
+
+
+class BulkheadOptions(PolicyModel):
+    """Isolation of one route: how many of its requests may be in flight upstream, and how many may wait."""
+
+    max_concurrent: Count = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Most requests of this route in flight upstream at once (a slot is held until the response body "
+            "is done). Size it to what the upstream can serve concurrently for this route."
+        ),
+    )
+    max_queued: Count = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Most requests waiting (first in, first out) for a slot; beyond it requests get 503 "
+            "bulkhead_full at once. 0 means never wait."
+        ),
+    )
+    queue_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="200ms",
+        description=(
+            "Longest wait in the queue; a request still waiting then gets 503 bulkhead_timeout (the route's "
+            "timeout also bounds the wait). Short, so a saturated upstream sheds load instead of building latency."
+        ),
+    )
+    retry_after: Annotated[Duration, Field(ge=0)] = Field(
+        default="1s",
+        description="Retry-After sent with the 503 (whole seconds, rounded up).",
+    )
+
+
+class ClientLeft(Exception):
+    """The client disconnected while its request was queued."""
+
+
+class Rejected(Exception):
+    """No slot: ``reason`` is bulkhead_full or bulkhead_timeout."""
+
+    def __init__(self, reason: str, waited: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.waited = waited
+
+
+class Bulkhead:
+    """A counting semaphore with a bounded FIFO queue, a queue timeout and an injected clock."""
+
+    __slots__ = (
+        "max_concurrent",
+        "max_queued",
+        "queue_timeout",
+        "clock",
+        "in_flight",
+        "_waiters",
+        "__weakref__",
+    )
+
+    def __init__(self, max_concurrent: int, max_queued: int, queue_timeout: float, clock) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.queue_timeout = queue_timeout
+        self.clock = clock
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire(self) -> bool:
+        if self.in_flight < self.max_concurrent and not self._waiters:
+            self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, timeout: float | None = None, disconnect=None) -> float:
+        """Wait for a slot (FIFO); returns the seconds spent queued. Raises :class:`Rejected`.
+
+        ``disconnect``, when given, is an awaitable factory that returns when
+        the client has gone; the waiter then leaves the queue and
+        :class:`ClientLeft` is raised. A cancelled waiter leaves the queue the
+        same way and never holds a slot.
+        """
+        if self.try_acquire():
+            return 0.0
+        if len(self._waiters) >= self.max_queued:
+            raise Rejected("bulkhead_full")
+        clock = self.clock
+        started = clock.now()
+        wait = self.queue_timeout if timeout is None else min(self.queue_timeout, timeout)
+        loop = asyncio.get_running_loop()
+        slot = loop.create_future()
+        self._waiters.append(slot)
+        helpers = [asyncio.ensure_future(clock.sleep(wait))]
+        if disconnect is not None:
+            helpers.append(asyncio.ensure_future(disconnect()))
+        for helper in helpers:
+            helper.add_done_callback(lambda h, slot=slot: slot.done() or slot.cancel())
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                # The slot was handed over just as we were cancelled: pass it on.
+                self.release()
+            self._forget(slot)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # cancelled from outside: that wins over a timer firing at the same moment
+            if helpers[0].done() and not helpers[0].cancelled():
+                raise Rejected("bulkhead_timeout", clock.now() - started) from None
+            if len(helpers) > 1 and helpers[1].done() and not helpers[1].cancelled():
+                raise ClientLeft from None
+            raise
+        finally:
+            for helper in helpers:
+                if helper.done() and not helper.cancelled():
+                    helper.exception()  # retrieved, so a failed receive() is not logged as lost
+                helper.cancel()
+        return clock.now() - started
+
+    def _forget(self, slot: asyncio.Future) -> None:
+        try:
+            self._waiters.remove(slot)
+        except ValueError:
+            pass
+
+    def release(self) -> None:
+        """Give a slot back: straight to the longest waiter still waiting, else free it."""
+        waiters = self._waiters
+        while waiters:
+            slot = waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot moves to this waiter; in_flight is unchanged
+                return
+        self.in_flight -= 1
+
+
+class SlotReply:
+    """The upstream reply, holding its bulkhead slot until the body is finished or closed."""
+
+    __slots__ = ("_reply", "_bulkhead", "status", "headers")
+
+    def __init__(self, reply, bulkhead: Bulkhead) -> None:
+        self._reply = reply
+        self._bulkhead = bulkhead
+        self.status = reply.status
+        self.headers = reply.headers
+
+    def _release(self) -> None:
+        bulkhead, self._bulkhead = self._bulkhead, None
+        if bulkhead is not None:
+            bulkhead.release()
+
+    def has_body(self) -> bool:
+        return self._reply.has_body()
+
+    async def read(self) -> bytes:
+        try:
+            chunk = await self._reply.read()
+        except BaseException:
+            self._release()
+            raise
+        if not chunk:
+            self._release()
+        return chunk
+
+    def close(self) -> None:
+        try:
+            self._reply.close()
+        finally:
+            self._release()
+
+    def __getattr__(self, name: str):
+        # Anything else of the upstream response (http_version, keep_alive, ...).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._reply, name)
+
+    def __del__(self) -> None:
+        # Safety net: a reply dropped without read-to-end or close still frees its slot.
+        self._release()
+
+
+class RouteBulkhead:
+    """A route's bulkhead with its metric children, built once per policy load."""
+
+    def __init__(self, route_name: str, options: BulkheadOptions, clock, metrics) -> None:
+        self.options = options
+        self.bulkhead = Bulkhead(options.max_concurrent, options.max_queued, options.queue_timeout, clock)
+        self.clock = clock
+        self.retry_after = b"%d" % math.ceil(options.retry_after)
+        self.rejected = {
+            reason: metrics.bulkhead_rejected.labels(route_name, reason)
+            for reason in ("bulkhead_full", "bulkhead_timeout")
+        }
+        # Queued requests whose client went away (no answer is sent; counted for the operator).
+        self.client_left = metrics.bulkhead_rejected.labels(route_name, "client_gone")
+        self.queue_wait = metrics.bulkhead_queue_wait.labels(route_name)
+        ref = weakref.ref(self.bulkhead)
+        metrics.bulkhead_in_flight.labels(route_name).set_function(lambda: _read(ref, "in_flight"))
+        metrics.bulkhead_queued.labels(route_name).set_function(lambda: _read(ref, "queued"))
+
+    def reject(self, reason: str, ex) -> LocalReply:
+        self.rejected[reason].inc()
+        ex.note(reason)
+        detail = (
+            "too many requests of this route in flight" if reason == "bulkhead_full" else "no slot in time"
+        )
+        return LocalReply(reason, detail, status=503, headers=[(b"retry-after", self.retry_after)])
+
+    def snapshot(self) -> dict:
+        b = self.bulkhead
+        return {
+            "max_concurrent": b.max_concurrent,
+            "in_flight": b.in_flight,
+            "max_queued": b.max_queued,
+            "queued": b.queued,
+            "queue_timeout_seconds": b.queue_timeout,
+        }
+
+
+def _read(ref, attribute: str) -> float:
+    target = ref()
+    return float(getattr(target, attribute)) if target is not None else 0.0
+
+
+def build_layer(route, next_handler, ctx):
+    options = getattr(route, "bulkhead", None)
+    if options is None:
+        return None
+    state = RouteBulkhead(route.name, options, ctx.clock, ctx.metrics)
+    ctx.shared.setdefault("bulkhead", {})[route.name] = state
+    bulkhead = state.bulkhead
+    clock = ctx.clock
+
+    async def bulkhead_layer(ex):
+        if not bulkhead.try_acquire():
+            receive = getattr(ex, "receive", None)
+            disconnect = None if receive is None else (lambda: _wait_disconnect(receive))
+            try:
+                waited = await bulkhead.acquire(ex.deadline - clock.now(), disconnect)
+            except Rejected as rejected:
+                if rejected.reason == "bulkhead_timeout":
+                    state.queue_wait.observe(rejected.waited)
+                return state.reject(rejected.reason, ex)
+            except ClientLeft:
+                state.client_left.inc()
+                from proxy.dataplane.app import ClientGone  # late: the data plane imports the policy models
+
+                raise ClientGone from None
+            state.queue_wait.observe(waited)
+            ex.note(f"bulkhead queued {waited * 1000:.1f}ms")
+        try:
+            reply = await next_handler(ex)
+        except BaseException:
+            bulkhead.release()
+            raise
+        if isinstance(reply, LocalReply) or not reply.has_body():
+            bulkhead.release()
+            return reply
+        return SlotReply(reply, bulkhead)
+
+    return bulkhead_layer
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
