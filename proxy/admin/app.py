@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from proxy.admin import upstreams
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     # admin: breakers
 
     # admin: upstreams and health
+    endpoints += upstreams.routes(fender)
 
     # admin: cache
 
