@@ -8,6 +8,7 @@ a real Fender between httpx and RawUpstream replicas.
 from __future__ import annotations
 
 import asyncio
+import random
 import textwrap
 from collections import Counter
 from email.utils import formatdate
@@ -81,16 +82,19 @@ async def test_weights_are_reduced_by_their_gcd_so_the_period_stays_short():
     assert picks(up, 300) == {9001: 200, 9002: 100}
 
 
-async def test_random_balance_follows_weights_chi_square():
+@pytest.mark.parametrize("balance", ["random", "least_request"])
+async def test_random_draws_follow_weights_chi_square(balance):
+    # least_request with no load in flight: the first of the two draws wins, so shares follow weights.
     up, _ = build(
-        """
-        balance: random
+        f"""
+        balance: {balance}
         replicas:
-          - {url: http://127.0.0.1:9001, weight: 1}
-          - {url: http://127.0.0.1:9002, weight: 2}
-          - {url: http://127.0.0.1:9003, weight: 5}
+          - {{url: http://127.0.0.1:9001, weight: 1}}
+          - {{url: http://127.0.0.1:9002, weight: 2}}
+          - {{url: http://127.0.0.1:9003, weight: 5}}
         """
     )
+    up.picker._rng = random.Random(12345)  # a fixed draw sequence: no flakes
     n = 8000
     counts = picks(up, n)
     expected = {9001: n / 8, 9002: n * 2 / 8, 9003: n * 5 / 8}
@@ -351,6 +355,13 @@ async def test_retry_after_passes_a_replica_over_for_that_long_bounded():
     assert up.picker.snapshot()["replicas"][0]["state"] == "overloaded"
     clock.advance(3)
     assert picks(up, 6) == {9001: 3, 9002: 3}
+    # A longer Retry-After while passed over extends the pass-over.
+    up.picker.overloaded(a, b"2")
+    up.picker.overloaded(a, b"8")
+    clock.advance(2)
+    assert picks(up, 4) == {9002: 4}
+    clock.advance(6)
+    assert picks(up, 4) == {9001: 2, 9002: 2}
     up.picker.overloaded(a, b"86400")
     assert a.overloaded_until - clock.now() == MAX_PASS_OVER
     clock.advance(MAX_PASS_OVER)

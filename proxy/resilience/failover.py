@@ -374,8 +374,12 @@ class ReplicaPicker:
         now = self.clock.now()
         until = now + min(seconds, MAX_PASS_OVER)
         if until > state.overloaded_until:
+            already = state.overloaded_until > now
             state.overloaded_until = until
-            self._rebuild(now)
+            if not already:
+                # Only a replica leaving rotation changes the plans; extending a pass-over does not
+                # (the rebuild at the old expiry sees the new one and reschedules itself).
+                self._rebuild(now)
 
     def record_check(self, index: int, result: str, duration: float, now: float) -> None:
         """One active probe result (from :class:`~proxy.resilience.health.HealthChecker`)."""

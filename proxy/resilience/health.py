@@ -87,7 +87,7 @@ class HealthCheckOptions(PolicyModel):
         default="10%",
         description=(
             "Each wait is interval +/- this share, chosen at random, and the first probe waits a random part "
-            "of one interval, so a fleet of sidecars does not probe in lockstep."
+            "of jitter x interval (at least 5%), so a fleet of sidecars does not probe in lockstep."
         ),
     )
     healthy_threshold: Count = Field(
