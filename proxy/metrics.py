@@ -215,6 +215,49 @@ class Metrics:
         )
 
         # metrics: failover and health checks
+        self.replica_healthy = Gauge(
+            "fender_replica_healthy",
+            "1 when a replica is in rotation (passing active checks and not ejected), else 0.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+        self.replica_ejections = Counter(
+            "fender_replica_ejections_total",
+            "Outlier ejections of a replica (consecutive failed tries), by upstream and replica.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "fender_failovers_total",
+            "Changes of the priority level serving an upstream, by from and to level (a priority, panic or none).",
+            ["upstream", "from_level", "to_level"],
+            registry=r,
+        )
+        self.upstream_active_priority = Gauge(
+            "fender_upstream_active_priority",
+            "Priority level serving the upstream now; -1 when none serves normally (no replica, or panic).",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_panic = Gauge(
+            "fender_upstream_panic",
+            "1 while too few replicas are eligible and traffic is spread over all replicas (panic mode).",
+            ["upstream"],
+            registry=r,
+        )
+        self.health_check_duration = Histogram(
+            "fender_health_check_duration_seconds",
+            "Duration of active health-check probes, by upstream.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "fender_health_checks_total",
+            "Active health-check probes by upstream, replica and result (pass, fail, timeout, error).",
+            ["upstream", "replica", "result"],
+            registry=r,
+        )
 
         # metrics: response cache
 

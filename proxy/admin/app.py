@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import admission, breakers
+from proxy.admin import admission, breakers, upstreams
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     endpoints += breakers.routes(fender)
 
     # admin: upstreams and health
+    endpoints += upstreams.routes(fender)
 
     # admin: cache
 

@@ -32,9 +32,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.config.units import Duration, Size, describe_value, policy_error
+from proxy.config.units import Duration, Percent, Size, describe_value, policy_error
 from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.bulkhead import BulkheadOptions
+from proxy.resilience.failover import Balance, OutlierDetectionOptions
+from proxy.resilience.health import HealthCheckOptions
 from proxy.resilience.ratelimit import RateLimits
 from proxy.resilience.retry import RetryOptions
 
@@ -423,6 +425,36 @@ class Upstream(PolicyModel):
     # outlier_detection, panic_threshold.
 
     # section: failover
+    balance: Balance = Field(
+        default="round_robin",
+        description=(
+            "How tries spread over the eligible replicas of the serving priority level, respecting weights: "
+            "round_robin (smooth weighted), least_request (the less loaded of two random picks, Envoy's "
+            "power of two choices) or random."
+        ),
+    )
+    health_check: HealthCheckOptions | None = Field(
+        default=None,
+        description=(
+            "Active health checks: probe each replica in the background. Off by default; without them a "
+            "replica leaves rotation only by outlier detection or a Retry-After."
+        ),
+    )
+    outlier_detection: OutlierDetectionOptions | None = Field(
+        default=None,
+        description=(
+            "Passive health: eject replicas that fail real traffic in a row. Off by default (as in Envoy); "
+            "write outlier_detection: {} for the defaults."
+        ),
+    )
+    panic_threshold: Percent = Field(
+        default="50%",
+        description=(
+            "When every priority level has fewer eligible replicas than this share of its size, spread "
+            "traffic over all replicas regardless of health (Envoy's healthy_panic_threshold) rather than "
+            "overload the few left. 0% disables panic: with no eligible replica Fender answers 503 at once."
+        ),
+    )
 
     @field_validator("replicas")
     @classmethod

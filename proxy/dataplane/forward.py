@@ -1,19 +1,21 @@
 """The innermost layer: send the exchange to one replica of the route's upstream.
 
 Each replica has its own connection pool (a bulkhead at the connection level:
-one slow replica cannot take the connections of another). Replica choice here
-is the simple default, the lowest priority level with weighted round robin;
-failover with health checks and outlier ejection replaces ``choose``.
+one slow replica cannot take the connections of another). Replica choice,
+health checks and outlier ejection live in proxy.resilience.failover and
+proxy.resilience.health; UpstreamRuntime delegates to them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+from functools import partial
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.resilience.failover import OverloadAwarePool, ReplicaPicker
+from proxy.resilience.health import HealthChecker
 from proxy.upstream import UpstreamError, UpstreamPool
 
 
@@ -28,14 +30,14 @@ class RequestBodyTimeout(Exception):
 class ReplicaRuntime:
     __slots__ = ("name", "host", "port", "priority", "weight", "pool", "authority")
 
-    def __init__(self, replica, pool_options) -> None:
+    def __init__(self, replica, pool_options, pool_class: type[UpstreamPool] = UpstreamPool) -> None:
         self.host = replica.host
         self.port = replica.port
         self.name = f"{replica.host}:{replica.port}"
         self.authority = self.name.encode()
         self.priority = replica.priority
         self.weight = replica.weight
-        self.pool = UpstreamPool(
+        self.pool = pool_class(
             replica.host,
             replica.port,
             max_connections=pool_options.max_connections,
@@ -47,34 +49,52 @@ class ReplicaRuntime:
 
 
 class UpstreamRuntime:
-    """The replicas of one upstream and their pools, built once per policy load."""
+    """The replicas of one upstream, their pools, picker and health checks; built once per policy load."""
 
-    def __init__(self, name: str, options, metrics: Metrics) -> None:
+    def __init__(self, name: str, options, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = name
         self.options = options
-        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
+        self.clock = clock
+        self.replicas = [ReplicaRuntime(r, options.pool, OverloadAwarePool) for r in options.replicas]
         self.metrics = UpstreamMetrics(metrics, name)
         self._pool_gauges = metrics.pool_connections
-        best = min(r.priority for r in self.replicas)
-        preferred = [r for r in self.replicas if r.priority == best]
-        # Interleaved weighted order (smooth weighted round robin), computed once.
-        self._order = itertools.cycle(_smooth_weighted_order(preferred))
+        health = options.health_check
+        self.picker = ReplicaPicker(
+            name,
+            self.replicas,
+            balance=options.balance,
+            panic_threshold=options.panic_threshold,
+            outlier=options.outlier_detection,
+            health_thresholds=None
+            if health is None
+            else (health.healthy_threshold, health.unhealthy_threshold),
+            clock=clock,
+            metrics=metrics,
+        )
+        self._state_of = {state.replica: state for state in self.picker.states}
+        for state in self.picker.states:
+            state.pool.on_overload = partial(self.picker.overloaded, state)
+        self.health = None if health is None else HealthChecker(health, self.picker, clock)
 
     def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
 
-        Contract with the retry layer: replicas named in ``ex.tried`` should be
-        avoided while another eligible one exists. The failover module replaces this policy.
+        Replicas named in ``ex.tried`` are avoided while another eligible one
+        exists (same priority level first, then the next), so a retry lands elsewhere.
         """
-        return next(self._order)
+        state = self.picker.choose(ex.tried if ex is not None else None)
+        return None if state is None else state.replica
 
     def observe(
         self, replica: ReplicaRuntime, status: int, error: UpstreamError | None, duration: float
     ) -> None:
         """Outcome of one try, for passive health (outlier detection). status is 0 on a fault."""
+        self.picker.observe(self._state_of[replica], status, error)
 
     async def start(self) -> None:
-        """Start background work (health checks) once the runtime goes live."""
+        """Start the health-check tasks once the runtime goes live."""
+        if self.health is not None:
+            self.health.start()
 
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
@@ -83,21 +103,9 @@ class UpstreamRuntime:
             self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
 
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
         await asyncio.gather(*(r.pool.close() for r in self.replicas), return_exceptions=True)
-
-
-def _smooth_weighted_order(replicas: list[ReplicaRuntime]) -> list[ReplicaRuntime]:
-    """nginx's smooth weighted round robin, unrolled into one period."""
-    total = sum(r.weight for r in replicas)
-    current = [0] * len(replicas)
-    order = []
-    for _ in range(total):
-        for i, r in enumerate(replicas):
-            current[i] += r.weight
-        best = max(range(len(replicas)), key=current.__getitem__)
-        current[best] -= total
-        order.append(replicas[best])
-    return order
 
 
 class Forwarder:

@@ -59,7 +59,9 @@ class Runtime:
         self.clock = clock
         # Objects layers share across routes (e.g. one breaker per upstream), by module.
         self.shared: dict = {}
-        self.upstreams = {name: UpstreamRuntime(name, up, metrics) for name, up in policy.upstreams.items()}
+        self.upstreams = {
+            name: UpstreamRuntime(name, up, metrics, clock) for name, up in policy.upstreams.items()
+        }
         self.routes = [
             RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
             for r in policy.routes
