@@ -9,12 +9,11 @@ proxy.resilience.health; UpstreamRuntime delegates to them.
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.metrics import Metrics, UpstreamMetrics
-from proxy.resilience.failover import OverloadAwarePool, ReplicaPicker
+from proxy.resilience.failover import ReplicaPicker
 from proxy.resilience.health import HealthChecker
 from proxy.upstream import UpstreamError, UpstreamPool
 
@@ -55,7 +54,7 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
-        self.replicas = [ReplicaRuntime(r, options.pool, OverloadAwarePool) for r in options.replicas]
+        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
         self.metrics = UpstreamMetrics(metrics, name)
         self._pool_gauges = metrics.pool_connections
         health = options.health_check
@@ -72,8 +71,6 @@ class UpstreamRuntime:
             metrics=metrics,
         )
         self._state_of = {state.replica: state for state in self.picker.states}
-        for state in self.picker.states:
-            state.pool.on_overload = partial(self.picker.overloaded, state)
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
 
     def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
@@ -86,10 +83,24 @@ class UpstreamRuntime:
         return None if state is None else state.replica
 
     def observe(
-        self, replica: ReplicaRuntime, status: int, error: UpstreamError | None, duration: float
+        self,
+        replica: ReplicaRuntime,
+        status: int,
+        error: UpstreamError | None,
+        duration: float,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Outcome of one try, for passive health (outlier detection). status is 0 on a fault."""
-        self.picker.observe(self._state_of[replica], status, error)
+        """Outcome of one try, for passive health (outlier detection). status is 0 on a fault.
+
+        A 429/503 carrying Retry-After also passes the replica over for that long (overload signal).
+        """
+        state = self._state_of[replica]
+        self.picker.observe(state, status, error)
+        if (status == 503 or status == 429) and headers:
+            for name, value in headers:
+                if name == b"retry-after":
+                    self.picker.overloaded(state, value)
+                    break
 
     async def start(self) -> None:
         """Start the health-check tasks once the runtime goes live."""
@@ -165,7 +176,7 @@ class Forwarder:
         elapsed = self._clock.now() - started
         metrics.duration.observe(elapsed)
         metrics.outcome(replica.name, _STATUS_OUTCOME[min(max(response.status // 100, 1), 5)]).inc()
-        upstream.observe(replica, response.status, None, elapsed)
+        upstream.observe(replica, response.status, None, elapsed, response.headers)
         if ex.trace is not None:
             ex.note(f"try {replica.name} {response.status} {elapsed * 1000:.1f}ms")
         return response

@@ -29,7 +29,6 @@ from __future__ import annotations
 import random
 import time
 from bisect import bisect_right
-from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from itertools import accumulate
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -39,7 +38,7 @@ from pydantic import Field, model_validator
 from proxy.clock import Clock
 from proxy.config.base import Count, PolicyModel
 from proxy.config.units import Duration, Percent, policy_error
-from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -51,7 +50,6 @@ __all__ = [
     "ReplicaState",
     "MAX_PASS_OVER",
     "parse_retry_after",
-    "OverloadAwarePool",
 ]
 
 Balance = Literal["round_robin", "least_request", "random"]
@@ -559,23 +557,3 @@ class ReplicaPicker:
             "outlier_detection": self.outlier is not None,
             "replicas": replicas,
         }
-
-
-class OverloadAwarePool(UpstreamPool):
-    """A replica's pool that tells the picker about 429/503 answers carrying Retry-After.
-
-    The check runs after the response head arrived and costs one comparison
-    for every other status.
-    """
-
-    on_overload: Callable[[bytes], None] | None = None
-
-    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], **kwargs):
-        response = await UpstreamPool.request(self, method, target, headers, **kwargs)
-        status = response.status
-        if (status == 503 or status == 429) and self.on_overload is not None:
-            for name, value in response.headers:
-                if name == b"retry-after":
-                    self.on_overload(value)
-                    break
-        return response
