@@ -441,3 +441,32 @@ def test_policy_errors(section, message):
     with pytest.raises(PolicyError) as info:
         parse_policy(policy_for("replicas: [{url: http://127.0.0.1:9001}]\n" + section + "\n"), "t.yaml")
     assert message in str(info.value)
+
+
+async def test_overloaded_replica_is_passed_over_through_the_data_path(start_fender):
+    """A replica answering 503 + Retry-After gets no traffic for that long; the other takes it all."""
+    from tests.support.raw_upstream import RawUpstream, ok, status
+
+    async with (
+        RawUpstream(status(503, b"busy", headers=[("retry-after", "30")])) as busy,
+        RawUpstream(ok(b"fine")) as fine,
+    ):
+        text = f"""
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+upstreams:
+  svc:
+    replicas:
+      - {{url: http://127.0.0.1:{busy.port}}}
+      - {{url: http://127.0.0.1:{fine.port}}}
+routes:
+  - {{name: all, upstream: svc}}
+"""
+        fender = await start_fender(text)
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            statuses = [(await client.get(fender.url + f"/{i}")).status_code for i in range(10)]
+        # round robin sends at most the first request to the busy replica; after its 503 + Retry-After, none
+        assert statuses.count(503) == len(busy.requests) == 1
+        assert statuses.count(200) == 9 and len(fine.requests) == 9
