@@ -17,6 +17,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.admin.app import build_admin_app
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.app import DataPlane, quiet_aborts
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
@@ -124,13 +125,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class Fender:
     """One Fender instance: data plane + admin listener, started and stopped together."""
 
-    def __init__(self, policy, source: str = "", metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, policy, source: str = "", metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.metrics = metrics or Metrics()
         self.policy = policy
         self.source = source
         FenderHttpProtocol.max_header_bytes = policy.server.max_header_bytes
         FenderHttpProtocol.max_header_count = policy.server.max_header_count
-        self.runtime = Runtime(policy, self.metrics, source)
+        self.runtime = Runtime(policy, self.metrics, source, clock)
         self.dataplane = DataPlane(self.runtime)
         self.metrics.policy.info({"source": source or "-", "version": str(policy.version)})
         self.admin_app = build_admin_app(self)

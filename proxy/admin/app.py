@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from proxy.admin import cache
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     # admin: upstreams and health
 
     # admin: cache
+    endpoints += cache.routes(fender)
 
     # admin: operations
 
