@@ -69,6 +69,35 @@ def metric(fender, name: str, **labels) -> float:
     return total
 
 
+class CountTo:
+    """Wraps a metric child: counts inc() calls and sets ``reached`` at ``n`` (an event to wait on)."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner = inner
+        self.n = n
+        self.count = 0
+        self.reached = asyncio.Event()
+
+    def inc(self, amount: float = 1) -> None:
+        self.inner.inc(amount)
+        self.count += 1
+        if self.count >= self.n:
+            self.reached.set()
+
+
+def cache_layer(fender):
+    layer = fender.runtime.routes[0].pipeline
+    assert type(layer).__name__ == "CacheLayer"
+    return layer
+
+
+def waiters(fender, n: int) -> asyncio.Event:
+    """An event set once ``n`` requests are waiting for another's upstream response."""
+    layer = cache_layer(fender)
+    layer.m_coalesced = CountTo(layer.m_coalesced, n)
+    return layer.m_coalesced.reached
+
+
 @pytest.fixture
 def clock():
     return ManualClock()
@@ -307,7 +336,11 @@ async def test_304_is_merged_into_the_stored_response(start_fender, origin, cloc
 
 async def test_clients_conditional_request_answered_from_cache(start_fender, origin, clock):
     lm = http_date(-3600)
-    origin.script["/cond"] = (200, [("cache-control", "max-age=60"), ("etag", 'W/"e1"'), ("last-modified", lm)], b"b")
+    origin.script["/cond"] = (
+        200,
+        [("cache-control", "max-age=60"), ("etag", 'W/"e1"'), ("last-modified", lm)],
+        b"b",
+    )
     fender = await cached_fender(start_fender, origin, clock)
     async with httpx.AsyncClient(base_url=fender.url) as client:
         # A conditional miss is sent upstream unconditionally, stored, and answered 304.
@@ -331,12 +364,16 @@ async def test_request_directives(start_fender, origin, clock):
         assert only.status_code == 504
         await client.get("/r")
         clock.advance(20)
-        assert (await client.get("/r", headers={"cache-control": "max-age=10"})).headers[
-            "cache-status"
-        ].startswith("fender; fwd=stale")
-        assert (await client.get("/r", headers={"cache-control": "no-cache"})).headers[
-            "cache-status"
-        ].startswith("fender; fwd=stale")
+        assert (
+            (await client.get("/r", headers={"cache-control": "max-age=10"}))
+            .headers["cache-status"]
+            .startswith("fender; fwd=request")
+        )
+        assert (
+            (await client.get("/r", headers={"cache-control": "no-cache"}))
+            .headers["cache-status"]
+            .startswith("fender; fwd=request")
+        )
         clock.advance(70)
         stale_ok = await client.get("/r", headers={"cache-control": "max-stale=100"})
         assert stale_ok.headers["cache-status"] == "fender; hit; ttl=-10"
@@ -358,9 +395,7 @@ async def test_head_is_served_from_a_stored_get(start_fender, origin, clock):
 
 async def test_unsafe_methods_invalidate_target_and_location(start_fender, origin, clock):
     origin.script["/items/1"] = lambda req: (
-        (200, [("cache-control", "max-age=60")], b"item")
-        if req.method == b"GET"
-        else (200, [], b"updated")
+        (200, [("cache-control", "max-age=60")], b"item") if req.method == b"GET" else (200, [], b"updated")
     )
     origin.script["/items"] = (201, [("location", "/items/1")], b"created")
     origin.script["/fail"] = (500, [("location", "/items/1")], b"no")
@@ -384,13 +419,12 @@ async def test_100_concurrent_misses_make_one_upstream_request(start_fender, ori
     origin.script["/hot"] = (200, [("cache-control", "max-age=60")], b"hot" * 1000)
     origin.gate = asyncio.Event()
     fender = await cached_fender(start_fender, origin, clock)
+    waiting = waiters(fender, 99)
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(base_url=fender.url, limits=limits, timeout=20) as client:
         tasks = [asyncio.ensure_future(client.get("/hot")) for _ in range(100)]
         await origin.up.wait_until(lambda: len(origin.up.requests) >= 1)
-        async with asyncio.timeout(10):
-            while metric(fender, "fender_cache_coalesced_total") < 99:
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(waiting.wait(), 10)
         origin.gate.set()
         responses = await asyncio.gather(*tasks)
     assert all(r.status_code == 200 and r.content == b"hot" * 1000 for r in responses)
@@ -403,12 +437,11 @@ async def test_a_failed_leader_is_not_fanned_out_as_a_cached_error(start_fender,
     origin.script["/flaky"] = lambda req: next(answers, (200, [("cache-control", "max-age=60")], b"up"))
     origin.gate = asyncio.Event()
     fender = await cached_fender(start_fender, origin, clock)
+    waiting = waiters(fender, 4)
     async with httpx.AsyncClient(base_url=fender.url, timeout=20) as client:
         tasks = [asyncio.ensure_future(client.get("/flaky")) for _ in range(5)]
         await origin.up.wait_until(lambda: len(origin.up.requests) >= 1)
-        async with asyncio.timeout(10):
-            while metric(fender, "fender_cache_coalesced_total") < 4:
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(waiting.wait(), 10)
         origin.gate.set()
         responses = await asyncio.gather(*tasks)
     # The first gets its 503; the waiters each asked the upstream themselves (the 503 was not stored).
@@ -451,7 +484,9 @@ async def test_stale_if_error_on_5xx_from_the_response_directive(start_fender, o
 
 async def test_must_revalidate_forbids_stale_even_when_the_route_grants_it(start_fender, origin, clock):
     origin.script["/mr"] = (200, [("cache-control", "max-age=10, must-revalidate")], b"strict")
-    fender = await cached_fender(start_fender, origin, clock, "stale_if_error: 5m, stale_while_revalidate: 1m")
+    fender = await cached_fender(
+        start_fender, origin, clock, "stale_if_error: 5m, stale_while_revalidate: 1m"
+    )
     async with httpx.AsyncClient(base_url=fender.url) as client:
         await client.get("/mr")
         origin.script["/mr"] = (503, [], b"down")
@@ -469,12 +504,12 @@ async def test_stale_while_revalidate_refreshes_once_in_the_background(start_fen
         clock.advance(15)
         stale = [await client.get("/swr") for _ in range(5)]
         assert all(r.text == "old" and r.headers["cache-status"] == "fender; hit; ttl=-5" for r in stale)
+        refreshes = list(cache_layer(fender)._tasks)
+        assert len(refreshes) == 1  # one background refresh for five stale answers
         origin.gate.set()
-        await origin.up.wait_until(lambda: len(origin.calls("/swr")) == 2)
-        async with asyncio.timeout(5):
-            while (r := await client.get("/swr")).text != "new":
-                await asyncio.sleep(0.01)
-        assert r.headers["cache-status"].startswith("fender; hit")
+        await asyncio.wait_for(asyncio.gather(*refreshes), 5)
+        r = await client.get("/swr")
+        assert r.text == "new" and r.headers["cache-status"].startswith("fender; hit")
     assert len(origin.calls("/swr")) == 2
     assert metric(fender, "fender_cache_stale_served_total", reason="stale_while_revalidate") >= 5
 
@@ -543,7 +578,10 @@ async def test_admin_state_and_purge(start_fender, origin, clock):
     origin.script["/p/2"] = (200, [("cache-control", "max-age=60")], b"2")
     origin.script["/other"] = (200, [("cache-control", "max-age=60")], b"o")
     fender = await cached_fender(start_fender, origin, clock)
-    async with httpx.AsyncClient(base_url=fender.url) as client, httpx.AsyncClient(base_url=fender.admin_url) as admin:
+    async with (
+        httpx.AsyncClient(base_url=fender.url) as client,
+        httpx.AsyncClient(base_url=fender.admin_url) as admin,
+    ):
         for path in ("/p/1", "/p/2", "/other", "/p/1"):
             await client.get(path)
         state = (await admin.get("/admin/cache")).json()

@@ -35,6 +35,8 @@ _CONDITIONALS = frozenset(
 )
 
 _STATUS_MISS = b"fender; fwd=miss"
+# Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _STATUS_BYPASS = b"fender; fwd=bypass"
 
 
@@ -138,10 +140,11 @@ class StoringReply:
 class _Flight:
     """One upstream request that concurrent misses for the same key wait for."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "expires")
 
-    def __init__(self) -> None:
+    def __init__(self, expires: float) -> None:
         self.event = asyncio.Event()
+        self.expires = expires  # event-loop time after which newcomers stop waiting for it
 
 
 class _Request:
@@ -238,7 +241,7 @@ class CacheLayer:
                 if usable is not None:
                     return self._serve_usable(ex, entry, req, now, usable)
             if directives is None or not directives.no_cache:
-                if now < entry.stale_while_revalidate_until and (
+                if entry.fresh_until <= now < entry.stale_while_revalidate_until and (
                     directives is None or directives.max_age is None
                 ):
                     self.m_result["stale"].inc()
@@ -259,7 +262,8 @@ class CacheLayer:
             return reply
         if entry is not None:
             # Stale (or the client asked for validation): revalidate, one upstream request per key.
-            return await self._miss(ex, key, req, entry, b"stale")
+            fwd = b"stale" if entry.fresh_until <= now else b"request"
+            return await self._miss(ex, key, req, entry, fwd)
         return await self._miss(ex, key, req, None, b"vary-miss" if variants is not None else b"miss")
 
     # ------------------------------------------------------------------ selection and freshness
@@ -310,6 +314,10 @@ class CacheLayer:
 
     async def _miss(self, ex: Exchange, key: bytes, req: _Request, stale: Entry | None, fwd: bytes):
         flight = self._flights.get(key)
+        if flight is not None and flight.expires < asyncio.get_running_loop().time():
+            # A first request that never finished (its client vanished mid-body): stop waiting for it.
+            flight.event.set()
+            flight = None
         if flight is not None:
             self.m_coalesced.inc()
             try:
@@ -326,16 +334,13 @@ class CacheLayer:
             ):
                 self.m_result["coalesced"].inc()
                 return self._serve(ex, entry, req, now, b"fender; hit; detail=coalesced")
-            # The first request's answer was not stored (error, uncacheable, too big): go on our own.
-            if stale is not None:
-                return await self._fetch(ex, key, stale, req, _noop, fwd)
-            self.m_result["miss"].inc()
-            reply = await self.next(ex)
-            ex.response_headers.append(
-                (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
-            )
-            return reply
-        flight = self._flights[key] = _Flight()
+            # The first request's answer was not stored (error, uncacheable, too big, another
+            # variant): go upstream without waiting again; store what may be stored.
+            if stale is None:
+                self.m_result["miss"].inc()
+            return await self._fetch(ex, key, stale, req, _noop, fwd)
+        loop_time = asyncio.get_running_loop().time()
+        flight = self._flights[key] = _Flight(loop_time + self.coalesce_timeout)
         if stale is None:
             self.m_result["miss"].inc()
         released = False
@@ -365,8 +370,20 @@ class CacheLayer:
                 headers.append((b"if-modified-since", entry.last_modified))
         ex.headers = headers
 
-    async def _fetch(self, ex: Exchange, key: bytes, stale: Entry | None, req: _Request, release, fwd: bytes):
-        """Send the request upstream, store what may be stored, answer the client."""
+    async def _fetch(
+        self,
+        ex: Exchange,
+        key: bytes,
+        stale: Entry | None,
+        req: _Request,
+        release,
+        fwd: bytes,
+        count: bool = True,
+    ):
+        """Send the request upstream, store what may be stored, answer the client.
+
+        ``count`` is False for background refreshes, which answer no client.
+        """
         request_time = self.clock.now()
         self._forward_exchange(ex, stale)
         reply = await self.next(ex)
@@ -378,15 +395,17 @@ class CacheLayer:
                 if now < stale.stale_if_error_until:
                     release()
                     reply.close()
-                    self.m_result["stale"].inc()
-                    self.m_stale["stale_if_error"].inc()
+                    if count:
+                        self.m_result["stale"].inc()
+                        self.m_stale["stale_if_error"].inc()
                     status = b"fender; fwd=stale; fwd-status=%d; detail=stale-if-error" % reply.status
                     return self._serve(ex, stale, req, now, status)
             elif reply.status == 304:
                 fresh_headers = reply.headers
                 reply.close()
                 self.m_reval["not_modified"].inc()
-                self.m_result["revalidated"].inc()
+                if count:
+                    self.m_result["revalidated"].inc()
                 entry = self._entry_from(
                     stale.status,
                     rfc.merge_304(stale.headers, fresh_headers),
@@ -404,7 +423,8 @@ class CacheLayer:
                 return self._serve(ex, entry, req, now, b"fender; fwd=stale; fwd-status=304")
             else:
                 self.m_reval["modified"].inc()
-            self.m_result["miss"].inc()
+            if count:
+                self.m_result["miss"].inc()
         if failed:
             release()
             ex.response_headers.append(
@@ -478,18 +498,20 @@ class CacheLayer:
         body = b"".join(parts)
         store(body)
         ex.response_headers.append((b"cache-status", status_value))
+        headers = [h for h in reply.headers if h[0] not in _FRAMING]
         if rfc.not_modified(
             req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
         ):
-            return CachedReply(304, rfc.not_modified_headers(analysis.headers), b"")
-        return CachedReply(reply.status, analysis.headers + [(b"content-length", b"%d" % len(body))], body)
+            return CachedReply(304, rfc.not_modified_headers(headers), b"")
+        return CachedReply(reply.status, headers + [(b"content-length", b"%d" % len(body))], body)
 
     def _conditional_or(self, ex, req, reply, analysis):
+        headers = [h for h in reply.headers if h[0] not in _FRAMING]
         if req.conditional and rfc.not_modified(
             req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
         ):
-            return CachedReply(304, rfc.not_modified_headers(analysis.headers), b"")
-        return CachedReply(reply.status, analysis.headers + [(b"content-length", b"0")], b"")
+            return CachedReply(304, rfc.not_modified_headers(headers), b"")
+        return CachedReply(reply.status, headers + [(b"content-length", b"0")], b"")
 
     # ------------------------------------------------------------------ revalidation
 
@@ -519,7 +541,9 @@ class CacheLayer:
 
     async def _refresh(self, ex: Exchange, key: bytes, entry: Entry) -> None:
         try:
-            reply = await self._fetch(ex, key, entry, _Request(ex.request_headers), _noop, b"stale")
+            reply = await self._fetch(
+                ex, key, entry, _Request(ex.request_headers), _noop, b"stale", count=False
+            )
             # Drain the answer like a client would, so a StoringReply stores it.
             try:
                 while await reply.read():

@@ -75,8 +75,12 @@ class Entry:
         # Times on the injected clock; a hit is one comparison.
         base = response_time - initial_age
         self.fresh_until = -1.0 if must_validate else base + lifetime
-        self.stale_while_revalidate_until = base + lifetime + swr
-        self.stale_if_error_until = base + lifetime + sie
+        if no_stale or must_validate:
+            # must-revalidate, no-cache and friends: never served stale (RFC 9111 4.2.4).
+            self.stale_while_revalidate_until = self.stale_if_error_until = self.fresh_until
+        else:
+            self.stale_while_revalidate_until = base + lifetime + swr
+            self.stale_if_error_until = base + lifetime + sie
         self.must_validate = must_validate
         self.no_stale = no_stale  # must-revalidate and friends: never served stale (RFC 9111 4.2.4)
         self.size = len(body) + sum(len(n) + len(v) + 16 for n, v in self.served_headers) + ENTRY_OVERHEAD
