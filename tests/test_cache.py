@@ -593,3 +593,39 @@ async def test_admin_state_and_purge(start_fender, origin, clock):
         assert (await admin.post("/admin/cache/purge", json={})).status_code == 400
         assert (await admin.get("/admin/cache")).json()["entries"] == 0
         assert (await client.get("/p/1")).headers["cache-status"].startswith("fender; fwd=miss")
+
+
+async def test_origin_only_preconditions_and_ranges_go_to_the_upstream(start_fender, origin, clock):
+    origin.script["/pre"] = (200, [("cache-control", "max-age=60"), ("etag", '"1"')], b"pre")
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        await client.get("/pre")
+        for headers in ({"if-match": '"2"'}, {"if-unmodified-since": http_date(-10)}, {"range": "bytes=0-0"}):
+            r = await client.get("/pre", headers=headers)
+            assert r.headers["cache-status"] == "fender; fwd=bypass"
+    sent = origin.calls("/pre")
+    assert len(sent) == 4 and sent[1].header("if-match") == b'"2"' and sent[3].header("range") == b"bytes=0-0"
+
+
+async def test_conditionals_apply_only_to_stored_2xx(start_fender, origin, clock):
+    origin.script["/gone"] = (404, [("cache-control", "max-age=60"), ("etag", '"g"')], b"not here")
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        await client.get("/gone")
+        r = await client.get("/gone", headers={"if-none-match": '"g"'})
+    assert r.status_code == 404 and r.text == "not here"
+    assert r.headers["cache-status"].startswith("fender; hit")
+
+
+async def test_an_upstream_caches_cache_status_is_not_replayed(start_fender, origin, clock):
+    origin.script["/cs"] = (200, [("cache-control", "max-age=60"), ("cache-status", "edge; fwd=miss")], b"cs")
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        first = await client.get("/cs")
+        second = await client.get("/cs")
+    # RFC 9211: each cache appends its entry; the first response lists both hops.
+    assert first.headers.get_list("cache-status") == [
+        "edge; fwd=miss",
+        "fender; fwd=miss; fwd-status=200; stored",
+    ]
+    assert second.headers.get_list("cache-status") == ["fender; hit; ttl=60"]

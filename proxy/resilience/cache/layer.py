@@ -28,11 +28,23 @@ STALE_REASONS = ("stale_while_revalidate", "stale_if_error", "max_stale")
 REVALIDATION_RESULTS = ("not_modified", "modified", "failed")
 
 # Request fields the layer reads; everything else is skipped in the one scan.
-_INTEREST = frozenset({b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since"})
-# Conditional fields removed from a request the cache sends itself (it wants a full response).
-_CONDITIONALS = frozenset(
-    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+_INTEREST = frozenset(
+    {
+        b"cache-control",
+        b"pragma",
+        b"authorization",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
 )
+# Preconditions only the origin can evaluate (RFC 9111 4.3.2) and range requests: passed through.
+_ORIGIN_ONLY = frozenset({b"if-match", b"if-unmodified-since", b"if-range", b"range"})
+# Conditional fields removed from a request the cache sends itself (it wants a full response).
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 
 _STATUS_MISS = b"fender; fwd=miss"
 # Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
@@ -150,7 +162,14 @@ class _Flight:
 class _Request:
     """What the client's headers say to the cache, from one scan."""
 
-    __slots__ = ("directives", "authorized", "if_none_match", "if_modified_since", "conditional")
+    __slots__ = (
+        "directives",
+        "authorized",
+        "if_none_match",
+        "if_modified_since",
+        "conditional",
+        "origin_only",
+    )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         cc: list[bytes] | None = None
@@ -158,6 +177,7 @@ class _Request:
         self.authorized = False
         self.if_none_match: bytes | None = None
         self.if_modified_since: bytes | None = None
+        self.origin_only = False
         interest = _INTEREST
         for name, value in headers:
             if name not in interest:
@@ -174,8 +194,10 @@ class _Request:
                 self.if_none_match = (
                     value if self.if_none_match is None else self.if_none_match + b", " + value
                 )
-            else:
+            elif name == b"if-modified-since":
                 self.if_modified_since = value
+            else:
+                self.origin_only = True
         self.conditional = self.if_none_match is not None or self.if_modified_since is not None
         self.directives = (
             rfc.RequestDirectives(rfc.parse_cache_control(cc) if cc else None, pragma)
@@ -225,6 +247,12 @@ class CacheLayer:
             return await self._other_method(ex)
         key = self.key(ex.host, ex.target)
         req = _Request(ex.request_headers)
+        if req.origin_only:
+            # If-Match / If-Unmodified-Since / Range: only the origin can answer these correctly.
+            self.m_result["bypass"].inc()
+            reply = await self.next(ex)
+            ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
+            return reply
         directives = req.directives
         now = self.clock.now()
         variants = self.store.get(key)
@@ -302,8 +330,12 @@ class CacheLayer:
     def _serve(self, ex: Exchange, entry: Entry, req: _Request, now: float, status: bytes):
         ex.response_headers.append((b"age", b"%d" % entry.age(now)))
         ex.response_headers.append((b"cache-status", status))
-        if req.conditional and rfc.not_modified(
-            req.if_none_match, req.if_modified_since, entry.etag, entry.last_modified, entry.date
+        if (
+            req.conditional
+            and 200 <= entry.status < 300
+            and rfc.not_modified(
+                req.if_none_match, req.if_modified_since, entry.etag, entry.last_modified, entry.date
+            )
         ):
             return CachedReply(304, rfc.not_modified_headers(entry.headers), b"")
         if ex.method == "HEAD":
@@ -499,7 +531,7 @@ class CacheLayer:
         store(body)
         ex.response_headers.append((b"cache-status", status_value))
         headers = [h for h in reply.headers if h[0] not in _FRAMING]
-        if rfc.not_modified(
+        if 200 <= reply.status < 300 and rfc.not_modified(
             req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
         ):
             return CachedReply(304, rfc.not_modified_headers(headers), b"")
@@ -507,8 +539,12 @@ class CacheLayer:
 
     def _conditional_or(self, ex, req, reply, analysis):
         headers = [h for h in reply.headers if h[0] not in _FRAMING]
-        if req.conditional and rfc.not_modified(
-            req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
+        if (
+            req.conditional
+            and 200 <= reply.status < 300
+            and rfc.not_modified(
+                req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
+            )
         ):
             return CachedReply(304, rfc.not_modified_headers(headers), b"")
         return CachedReply(reply.status, headers + [(b"content-length", b"0")], b"")

@@ -43,7 +43,16 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Never kept in a stored response: per-connection, per-client or re-created when serving.
-_NOT_STORED = HOP_BY_HOP | {b"set-cookie", b"set-cookie2", b"content-length", b"age", b"x-request-id", b"via"}
+# (Cache-Status: an upstream cache's verdict on that one request, not on later hits.)
+_NOT_STORED = HOP_BY_HOP | {
+    b"set-cookie",
+    b"set-cookie2",
+    b"content-length",
+    b"age",
+    b"x-request-id",
+    b"via",
+    b"cache-status",
+}
 # RFC 9111 3.2: header fields a 304 does not update.
 _NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range"})
 
