@@ -317,7 +317,13 @@ async def test_sorted_query_and_key_headers(start_fender, origin, clock):
 async def test_304_is_merged_into_the_stored_response(start_fender, origin, clock):
     def respond(req):
         if req.header("if-none-match") == b'"v1"':
-            return (304, [("etag", '"v1"'), ("cache-control", "max-age=100"), ("x-version", "2")], b"")
+            headers = [
+                ("etag", '"v1"'),
+                ("cache-control", "max-age=100"),
+                ("x-version", "2"),
+                ("set-cookie", "a=c"),
+            ]
+            return (304, headers, b"")
         return (200, [("etag", '"v1"'), ("cache-control", "max-age=1"), ("x-version", "1")], b"payload")
 
     origin.script["/m"] = respond
@@ -327,10 +333,12 @@ async def test_304_is_merged_into_the_stored_response(start_fender, origin, cloc
         clock.advance(2)
         merged = await client.get("/m")
         assert merged.text == "payload" and merged.headers["x-version"] == "2"
+        assert merged.headers["set-cookie"] == "a=c"  # the 304 answered this client: its cookie goes to it
         assert merged.headers["cache-status"] == "fender; fwd=stale; fwd-status=304"
         clock.advance(50)  # the 304's max-age=100 now applies
         later = await client.get("/m")
     assert later.headers["cache-status"].startswith("fender; hit") and later.headers["x-version"] == "2"
+    assert "set-cookie" not in later.headers
     assert len(origin.calls("/m")) == 2
 
 

@@ -38,7 +38,7 @@ def analyse(headers, status=200, *, authorized=False, request_time=NOW, response
 
 
 def test_cache_control_parsing():
-    cc = rfc.parse_cache_control([b'Max-Age=60, private="set-cookie, x-user", no-cache', b"s-maxage = 5"])
+    cc = rfc.parse_cache_control([b'Max-Age=60, private="set-cookie, x-user", no-cache', b" s-maxage=5"])
     assert cc == {"max-age": "60", "private": "set-cookie, x-user", "no-cache": None, "s-maxage": "5"}
     assert rfc.parse_cache_control([b'max-age="30"'])["max-age"] == "30"  # quoted form accepted
     assert rfc.parse_cache_control([b"max-age=1, max-age=2"])["max-age"] == "1"  # first wins
@@ -342,3 +342,10 @@ async def test_stale_if_error_on_local_faults_including_an_open_breaker(reason):
     assert dict(ex.response_headers)[b"age"] == b"30"
     assert b"detail=stale-if-error" in dict(ex.response_headers)[b"cache-status"]
     assert upstream.calls == 2
+
+
+def test_cache_control_grammar_is_strict_about_spaces_around_equals():
+    assert "max-age" not in rfc.parse_cache_control([b"max-age =3600"])
+    assert rfc.delta_seconds(rfc.parse_cache_control([b"max-age= 3600"])["max-age"]) is None
+    assert analyse([("cache-control", "max-age= 3600")]).lifetime == 0
+    assert rfc.parse_cache_control([b'extension="max-age=3600", max-age=1'])["max-age"] == "1"

@@ -452,7 +452,12 @@ class CacheLayer:
                 else:
                     entry = stale
                 release()
-                return self._serve(ex, entry, req, now, b"fender; fwd=stale; fwd-status=304")
+                served = self._serve(ex, entry, req, now, b"fender; fwd=stale; fwd-status=304")
+                cookies = [h for h in fresh_headers if h[0] == b"set-cookie" or h[0] == b"set-cookie2"]
+                if cookies:
+                    # The 304 answered this client's request: its cookies are for this client only.
+                    served.headers = served.headers + cookies
+                return served
             else:
                 self.m_reval["modified"].inc()
             if count:

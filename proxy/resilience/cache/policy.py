@@ -74,12 +74,13 @@ def parse_cache_control(values: list[bytes]) -> dict[str, str | None]:
         j = i
         while j < n and text[j] not in ",=":
             j += 1
-        name = text[i:j].strip().lower()
+        raw_name = text[i:j].lstrip(" \t")
+        name = raw_name.rstrip(" \t").lower()
         arg: str | None = None
         if j < n and text[j] == "=":
             j += 1
-            while j < n and text[j] in " \t":
-                j += 1
+            if raw_name != raw_name.rstrip(" \t"):
+                name = ""  # "max-age =60": not the token=value grammar, ignored (as cache-tests expects)
             if j < n and text[j] == '"':
                 j += 1
                 buf = []
@@ -96,7 +97,7 @@ def parse_cache_control(values: list[bytes]) -> dict[str, str | None]:
                 k = j
                 while j < n and text[j] != ",":
                     j += 1
-                arg = text[k:j].strip()
+                arg = text[k:j].rstrip(" \t")  # "max-age= 60" keeps its space and is invalid
         if name and name not in out:
             out[name] = arg
         i = j + 1
