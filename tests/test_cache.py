@@ -637,3 +637,16 @@ async def test_an_upstream_caches_cache_status_is_not_replayed(start_fender, ori
         "fender; fwd=miss; fwd-status=200; stored",
     ]
     assert second.headers.get_list("cache-status") == ["fender; hit; ttl=60"]
+
+
+async def test_5xx_stored_only_with_explicit_freshness(start_fender, origin, clock):
+    origin.script["/maint"] = (503, [("cache-control", "max-age=30")], b"maintenance")
+    origin.script["/err"] = (500, [("last-modified", http_date(-3600))], b"boom")  # heuristics never apply
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        await client.get("/maint")
+        again = await client.get("/maint")
+        assert again.status_code == 503 and again.headers["cache-status"].startswith("fender; hit")
+        await client.get("/err")
+        assert (await client.get("/err")).headers["cache-status"].startswith("fender; fwd=miss")
+    assert len(origin.calls("/maint")) == 1 and len(origin.calls("/err")) == 2

@@ -361,13 +361,15 @@ class CacheLayer:
             variants = self.store.get(key)
             entry = self._select(variants, ex.request_headers) if variants is not None else None
             if entry is not None and (
-                now < entry.fresh_until
+                entry.status < 500
+                and now < entry.fresh_until
                 and (req.directives is None or self._usable(entry, req.directives, now) == "fresh")
             ):
                 self.m_result["coalesced"].inc()
                 return self._serve(ex, entry, req, now, b"fender; hit; detail=coalesced")
-            # The first request's answer was not stored (error, uncacheable, too big, another
-            # variant): go upstream without waiting again; store what may be stored.
+            # The first request's answer was an error (never fanned out, even when stored), or it
+            # was not stored (uncacheable, too big, another variant): go upstream without waiting
+            # again; store what may be stored.
             if stale is None:
                 self.m_result["miss"].inc()
             return await self._fetch(ex, key, stale, req, _noop, fwd)
@@ -462,7 +464,8 @@ class CacheLayer:
                 self.m_reval["modified"].inc()
             if count:
                 self.m_result["miss"].inc()
-        if failed:
+        if failed and (stale is not None or isinstance(reply, LocalReply)):
+            # Fender's own fault replies are never stored, nor does an upstream error replace a stored response.
             release()
             ex.response_headers.append(
                 (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
@@ -477,7 +480,12 @@ class CacheLayer:
             response_time=now + self.offset,
             default_ttl=self.default_ttl,
         )
-        if not analysis.storable or not rfc.worth_storing(analysis, self.sie, self.swr):
+        if (
+            not analysis.storable
+            or not rfc.worth_storing(analysis, self.sie, self.swr)
+            or (failed and not analysis.explicit)
+        ):
+            # (A 5xx is stored only when the upstream gave it explicit freshness.)
             release()
             if analysis.storable is False and stale is not None:
                 # The URL's response may no longer be stored: drop what we have.

@@ -195,6 +195,7 @@ class Analysis:
         "last_modified",
         "vary",
         "date",
+        "explicit",
     )
 
     storable: bool
@@ -210,6 +211,7 @@ class Analysis:
     last_modified: bytes | None
     vary: tuple[bytes, ...] | None
     date: float
+    explicit: bool
 
 
 def analyse(
@@ -271,6 +273,7 @@ def analyse(
         elif default_ttl > 0 and last_modified is None:
             lifetime = default_ttl
     a.lifetime = lifetime
+    a.explicit = explicit
 
     # -- stale and validation rules
     a.must_validate = "no-cache" in cc and cc["no-cache"] is None
