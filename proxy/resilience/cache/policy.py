@@ -318,7 +318,8 @@ def analyse(
 
 def worth_storing(a: Analysis, route_sie: float, route_swr: float) -> bool:
     """A storable response that can never be reused (no freshness, no validators, no stale window) is skipped."""
-    if a.lifetime > a.initial_age or a.etag is not None or a.last_modified is not None:
+    # (Explicit freshness already used up by Age is still kept: a client's max-stale may accept it.)
+    if a.lifetime > 0 or a.etag is not None or a.last_modified is not None:
         return True
     return not a.no_stale and max(a.sie, route_sie, a.swr, route_swr) > 0
 
