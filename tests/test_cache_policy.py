@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 
 import pytest
@@ -349,3 +350,42 @@ def test_cache_control_grammar_is_strict_about_spaces_around_equals():
     assert rfc.delta_seconds(rfc.parse_cache_control([b"max-age= 3600"])["max-age"]) is None
     assert analyse([("cache-control", "max-age= 3600")]).lifetime == 0
     assert rfc.parse_cache_control([b'extension="max-age=3600", max-age=1'])["max-age"] == "1"
+
+
+def layer_with(upstream, clock, cache="{}"):
+    policy = parse_policy(POLICY.replace("{stale_if_error: 1m}", cache), "p.yaml")
+    ctx = LayerContext(Metrics(), None, policy, clock)
+    return CacheLayer(policy.routes[0], upstream, ctx, shared_store(ctx), policy.cache)
+
+
+async def test_a_waiter_stops_waiting_after_coalesce_timeout_on_the_injected_clock():
+    clock = ManualClock()
+    upstream = Script(
+        Stored(200, [(b"cache-control", b"max-age=60")], b"first"),
+        Stored(200, [(b"cache-control", b"max-age=60")], b"second"),
+    )
+    layer = layer_with(upstream, clock, "{coalesce_timeout: 5s}")
+    leader = await layer(exchange())  # its body is not read yet: the flight is open
+    waiter = asyncio.ensure_future(layer(exchange()))
+    for _ in range(100):  # bounded: let the waiter reach its wait
+        if clock.sleepers:
+            break
+        await asyncio.sleep(0)
+    assert clock.sleepers == 1 and not waiter.done()
+    clock.advance(5)
+    reply = await asyncio.wait_for(waiter, 5)
+    assert await drain(reply) == b"second" and upstream.calls == 2
+    assert await drain(leader) == b"first"
+
+
+async def test_a_flight_whose_body_never_ends_expires_for_newcomers():
+    clock = ManualClock()
+    upstream = Script(
+        Stored(200, [(b"cache-control", b"max-age=60")], b"first"),
+        Stored(200, [(b"cache-control", b"max-age=60")], b"second"),
+    )
+    layer = layer_with(upstream, clock, "{coalesce_timeout: 5s}")
+    await layer(exchange())  # never read, never closed (a client that vanished without a trace)
+    clock.advance(6)
+    reply = await asyncio.wait_for(layer(exchange()), 5)  # no wait: the stuck flight is dropped
+    assert await drain(reply) == b"second" and upstream.calls == 2

@@ -156,7 +156,7 @@ class _Flight:
 
     def __init__(self, expires: float) -> None:
         self.event = asyncio.Event()
-        self.expires = expires  # event-loop time after which newcomers stop waiting for it
+        self.expires = expires  # injected-clock time after which newcomers stop waiting for it
 
 
 class _Request:
@@ -346,17 +346,13 @@ class CacheLayer:
 
     async def _miss(self, ex: Exchange, key: bytes, req: _Request, stale: Entry | None, fwd: bytes):
         flight = self._flights.get(key)
-        if flight is not None and flight.expires < asyncio.get_running_loop().time():
+        if flight is not None and flight.expires <= self.clock.now():
             # A first request that never finished (its client vanished mid-body): stop waiting for it.
             flight.event.set()
             flight = None
         if flight is not None:
             self.m_coalesced.inc()
-            try:
-                async with asyncio.timeout(self.coalesce_timeout):
-                    await flight.event.wait()
-            except TimeoutError:
-                pass
+            await self._wait(flight)
             now = self.clock.now()
             variants = self.store.get(key)
             entry = self._select(variants, ex.request_headers) if variants is not None else None
@@ -373,8 +369,7 @@ class CacheLayer:
             if stale is None:
                 self.m_result["miss"].inc()
             return await self._fetch(ex, key, stale, req, _noop, fwd)
-        loop_time = asyncio.get_running_loop().time()
-        flight = self._flights[key] = _Flight(loop_time + self.coalesce_timeout)
+        flight = self._flights[key] = _Flight(self.clock.now() + self.coalesce_timeout)
         if stale is None:
             self.m_result["miss"].inc()
         released = False
@@ -393,6 +388,16 @@ class CacheLayer:
             release()
             raise
         return reply
+
+    async def _wait(self, flight: _Flight) -> None:
+        """Wait for the first request's outcome, at most coalesce_timeout on the injected clock."""
+        waiter = asyncio.ensure_future(flight.event.wait())
+        timer = asyncio.ensure_future(self.clock.sleep(self.coalesce_timeout))
+        try:
+            await asyncio.wait((waiter, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            timer.cancel()
 
     def _forward_exchange(self, ex: Exchange, entry: Entry | None) -> None:
         """Drop the client's conditionals (the cache wants a full response); add the stored validators."""
