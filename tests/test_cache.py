@@ -650,3 +650,17 @@ async def test_5xx_stored_only_with_explicit_freshness(start_fender, origin, clo
         await client.get("/err")
         assert (await client.get("/err")).headers["cache-status"].startswith("fender; fwd=miss")
     assert len(origin.calls("/maint")) == 1 and len(origin.calls("/err")) == 2
+
+
+async def test_a_client_cannot_purge_an_entry_with_request_directives(start_fender, origin, clock):
+    origin.script["/keep"] = (200, [("cache-control", "max-age=10"), ("etag", '"k"')], b"keep")
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        await client.get("/keep")
+        clock.advance(20)
+        await client.get("/keep", headers={"cache-control": "no-store"})
+        await client.get("/keep", headers={"authorization": "Bearer x"})
+        assert fender.runtime.shared["cache.store"].entries == 1
+        origin.script["/keep"] = (200, [("cache-control", "no-store")], b"now private")
+        await client.get("/keep")
+        assert fender.runtime.shared["cache.store"].entries == 0  # the upstream itself said no-store

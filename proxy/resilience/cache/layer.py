@@ -47,6 +47,7 @@ _ORIGIN_ONLY = frozenset({b"if-match", b"if-unmodified-since", b"if-range", b"ra
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 
 _STATUS_MISS = b"fender; fwd=miss"
+_RESPONSE_SAYS_DO_NOT_STORE = frozenset({"no-store", "private", "vary", "must-understand"})
 # Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _STATUS_BYPASS = b"fender; fwd=bypass"
@@ -492,8 +493,9 @@ class CacheLayer:
         ):
             # (A 5xx is stored only when the upstream gave it explicit freshness.)
             release()
-            if analysis.storable is False and stale is not None:
-                # The URL's response may no longer be stored: drop what we have.
+            if stale is not None and analysis.why_not in _RESPONSE_SAYS_DO_NOT_STORE:
+                # The upstream now forbids storing this URL: drop what we have. (Reasons coming
+                # from the request, like its no-store or Authorization, must not let a client purge.)
                 self.store.delete(key)
             ex.response_headers.append(
                 (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
