@@ -14,7 +14,7 @@ from proxy.dataplane.pipeline import LayerContext
 from proxy.metrics import Metrics
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.layer import CacheLayer, shared_store
-from proxy.resilience.cache.store import ENTRY_OVERHEAD, Entry, MemoryStore, Variants
+from proxy.resilience.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
 
 NOW = 1_700_000_000.0  # wall-clock seconds used as "now" in the pure-function tests
 
@@ -260,7 +260,7 @@ def test_memory_store_is_an_lru_bounded_by_bytes():
 
 def test_entry_size_counts_headers_body_and_overhead():
     entry = make_entry(b"abc")
-    assert entry.size == 3 + len(b"content-length") + 1 + 16 + ENTRY_OVERHEAD
+    assert entry.size == 3 + len(b"content-length") + 1 + HEADER_OVERHEAD + ENTRY_OVERHEAD
 
 
 def test_variants_replace_same_selection_and_are_bounded():

@@ -12,8 +12,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-# Bookkeeping per stored response beyond its header and body bytes (objects, dict slot).
-ENTRY_OVERHEAD = 256
+# Python's own memory per stored response beyond header and body bytes, so max_size tracks
+# the real footprint: the Entry and Variants objects, the dict slot and key, the body object.
+ENTRY_OVERHEAD = 512
+# ... and per header field: the (name, value) tuple, two bytes objects, two list slots.
+HEADER_OVERHEAD = 128
 # Variants kept per URL (per Vary selection); the oldest is dropped beyond this.
 MAX_VARIANTS = 16
 
@@ -83,7 +86,11 @@ class Entry:
             self.stale_if_error_until = base + lifetime + sie
         self.must_validate = must_validate
         self.no_stale = no_stale  # must-revalidate and friends: never served stale (RFC 9111 4.2.4)
-        self.size = len(body) + sum(len(n) + len(v) + 16 for n, v in self.served_headers) + ENTRY_OVERHEAD
+        self.size = (
+            len(body)
+            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.served_headers)
+            + ENTRY_OVERHEAD
+        )
 
     def age(self, now: float) -> int:
         """current_age (RFC 9111 4.2.3) in whole seconds."""
