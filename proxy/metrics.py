@@ -260,6 +260,47 @@ class Metrics:
         )
 
         # metrics: response cache
+        self.cache_requests = Counter(
+            "fender_cache_requests_total",
+            "GET/HEAD requests on caching routes by how the cache answered (hit, miss, stale, revalidated, "
+            "coalesced, only_if_cached) and other methods passing it (bypass).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.cache_stale_served = Counter(
+            "fender_cache_stale_served_total",
+            "Stale responses served, by reason (stale_while_revalidate, stale_if_error, max_stale).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.cache_revalidations = Counter(
+            "fender_cache_revalidations_total",
+            "Requests the cache sent upstream for a stored stale response, by result "
+            "(not_modified, modified, failed).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.cache_coalesced = Counter(
+            "fender_cache_coalesced_total",
+            "Requests that waited for another request's upstream response for the same URL instead of going upstream.",
+            ["route"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "fender_cache_evictions_total",
+            "Stored URLs evicted (least recently used) to stay within cache.max_size.",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "fender_cache_bytes",
+            "Memory the response cache holds (headers, bodies and per-entry overhead), in bytes.",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "fender_cache_entries",
+            "Responses stored in the cache (Vary variants counted separately).",
+            registry=r,
+        )
 
         # metrics: operations (reload, checkpoints, drain)
 

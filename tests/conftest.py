@@ -161,9 +161,9 @@ def policy_text(upstream_port: int, routes: str = "", upstreams: str = "", serve
 async def start_fender():
     started: list[Fender] = []
 
-    async def start(text: str, clock=SYSTEM_CLOCK) -> Fender:
+    async def start(text: str, clock=None) -> Fender:
         policy = parse_policy(text, "test-policy.yaml")
-        fender = Fender(policy, "test-policy.yaml", clock=clock)
+        fender = Fender(policy, "test-policy.yaml", clock=clock or SYSTEM_CLOCK)
         await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
         fender.url = f"http://127.0.0.1:{fender.data_port}"
         fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import admission, breakers, upstreams
+from proxy.admin import admission, breakers, cache, upstreams
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -135,6 +135,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     endpoints += upstreams.routes(fender)
 
     # admin: cache
+    endpoints += cache.routes(fender)
 
     # admin: operations
 

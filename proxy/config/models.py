@@ -72,6 +72,7 @@ from proxy.config.base import (  # noqa: E402  (re-exported: the models' buildin
     _check_host,
     _valid_hostname,
 )
+from proxy.resilience.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 
 # --------------------------------------------------------------------------- listen addresses
 
@@ -715,6 +716,13 @@ class Route(PolicyModel):
     )
 
     # section: cache
+    cache: CacheOptions | None = Field(
+        default=None,
+        description=(
+            "Shared HTTP cache (RFC 9111) for GET/HEAD: serves fresh stored responses, revalidates stale ones, "
+            "coalesces concurrent misses, serves stale on upstream failure when allowed. Absent: no caching."
+        ),
+    )
 
     # section: explain and deadline propagation
     propagate_deadline: Flag = Field(
@@ -782,6 +790,10 @@ class Policy(PolicyModel):
     # Top-level sections owned by other modules.
 
     # section: cache store
+    cache: CacheStoreOptions = Field(
+        default_factory=CacheStoreOptions,
+        description="The in-memory store shared by every route with a `cache:` section (size bounds, LRU).",
+    )
 
     # section: checkpoint and drain
 

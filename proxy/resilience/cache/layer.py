@@ -1,0 +1,710 @@
+"""The cache layer of a route's pipeline (between rate limit and circuit breaker).
+
+Per request: one scan of the client's headers, one dict lookup, one float
+comparison for freshness; a hit returns a prebuilt header list plus Age and
+Cache-Status. Misses for one URL are coalesced into one upstream request;
+stale entries are revalidated with If-None-Match / If-Modified-Since, served
+while a background refresh runs (stale-while-revalidate), or served instead
+of an upstream failure (stale-if-error). Bodies are stored by tee-ing them as
+they stream to the client, up to max_object_size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.resilience.cache import policy as rfc
+from proxy.resilience.cache.options import CacheStoreOptions
+from proxy.resilience.cache.store import Entry, MemoryStore, Variants
+
+log = logging.getLogger("fender.cache")
+
+STORE_KEY = "cache.store"
+RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "coalesced", "only_if_cached")
+STALE_REASONS = ("stale_while_revalidate", "stale_if_error", "max_stale")
+REVALIDATION_RESULTS = ("not_modified", "modified", "failed")
+
+# Request fields the layer reads; everything else is skipped in the one scan.
+_INTEREST = frozenset(
+    {
+        b"cache-control",
+        b"pragma",
+        b"authorization",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
+)
+# Preconditions only the origin can evaluate (RFC 9111 4.3.2) and range requests: passed through.
+_ORIGIN_ONLY = frozenset({b"if-match", b"if-unmodified-since", b"if-range", b"range"})
+# Conditional fields removed from a request the cache sends itself (it wants a full response).
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+
+_STATUS_MISS = b"fender; fwd=miss"
+_RESPONSE_SAYS_DO_NOT_STORE = frozenset({"no-store", "private", "vary", "must-understand"})
+# Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_STATUS_BYPASS = b"fender; fwd=bypass"
+
+
+class CachedReply:
+    """A stored response served to one client (the Reply protocol)."""
+
+    __slots__ = ("status", "headers", "_body", "_sent")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self._body = body
+        self._sent = not body
+
+    def has_body(self) -> bool:
+        return bool(self._body)
+
+    async def read(self) -> bytes:
+        if self._sent:
+            return b""
+        self._sent = True
+        return self._body
+
+    def close(self) -> None:
+        self._sent = True
+
+
+class PrefixedReply:
+    """An upstream reply whose first bytes were already read by the cache."""
+
+    __slots__ = ("status", "headers", "_reply", "_prefix")
+
+    def __init__(self, reply, prefix: bytes) -> None:
+        self.status = reply.status
+        self.headers = reply.headers
+        self._reply = reply
+        self._prefix = prefix
+
+    def has_body(self) -> bool:
+        return self._reply.has_body()
+
+    async def read(self) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return await self._reply.read()
+
+    def close(self) -> None:
+        self._prefix = b""
+        self._reply.close()
+
+
+class StoringReply:
+    """Passes the upstream body through and keeps a copy (up to a limit) to store at its end."""
+
+    __slots__ = ("status", "headers", "_reply", "_parts", "_size", "_limit", "_on_done", "_done")
+
+    def __init__(self, reply, limit: int, on_done) -> None:
+        self.status = reply.status
+        self.headers = reply.headers
+        self._reply = reply
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self._limit = limit
+        self._on_done = on_done
+        self._done = False
+
+    def has_body(self) -> bool:
+        return self._reply.has_body()
+
+    async def read(self) -> bytes:
+        try:
+            chunk = await self._reply.read()
+        except BaseException:
+            self._finish(None)
+            raise
+        if chunk:
+            parts = self._parts
+            if parts is not None:
+                self._size += len(chunk)
+                if self._size > self._limit:
+                    self._parts = None  # too big: stream on, never store
+                else:
+                    parts.append(chunk)
+        else:
+            parts = self._parts
+            self._finish(b"".join(parts) if parts is not None else None)
+        return chunk
+
+    def close(self) -> None:
+        self._reply.close()
+        self._finish(None)
+
+    def _finish(self, body: bytes | None) -> None:
+        if not self._done:
+            self._done = True
+            self._parts = None
+            self._on_done(body)
+
+
+class _Flight:
+    """One upstream request that concurrent misses for the same key wait for."""
+
+    __slots__ = ("event", "expires")
+
+    def __init__(self, expires: float) -> None:
+        self.event = asyncio.Event()
+        self.expires = expires  # injected-clock time after which newcomers stop waiting for it
+
+
+class _Request:
+    """What the client's headers say to the cache, from one scan."""
+
+    __slots__ = (
+        "directives",
+        "authorized",
+        "if_none_match",
+        "if_modified_since",
+        "conditional",
+        "origin_only",
+    )
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        cc: list[bytes] | None = None
+        pragma = False
+        self.authorized = False
+        self.if_none_match: bytes | None = None
+        self.if_modified_since: bytes | None = None
+        self.origin_only = False
+        interest = _INTEREST
+        for name, value in headers:
+            if name not in interest:
+                continue
+            if name == b"cache-control":
+                if cc is None:
+                    cc = []
+                cc.append(value)
+            elif name == b"pragma":
+                pragma = pragma or b"no-cache" in value.lower()
+            elif name == b"authorization":
+                self.authorized = True
+            elif name == b"if-none-match":
+                self.if_none_match = (
+                    value if self.if_none_match is None else self.if_none_match + b", " + value
+                )
+            elif name == b"if-modified-since":
+                self.if_modified_since = value
+            else:
+                self.origin_only = True
+        self.conditional = self.if_none_match is not None or self.if_modified_since is not None
+        self.directives = (
+            rfc.RequestDirectives(rfc.parse_cache_control(cc) if cc else None, pragma)
+            if cc is not None or pragma
+            else None
+        )
+
+
+class CacheLayer:
+    """The cache in front of one route."""
+
+    def __init__(
+        self, route, next_handler, ctx, store: MemoryStore, store_options: CacheStoreOptions
+    ) -> None:
+        options = route.cache
+        self.next = next_handler
+        self.route_name = route.name
+        self.route_timeout = route.timeout
+        self.clock = ctx.clock
+        # Wall-clock seconds = injected-clock seconds + offset (HTTP dates are wall clock).
+        self.offset = time.time() - ctx.clock.now()
+        self.store = store
+        self.max_object_size = store_options.max_object_size
+        self.query_mode = options.key.query
+        self.key_headers = tuple(n.encode() for n in options.key.headers)
+        self.default_ttl = options.default_ttl
+        self.swr = options.stale_while_revalidate
+        self.sie = options.stale_if_error
+        self.coalesce_timeout = options.coalesce_timeout
+        self._flights: dict[bytes, _Flight] = {}
+        self._refreshing: set[bytes] = set()
+        self._tasks: set[asyncio.Task] = set()
+        m = ctx.metrics
+        self.m_result = {r: m.cache_requests.labels(route.name, r) for r in RESULTS}
+        self.m_stale = {r: m.cache_stale_served.labels(route.name, r) for r in STALE_REASONS}
+        self.m_reval = {r: m.cache_revalidations.labels(route.name, r) for r in REVALIDATION_RESULTS}
+        self.m_coalesced = m.cache_coalesced.labels(route.name)
+
+    # ------------------------------------------------------------------ entry points
+
+    def key(self, host: bytes | None, target: bytes) -> bytes:
+        return (host.lower() if host else b"") + rfc.normalise_query(target, self.query_mode)
+
+    async def __call__(self, ex: Exchange):
+        method = ex.method
+        if method != "GET" and method != "HEAD":
+            return await self._other_method(ex)
+        key = self.key(ex.host, ex.target)
+        req = _Request(ex.request_headers)
+        if req.origin_only:
+            # If-Match / If-Unmodified-Since / Range: only the origin can answer these correctly.
+            self.m_result["bypass"].inc()
+            reply = await self.next(ex)
+            ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
+            return reply
+        directives = req.directives
+        now = self.clock.now()
+        variants = self.store.get(key)
+        entry = self._select(variants, ex.request_headers) if variants is not None else None
+        if entry is not None:
+            if directives is None:
+                if now < entry.fresh_until:
+                    self.m_result["hit"].inc()
+                    return self._serve(
+                        ex, entry, req, now, b"fender; hit; ttl=%d" % int(entry.fresh_until - now)
+                    )
+            elif not directives.no_cache:
+                usable = self._usable(entry, directives, now)
+                if usable is not None:
+                    return self._serve_usable(ex, entry, req, now, usable)
+            if directives is None or not directives.no_cache:
+                if entry.fresh_until <= now < entry.stale_while_revalidate_until and (
+                    directives is None or directives.max_age is None
+                ):
+                    self.m_result["stale"].inc()
+                    self.m_stale["stale_while_revalidate"].inc()
+                    self._refresh_in_background(ex, key, entry)
+                    return self._serve(
+                        ex, entry, req, now, b"fender; hit; ttl=%d" % int(entry.fresh_until - now)
+                    )
+        if directives is not None and directives.only_if_cached:
+            self.m_result["only_if_cached"].inc()
+            ex.response_headers.append((b"cache-status", b"fender; fwd=miss; detail=only-if-cached"))
+            return LocalReply("only_if_cached", "nothing usable is stored", status=504)
+        if method == "HEAD" or (entry is None and directives is not None and directives.no_store):
+            # Not coalesced, not stored: the client's request goes upstream as it is.
+            self.m_result["miss"].inc()
+            reply = await self.next(ex)
+            ex.response_headers.append((b"cache-status", _STATUS_MISS))
+            return reply
+        if entry is not None:
+            # Stale (or the client asked for validation): revalidate, one upstream request per key.
+            fwd = b"stale" if entry.fresh_until <= now else b"request"
+            return await self._miss(ex, key, req, entry, fwd)
+        return await self._miss(ex, key, req, None, b"vary-miss" if variants is not None else b"miss")
+
+    # ------------------------------------------------------------------ selection and freshness
+
+    @staticmethod
+    def _select(variants: Variants, headers: list[tuple[bytes, bytes]]) -> Entry | None:
+        """The newest stored variant whose Vary selection matches this request (RFC 9111 4.1)."""
+        for entry in variants.entries:
+            if not entry.vary:
+                return entry
+            if all(rfc.combined(headers, n) == v for n, v in zip(entry.vary, entry.selection, strict=True)):
+                return entry
+        return None
+
+    @staticmethod
+    def _usable(entry: Entry, d: rfc.RequestDirectives, now: float) -> str | None:
+        """'fresh' or 'max_stale' when the client's directives let the entry be used without the upstream."""
+        remaining = entry.fresh_until - now
+        if d.max_age is not None and entry.age(now) > d.max_age:
+            if d.max_stale is None or entry.must_validate:
+                return None
+        if remaining > 0:
+            return "fresh" if remaining >= d.min_fresh else None
+        if d.max_stale is not None and not entry.no_stale and -remaining <= d.max_stale:
+            return "max_stale"
+        return None
+
+    def _serve_usable(self, ex, entry, req, now, usable: str):
+        if usable == "fresh":
+            self.m_result["hit"].inc()
+        else:
+            self.m_result["stale"].inc()
+            self.m_stale["max_stale"].inc()
+        return self._serve(ex, entry, req, now, b"fender; hit; ttl=%d" % int(entry.fresh_until - now))
+
+    def _serve(self, ex: Exchange, entry: Entry, req: _Request, now: float, status: bytes):
+        ex.response_headers.append((b"age", b"%d" % entry.age(now)))
+        ex.response_headers.append((b"cache-status", status))
+        if (
+            req.conditional
+            and 200 <= entry.status < 300
+            and rfc.not_modified(
+                req.if_none_match, req.if_modified_since, entry.etag, entry.last_modified, entry.date
+            )
+        ):
+            return CachedReply(304, rfc.not_modified_headers(entry.headers), b"")
+        if ex.method == "HEAD":
+            return CachedReply(entry.status, entry.served_headers, b"")
+        return CachedReply(entry.status, entry.served_headers, entry.body)
+
+    # ------------------------------------------------------------------ misses and coalescing
+
+    async def _miss(self, ex: Exchange, key: bytes, req: _Request, stale: Entry | None, fwd: bytes):
+        flight = self._flights.get(key)
+        if flight is not None and flight.expires <= self.clock.now():
+            # A first request that never finished (its client vanished mid-body): stop waiting for it.
+            flight.event.set()
+            flight = None
+        if flight is not None:
+            self.m_coalesced.inc()
+            await self._wait(flight)
+            now = self.clock.now()
+            variants = self.store.get(key)
+            entry = self._select(variants, ex.request_headers) if variants is not None else None
+            if entry is not None and (
+                entry.status < 500
+                and now < entry.fresh_until
+                and (req.directives is None or self._usable(entry, req.directives, now) == "fresh")
+            ):
+                self.m_result["coalesced"].inc()
+                return self._serve(ex, entry, req, now, b"fender; hit; detail=coalesced")
+            # The first request's answer was an error (never fanned out, even when stored), or it
+            # was not stored (uncacheable, too big, another variant): go upstream without waiting
+            # again; store what may be stored.
+            if stale is None:
+                self.m_result["miss"].inc()
+            return await self._fetch(ex, key, stale, req, _noop, fwd)
+        flight = self._flights[key] = _Flight(self.clock.now() + self.coalesce_timeout)
+        if stale is None:
+            self.m_result["miss"].inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                flight.event.set()
+
+        try:
+            reply = await self._fetch(ex, key, stale, req, release, fwd)
+        except BaseException:
+            release()
+            raise
+        return reply
+
+    async def _wait(self, flight: _Flight) -> None:
+        """Wait for the first request's outcome, at most coalesce_timeout on the injected clock."""
+        waiter = asyncio.ensure_future(flight.event.wait())
+        timer = asyncio.ensure_future(self.clock.sleep(self.coalesce_timeout))
+        try:
+            await asyncio.wait((waiter, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            timer.cancel()
+
+    def _forward_exchange(self, ex: Exchange, entry: Entry | None) -> None:
+        """Drop the client's conditionals (the cache wants a full response); add the stored validators."""
+        headers = [(n, v) for n, v in ex.headers if n not in _CONDITIONALS]
+        if entry is not None:
+            if entry.etag is not None:
+                headers.append((b"if-none-match", entry.etag))
+            if entry.last_modified is not None:
+                headers.append((b"if-modified-since", entry.last_modified))
+        ex.headers = headers
+
+    async def _fetch(
+        self,
+        ex: Exchange,
+        key: bytes,
+        stale: Entry | None,
+        req: _Request,
+        release,
+        fwd: bytes,
+        count: bool = True,
+    ):
+        """Send the request upstream, store what may be stored, answer the client.
+
+        ``count`` is False for background refreshes, which answer no client.
+        """
+        request_time = self.clock.now()
+        self._forward_exchange(ex, stale)
+        reply = await self.next(ex)
+        now = self.clock.now()
+        failed = isinstance(reply, LocalReply) or reply.status >= 500
+        if stale is not None:
+            if failed:
+                self.m_reval["failed"].inc()
+                if now < stale.stale_if_error_until:
+                    release()
+                    reply.close()
+                    if count:
+                        self.m_result["stale"].inc()
+                        self.m_stale["stale_if_error"].inc()
+                    status = b"fender; fwd=stale; fwd-status=%d; detail=stale-if-error" % reply.status
+                    return self._serve(ex, stale, req, now, status)
+            elif reply.status == 304:
+                fresh_headers = reply.headers
+                reply.close()
+                self.m_reval["not_modified"].inc()
+                if count:
+                    self.m_result["revalidated"].inc()
+                entry = self._entry_from(
+                    stale.status,
+                    rfc.merge_304(stale.headers, fresh_headers),
+                    stale.body,
+                    ex,
+                    req,
+                    request_time,
+                    now,
+                )
+                if entry is not None:
+                    self._put(key, entry)
+                else:
+                    entry = stale
+                release()
+                served = self._serve(ex, entry, req, now, b"fender; fwd=stale; fwd-status=304")
+                cookies = [h for h in fresh_headers if h[0] == b"set-cookie" or h[0] == b"set-cookie2"]
+                if cookies:
+                    # The 304 answered this client's request: its cookies are for this client only.
+                    served.headers = served.headers + cookies
+                return served
+            else:
+                self.m_reval["modified"].inc()
+            if count:
+                self.m_result["miss"].inc()
+        if failed and (stale is not None or isinstance(reply, LocalReply)):
+            # Fender's own fault replies are never stored, nor does an upstream error replace a stored response.
+            release()
+            ex.response_headers.append(
+                (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
+            )
+            return reply
+        analysis = rfc.analyse(
+            reply.status,
+            reply.headers,
+            request_authorized=req.authorized,
+            request_no_store=req.directives is not None and req.directives.no_store,
+            request_time=request_time + self.offset,
+            response_time=now + self.offset,
+            default_ttl=self.default_ttl,
+        )
+        if (
+            not analysis.storable
+            or not rfc.worth_storing(analysis, self.sie, self.swr)
+            or (failed and not analysis.explicit)
+        ):
+            # (A 5xx is stored only when the upstream gave it explicit freshness.)
+            release()
+            if stale is not None and analysis.why_not in _RESPONSE_SAYS_DO_NOT_STORE:
+                # The upstream now forbids storing this URL: drop what we have. (Reasons coming
+                # from the request, like its no-store or Authorization, must not let a client purge.)
+                self.store.delete(key)
+            ex.response_headers.append(
+                (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
+            )
+            return reply
+        length = rfc.combined(reply.headers, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_object_size:
+            release()
+            ex.response_headers.append(
+                (b"cache-status", b"fender; fwd=%s; fwd-status=%d; detail=too-big" % (fwd, reply.status))
+            )
+            return reply
+        status_value = b"fender; fwd=%s; fwd-status=%d; stored" % (fwd, reply.status)
+
+        def store(body: bytes | None) -> None:
+            try:
+                if body is not None:
+                    entry = self._entry(reply.status, analysis, body, ex, now)
+                    self._put(key, entry)
+            finally:
+                release()
+
+        if not reply.has_body():
+            store(b"")
+            reply.close()
+            ex.response_headers.append((b"cache-status", status_value))
+            return self._conditional_or(ex, req, reply, analysis)
+        if req.conditional:
+            # Read the body here: the client may get a 304 built from it.
+            return await self._read_then_answer(ex, req, reply, analysis, store, status_value, now)
+        ex.response_headers.append((b"cache-status", status_value))
+        return StoringReply(reply, self.max_object_size, store)
+
+    async def _read_then_answer(self, ex, req, reply, analysis, store, status_value, now):
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                chunk = await reply.read()
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if size > self.max_object_size:
+                    store(None)
+                    ex.response_headers.append((b"cache-status", b"fender; fwd=miss; detail=too-big"))
+                    return PrefixedReply(reply, b"".join(parts))
+        except BaseException:
+            store(None)
+            reply.close()
+            raise
+        body = b"".join(parts)
+        store(body)
+        ex.response_headers.append((b"cache-status", status_value))
+        headers = [h for h in reply.headers if h[0] not in _FRAMING]
+        if 200 <= reply.status < 300 and rfc.not_modified(
+            req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
+        ):
+            return CachedReply(304, rfc.not_modified_headers(headers), b"")
+        return CachedReply(reply.status, headers + [(b"content-length", b"%d" % len(body))], body)
+
+    def _conditional_or(self, ex, req, reply, analysis):
+        headers = [h for h in reply.headers if h[0] not in _FRAMING]
+        if (
+            req.conditional
+            and 200 <= reply.status < 300
+            and rfc.not_modified(
+                req.if_none_match, req.if_modified_since, analysis.etag, analysis.last_modified, analysis.date
+            )
+        ):
+            return CachedReply(304, rfc.not_modified_headers(headers), b"")
+        return CachedReply(reply.status, headers + [(b"content-length", b"0")], b"")
+
+    # ------------------------------------------------------------------ revalidation
+
+    def _refresh_in_background(self, ex: Exchange, key: bytes, entry: Entry) -> None:
+        """stale-while-revalidate: one refresh per key at a time."""
+        if key in self._refreshing:
+            return
+        self._refreshing.add(key)
+        refresh = Exchange(
+            "GET",
+            ex.target,
+            list(ex.headers),
+            ex.host,
+            b"",
+            None,
+            None,
+            ex.request_id,
+            ex.route_name,
+            ex.started,
+            ex.client,
+            ex.request_headers,
+            self.clock.now() + self.route_timeout,
+        )
+        task = asyncio.ensure_future(self._refresh(refresh, key, entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, ex: Exchange, key: bytes, entry: Entry) -> None:
+        try:
+            reply = await self._fetch(
+                ex, key, entry, _Request(ex.request_headers), _noop, b"stale", count=False
+            )
+            # Drain the answer like a client would, so a StoringReply stores it.
+            try:
+                while await reply.read():
+                    pass
+            finally:
+                reply.close()
+        except Exception:  # noqa: BLE001 - a failed background refresh leaves the stale entry in place
+            log.debug("background refresh of %r failed", key, exc_info=True)
+        finally:
+            self._refreshing.discard(key)
+
+    # ------------------------------------------------------------------ storing
+
+    def _vary_of(self, analysis: rfc.Analysis) -> tuple[bytes, ...]:
+        names = self.key_headers + (analysis.vary or ())
+        return tuple(dict.fromkeys(names))
+
+    def _entry(self, status: int, analysis: rfc.Analysis, body: bytes, ex: Exchange, now: float) -> Entry:
+        vary = self._vary_of(analysis)
+        allow_stale = not analysis.no_stale
+        return Entry(
+            status,
+            analysis.headers,
+            body,
+            etag=analysis.etag,
+            last_modified=analysis.last_modified,
+            date=analysis.date,
+            vary=vary,
+            selection=tuple(rfc.combined(ex.request_headers, n) for n in vary),
+            response_time=now,
+            initial_age=analysis.initial_age,
+            lifetime=analysis.lifetime,
+            swr=max(analysis.swr, self.swr) if allow_stale else 0.0,
+            sie=max(analysis.sie, self.sie) if allow_stale else 0.0,
+            must_validate=analysis.must_validate,
+            no_stale=analysis.no_stale,
+        )
+
+    def _entry_from(
+        self, status, headers, body, ex, req: _Request, request_time: float, now: float
+    ) -> Entry | None:
+        analysis = rfc.analyse(
+            status,
+            headers,
+            request_authorized=req.authorized,
+            request_no_store=False,
+            request_time=request_time + self.offset,
+            response_time=now + self.offset,
+            default_ttl=self.default_ttl,
+        )
+        if not analysis.storable:
+            return None
+        return self._entry(status, analysis, body, ex, now)
+
+    def _put(self, key: bytes, entry: Entry) -> None:
+        variants = self.store.get(key)
+        value = variants.with_entry(entry) if variants is not None else Variants([entry])
+        self.store.put(key, value)
+
+    # ------------------------------------------------------------------ unsafe methods
+
+    async def _other_method(self, ex: Exchange):
+        reply = await self.next(ex)
+        ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
+        self.m_result["bypass"].inc()
+        if (
+            ex.method not in rfc.SAFE_METHODS
+            and not isinstance(reply, LocalReply)
+            and 200 <= reply.status < 400
+        ):
+            # RFC 9111 4.4: invalidate the target URI and same-origin Location / Content-Location.
+            self.invalidate(ex.host, ex.target)
+            for name, value in reply.headers:
+                if name == b"location" or name == b"content-location":
+                    target = rfc.same_origin_target(value, ex.host, ex.target)
+                    if target is not None:
+                        self.invalidate(ex.host, target)
+        return reply
+
+    def invalidate(self, host: bytes | None, target: bytes) -> None:
+        self.store.delete(self.key(host, target))
+
+
+def _noop() -> None:
+    return None
+
+
+def shared_store(ctx) -> MemoryStore:
+    """The one store of this Fender (top-level ``cache:``), created on first use."""
+    options = getattr(ctx.policy, "cache", None) or CacheStoreOptions()
+    store = ctx.shared.get(STORE_KEY)
+    if store is None:
+        metrics = ctx.metrics
+        store = MemoryStore(options.max_size, on_evict=metrics.cache_evictions.inc)
+        metrics.cache_bytes.set_function(lambda: store.bytes)
+        metrics.cache_entries.set_function(lambda: store.entries)
+        ctx.shared[STORE_KEY] = store
+    elif store.max_size != options.max_size:
+        store.resize(options.max_size)
+    return store
+
+
+def build_layer(route, next_handler, ctx):
+    options = getattr(route, "cache", None)
+    if options is None or not options.enabled:
+        return None
+    store_options = getattr(ctx.policy, "cache", None) or CacheStoreOptions()
+    return CacheLayer(route, next_handler, ctx, shared_store(ctx), store_options)

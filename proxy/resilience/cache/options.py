@@ -1,0 +1,104 @@
+"""Policy sections of the response cache: the route's ``cache:`` and the top-level store."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from proxy.config.base import Flag, PolicyModel, Text
+from proxy.config.units import Duration, Size, policy_error
+
+
+class CacheKeyOptions(PolicyModel):
+    """What identifies a stored response besides the method (GET/HEAD), host and path."""
+
+    query: Literal["as-is", "sorted", "ignore"] = Field(
+        default="as-is",
+        description=(
+            "How the query string enters the key: `as-is` (byte for byte), `sorted` (parameters sorted, so "
+            "?a=1&b=2 and ?b=2&a=1 share one entry) or `ignore` (the query is left out: only for upstreams "
+            "whose answer does not depend on it)."
+        ),
+    )
+    headers: tuple[Annotated[Text, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")], ...] = Field(
+        default=(),
+        description=(
+            "Request header names whose values also select the stored response (like a Vary the upstream "
+            "did not send), e.g. [Accept-Language]. Empty: only the upstream's own Vary applies."
+        ),
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n.lower() for n in names))
+
+
+class CacheOptions(PolicyModel):
+    """A shared HTTP cache (RFC 9111) in front of this route's upstream."""
+
+    enabled: Flag = Field(
+        default=True,
+        description="false turns the cache off for this route while keeping its settings in the file.",
+    )
+    default_ttl: Duration = Field(
+        default="0s",
+        description=(
+            "Freshness given to a response that carries no freshness information at all (no max-age, "
+            "s-maxage, Expires or Last-Modified) and whose status is cacheable by default (200, 404, ...). "
+            "0s follows the upstream's headers only. Never overrides no-store, private or no-cache."
+        ),
+    )
+    key: CacheKeyOptions = Field(
+        default_factory=CacheKeyOptions,
+        description="What besides method, host and path selects a stored response.",
+    )
+    stale_while_revalidate: Duration = Field(
+        default="0s",
+        description=(
+            "After a response goes stale, serve it for this long more while one background request "
+            "refreshes it (RFC 5861). The response's own stale-while-revalidate applies too (the larger "
+            "wins). Never for responses marked must-revalidate, proxy-revalidate, s-maxage or no-cache."
+        ),
+    )
+    stale_if_error: Duration = Field(
+        default="0s",
+        description=(
+            "Forward recovery: when the upstream answers 5xx, times out, refuses connections or the "
+            "breaker is open, serve a stale response up to this long past its freshness. 0s: only what "
+            "the response's own stale-if-error allows."
+        ),
+    )
+    coalesce_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="5s",
+        description=(
+            "Concurrent misses for one URL wait for the first one's upstream response this long at most "
+            "(like nginx proxy_cache_lock_timeout 5s); after it, each goes to the upstream itself."
+        ),
+    )
+
+
+class CacheStoreOptions(PolicyModel):
+    """The in-memory store every caching route shares."""
+
+    max_size: Annotated[Size, Field(gt=0)] = Field(
+        default="64MiB",
+        description=(
+            "Memory for all stored responses (headers + bodies); beyond it the least recently used are "
+            "evicted. 64MiB suits a sidecar; raise it for a catalog-style upstream."
+        ),
+    )
+    max_object_size: Annotated[Size, Field(gt=0)] = Field(
+        default="8MiB",
+        description=(
+            "Largest single response stored; larger bodies stream through to the client uncached, "
+            "never buffered whole."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _object_fits(self) -> CacheStoreOptions:
+        if self.max_object_size > self.max_size:
+            raise policy_error("cache.max_object_size cannot be larger than cache.max_size")
+        return self
