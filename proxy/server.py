@@ -198,7 +198,8 @@ class Fender:
             # Fender decides whom to trust for X-Forwarded-* itself (server.trusted_proxies).
             proxy_headers=False,
             server_header=False,
-            date_header=True,
+            # The data plane passes the upstream's Date and adds one only when missing (RFC 9110 6.6.1).
+            date_header=False,
             timeout_keep_alive=max(1, round(server.keepalive_timeout)),
             limit_concurrency=server.max_connections,
             timeout_graceful_shutdown=30,

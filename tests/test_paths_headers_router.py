@@ -104,6 +104,7 @@ def test_response_headers_strip_hop_by_hop_and_fix_framing():
     out = response_headers(
         [
             (b"content-type", b"text/plain"),
+            (b"date", b"Thu, 26 Nov 2026 07:00:00 GMT"),
             (b"connection", b"close, x-internal"),
             (b"x-internal", b"secret"),
             (b"transfer-encoding", b"chunked"),
@@ -117,6 +118,7 @@ def test_response_headers_strip_hop_by_hop_and_fix_framing():
     )
     assert out == [
         (b"content-type", b"text/plain"),
+        (b"date", b"Thu, 26 Nov 2026 07:00:00 GMT"),
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
         (b"via", b"1.1 fender"),
@@ -174,3 +176,8 @@ def test_client_address_walks_trusted_chain_only():
     spoofed = RequestHead([(b"x-forwarded-for", b"1.2.3.4")])
     add_forwarding(spoofed, "192.0.2.7", b"http", "1.1", trusted)
     assert spoofed.client == "192.0.2.7"  # the peer is not trusted: its XFF means nothing
+
+
+def test_response_without_date_gets_one():
+    out = dict(response_headers([(b"content-type", b"text/plain")], b"rid-2"))
+    assert out[b"date"].endswith(b" GMT") and len(out[b"date"]) == 29

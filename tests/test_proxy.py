@@ -390,3 +390,13 @@ def test_json_of_every_local_reason_is_documented():
             continue
         assert f"| {status} | `{reason}` |" in readme, reason
     json.dumps(LOCAL_STATUS)
+
+
+async def test_exactly_one_date_header(echo_upstream, start_fender):
+    """The upstream's Date is passed on; Fender adds one only where there is none (local answers)."""
+    fender = await start_fender(policy_text(echo_upstream.port))
+    proxied = await raw_request(fender.data_port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    local = await raw_request(fender.data_port, b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n")
+    for response in (proxied, local):
+        head = response.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.count(b"\r\ndate: ") == 1, head

@@ -14,7 +14,7 @@ import time
 
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.dataplane.forward import BodyTooLarge, RequestBodyTimeout
-from proxy.dataplane.headers import RequestHead, add_forwarding, new_request_id, response_headers
+from proxy.dataplane.headers import RequestHead, add_forwarding, http_date, new_request_id, response_headers
 from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
 from proxy.dataplane.runtime import RouteRuntime, Runtime
@@ -248,7 +248,7 @@ class DataPlane:
         status = reply.status
         if isinstance(reply, LocalReply):
             route.metrics.local(reply.reason).inc()
-            headers = reply.headers + [(b"x-request-id", ex.request_id)]
+            headers = reply.headers + [(b"date", http_date()), (b"x-request-id", ex.request_id)]
         else:
             headers = response_headers(reply.headers, ex.request_id)
         if ex.response_headers:
@@ -310,7 +310,7 @@ class DataPlane:
         else:
             route.metrics.local(reply.reason).inc()
             route.metrics.request_counter(method, reply.status).inc()
-        headers = reply.headers + [(b"x-request-id", request_id)]
+        headers = reply.headers + [(b"date", http_date()), (b"x-request-id", request_id)]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         body = b"" if method == "HEAD" else reply.body
         await send({"type": "http.response.body", "body": body, "more_body": False})

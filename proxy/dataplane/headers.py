@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import time
+from email.utils import formatdate
 
 HOP_BY_HOP = frozenset(
     {
@@ -234,6 +236,7 @@ def response_headers(
     connection: list[bytes] | None = None
     chunked = False
     has_length = False
+    has_date = False
     drop = _RESPONSE_DROP
     for name, value in upstream_headers:
         if name in drop:
@@ -246,6 +249,8 @@ def response_headers(
             continue
         if name == b"content-length":
             has_length = True
+        elif name == b"date":
+            has_date = True
         elif name == b"x-request-id":
             continue
         out.append((name, value))
@@ -256,6 +261,21 @@ def response_headers(
     if chunked and has_length:
         # RFC 9112 6.3: Transfer-Encoding overrides Content-Length; never pass both on.
         out = [(n, v) for n, v in out if n != b"content-length"]
+    if not has_date:
+        # RFC 9110 6.6.1: a recipient with a clock forwarding a response without Date adds one.
+        out.append((b"date", http_date()))
     out.append((b"via", b"1.1 " + VIA_TOKEN))
     out.append((b"x-request-id", request_id))
     return out
+
+
+_date_cache: list = [0, b""]
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP-date, formatted at most once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+        _date_cache[0] = now
+    return _date_cache[1]
