@@ -664,3 +664,19 @@ async def test_a_client_cannot_purge_an_entry_with_request_directives(start_fend
         origin.script["/keep"] = (200, [("cache-control", "no-store")], b"now private")
         await client.get("/keep")
         assert fender.runtime.shared["cache.store"].entries == 0  # the upstream itself said no-store
+
+
+async def test_uncacheable_url_is_not_serialised_behind_one_request(start_fender, origin, clock):
+    """Hit-for-miss: once a URL answered with something not storable, concurrent misses go upstream together."""
+    origin.script["/live"] = (200, [], b"not cacheable")  # no freshness information: not stored
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url, timeout=20) as client:
+        assert (await client.get("/live")).status_code == 200  # learns that /live is not storable
+        origin.gate = asyncio.Event()
+        tasks = [asyncio.ensure_future(client.get("/live")) for _ in range(5)]
+        # All five reach the upstream while it holds every answer: nobody waits for anybody.
+        await origin.up.wait_until(lambda: len(origin.calls("/live")) >= 6)
+        origin.gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 5
+    assert metric(fender, "fender_cache_coalesced_total") == 0

@@ -1,14 +1,21 @@
-"""`make bench`: Fender's data-path throughput against direct and nginx, in one interleaved run.
+"""`make bench`: Fender's data path against direct, nginx and the Python server's ceiling, in one run.
 
-Layout (2 cores): the proxy under test (Fender or nginx-as-proxy) is pinned to
-core 0; the upstream and the load generator share core 1. Each round measures
-every target once, in turn, so noise from a shared machine hits them alike;
-the report gives the median of the rounds and ratios between targets of the
-same run (absolute numbers from these machines are not comparable across runs).
+Layout on 2 cores: the server under test (Fender, nginx as a proxy, or the
+hello-world ceiling) is pinned to core 0; the upstream and the load generator
+share core 1. Each round measures every target once, in turn, so noise from a
+shared machine hits them alike; the report gives the median of the rounds and
+ratios between targets of the same run (absolute numbers from these machines
+do not compare across runs).
 
-Upstream: nginx when installed (else a bundled raw asyncio server). Load: wrk
-when installed (else a bundled asyncio load client; slower, so ratios only).
-Everything listens on 127.0.0.1 and every process started is stopped by PID.
+Targets: `direct` (the upstream itself), `nginx_proxy` (when nginx is
+installed), `fender` (pass-through route), `fender_policies` (rate limit,
+bulkhead, retry, breaker, failover over two replicas with health checks, cache
+on a non-cacheable response), `fender_cache_hit`, and `hello_world` (uvicorn
+raw ASGI answering directly: the ceiling of the Python server).
+
+Upstream: nginx when installed, else a bundled raw asyncio server. Load: wrk
+when installed, else the bundled client (tests/bench/load.py). Everything
+listens on 127.0.0.1 and every process started is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BODY = b"x" * 128
+BASELINE = ROOT / "tests" / "bench" / "baseline.json"
+BODY = "x" * 128
+
+# Ratios the data path is held to (issue 3). Printed with the results, never asserted in tests.
+TARGETS = {
+    "fender_vs_nginx_proxy": 0.25,
+    "policies_vs_fender": 0.80,
+    "cache_hit_vs_hello_world": 0.50,
+}
 
 
 def free_port() -> int:
@@ -39,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -59,9 +74,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS:") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -81,34 +96,22 @@ class Procs:
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
 
-def nginx_conf(workdir: Path, upstream_port: int, proxy_port: int | None) -> Path:
-    proxy = ""
-    if proxy_port:
-        proxy = f"""
-        upstream origin {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
-        server {{
-            listen 127.0.0.1:{proxy_port};
-            location / {{
-                proxy_pass http://origin;
-                proxy_http_version 1.1;
-                proxy_set_header Connection "";
-            }}
-        }}"""
-    conf = workdir / f"nginx-{proxy_port or upstream_port}.conf"
+def nginx_conf(workdir: Path, name: str, servers: str) -> Path:
+    conf = workdir / f"nginx-{name}.conf"
     conf.write_text(
         textwrap.dedent(
             f"""
             daemon off;
             master_process off;
             worker_processes 1;
-            pid {workdir}/nginx-{proxy_port or upstream_port}.pid;
-            error_log {workdir}/nginx-error.log warn;
+            pid {workdir}/nginx-{name}.pid;
+            error_log {workdir}/nginx-{name}-error.log warn;
             events {{ worker_connections 4096; }}
             http {{
                 access_log off;
@@ -117,38 +120,73 @@ def nginx_conf(workdir: Path, upstream_port: int, proxy_port: int | None) -> Pat
                 fastcgi_temp_path {workdir}/fastcgi;
                 uwsgi_temp_path {workdir}/uwsgi;
                 scgi_temp_path {workdir}/scgi;
-                keepalive_requests 100000;
-                {"" if proxy_port else f'server {{ listen 127.0.0.1:{upstream_port}; location / {{ return 200 "{BODY.decode()}"; }} }}'}
-                {proxy}
-            }}
+                keepalive_requests 1000000;
             """
         )
+        + servers
+        + "\n}\n"
     )
     return conf
 
 
+def nginx_origin(port: int) -> str:
+    return f"""
+    server {{
+        listen 127.0.0.1:{port};
+        location /cached {{ add_header Cache-Control "max-age=3600"; return 200 "{BODY}"; }}
+        location / {{ return 200 "{BODY}"; }}
+    }}"""
+
+
+def nginx_proxy(port: int, upstream_port: int) -> str:
+    return f"""
+    upstream origin {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}"""
+
+
+# A bundled origin for machines without nginx: answers every request, /cached with max-age.
 RAW_UPSTREAM = """
 import asyncio, sys
 BODY = b"x" * 128
-RESP = b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\ncontent-type: text/plain\\r\\n\\r\\n%s" % (len(BODY), BODY)
+PLAIN = b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\ncontent-type: text/plain\\r\\n\\r\\n%s" % (len(BODY), BODY)
+CACHED = PLAIN.replace(b"\\r\\n\\r\\n", b"\\r\\ncache-control: max-age=3600\\r\\n\\r\\n", 1)
 class P(asyncio.Protocol):
     def connection_made(self, t): self.t = t; self.buf = b""
     def data_received(self, d):
         self.buf += d
         while b"\\r\\n\\r\\n" in self.buf:
-            _, self.buf = self.buf.split(b"\\r\\n\\r\\n", 1)
-            self.t.write(RESP)
+            head, self.buf = self.buf.split(b"\\r\\n\\r\\n", 1)
+            self.t.write(CACHED if head.split(b" ", 2)[1].startswith(b"/cached") else PLAIN)
 async def main():
-    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]), backlog=1024)
-    await srv.serve_forever()
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(P, "127.0.0.1", int(p), backlog=1024) for p in sys.argv[1:]]
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 try:
     import uvloop; uvloop.run(main())
 except ImportError:
     asyncio.run(main())
 """
 
+# The Python server's own ceiling: uvicorn (uvloop + httptools) raw ASGI answering directly.
+HELLO_WORLD = """
+import sys, uvicorn
+BODY = b"x" * 128
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(BODY))]})
+    await send({"type": "http.response.body", "body": BODY})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools",
+            lifespan="off", access_log=False, log_level="warning", ws="none")
+"""
 
-def fender_policy(workdir: Path, port: int, admin: int, upstream_port: int) -> Path:
+
+def fender_policy(workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int]) -> Path:
+    one, two = upstream_ports
     path = workdir / "bench-policy.yaml"
     path.write_text(
         textwrap.dedent(
@@ -157,11 +195,25 @@ def fender_policy(workdir: Path, port: int, admin: int, upstream_port: int) -> P
             admin: 127.0.0.1:{admin}
             upstreams:
               origin:
-                replicas: [{{url: http://127.0.0.1:{upstream_port}}}]
+                replicas: [{{url: http://127.0.0.1:{one}}}]
                 pool: {{max_connections: 256, max_keepalive: 128}}
+              pair:
+                replicas: [{{url: http://127.0.0.1:{one}}}, {{url: http://127.0.0.1:{two}}}]
+                pool: {{max_connections: 256, max_keepalive: 128}}
+                balance: round_robin
+                health_check: {{path: /, interval: 2s}}
+                outlier_detection: {{consecutive_failures: 5}}
             routes:
-              - name: passthrough
-                upstream: origin
+              - {{name: pass, match: {{path_prefix: /pass}}, upstream: origin}}
+              - {{name: cached, match: {{path_prefix: /cached}}, upstream: origin, cache: {{}}}}
+              - name: all
+                match: {{path_prefix: /all}}
+                upstream: pair
+                rate_limit: {{rate: 10000000/s, burst: 10000000, key: client_ip}}
+                bulkhead: {{max_concurrent: 1000, max_queued: 1000}}
+                retry: {{attempts: 2}}
+                circuit_breaker: {{consecutive_failures: 50}}
+                cache: {{}}
             """
         )
     )
@@ -170,24 +222,24 @@ def fender_policy(workdir: Path, port: int, admin: int, upstream_port: int) -> P
 
 def run_wrk(url: str, seconds: float, connections: int) -> dict:
     cmd = [*taskset(1), "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        raise RuntimeError(f"wrk failed against {url}: {out[-500:]}")
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    lat = {}
-    for pct in ("50", "99"):
-        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
-        if m:
-            value = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-            lat[f"p{pct}_ms"] = value
-    return {
-        "rps": rps,
+    result = {
+        "rps": float(match.group(1)),
         "requests": total,
         "errors": (int(errors.group(1)) if errors else 0)
         + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
-        **lat,
     }
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        if m:
+            result[f"p{pct}_ms"] = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    return result
 
 
 def run_python_load(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
@@ -195,8 +247,13 @@ def run_python_load(url: str, seconds: float, connections: int, rate: float | No
     cmd = [*taskset(1), sys.executable, str(script), url, str(seconds), str(connections)]
     if rate:
         cmd.append(str(rate))
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
     return json.loads(out)
+
+
+def _median(rows: list[dict]) -> dict:
+    keys = {k for row in rows for k in row if isinstance(row[k], int | float)}
+    return {k: round(statistics.median(row[k] for row in rows if k in row), 2) for k in sorted(keys)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=1000.0, help="fixed request rate for the latency measurement"
     )
     parser.add_argument(
+        "--million", action="store_true", help="also send a million requests and report RSS after"
+    )
+    parser.add_argument(
         "--json", default=str(ROOT / "tests" / "bench" / "last.json"), help="where to write results"
+    )
+    parser.add_argument(
+        "--save-baseline", action="store_true", help=f"also write the results to {BASELINE.name}"
     )
     args = parser.parse_args(argv)
 
@@ -219,79 +282,84 @@ def main(argv: list[str] | None = None) -> int:
     load = run_wrk if have_wrk else run_python_load
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-"))
-    upstream_port, nginx_proxy_port, fender_port, admin_port = (free_port() for _ in range(4))
+    up1, up2, nginx_port, fender_port, admin_port, hello_port = (free_port() for _ in range(6))
     results: dict[str, list[dict]] = {}
     latency: dict[str, list[dict]] = {}
+    memory: dict[str, float] = {}
     try:
         if have_nginx:
-            procs.start(
-                [
-                    *taskset(1),
-                    "nginx",
-                    "-c",
-                    str(nginx_conf(workdir, upstream_port, None)),
-                    "-p",
-                    str(workdir),
-                ]
-            )
-            procs.start(
-                [
-                    *taskset(0),
-                    "nginx",
-                    "-c",
-                    str(nginx_conf(workdir, upstream_port, nginx_proxy_port)),
-                    "-p",
-                    str(workdir),
-                ]
-            )
-            wait_port(nginx_proxy_port)
+            origin = nginx_conf(workdir, "origin", nginx_origin(up1) + nginx_origin(up2))
+            procs.start([*taskset(1), "nginx", "-c", str(origin), "-p", str(workdir)])
+            proxy = nginx_conf(workdir, "proxy", nginx_proxy(nginx_port, up1))
+            procs.start([*taskset(0), "nginx", "-c", str(proxy), "-p", str(workdir)])
+            wait_port(nginx_port)
         else:
-            procs.start([*taskset(1), sys.executable, "-c", RAW_UPSTREAM, str(upstream_port)])
-        wait_port(upstream_port)
-        policy = fender_policy(workdir, fender_port, admin_port, upstream_port)
+            procs.start([*taskset(1), sys.executable, "-c", RAW_UPSTREAM, str(up1), str(up2)])
+        wait_port(up1)
+        wait_port(up2)
+        hello = procs.start([*taskset(0), sys.executable, "-c", HELLO_WORLD, str(hello_port)])
+        policy = fender_policy(workdir, fender_port, admin_port, (up1, up2))
         fender = procs.start(
             [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
             cwd=ROOT,
         )
         wait_port(fender_port)
-        urllib.request.urlopen(f"http://127.0.0.1:{fender_port}/", timeout=5).read()
+        wait_port(hello_port)
+        for path in ("/pass", "/all", "/cached", "/cached"):
+            urllib.request.urlopen(f"http://127.0.0.1:{fender_port}{path}", timeout=5).read()
 
-        targets = {"direct": upstream_port, "fender": fender_port}
+        targets = {"direct": (f"http://127.0.0.1:{up1}/", None)}
         if have_nginx:
-            targets["nginx_proxy"] = nginx_proxy_port
-        # warm-up
-        for port in targets.values():
-            load(f"http://127.0.0.1:{port}/", 1.0, args.connections)
+            targets["nginx_proxy"] = (f"http://127.0.0.1:{nginx_port}/", None)
+        targets["fender"] = (f"http://127.0.0.1:{fender_port}/pass", fender.pid)
+        targets["fender_policies"] = (f"http://127.0.0.1:{fender_port}/all", fender.pid)
+        targets["fender_cache_hit"] = (f"http://127.0.0.1:{fender_port}/cached", fender.pid)
+        targets["hello_world"] = (f"http://127.0.0.1:{hello_port}/", hello.pid)
+        for url, _ in targets.values():  # warm-up
+            load(url, 1.0, args.connections)
         for round_no in range(args.rounds):
-            for name, port in targets.items():
-                cpu_before = cpu_seconds(fender.pid) if name == "fender" else None
-                result = load(f"http://127.0.0.1:{port}/", args.seconds, args.connections)
+            for name, (url, pid) in targets.items():
+                cpu_before = cpu_seconds(pid) if pid else None
+                result = load(url, args.seconds, args.connections)
                 if cpu_before is not None:
-                    result["cpu_us_per_request"] = (
-                        (cpu_seconds(fender.pid) - cpu_before) / max(result["requests"], 1) * 1e6
-                    )
+                    cpu = cpu_seconds(pid) - cpu_before
+                    result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
                 results.setdefault(name, []).append(result)
-                print(f"round {round_no + 1}: {name:12s} {result['rps']:10.0f} req/s", file=sys.stderr)
+                print(f"round {round_no + 1}: {name:18s} {result['rps']:10.0f} req/s", file=sys.stderr)
         # Added latency at a moderate fixed rate (open loop, so stalls are not hidden).
         for _ in range(args.rounds):
-            for name in ("direct", "fender"):
-                result = run_python_load(f"http://127.0.0.1:{targets[name]}/", args.seconds, 10, args.rate)
-                latency.setdefault(name, []).append(result)
-        fender_rss = rss_mib(fender.pid)
+            for name in ("direct", "fender", "fender_policies"):
+                latency.setdefault(name, []).append(
+                    run_python_load(targets[name][0], args.seconds, 10, args.rate)
+                )
+        memory["fender_rss_mib"] = rss_mib(fender.pid)
+        memory["fender_peak_rss_mib"] = rss_mib(fender.pid, "VmHWM:")
+        if args.million:
+            sent = 0
+            started = time.monotonic()
+            while sent < 1_000_000 and time.monotonic() - started < 900:
+                sent += load(targets["fender"][0], 20, args.connections)["requests"]
+            memory["million_requests_sent"] = sent
+            memory["fender_rss_after_million_mib"] = rss_mib(fender.pid)
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {name: _median(rows) for name, rows in results.items()}
-    summary["fender"]["peak_rss_mib"] = round(fender_rss, 1)
-    ratios = {"fender_vs_direct": summary["fender"]["rps"] / summary["direct"]["rps"]}
-    if "nginx_proxy" in summary:
-        ratios["fender_vs_nginx_proxy"] = summary["fender"]["rps"] / summary["nginx_proxy"]["rps"]
-        ratios["nginx_proxy_vs_direct"] = summary["nginx_proxy"]["rps"] / summary["direct"]["rps"]
     fixed = {name: _median(rows) for name, rows in latency.items()}
-    if fixed:
-        fixed["added_p50_ms"] = round(fixed["fender"]["p50_ms"] - fixed["direct"]["p50_ms"], 3)
-        fixed["added_p99_ms"] = round(fixed["fender"]["p99_ms"] - fixed["direct"]["p99_ms"], 3)
+    for name in ("fender", "fender_policies"):
+        fixed[f"{name}_added_p50_ms"] = round(fixed[name]["p50_ms"] - fixed["direct"]["p50_ms"], 3)
+        fixed[f"{name}_added_p99_ms"] = round(fixed[name]["p99_ms"] - fixed["direct"]["p99_ms"], 3)
+    rps = {name: row["rps"] for name, row in summary.items()}
+    ratios = {
+        "fender_vs_direct": rps["fender"] / rps["direct"],
+        "policies_vs_fender": rps["fender_policies"] / rps["fender"],
+        "cache_hit_vs_hello_world": rps["fender_cache_hit"] / rps["hello_world"],
+        "hello_world_vs_direct": rps["hello_world"] / rps["direct"],
+    }
+    if "nginx_proxy" in rps:
+        ratios["fender_vs_nginx_proxy"] = rps["fender"] / rps["nginx_proxy"]
+        ratios["nginx_proxy_vs_direct"] = rps["nginx_proxy"] / rps["direct"]
     report = {
         "load_tool": "wrk" if have_wrk else "bundled",
         "upstream": "nginx" if have_nginx else "bundled",
@@ -300,39 +368,47 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "results": summary,
         "fixed_rate": {"rate": args.rate, **fixed},
+        "memory": {k: round(v, 1) for k, v in memory.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    _print_table(report)
+    baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else None
+    print_report(report, baseline)
+    if args.save_baseline:
+        BASELINE.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"saved as {BASELINE.relative_to(ROOT)}")
     return 0
 
 
-def _median(rows: list[dict]) -> dict:
-    keys = {k for row in rows for k in row if isinstance(row[k], int | float)}
-    return {k: round(statistics.median(row[k] for row in rows if k in row), 2) for k in sorted(keys)}
-
-
-def _print_table(report: dict) -> None:
+def print_report(report: dict, baseline: dict | None) -> None:
     print(
         f"load: {report['load_tool']}, upstream: {report['upstream']}, {report['connections']} connections, "
-        f"median of {report['rounds']} rounds of {report['seconds']}s"
+        f"median of {report['rounds']} interleaved rounds of {report['seconds']}s; server under test on core 0"
     )
-    print(f"{'target':14s} {'req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'cpu us/req':>11s}")
+    print(f"{'target':18s} {'req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'cpu us/req':>11s}")
     for name, row in report["results"].items():
         cpu = row.get("cpu_us_per_request")
+        cpu_text = f"{cpu:11.1f}" if cpu is not None else f"{'-':>11s}"
         print(
-            f"{name:14s} {row['rps']:10.0f} {row.get('p50_ms', float('nan')):8.2f} {row.get('p99_ms', float('nan')):8.2f} "
-            f"{row.get('errors', 0):7.0f} {cpu if cpu is not None else float('nan'):11.1f}"
+            f"{name:18s} {row['rps']:10.0f} {row.get('p50_ms', float('nan')):8.2f} "
+            f"{row.get('p99_ms', float('nan')):8.2f} {row.get('errors', 0):7.0f} {cpu_text}"
         )
-    fixed = report.get("fixed_rate") or {}
-    if "fender" in fixed:
-        print(
-            f"at {fixed['rate']:.0f} req/s: direct p50 {fixed['direct']['p50_ms']:.2f} ms p99 {fixed['direct']['p99_ms']:.2f} ms; "
-            f"fender p50 {fixed['fender']['p50_ms']:.2f} ms p99 {fixed['fender']['p99_ms']:.2f} ms "
-            f"(added p50 {fixed['added_p50_ms']:.2f} ms, p99 {fixed['added_p99_ms']:.2f} ms)"
-        )
+    fixed = report["fixed_rate"]
+    print(f"at a fixed {fixed['rate']:.0f} req/s (10 connections, open loop):")
+    for name in ("direct", "fender", "fender_policies"):
+        row = fixed[name]
+        extra = ""
+        if name != "direct":
+            extra = f"  added p50 {fixed[name + '_added_p50_ms']:+.2f} ms, p99 {fixed[name + '_added_p99_ms']:+.2f} ms"
+        print(f"  {name:18s} p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms{extra}")
+    for name, value in report["memory"].items():
+        print(f"{name}: {value}")
+    old = (baseline or {}).get("ratios", {})
     for name, value in report["ratios"].items():
-        print(f"{name}: {value:.1%}")
+        target = TARGETS.get(name)
+        verdict = f"  (target >= {target:.0%}: {'met' if value >= target else 'NOT met'})" if target else ""
+        change = f"  [baseline {old[name]:.1%}, change {value - old[name]:+.1%}]" if name in old else ""
+        print(f"{name}: {value:.1%}{verdict}{change}")
 
 
 if __name__ == "__main__":

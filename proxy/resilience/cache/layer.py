@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 from proxy.dataplane.exchange import Exchange, LocalReply
 from proxy.resilience.cache import policy as rfc
@@ -47,6 +48,8 @@ _ORIGIN_ONLY = frozenset({b"if-match", b"if-unmodified-since", b"if-range", b"ra
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 
 _STATUS_MISS = b"fender; fwd=miss"
+# Bound on the hit-for-miss table (keys of URLs recently answered with something not storable).
+_MAX_UNCACHEABLE_KEYS = 10_000
 _RESPONSE_SAYS_DO_NOT_STORE = frozenset({"no-store", "private", "vary", "must-understand"})
 # Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
@@ -229,6 +232,9 @@ class CacheLayer:
         self.sie = options.stale_if_error
         self.coalesce_timeout = options.coalesce_timeout
         self._flights: dict[bytes, _Flight] = {}
+        # URL keys whose last answer was not storable -> until when misses skip coalescing (hit-for-miss).
+        self.uncacheable_ttl = options.uncacheable_ttl
+        self._uncacheable: OrderedDict[bytes, float] = OrderedDict()
         self._refreshing: set[bytes] = set()
         self._tasks: set[asyncio.Task] = set()
         m = ctx.metrics
@@ -346,6 +352,15 @@ class CacheLayer:
     # ------------------------------------------------------------------ misses and coalescing
 
     async def _miss(self, ex: Exchange, key: bytes, req: _Request, stale: Entry | None, fwd: bytes):
+        if self._uncacheable:
+            until = self._uncacheable.get(key)
+            if until is not None:
+                if until > self.clock.now():
+                    # Known not storable: waiting for another miss would only serialise the requests.
+                    if stale is None:
+                        self.m_result["miss"].inc()
+                    return await self._fetch(ex, key, stale, req, _noop, fwd)
+                del self._uncacheable[key]
         flight = self._flights.get(key)
         if flight is not None and flight.expires <= self.clock.now():
             # A first request that never finished (its client vanished mid-body): stop waiting for it.
@@ -389,6 +404,13 @@ class CacheLayer:
             release()
             raise
         return reply
+
+    def _remember_uncacheable(self, key: bytes, now: float) -> None:
+        table = self._uncacheable
+        table[key] = now + self.uncacheable_ttl
+        table.move_to_end(key)
+        if len(table) > _MAX_UNCACHEABLE_KEYS:
+            table.popitem(last=False)
 
     async def _wait(self, flight: _Flight) -> None:
         """Wait for the first request's outcome, at most coalesce_timeout on the injected clock."""
@@ -493,6 +515,8 @@ class CacheLayer:
         ):
             # (A 5xx is stored only when the upstream gave it explicit freshness.)
             release()
+            if not failed and self.uncacheable_ttl > 0:
+                self._remember_uncacheable(key, now)
             if stale is not None and analysis.why_not in _RESPONSE_SAYS_DO_NOT_STORE:
                 # The upstream now forbids storing this URL: drop what we have. (Reasons coming
                 # from the request, like its no-store or Authorization, must not let a client purge.)
@@ -509,6 +533,9 @@ class CacheLayer:
             )
             return reply
         status_value = b"fender; fwd=%s; fwd-status=%d; stored" % (fwd, reply.status)
+
+        if self._uncacheable:
+            self._uncacheable.pop(key, None)
 
         def store(body: bytes | None) -> None:
             try:

@@ -77,6 +77,14 @@ class CacheOptions(PolicyModel):
             "(like nginx proxy_cache_lock_timeout 5s); after it, each goes to the upstream itself."
         ),
     )
+    uncacheable_ttl: Duration = Field(
+        default="60s",
+        description=(
+            "After an upstream answer for a URL turns out not storable, concurrent misses for that URL stop "
+            "waiting for each other for this long (Varnish's hit-for-miss): an uncacheable URL under load "
+            "is not serialised behind one request at a time. 0s turns it off."
+        ),
+    )
 
 
 class CacheStoreOptions(PolicyModel):
