@@ -121,7 +121,12 @@ async def test_max_keepalive_and_idle_timeout() -> None:
         assert pool.idle == 0
 
 
-async def test_idle_connection_closed_by_upstream_is_not_used() -> None:
+async def test_idle_connection_closed_by_upstream_is_not_used(monkeypatch) -> None:
+    # The poll(2) probe runs only for connections idle longer than STALE_PROBE_AFTER (upstreams close
+    # idle keep-alive connections after seconds); here the upstream closes at once, so probe always.
+    import proxy.upstream.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "STALE_PROBE_AFTER", 0.0)
     closers: list[Responder] = []
 
     async def remember(req: Request, conn: Responder) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from .connection import Connection, UpstreamResponse
 from .errors import ConnectFailure, ConnectTimeout, PoolOverflow, RequestBodyError, ResetBeforeHeaders
 
+# Idle connections younger than this are reused without the poll(2) liveness probe.
+STALE_PROBE_AFTER = 0.1
 # Bodies up to this size are joined with the head into a single write.
 _JOIN_BODY_MAX = 64 * 1024
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -202,10 +204,16 @@ class UpstreamPool:
 
     def _take_idle(self) -> Connection | None:
         idle = self._idle
+        if not idle:
+            return None
+        # Probe with poll(2) only connections idle long enough for the upstream to have given up on
+        # them; under load a connection is reused within milliseconds and the probe is pure cost
+        # (an EOF the loop already processed marks the connection closed either way).
+        probe_before = self._loop.time() - STALE_PROBE_AFTER
         while idle:
             conn = idle.pop()
             conn.pooled = False
-            if conn.closed or conn.is_stale():
+            if conn.closed or (conn.idle_since < probe_before and conn.is_stale()):
                 conn.close()
                 continue
             conn.checked_out = True

@@ -14,6 +14,7 @@ codes); RFC 5861 (stale-while-revalidate, stale-if-error).
 from __future__ import annotations
 
 import email.utils
+import functools
 from urllib.parse import urlsplit
 
 # RFC 9110 15.1: cacheable by default, so heuristic freshness may apply (4.2.2).
@@ -116,6 +117,12 @@ def parse_http_date(value: bytes | None) -> float | None:
     """An HTTP-date (IMF-fixdate, RFC 850 or asctime) as epoch seconds, or None if invalid."""
     if not value:
         return None
+    return _parse_http_date(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_http_date(value: bytes) -> float | None:
+    # Memoised: responses of the same second carry the same Date, and parsing one costs microseconds.
     try:
         parsed = email.utils.parsedate_tz(value.decode("latin-1"))
     except (ValueError, TypeError, IndexError):
