@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Size, describe_value, policy_error
+from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 
 __all__ = [
     "PolicyModel",
@@ -690,6 +691,22 @@ class Policy(PolicyModel):
     # section: cache store
 
     # section: checkpoint and drain
+    reload: ReloadOptions = Field(
+        default_factory=ReloadOptions,
+        description="Hot reload of this file (watching, SIGHUP, POST /admin/reload) and automatic rollback.",
+    )
+    drain: DrainOptions = Field(
+        default_factory=DrainOptions,
+        description="Graceful shutdown on SIGTERM: how long to keep serving after /readyz turns 503, and how long to wait for in-flight requests.",
+    )
+    checkpoint: CheckpointOptions | None = Field(
+        default=None,
+        description="Save breaker states and replica health to a file periodically and at shutdown, and restore them at start. Off when absent.",
+    )
+    admin_auth: AdminAuthOptions | None = Field(
+        default=None,
+        description="Bearer token required on /admin/* endpoints (not on /healthz, /readyz, /metrics). Fender refuses to start with an admin listener beyond loopback without it.",
+    )
 
     # section: shared (Redis fleet tier)
 
