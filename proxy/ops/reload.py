@@ -309,11 +309,10 @@ class Reloader:
     def start(self) -> None:
         options = self.fender.policy.reload
         if options.watch and self.path:
-            self._watch_task = self._spawn(self._watch(options.watch_interval))
+            self._watch_task = self._spawn(self._watch(options.watch_interval, _stat(self.path)))
 
-    async def _watch(self, interval: float) -> None:
+    async def _watch(self, interval: float, seen) -> None:
         clock = self.fender.clock
-        seen = _stat(self.path)
         pending = None
         while True:
             await clock.sleep(interval)
