@@ -283,8 +283,13 @@ class Fender:
         """Start draining (SIGTERM); a second call skips what is left of the delay."""
         if self._drain_task is None:
             self._drain_task = asyncio.ensure_future(self.drain(delay))
-        else:
+        elif not self._skip_delay.is_set():
             self._skip_delay.set()
+        else:
+            # A third signal: stop waiting for in-flight requests (uvicorn then cancels them).
+            log.warning("forced stop: in-flight requests are cut")
+            for server in self._servers:
+                server.force_exit = True
 
     async def drain(self, delay: float | None = None) -> None:
         """Readiness 503 now; serve for ``drain.delay``; close the listener; wait for in-flight requests."""
@@ -297,7 +302,7 @@ class Fender:
             delay,
             options.timeout,
         )
-        if delay > 0:
+        if delay > 0 and not self._skip_delay.is_set():
             sleeper = asyncio.ensure_future(self.clock.sleep(delay))
             skipper = asyncio.ensure_future(self._skip_delay.wait())
             await asyncio.wait((sleeper, skipper), return_when=asyncio.FIRST_COMPLETED)

@@ -361,3 +361,19 @@ def test_sighup_reloads_the_policy_file(fender_process):
     assert status["applied_by"] == "signal" and status["ok"] is True
     config = httpx.get(f"http://127.0.0.1:{admin}/admin/config").json()
     assert config["policy"]["routes"][0]["timeout"] == "2s"
+
+
+async def test_listener_settings_are_recorded_for_the_next_start(echo_upstream, file_fender):
+    fender = await file_fender(policy(echo_upstream.port))
+    data_port = fender.data_port
+    changed = policy(echo_upstream.port, timeout="9s").replace(
+        "listen: 127.0.0.1:0", f"listen: 127.0.0.1:{free_port()}"
+    )
+    fender.path.write_text(changed.replace("watch: false", "watch: false, watch_interval: 2s"))
+    attempt = await fender.reloader.reload("api")
+    status = fender.reloader.status()
+    assert attempt.result == "applied"
+    assert status["pending_restart"] == ["listen"]
+    assert fender.runtime.routes[0].timeout == 9  # the rest applies now
+    async with httpx.AsyncClient() as client:  # and the listener stays where it was
+        assert (await client.get(f"http://127.0.0.1:{data_port}/still")).status_code == 200

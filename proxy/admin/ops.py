@@ -40,6 +40,7 @@ _CONFIG_STATUS = {
         "error": {"type": ["string", "null"], "description": "FILE:LINE:COL: message of the last failure"},
         "errors": {"type": "array", "items": {"type": "string"}},
         "version": {"type": "integer", "description": "policy format version of the running policy"},
+        "fingerprint": {"type": "string", "description": "sha256 of the effective running policy"},
         "loaded_at": {"type": "string", "format": "date-time"},
         "source": {"type": ["string", "null"], "description": "policy file path"},
         "applied_by": {

@@ -669,8 +669,8 @@ class Policy(PolicyModel):
     admin: ListenAddress = Field(
         default="127.0.0.1:9901",
         description=(
-            "host:port of the admin listener (health, metrics, effective config). Local-only by default: "
-            "it is unauthenticated, so never expose it on 0.0.0.0 without a network policy."
+            "host:port of the admin listener (health, metrics, admin API). Local-only by default; beyond "
+            "loopback Fender requires admin_auth (a bearer token for /admin/*) and refuses to start without it."
         ),
     )
     server: ServerOptions = Field(

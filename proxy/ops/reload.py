@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config import PolicyError, PolicyIssue, parse_policy
 from proxy.dataplane.runtime import Runtime
+from proxy.ops.checkpoint import policy_fingerprint
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -307,15 +308,18 @@ class Reloader:
     # -- file watch ------------------------------------------------------------------
 
     def start(self) -> None:
-        options = self.fender.policy.reload
-        if options.watch and self.path:
-            self._watch_task = self._spawn(self._watch(options.watch_interval, _stat(self.path)))
+        if self.path:
+            self._watch_task = self._spawn(self._watch(_stat(self.path)))
 
-    async def _watch(self, interval: float, seen) -> None:
+    async def _watch(self, seen) -> None:
         clock = self.fender.clock
         pending = None
         while True:
-            await clock.sleep(interval)
+            options = self.fender.policy.reload  # a reload may turn watching off or on
+            await clock.sleep(options.watch_interval)
+            if not options.watch:
+                seen, pending = _stat(self.path), None
+                continue
             now = _stat(self.path)
             if now == seen:
                 pending = None
@@ -357,6 +361,7 @@ class Reloader:
             "error": None if ok else last.error,
             "errors": [] if ok else last.errors,
             "version": self.current.policy.version,
+            "fingerprint": policy_fingerprint(self.current.policy),
             "loaded_at": _iso(self.current.loaded_at),
             "source": self.path or None,
             "applied_by": self.current.trigger,
