@@ -347,7 +347,7 @@ async def test_zero_dropped_requests_across_ten_reloads(echo_upstream, file_fend
 def test_sighup_reloads_the_policy_file(fender_process):
     port, admin = free_port(), free_port()
     text = policy(free_port()).replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
-    text = text.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}")
+    text = text.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}\ndrain: {{delay: 0s}}")
     proc = fender_process(text)
     proc.start(port)
     wait_port(admin)
