@@ -377,3 +377,32 @@ async def test_listener_settings_are_recorded_for_the_next_start(echo_upstream, 
     assert fender.runtime.routes[0].timeout == 9  # the rest applies now
     async with httpx.AsyncClient() as client:  # and the listener stays where it was
         assert (await client.get(f"http://127.0.0.1:{data_port}/still")).status_code == 200
+
+
+async def test_a_module_failing_to_start_leaves_the_running_policy(echo_upstream, file_fender, monkeypatch):
+    """A runtime that builds but cannot start (e.g. a health checker) is closed; its kept objects are not."""
+    from proxy.dataplane import pipeline
+    from proxy.dataplane.runtime import keep
+
+    class Refuses(Table):
+        def start(self):
+            raise RuntimeError("cannot start")
+
+    built: list[Refuses] = []
+
+    def build_layer(route, next_handler, ctx):
+        if route.timeout == 7:
+            built.append(keep(ctx, ("refuses", route.name), 7, lambda: Refuses(1)))
+        return None
+
+    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+    fender = await file_fender(policy(echo_upstream.port))
+    running = fender.runtime
+    fender.path.write_text(policy(echo_upstream.port, timeout="7s"))
+    attempt = await fender.reloader.reload("api")
+    assert attempt.result == "failed" and "cannot build the runtime: cannot start" in attempt.error
+    assert fender.runtime is running
+    assert len(built) == 1 and built[0].closed
+    assert not running.upstreams["echo"].replicas[0].pool._closed
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(fender.url + "/x")).status_code == 200

@@ -192,12 +192,15 @@ class Reloader:
     async def _apply(self, policy, sha: str | None, trigger: str, remember: bool = True) -> Attempt:
         fender = self.fender
         old = fender.runtime
+        new = None
         try:
             new = Runtime(policy, fender.metrics, self.path, fender.clock, previous=old)
             await new.start()
-        except Exception as exc:  # a module refusing the policy at build time
+        except Exception as exc:  # a module refusing the policy at build or start time
             log.exception("policy %s could not be built", self.path)
-            return self._fail(trigger, [f"{self.path}: cannot build the runtime: {exc}"])
+            if new is not None:  # close what it built; what it took over keeps serving
+                await new.retire(old.owned_ids())
+            return self._fail(trigger, [f"{self.path or '-'}: cannot build the runtime: {exc}"])
         fender.swap(new)
         if remember:
             self.history.append(self.current)
