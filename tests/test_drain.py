@@ -4,6 +4,7 @@ stops accepting and lets in-flight requests finish (up to drain.timeout) before 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import textwrap
@@ -94,11 +95,16 @@ async def test_drain_keeps_serving_for_the_delay_then_finishes_in_flight():
             await fender.stop()
 
 
-async def test_sigterm_finishes_in_flight_requests_and_exits_0(fender_process):
+async def test_sigterm_finishes_in_flight_requests_and_exits_0(fender_process, tmp_path):
     handler, arrived, gate = gated_upstream()
+    state = tmp_path / "state.json"
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
-        proc = fender_process(drain_policy(up.port, port, admin, delay="2s"))
+        text = (
+            drain_policy(up.port, port, admin, delay="2s")
+            + f'checkpoint: {{path: "{state}", interval: 1h}}\n'
+        )
+        proc = fender_process(text)
         await asyncio.to_thread(proc.start, port)
         await asyncio.to_thread(wait_port, admin)
         base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
@@ -123,3 +129,4 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(fender_process):
         assert response.status_code == 200 and response.content == BODY
         code = await asyncio.to_thread(proc.proc.wait, 15)
         assert code == 0
+        assert json.loads(state.read_text())["fender_checkpoint"] == 1  # written on the way out
