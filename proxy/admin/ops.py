@@ -219,7 +219,11 @@ def build_openapi(endpoints: list[Route]) -> dict:
                 entry[method] = dict(documented[method])
                 continue
             doc = inspect.getdoc(route.endpoint) or route.name.replace("_", " ")
-            entry[method] = {"summary": doc.splitlines()[0], "responses": {"200": _json("OK")}}
+            responses = {"200": _json("OK"), "400": _json("bad request", _ERROR)}
+            if "{" in route.path:
+                responses["404"] = _json("no such name", _ERROR)
+            # Documented from the endpoint's docstring only: its module can add a DOCS entry.
+            entry[method] = {"summary": doc.splitlines()[0], "responses": responses, "x-fender-generic": True}
     document = {
         "openapi": "3.1.0",
         "info": {"title": "Fender admin API", "version": __version__},
