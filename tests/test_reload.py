@@ -215,6 +215,56 @@ async def test_handover_keeps_equal_objects_and_carries_changed_ones(echo_upstre
     assert Handover().keep("k", 1, lambda: "built") == "built"
 
 
+class Named(Table):
+    def __init__(self, name: str) -> None:
+        super().__init__(0)
+        self.name = name
+
+
+@pytest.fixture
+def registry_modules(monkeypatch):
+    """Two module styles seen in the policy modules: a registry looked up by a key that includes the
+    settings (breakers), and a registry written by route name (rate limits, bulkheads)."""
+    from proxy.dataplane import pipeline
+
+    def build_layer(route, next_handler, ctx):
+        registry = ctx.shared.setdefault("breakerish", {})
+        key = ("route", route.name, route.timeout)
+        if registry.get(key) is None:
+            taken = {obj.name for obj in registry.values()}
+            registry[key] = Named(route.name if route.name not in taken else route.name + "-dup")
+        ctx.shared.setdefault("tableish", {})[route.name] = Table(int(route.timeout))
+        return None
+
+    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+
+
+async def test_module_registries_in_shared_are_handed_over(echo_upstream, registry_modules):
+    extra = "- {name: b, match: {path_prefix: /b}, upstream: echo, timeout: 2s}\n"
+    gone = "- {name: c, match: {path_prefix: /c}, upstream: echo, timeout: 2s}\n"
+    first = Runtime(parse_policy(policy(echo_upstream.port, timeout="2s", routes=extra + gone)), Metrics())
+    old_named = dict(first.shared["breakerish"])
+    old_tables = dict(first.shared["tableish"])
+    for table in old_tables.values():
+        table.entries = {"k1": 1, "k2": 2}
+
+    changed = extra.replace("timeout: 2s", "timeout: 1s")
+    second = Runtime(
+        parse_policy(policy(echo_upstream.port, timeout="2s", routes=changed)), Metrics(), previous=first
+    )
+    named = second.shared["breakerish"]
+    assert type(named) is dict and len(named) == 2  # settled: c's entry and b's old entry are gone
+    assert named[("route", "all", 2.0)] is old_named[("route", "all", 2.0)]  # same settings: same object
+    assert named[("route", "b", 1.0)].name == "b"  # the old b did not take the name
+    tables = second.shared["tableish"]
+    assert tables["b"].took_from is old_tables["b"] and tables["b"].entries == {"k1": 1}
+    assert tables["all"].took_from is old_tables["all"] and tables["all"].entries == {"k1": 1, "k2": 2}
+    await first.retire(second.owned_ids())
+    assert old_named[("route", "c", 2.0)].closed and old_named[("route", "b", 2.0)].closed
+    assert not old_named[("route", "all", 2.0)].closed
+    await second.close()
+
+
 async def test_manual_rollback_returns_to_the_previous_policy(echo_upstream, file_fender):
     fender = await file_fender(policy(echo_upstream.port, timeout="15s"))
     async with httpx.AsyncClient() as client:

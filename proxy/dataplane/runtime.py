@@ -17,10 +17,14 @@ so a module can take over what still applies (e.g. a cache keeping entries
 when only its size changed). Upstreams go through the same mechanism, keyed
 ``("upstream", name)`` with their options as settings.
 
-For entries of ``ctx.shared`` (per-module objects) that were not obtained
-through :func:`keep`, the same rule applies generically after the build: a
-new entry with a ``carry_over`` method receives the previous entry of that
-module key.
+Modules that keep their objects in a registry dict in ``ctx.shared`` (e.g.
+``ctx.shared.setdefault("breaker", {})``) get the same without calling
+:func:`keep`: during a reload that dict starts with the previous runtime's
+entries (see :class:`Registry`), so an object looked up under a key that
+includes its settings is reused; an entry the module overwrites gets
+``carry_over(old)`` called if it has one; unused previous entries are dropped.
+A non-dict entry of ``ctx.shared`` with a ``carry_over`` method receives the
+previous entry of that module key.
 
 The old runtime keeps serving the requests that already hold it; it is
 retired (its objects that the new runtime does not use are closed) once its
@@ -52,6 +56,7 @@ BUFFER_BODY_LIMIT = 64 * 1024
 # Reserved keys in ``Runtime.shared`` (module keys are module names, so they never clash).
 HANDOVER_KEY = "fender.handover"
 CHECKPOINTS_KEY = "fender.checkpoints"
+_RESERVED = (HANDOVER_KEY, CHECKPOINTS_KEY)
 
 T = TypeVar("T")
 
@@ -85,6 +90,88 @@ class Handover:
 
     def owned_ids(self) -> set[int]:
         return {id(obj) for _, obj in self.objects.values()}
+
+
+class Registry(dict):
+    """A module's registry in ``Runtime.shared`` during a reload, pre-filled with the previous entries.
+
+    Modules keep per-runtime registries as dicts in ``ctx.shared`` (e.g.
+    ``ctx.shared.setdefault("breaker", {})``). During a reload the new
+    runtime's registry starts with the previous runtime's entries, so a module
+    that looks an object up under a key that includes its settings (``get``,
+    ``[]``, ``in``, ``setdefault``) finds the previous object and reuses it,
+    state and all. An entry the module overwrites is replaced (and the new
+    value's ``carry_over(old)`` is called if it has one); previous entries that
+    nobody asked for are dropped once the build is done.
+    """
+
+    def __init__(self, previous: dict) -> None:
+        super().__init__(previous)
+        self._seeded = set(previous)
+        self._hits: set = set()
+        self._replaced: dict = {}
+
+    def _hit(self, key) -> None:
+        if key in self._seeded and key not in self._replaced:
+            self._hits.add(key)
+
+    def get(self, key, default=None):
+        self._hit(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self._hit(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self._hit(key)
+        return super().__contains__(key)
+
+    def setdefault(self, key, default=None):
+        self._hit(key)
+        return super().setdefault(key, default)
+
+    def __setitem__(self, key, value) -> None:
+        if key in self._seeded and key not in self._hits and key not in self._replaced:
+            self._replaced[key] = super().__getitem__(key)
+        super().__setitem__(key, value)
+
+    # Iterating shows only what this build uses: previous entries appear once looked up, so
+    # a module counting or naming its objects (e.g. to avoid duplicate names) is not misled.
+    def _live(self, key) -> bool:
+        return key not in self._seeded or key in self._hits or key in self._replaced
+
+    def keys(self):
+        return [k for k in dict.keys(self) if self._live(k)]
+
+    def values(self):
+        return [v for k, v in dict.items(self) if self._live(k)]
+
+    def items(self):
+        return [(k, v) for k, v in dict.items(self) if self._live(k)]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def settle(self) -> dict:
+        """The registry as the build left it, as a plain dict; calls ``carry_over`` on replaced entries."""
+        out = {}
+        for key, value in dict.items(self):
+            if not self._live(key):
+                continue  # a previous entry the new policy no longer uses
+            out[key] = value
+            old = self._replaced.get(key)
+            carry = getattr(value, "carry_over", None)
+            if old is not None and old is not value and carry is not None:
+                carry(old)
+        return out
+
+    @property
+    def taken_over(self) -> int:
+        return len(self._hits)
 
 
 def keep(ctx: LayerContext, key: Hashable, settings: Any, build: Callable[[], T]) -> T:
@@ -149,6 +236,10 @@ class Runtime:
         self.checkpoints = CheckpointProviders()
         # Objects layers share across routes (e.g. one breaker per upstream), by module.
         self.shared: dict = {HANDOVER_KEY: self.handover, CHECKPOINTS_KEY: self.checkpoints}
+        if previous is not None:
+            for key, value in previous.shared.items():
+                if key not in _RESERVED and type(value) is dict:
+                    self.shared[key] = Registry(value)
         self.upstreams = {
             name: self.handover.keep(
                 ("upstream", name), up, lambda n=name, u=up: UpstreamRuntime(n, u, metrics)
@@ -168,8 +259,12 @@ class Runtime:
 
     def _generic_carry_over(self, previous: Runtime) -> None:
         kept = self.handover.owned_ids()
-        for key, obj in self.shared.items():
-            if key in (HANDOVER_KEY, CHECKPOINTS_KEY) or id(obj) in kept:
+        for key, obj in list(self.shared.items()):
+            if key in _RESERVED or id(obj) in kept:
+                continue
+            if isinstance(obj, Registry):
+                self.handover.kept += obj.taken_over
+                self.shared[key] = obj.settle()
                 continue
             old = previous.shared.get(key)
             carry = getattr(obj, "carry_over", None)
@@ -213,18 +308,24 @@ class Runtime:
         if idle is not None and self.active == 0 and not idle.done():
             idle.set_result(None)
 
+    def _objects(self) -> list[Any]:
+        objects = [obj for _, obj in self.handover.objects.values()]
+        for key, obj in self.shared.items():
+            if key in _RESERVED:
+                continue
+            objects.append(obj)
+            if type(obj) is dict:
+                objects.extend(obj.values())  # a module's registry: its entries own state too
+        return objects
+
     def owned_ids(self) -> set[int]:
         """Identities of the stateful objects this runtime uses (for closing only unused ones)."""
-        ids = self.handover.owned_ids()
-        ids.update(id(obj) for key, obj in self.shared.items() if key not in (HANDOVER_KEY, CHECKPOINTS_KEY))
-        return ids
+        return {id(obj) for obj in self._objects()}
 
     async def retire(self, live: set[int]) -> None:
         """Close this runtime's objects except those in ``live`` (used by runtimes still serving)."""
-        objects = [obj for _, obj in self.handover.objects.values()]
-        objects += [obj for key, obj in self.shared.items() if key not in (HANDOVER_KEY, CHECKPOINTS_KEY)]
         closed: set[int] = set()
-        for obj in objects:
+        for obj in self._objects():
             if id(obj) in live or id(obj) in closed:
                 continue
             closed.add(id(obj))
