@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from proxy.clock import SYSTEM_CLOCK
 from proxy.config import PolicyError, PolicyIssue, parse_policy
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
@@ -142,6 +143,7 @@ class Reloader:
         self._watch_task: asyncio.Task | None = None
         self._guard_task: asyncio.Task | None = None
         self._failed_sha: str | None = None
+        self.watch_clock = SYSTEM_CLOCK
         self.metrics = fender.metrics
         self.metrics.config_loaded_timestamp.set(self.current.loaded_at)
 
@@ -315,7 +317,9 @@ class Reloader:
             self._watch_task = self._spawn(self._watch(_stat(self.path)))
 
     async def _watch(self, seen) -> None:
-        clock = self.fender.clock
+        # Polling a file is I/O against real time, not a state machine: it uses the system clock,
+        # so tests that step Fender's injected clock (and count its sleepers) do not see it.
+        clock = self.watch_clock
         pending = None
         while True:
             options = self.fender.policy.reload  # a reload may turn watching off or on
