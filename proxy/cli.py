@@ -111,10 +111,15 @@ def cmd_run(args, demo: bool = False) -> int:
     if policy is None:
         print(f"fender: not starting: {args.policy} is invalid (see above)", file=sys.stderr)
         return 2
+    from proxy.ops.auth import AdminAuthError
     from proxy.server import new_event_loop
 
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(_run(policy, args.policy, demo))
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_run(policy, args.policy, demo))
+    except AdminAuthError as error:
+        print(f"fender: not starting: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -303,6 +303,57 @@ class Metrics:
         )
 
         # metrics: operations (reload, checkpoints, drain)
+        self.config_reloads = Counter(
+            "fender_config_reloads_total",
+            "Policy reload attempts, by trigger (file, signal, api, rollback, auto_rollback) and result "
+            "(applied, unchanged, failed).",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "fender_config_last_reload_success",
+            "1 when the last reload attempt succeeded (or none was made), 0 when it failed.",
+            registry=r,
+        )
+        self.config_last_reload_success.set(1)
+        self.config_loaded_timestamp = Gauge(
+            "fender_config_loaded_timestamp_seconds",
+            "Unix time the running policy was applied.",
+            registry=r,
+        )
+        self.config_rollbacks = Counter(
+            "fender_config_rollbacks_total",
+            "Returns to the previous policy, by reason (manual, unreachable).",
+            ["reason"],
+            registry=r,
+        )
+        self.config_differs_from_file = Gauge(
+            "fender_config_differs_from_file",
+            "1 when the running policy is not the one in the policy file (after a rollback or a failed reload).",
+            registry=r,
+        )
+        self.checkpoint_writes = Counter(
+            "fender_checkpoint_writes_total",
+            "Checkpoint writes, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.checkpoint_last_write = Gauge(
+            "fender_checkpoint_last_write_timestamp_seconds",
+            "Unix time of the last successful checkpoint write.",
+            registry=r,
+        )
+        self.checkpoint_restores = Counter(
+            "fender_checkpoint_restores_total",
+            "Checkpoint reads at start, by result (restored, ignored, absent).",
+            ["result"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "fender_draining",
+            "1 while Fender drains after SIGTERM (readiness is 503), else 0.",
+            registry=r,
+        )
 
 
 class RouteMetrics:

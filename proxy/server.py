@@ -21,6 +21,9 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.app import DataPlane, quiet_aborts
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
+from proxy.ops.auth import resolve_admin_token
+from proxy.ops.checkpoint import Checkpointer
+from proxy.ops.reload import Reloader, file_sha256
 
 log = logging.getLogger("fender")
 
@@ -165,25 +168,59 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class Fender:
-    """One Fender instance: data plane + admin listener, started and stopped together."""
+    """One Fender instance: data plane + admin listener, started and stopped together.
+
+    Lifecycle: :meth:`start`; then :meth:`run_until_signalled` (SIGHUP reloads,
+    SIGTERM drains, SIGINT drains without the delay) or :meth:`stop`. The
+    running policy changes through :attr:`reloader` (see proxy/ops/reload.py),
+    which builds a new Runtime and calls :meth:`swap`.
+    """
 
     def __init__(
         self, policy, source: str = "", metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK
     ) -> None:
         self.metrics = metrics or Metrics()
         self.policy = policy
+        self.started_policy = policy  # what the listeners were set up with
         self.source = source
-        FenderHttpProtocol.max_header_bytes = policy.server.max_header_bytes
-        FenderHttpProtocol.max_header_count = policy.server.max_header_count
-        self.runtime = Runtime(policy, self.metrics, source, clock=clock)
+        self.clock = clock
+        self._apply_listener_limits(policy)
+        self.runtime = Runtime(policy, self.metrics, source, clock)
         self.dataplane = DataPlane(self.runtime)
         self.metrics.policy.info({"source": source or "-", "version": str(policy.version)})
+        self.reloader = Reloader(self, file_sha256(source) if source else None)
+        self.checkpointer = (
+            Checkpointer(policy.checkpoint, self.metrics, lambda: self.runtime, clock)
+            if policy.checkpoint is not None
+            else None
+        )
+        self.draining = False
+        self.admin_token: str | None = None
         self.admin_app = build_admin_app(self)
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task] = []
+        self._drain_task: asyncio.Task | None = None
+        self._skip_delay = asyncio.Event()
+        self._finished = False
         self.data_port = 0
         self.admin_port = 0
         quiet_aborts()
+
+    @staticmethod
+    def _apply_listener_limits(policy) -> None:
+        # New client connections read these (the protocol class attributes).
+        FenderHttpProtocol.max_header_bytes = policy.server.max_header_bytes
+        FenderHttpProtocol.max_header_count = policy.server.max_header_count
+
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Make ``runtime`` serve new requests; returns the previous one (still serving its requests)."""
+        old = self.runtime
+        self.runtime = runtime
+        self.dataplane.runtime = runtime  # the atomic switch: read once per request
+        self.policy = runtime.policy
+        self._apply_listener_limits(runtime.policy)
+        self.metrics.policy.info({"source": self.source or "-", "version": str(runtime.policy.version)})
+        return old
 
     def _configs(self) -> tuple[uvicorn.Config, uvicorn.Config]:
         server = self.policy.server
@@ -202,7 +239,7 @@ class Fender:
             date_header=False,
             timeout_keep_alive=max(1, round(server.keepalive_timeout)),
             limit_concurrency=server.max_connections,
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=self.policy.drain.timeout,
         )
         admin = uvicorn.Config(
             self.admin_app,
@@ -221,8 +258,15 @@ class Fender:
     async def start(
         self, data_sock: socket.socket | None = None, admin_sock: socket.socket | None = None
     ) -> None:
-        """Bind (unless sockets are given), start both listeners, return once they accept."""
+        """Bind (unless sockets are given), start both listeners, return once they accept.
+
+        Raises :class:`~proxy.ops.auth.AdminAuthError` before binding anything
+        when the admin listener would be reachable beyond loopback without a token.
+        """
         policy = self.policy
+        self.admin_token = resolve_admin_token(policy)
+        if self.checkpointer is not None:
+            self.checkpointer.restore(self.runtime)
         data_sock = data_sock or bind_socket(policy.listen.host, policy.listen.port)
         admin_sock = admin_sock or bind_socket(policy.admin.host, policy.admin.port)
         await self.runtime.start()
@@ -235,6 +279,9 @@ class Fender:
             await server.startup(sockets=[sock])
             self._servers.append(server)
             self._tasks.append(asyncio.ensure_future(self._run(server)))
+        self.reloader.start()
+        if self.checkpointer is not None:
+            self.checkpointer.start()
         log.info(
             "proxy on %s:%d, admin on %s:%d, policy %s",
             policy.listen.host,
@@ -257,16 +304,74 @@ class Fender:
         await asyncio.gather(*self._tasks)
 
     async def stop(self) -> None:
+        """Stop at once (no drain delay): listeners close, in-flight requests get drain.timeout."""
         self.request_stop()
         await self.wait()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """After the listeners stopped: background work, last checkpoint, close the runtime."""
+        if self._finished:
+            return
+        self._finished = True
+        await self.reloader.stop()
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
+            await self.checkpointer.write()
         await self.runtime.close()
+
+    # -- drain ---------------------------------------------------------------------
+
+    def begin_drain(self, delay: float | None = None) -> None:
+        """Start draining (SIGTERM); a second call skips what is left of the delay."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain(delay))
+        elif not self._skip_delay.is_set():
+            self._skip_delay.set()
+        else:
+            # A third signal: stop waiting for in-flight requests (uvicorn then cancels them).
+            log.warning("forced stop: in-flight requests are cut")
+            for server in self._servers:
+                server.force_exit = True
+
+    async def drain(self, delay: float | None = None) -> None:
+        """Readiness 503 now; serve for ``drain.delay``; close the listener; wait for in-flight requests."""
+        options = self.policy.drain
+        delay = options.delay if delay is None else delay
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info(
+            "draining: /readyz is 503; still serving for %.1fs, then up to %.1fs for in-flight requests",
+            delay,
+            options.timeout,
+        )
+        if delay > 0 and not self._skip_delay.is_set():
+            sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+            skipper = asyncio.ensure_future(self._skip_delay.wait())
+            await asyncio.wait((sleeper, skipper), return_when=asyncio.FIRST_COMPLETED)
+            for task in (sleeper, skipper):
+                task.cancel()
+        data, admin = self._servers
+        data.config.timeout_graceful_shutdown = options.timeout
+        data.should_exit = True
+        await self._tasks[0]
+        log.info("drained: no request in flight; stopping")
+        admin.should_exit = True
+
+    def request_reload(self) -> None:
+        asyncio.ensure_future(self.reloader.reload("signal"))
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop)
-        await self.wait()
-        await self.runtime.close()
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
+        loop.add_signal_handler(signal.SIGINT, self.begin_drain, 0.0)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self.wait()
+            await self._finish()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import admission, breakers, cache, upstreams
+from proxy.admin import admission, breakers, cache, ops, upstreams
 from proxy.config import dump_policy
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class Readiness:
         self._lock = asyncio.Lock()
 
     async def check(self) -> dict:
+        if self._fender.draining:
+            # Leaving the load balancer must not wait for the cache or the upstream probes.
+            return {"ready": False, "draining": True, "upstreams": {}}
         async with self._lock:
             now = time.monotonic()
             if self._result is not None and now - self._checked_at < READY_CACHE_SECONDS:
@@ -138,5 +142,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     endpoints += cache.routes(fender)
 
     # admin: operations
+    endpoints += ops.routes(fender)
+    endpoints.append(ops.openapi_route(endpoints))
 
-    return Starlette(routes=endpoints)
+    return Starlette(routes=endpoints, middleware=[Middleware(ops.AdminTokenMiddleware, fender=fender)])

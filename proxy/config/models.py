@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Percent, Size, describe_value, policy_error
+from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.bulkhead import BulkheadOptions
 from proxy.resilience.failover import Balance, OutlierDetectionOptions
@@ -770,8 +771,8 @@ class Policy(PolicyModel):
     admin: ListenAddress = Field(
         default="127.0.0.1:9901",
         description=(
-            "host:port of the admin listener (health, metrics, effective config). Local-only by default: "
-            "it is unauthenticated, so never expose it on 0.0.0.0 without a network policy."
+            "host:port of the admin listener (health, metrics, admin API). Local-only by default; beyond "
+            "loopback Fender requires admin_auth (a bearer token for /admin/*) and refuses to start without it."
         ),
     )
     server: ServerOptions = Field(
@@ -796,6 +797,22 @@ class Policy(PolicyModel):
     )
 
     # section: checkpoint and drain
+    reload: ReloadOptions = Field(
+        default_factory=ReloadOptions,
+        description="Hot reload of this file (watching, SIGHUP, POST /admin/reload) and automatic rollback.",
+    )
+    drain: DrainOptions = Field(
+        default_factory=DrainOptions,
+        description="Graceful shutdown on SIGTERM: how long to keep serving after /readyz turns 503, and how long to wait for in-flight requests.",
+    )
+    checkpoint: CheckpointOptions | None = Field(
+        default=None,
+        description="Save breaker states and replica health to a file periodically and at shutdown, and restore them at start. Off when absent.",
+    )
+    admin_auth: AdminAuthOptions | None = Field(
+        default=None,
+        description="Bearer token required on /admin/* endpoints (not on /healthz, /readyz, /metrics). Fender refuses to start with an admin listener beyond loopback without it.",
+    )
 
     # section: shared (Redis fleet tier)
 

@@ -170,10 +170,14 @@ class DataPlane:
 
         metrics = route.metrics
         metrics.in_flight.inc()
+        runtime.active += 1  # a reload retires this runtime only once its requests are done
         try:
             await self._proxy(runtime, route, scope, receive, send, method, path, head, started)
         finally:
             metrics.in_flight.dec()
+            runtime.active -= 1
+            if runtime._idle is not None:
+                runtime.request_done()
 
     async def _proxy(self, runtime, route: RouteRuntime, scope, receive, send, method, path, head, started):
         query = scope["query_string"]

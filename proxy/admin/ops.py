@@ -1,0 +1,252 @@
+"""Admin endpoints for operations (reload, rollback, config status, checkpoint), the bearer-token
+middleware, and the OpenAPI document of the whole admin API.
+
+GET endpoints never change anything; every change is a POST.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy import __version__
+from proxy.ops.auth import token_matches
+
+if TYPE_CHECKING:
+    from proxy.server import Fender
+
+ADMIN_PREFIX = "/admin/"
+
+_ATTEMPT = {
+    "type": "object",
+    "required": ["result"],
+    "properties": {
+        "result": {"type": "string", "enum": ["applied", "unchanged", "failed"]},
+        "error": {"type": ["string", "null"], "description": "FILE:LINE:COL: message of the first problem"},
+        "errors": {"type": "array", "items": {"type": "string"}},
+        "status": {"$ref": "#/components/schemas/ConfigStatus"},
+    },
+}
+
+_CONFIG_STATUS = {
+    "type": "object",
+    "required": ["ok", "error", "version", "loaded_at", "source", "matches_file", "rollback_available"],
+    "properties": {
+        "ok": {"type": "boolean", "description": "false when the last reload attempt failed"},
+        "error": {"type": ["string", "null"], "description": "FILE:LINE:COL: message of the last failure"},
+        "errors": {"type": "array", "items": {"type": "string"}},
+        "version": {"type": "integer", "description": "policy format version of the running policy"},
+        "fingerprint": {"type": "string", "description": "sha256 of the effective running policy"},
+        "loaded_at": {"type": "string", "format": "date-time"},
+        "source": {"type": ["string", "null"], "description": "policy file path"},
+        "applied_by": {
+            "type": "string",
+            "enum": ["start", "file", "signal", "api", "rollback", "auto_rollback"],
+        },
+        "matches_file": {
+            "type": "boolean",
+            "description": "false when the running policy differs from the file",
+        },
+        "rollback_available": {"type": "integer", "description": "previous good policies kept"},
+        "pending_restart": {"type": "array", "items": {"type": "string"}},
+        "last_attempt": {"type": ["object", "null"]},
+        "last_failure": {"type": ["object", "null"]},
+    },
+}
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+
+def _json(description: str, schema: dict | None = None) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema or {"type": "object"}}},
+    }
+
+
+def _text(description: str) -> dict:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+# Documentation of the endpoints Fender's core serves. Endpoints of policy
+# modules are documented from their endpoint docstring unless listed here.
+DOCS: dict[str, dict[str, dict[str, Any]]] = {
+    "/healthz": {"get": {"summary": "Liveness: the process serves.", "responses": {"200": _text("ok")}}},
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: policy loaded, every upstream has a reachable replica, not draining.",
+            "responses": {"200": _json("ready"), "503": _json("not ready, or draining after SIGTERM")},
+        }
+    },
+    "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": _text("exposition format")}}},
+    "/admin/config": {
+        "get": {
+            "summary": "The effective running policy, defaults filled in.",
+            "responses": {"200": _json("policy")},
+        }
+    },
+    "/admin/routes": {
+        "get": {
+            "summary": "Routes in match order with replicas and pool use.",
+            "responses": {"200": _json("routes")},
+        }
+    },
+    "/admin/config/status": {
+        "get": {
+            "summary": "Running policy: version, when and how it was applied, whether the last reload failed.",
+            "responses": {"200": _json("status", {"$ref": "#/components/schemas/ConfigStatus"})},
+        }
+    },
+    "/admin/reload": {
+        "post": {
+            "summary": "Read, validate and apply the policy file; a bad file leaves the running policy.",
+            "responses": {
+                "200": _json("applied or unchanged", {"$ref": "#/components/schemas/ReloadAttempt"}),
+                "422": _json(
+                    "invalid policy; nothing changed", {"$ref": "#/components/schemas/ReloadAttempt"}
+                ),
+            },
+        }
+    },
+    "/admin/rollback": {
+        "post": {
+            "summary": "Return to the previous good policy (the file is left alone).",
+            "responses": {
+                "200": _json("rolled back", {"$ref": "#/components/schemas/ReloadAttempt"}),
+                "409": _json("no previous policy", {"$ref": "#/components/schemas/Error"}),
+            },
+        }
+    },
+    "/admin/checkpoint": {
+        "post": {
+            "summary": "Write a checkpoint now.",
+            "responses": {
+                "200": _json("written", {"type": "object", "required": ["path", "providers"]}),
+                "409": _json("checkpoints are off", {"$ref": "#/components/schemas/Error"}),
+                "500": _json("write failed", {"$ref": "#/components/schemas/Error"}),
+            },
+        }
+    },
+    "/admin/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json("OpenAPI 3.1")}}},
+}
+
+
+class AdminTokenMiddleware:
+    """Requires ``Authorization: Bearer <token>`` on /admin/* when a token is configured.
+
+    /healthz, /readyz and /metrics stay open for probes and scrapers.
+    """
+
+    def __init__(self, app, fender: Fender) -> None:
+        self.app = app
+        self.fender = fender
+
+    async def __call__(self, scope, receive, send) -> None:
+        token = self.fender.admin_token
+        if token is not None and scope["type"] == "http" and scope["path"].startswith(ADMIN_PREFIX):
+            header = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    header = value.decode("latin-1")
+                    break
+            if not token_matches(header, token):
+                response = JSONResponse(
+                    {"error": "admin token required (Authorization: Bearer <token>)"},
+                    status_code=401,
+                    headers={"www-authenticate": 'Bearer realm="fender-admin"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _attempt_body(fender: Fender, attempt) -> dict:
+    return {
+        "result": attempt.result,
+        "error": attempt.error,
+        "errors": attempt.errors,
+        "status": fender.reloader.status(),
+    }
+
+
+def routes(fender: Fender) -> list[Route]:
+    async def config_status(request: Request) -> Response:
+        return JSONResponse(fender.reloader.status())
+
+    async def reload(request: Request) -> Response:
+        attempt = await fender.reloader.reload("api")
+        return JSONResponse(
+            _attempt_body(fender, attempt), status_code=422 if attempt.result == "failed" else 200
+        )
+
+    async def rollback(request: Request) -> Response:
+        attempt = await fender.reloader.rollback("manual")
+        if attempt is None:
+            return JSONResponse({"error": "no previous policy to roll back to"}, status_code=409)
+        return JSONResponse(
+            _attempt_body(fender, attempt), status_code=200 if attempt.result == "applied" else 500
+        )
+
+    async def checkpoint(request: Request) -> Response:
+        checkpointer = fender.checkpointer
+        if checkpointer is None:
+            return JSONResponse({"error": "checkpoints are off (no checkpoint: section)"}, status_code=409)
+        if not await checkpointer.write():
+            return JSONResponse({"error": checkpointer.last_error or "write failed"}, status_code=500)
+        return JSONResponse({"path": checkpointer.path, "providers": fender.runtime.checkpoints.names()})
+
+    return [
+        Route("/admin/config/status", config_status, methods=["GET"]),
+        Route("/admin/reload", reload, methods=["POST"]),
+        Route("/admin/rollback", rollback, methods=["POST"]),
+        Route("/admin/checkpoint", checkpoint, methods=["POST"]),
+    ]
+
+
+def build_openapi(endpoints: list[Route]) -> dict:
+    """OpenAPI 3.1 for the served routes: DOCS where written, the endpoint docstring otherwise."""
+    paths: dict[str, dict] = {}
+    for route in endpoints:
+        methods = sorted(m.lower() for m in (route.methods or {"GET"}) if m != "HEAD")
+        documented = DOCS.get(route.path, {})
+        entry = paths.setdefault(route.path, {})
+        for method in methods:
+            if method in documented:
+                entry[method] = dict(documented[method])
+                continue
+            doc = inspect.getdoc(route.endpoint) or route.name.replace("_", " ")
+            responses = {"200": _json("OK"), "400": _json("bad request", _ERROR)}
+            if "{" in route.path:
+                responses["404"] = _json("no such name", _ERROR)
+            # Documented from the endpoint's docstring only: its module can add a DOCS entry.
+            entry[method] = {"summary": doc.splitlines()[0], "responses": responses, "x-fender-generic": True}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "Fender admin API", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": {"ConfigStatus": _CONFIG_STATUS, "ReloadAttempt": _ATTEMPT, "Error": _ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+    for path, entry in paths.items():
+        if path.startswith(ADMIN_PREFIX):
+            for op in entry.values():
+                op.setdefault("security", [{"bearer": []}])
+    return document
+
+
+def openapi_route(endpoints: list[Route]) -> Route:
+    cache: dict[str, Any] = {}
+    all_routes = endpoints  # the list the app serves; this route is appended to it too
+
+    async def openapi(request: Request) -> Response:
+        if "doc" not in cache:
+            cache["doc"] = build_openapi(all_routes)
+        return JSONResponse(cache["doc"])
+
+    return Route("/admin/openapi.json", openapi, methods=["GET"])

@@ -1,0 +1,62 @@
+"""The admin bearer token: where it comes from, and when it is required."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+
+
+class AdminAuthError(Exception):
+    """The admin listener cannot start safely (the message says what to change)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | None:
+    """The token /admin/* requires, or None (allowed only on a loopback admin listener)."""
+    environ = os.environ if environ is None else environ
+    auth = policy.admin_auth
+    token: str | None = None
+    if auth is not None:
+        if auth.token_env is not None:
+            token = environ.get(auth.token_env, "").strip()
+            if not token:
+                raise AdminAuthError(
+                    f"admin_auth.token_env names {auth.token_env}, but that environment variable is unset or empty"
+                )
+        else:
+            try:
+                with open(auth.token_file, encoding="utf-8") as handle:
+                    token = handle.read().strip()
+            except OSError as exc:
+                raise AdminAuthError(
+                    f"admin_auth.token_file {auth.token_file}: cannot read it ({exc.strerror or exc})"
+                ) from None
+            if not token:
+                raise AdminAuthError(f"admin_auth.token_file {auth.token_file} is empty")
+        if len(token) < 16:
+            raise AdminAuthError("the admin token is shorter than 16 characters; use a long random value")
+    if token is None and not is_loopback(policy.admin.host):
+        raise AdminAuthError(
+            f"the admin listener {policy.admin} is reachable beyond this host, but no admin token is "
+            "configured: set admin_auth.token_env or admin_auth.token_file, or bind admin to 127.0.0.1"
+        )
+    return token
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <token>`` header."""
+    if not header:
+        return False
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
