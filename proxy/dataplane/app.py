@@ -135,7 +135,13 @@ class DataPlane:
             return
         if head.host is None and scope["http_version"] == "1.1":
             await self._local(
-                runtime, None, send, method, LocalReply("bad_request", "missing Host header"), head
+                # close: a client this confused about HTTP/1.1 gets no second chance on this connection
+                runtime,
+                None,
+                send,
+                method,
+                LocalReply("bad_request", "missing Host header", close=True),
+                head,
             )
             return
         authority = scope.get("fender.authority")
