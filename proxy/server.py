@@ -60,6 +60,7 @@ _HEAD_ERROR_RESPONSES = {
     for reason, (status_line, text) in _HEAD_ERRORS.items()
 }
 _CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+_LINGER_SECONDS = 2.0  # longest wait for a refused client to stop sending (NGINX lingering_timeout 5s)
 _UNDERSCORE_ACTIONS = {"allow": 0, "drop": 1, "reject": 2}
 
 
@@ -82,6 +83,7 @@ class FenderHttpProtocol(HttpToolsProtocol):
     - ``max_requests_per_connection``: the last one is answered with
       ``Connection: close``;
     - header names with ``_``: dropped, refused (400) or allowed;
+    - chunked trailer fields are dropped, never merged into the header list;
     - a Transfer-Encoding other than exactly ``chunked`` (e.g. ``gzip,
       chunked``, which llhttp accepts) gets 501, and Transfer-Encoding in an
       HTTP/1.0 request 400 (RFC 9112 6.1: its framing is faulty); HTTP
@@ -111,6 +113,9 @@ class FenderHttpProtocol(HttpToolsProtocol):
     _head_timer = None
     _send_timer = None
     _served = 0
+    _unstarted: asyncio.Task | None = None
+    _linger_timer = None
+    _in_trailers = False
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -138,11 +143,15 @@ class FenderHttpProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, minus its warning log line per malformed request (a log flood
         # any client could trigger); refusals are counted in metrics instead.
+        if self._linger_timer is not None:
+            return  # refused connection closing: discard
         self._unset_keepalive_if_required()
         # Between requests (or before the first): bytes start a new head, time it.
         # (Blank lines before a request line never reach on_message_begin.)
@@ -205,6 +214,7 @@ class FenderHttpProtocol(HttpToolsProtocol):
         self._head_count = 0
         self._url_bytes = 0
         self._transfer_encoding = None
+        self._in_trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -220,6 +230,12 @@ class FenderHttpProtocol(HttpToolsProtocol):
         if self._head_bytes > self.max_header_bytes or self._head_count > self.max_header_count:
             self._reject = "header_too_large"
             raise _HeadRejected
+        if self._in_trailers:
+            # Chunked trailer fields: llhttp reports them like headers and uvicorn would
+            # append them to the header list the app reads (when the head and trailers
+            # arrive together). They are never merged into the head (RFC 9110 6.5.1)
+            # nor forwarded.
+            return
         name = name.lower()
         if b"_" in name and self.underscores:
             if self.underscores == 2:
@@ -234,6 +250,7 @@ class FenderHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
+        self._in_trailers = True
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._reject = "http_version"
@@ -267,16 +284,41 @@ class FenderHttpProtocol(HttpToolsProtocol):
         if self._served >= self.max_requests_per_connection and self.cycle is not None:
             self.cycle.keep_alive = False  # uvicorn answers with Connection: close, then closes
 
+    def _start_asgi_task(self, cycle, app) -> None:
+        # uvicorn's, keeping the task until it starts running: a body error found in
+        # the same read as the head (a bad chunk size) cancels it before it forwards anything.
+        task = self.loop.create_task(self._run_asgi(cycle, app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._unstarted = task
+
+    async def _run_asgi(self, cycle, app) -> None:
+        if self._unstarted is asyncio.current_task():
+            self._unstarted = None
+        await cycle.run_asgi(app)
+
     def send_400_response(self, msg: str) -> None:
         reason = self._reject or "bad_request"
         self._cancel_head_timer()
+        if self._unstarted is not None:
+            self._unstarted.cancel()
+            self._unstarted = None
         counter = self.rejected.get(reason)
         if counter is not None:
             counter.inc()
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._linger_timer is not None:
             return
         self.transport.write(_HEAD_ERROR_RESPONSES[reason])
-        self.transport.close()
+        # Lingering close (as NGINX): send FIN after the answer and discard what the
+        # client still sends for a moment. Closing at once would make the kernel answer
+        # that unread data with RST, and the RST destroys the 4xx before the client reads it.
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
 
 
 class _Server(uvicorn.Server):
