@@ -369,7 +369,8 @@ class Fender:
             server_header=False,
             date_header=True,
             timeout_keep_alive=max(1, round(server.keepalive_timeout)),
-            limit_concurrency=server.max_connections,
+            # uvicorn refuses once len(connections) >= limit, counting the new one: +1 serves max_connections.
+            limit_concurrency=server.max_connections + 1,
             timeout_graceful_shutdown=30,
         )
         admin = uvicorn.Config(
