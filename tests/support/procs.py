@@ -112,3 +112,42 @@ async def checked_fender():
         for fender in started:
             await fender.stop()
     await leak.assert_back()
+
+
+class FenderSubprocess:
+    """Fender as a real subprocess (tests.conftest.FenderProcess) on a policy text, with /proc facts.
+
+    ``check()`` asserts what every subprocess test ends with: the process is alive, its admin
+    port answers, and its open fds are back to the baseline taken right after start, apart
+    from connections still open to upstreams (``upstream_connections()`` tells how many).
+    """
+
+    def __init__(self, make, text: str) -> None:
+        from tests.conftest import free_port
+
+        self.port = free_port()
+        self.admin_port = free_port()
+        text = text.replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{self.port}")
+        text = text.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{self.admin_port}")
+        self.proc = make(text)
+        self.proc.start(self.port)
+        self.pid = self.proc.proc.pid
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.base_fds = open_fds(self.pid)
+
+    def fds(self) -> int:
+        return open_fds(self.pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    async def check(self, upstream_connections: Callable[[], int] = lambda: 0, within: float = 10.0) -> None:
+        assert self.proc.proc.poll() is None, "fender exited"
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(self.admin_url + "/healthz")).status_code == 200
+        back = await wait_until(lambda: self.fds() - upstream_connections() <= self.base_fds, within)
+        assert back, (
+            f"fender fds {self.fds()} (upstream conns {upstream_connections()}) > baseline {self.base_fds}: "
+            f"{fd_targets(self.pid)}"
+        )
