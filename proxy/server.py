@@ -88,6 +88,7 @@ class FenderHttpProtocol(HttpToolsProtocol):
       chunked``, which llhttp accepts) gets 501, and Transfer-Encoding in an
       HTTP/1.0 request 400 (RFC 9112 6.1: its framing is faulty); HTTP
       versions other than 1.0/1.1 (0.9, 2.0 over text) get 505;
+    - CONNECT (any target form) gets 400: Fender is no tunnel;
     - absolute-form targets: the authority is recorded so the data plane can
       refuse targets for other hosts.
 
@@ -254,6 +255,11 @@ class FenderHttpProtocol(HttpToolsProtocol):
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             self._reject = "http_version"
+            raise _HeadRejected
+        if self.parser.get_method() == b"CONNECT":
+            # Fender is not a tunnel: a forwarded CONNECT would turn a pooled upstream
+            # connection into one, whatever its target form.
+            self._reject = "bad_request"
             raise _HeadRejected
         te = self._transfer_encoding
         if te is not None:

@@ -126,6 +126,11 @@ REFUSED = [
     ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [zz::1]\r\n\r\n", 400),
     ("absolute-form-other-host", b"GET http://evil.example/x HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("connect", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 400),
+    (
+        "connect-origin-form",
+        b"CONNECT / HTTP/1.1\r\n" + H + b"\r\n",
+        400,
+    ),  # would make a pooled connection a tunnel
     ("asterisk-form", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("space-in-target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("bad-escape", b"GET /%zz HTTP/1.1\r\n" + H + b"\r\n", 400),
