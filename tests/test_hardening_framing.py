@@ -381,3 +381,20 @@ async def test_refusals_are_counted_in_metrics(upstream, checked_fender):
     assert 'fender_local_responses_total{reason="bad_request",route="-"} 1.0' in lines, lines
     assert 'fender_local_responses_total{reason="http_version",route="-"} 1.0' in lines, lines
     json.dumps(lines)
+
+
+async def test_upgrade_requests_are_served_as_plain_http_and_the_connection_closes(upstream, checked_fender):
+    fender = await checked_fender(policy_text(upstream.port))
+    async with RawClient(fender.data_port) as client:
+        await client.send(
+            b"GET /u HTTP/1.1\r\n" + H + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\nGET /after HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        response = await client.response()
+        assert await client.wait_closed()
+    assert response.status == 200 and response.headers[b"x-echo-target"] == b"/u"
+    assert response.headers[b"connection"] == b"close"
+    seen = upstream.requests[0]
+    assert seen.header(b"upgrade") is None and seen.header(b"http2-settings") is None
+    # bytes after an upgrade request are never parsed as another request
+    assert [r.target for r in upstream.requests] == [b"/u"]

@@ -18,6 +18,7 @@ from tests.support.raw_client import RawClient, exchange, run_load
 from tests.support.raw_upstream import RawUpstream, ok
 
 checked_fender = procs.checked_fender
+checked_fender_process = procs.checked_fender_process
 
 H = b"Host: svc\r\n"
 GET = b"GET / HTTP/1.1\r\n" + H + b"\r\n"
@@ -77,12 +78,11 @@ async def test_a_connection_flood_beyond_the_cap_is_refused_and_normal_traffic_r
         assert load.client_visible_errors() == 0, load
 
 
-async def test_slow_clients_cost_bounded_memory_and_release_their_fds(fender_process):
+async def test_slow_clients_cost_bounded_memory_and_release_their_fds(checked_fender_process):
     async with RawUpstream(ok(b"fine")) as up:
         routes = "- name: all\n  upstream: echo\n  idle_timeout: 1s\n"
-        fender = procs.FenderSubprocess(
-            fender_process, policy_text(up.port, routes, server="header_timeout: 1s\n")
-        )
+        text = policy_text(up.port, routes, server="header_timeout: 1s\n")
+        fender = await checked_fender_process(text, lambda: up.open_connections)
         # warm up the process (imports, first request paths) before measuring
         load = await run_load(fender.url, rate=50, seconds=0.5, connections=2)
         assert load.client_visible_errors() == 0
@@ -111,4 +111,4 @@ async def test_slow_clients_cost_bounded_memory_and_release_their_fds(fender_pro
         # memory per slow connection stays within a fixed buffer (64 KiB is uvicorn's read high-water mark)
         growth = during - before
         assert growth < 300 * 64, f"RSS grew {growth} KiB for 300 slow clients"
-        await fender.check(lambda: up.open_connections)
+        # (checked_fender_process then checks: alive, admin answers, fds back to baseline)

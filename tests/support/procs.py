@@ -151,3 +151,20 @@ class FenderSubprocess:
             f"fender fds {self.fds()} (upstream conns {upstream_connections()}) > baseline {self.base_fds}: "
             f"{fd_targets(self.pid)}"
         )
+
+
+@pytest.fixture
+async def checked_fender_process(fender_process):
+    """Start Fender subprocesses with ``await start(text, upstream_connections=lambda: n)``; when the
+    test ends, each one must still be alive, answer on its admin port and be back to its fd
+    baseline (apart from ``upstream_connections()`` pooled upstream connections)."""
+    started: list[tuple[FenderSubprocess, Callable[[], int]]] = []
+
+    async def start(text: str, upstream_connections: Callable[[], int] = lambda: 0) -> FenderSubprocess:
+        fender = FenderSubprocess(fender_process, text)
+        started.append((fender, upstream_connections))
+        return fender
+
+    yield start
+    for fender, upstream_connections in started:
+        await fender.check(upstream_connections)
