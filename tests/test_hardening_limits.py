@@ -196,3 +196,22 @@ async def test_slow_reader_is_cut_by_send_timeout_and_backpressure_reaches_the_u
             await up.wait_until(lambda: up.disconnects == 1, within=10)
         # the upstream was held back by flow control (kernel buffers only): far less than the body left it
         assert state["sent"] < big // 2, state
+
+
+async def test_admin_is_loopback_by_default_and_refuses_writes(checked_fender):
+    from proxy.config import parse_policy
+
+    defaults = parse_policy(
+        "upstreams: {a: {replicas: [{url: 'http://127.0.0.1:1'}]}}\nroutes: [{name: r, upstream: a}]\n"
+    )
+    assert defaults.admin.host == "127.0.0.1"
+    async with RawUpstream(ok()) as up:
+        fender = await checked_fender(policy_text(up.port))
+        async with httpx.AsyncClient(base_url=fender.admin_url, timeout=5) as admin:
+            config = (await admin.get("/admin/config")).json()
+            for path in ("/healthz", "/readyz", "/metrics", "/admin/config", "/admin/routes"):
+                for method in ("POST", "PUT", "DELETE", "PATCH"):
+                    assert (await admin.request(method, path)).status_code == 405, (method, path)
+                assert (await admin.get(path)).status_code in (200, 503)
+            # GETs changed nothing
+            assert (await admin.get("/admin/config")).json() == config

@@ -110,5 +110,6 @@ async def test_slow_clients_cost_bounded_memory_and_release_their_fds(checked_fe
         assert len(statuses) >= 290 and set(statuses) == {408}, set(statuses)
         # memory per slow connection stays within a fixed buffer (64 KiB is uvicorn's read high-water mark)
         growth = during - before
+        print(f"RSS before {before} KiB, with 300 slow clients {during} KiB (+{growth} KiB)")
         assert growth < 300 * 64, f"RSS grew {growth} KiB for 300 slow clients"
         # (checked_fender_process then checks: alive, admin answers, fds back to baseline)
