@@ -117,6 +117,8 @@ class FenderHttpProtocol(HttpToolsProtocol):
     _unstarted: asyncio.Task | None = None
     _linger_timer = None
     _in_trailers = False
+    _active = None  # the cycle whose app task runs
+    _discard = False  # malformed input while a response was being written: close after it
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -151,7 +153,7 @@ class FenderHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # uvicorn's, minus its warning log line per malformed request (a log flood
         # any client could trigger); refusals are counted in metrics instead.
-        if self._linger_timer is not None:
+        if self._linger_timer is not None or self._discard:
             return  # refused connection closing: discard
         self._unset_keepalive_if_required()
         # Between requests (or before the first): bytes start a new head, time it.
@@ -301,7 +303,12 @@ class FenderHttpProtocol(HttpToolsProtocol):
     async def _run_asgi(self, cycle, app) -> None:
         if self._unstarted is asyncio.current_task():
             self._unstarted = None
-        await cycle.run_asgi(app)
+        self._active = cycle
+        try:
+            await cycle.run_asgi(app)
+        finally:
+            if self._active is cycle:
+                self._active = None
 
     def send_400_response(self, msg: str) -> None:
         reason = self._reject or "bad_request"
@@ -312,7 +319,15 @@ class FenderHttpProtocol(HttpToolsProtocol):
         counter = self.rejected.get(reason)
         if counter is not None:
             counter.inc()
-        if self.transport.is_closing() or self._linger_timer is not None:
+        if self.transport.is_closing() or self._linger_timer is not None or self._discard:
+            return
+        active = self._active
+        if active is not None and active.response_started and not active.response_complete:
+            # An earlier request's response is being written: never put a 400 in the
+            # middle of it. Serve nothing more, read nothing more, close after it.
+            self._discard = True
+            self.pipeline.clear()
+            active.keep_alive = False
             return
         self.transport.write(_HEAD_ERROR_RESPONSES[reason])
         # Lingering close (as NGINX): send FIN after the answer and discard what the

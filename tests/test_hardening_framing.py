@@ -9,6 +9,7 @@ fds and tasks are back to their baseline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -398,3 +399,28 @@ async def test_upgrade_requests_are_served_as_plain_http_and_the_connection_clos
     assert seen.header(b"upgrade") is None and seen.header(b"http2-settings") is None
     # bytes after an upgrade request are never parsed as another request
     assert [r.target for r in upstream.requests] == [b"/u"]
+
+
+async def test_garbage_after_a_request_never_lands_inside_its_response(checked_fender):
+    release = asyncio.Event()
+
+    async def streamed(req, conn):
+        await conn.send_head(200, [(b"transfer-encoding", b"chunked")])
+        await conn.send_chunk(b"first ")
+        await asyncio.wait_for(release.wait(), 5)
+        await conn.send_chunk(b"second")
+        await conn.end_chunks()
+
+    async with RawUpstream(streamed) as up:
+        fender = await checked_fender(policy_text(up.port))
+        async with RawClient(fender.data_port) as client:
+            await client.send(b"GET /s HTTP/1.1\r\n" + H + b"\r\n")
+            assert await client.read_until(b"\r\n\r\n")  # the head is out (the body is read one chunk ahead)
+            # the response is streaming; now the client sends garbage as its next request
+            await client.send(b"GARBAGE\x00\r\n\r\n")
+            release.set()
+            response = await client.response()
+            assert await client.wait_closed()
+        assert response.status == 200 and response.complete and response.body == b"first second"
+        assert b"400" not in client.received.split(b"\r\n\r\n", 1)[1]
+        assert len(up.requests) == 1

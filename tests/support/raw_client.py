@@ -137,6 +137,16 @@ class RawClient:
                 raise TimeoutError("no response in time")
             await self._feed(left)
 
+    async def read_until(self, marker: bytes, timeout: float = 5.0) -> bool:
+        """Read until ``marker`` is among the received bytes (True) or ``timeout``/close (False)."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.received:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closed:
+                return False
+            await self._feed(left)
+        return True
+
     async def wait_closed(self, timeout: float = 5.0) -> bool:
         """True once the server closed the connection within ``timeout``."""
         deadline = time.monotonic() + timeout
