@@ -21,7 +21,17 @@ from tests.conftest import free_port, policy_text
 from tests.support import procs
 from tests.support.fault_proxy import FaultProxy
 from tests.support.raw_client import RawClient, exchange
-from tests.support.raw_upstream import RawUpstream, close, delayed, hang, ok, raw, reset, sequence
+from tests.support.raw_upstream import (
+    NeverAccepts,
+    RawUpstream,
+    close,
+    delayed,
+    hang,
+    ok,
+    raw,
+    reset,
+    sequence,
+)
 
 checked_fender = procs.checked_fender
 
@@ -256,3 +266,13 @@ async def test_slow_close_upstream_does_not_delay_the_answer(checked_fender, pro
     response = await exchange(fender.data_port, GET)
     assert response.status == 200 and response.body == BODY
     await asyncio.wait_for(fp.close(), 5)
+
+
+async def test_upstream_that_never_accepts_is_504_connect_timeout(checked_fender):
+    async with NeverAccepts() as dead:
+        text = upstream_at(f"http://127.0.0.1:{dead.port}")
+        text = text.replace("    replicas: [", "    pool: {connect_timeout: 300ms}\n    replicas: [")
+        fender = await checked_fender(text)
+        response = await exchange(fender.data_port, GET)
+        assert response.status == 504 and response.headers[b"x-fender-error"] == b"connect_timeout"
+        assert (await errors(fender)) == {"connect_timeout": 1.0}
