@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean
+.PHONY: run test lint schema install clean soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ run: $(STAMP)
 ## Run the whole test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## Soak: 15 minutes of mixed traffic and switching upstream faults against a Fender subprocess;
+## reports RSS slope, fd count and errors (tests/soak/last.json). Not part of `make test`.
+## Shorter: make soak MINUTES=2
+soak: $(STAMP)
+	$(BIN)/python tests/soak/run.py $(if $(MINUTES),--minutes $(MINUTES))
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests

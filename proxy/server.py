@@ -28,14 +28,44 @@ from proxy.ops.reload import Reloader, file_sha256
 log = logging.getLogger("fender")
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _HeadRejected(Exception):
+    """Raised from a parser callback to stop parsing; ``_reject`` holds the answer."""
 
 
+# Answers to requests refused while parsing the head: status line, reason, body.
 _HEAD_ERRORS = {
-    414: b"HTTP/1.1 414 URI Too Long\r\n",
-    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+    "header_too_large": (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", b"request head too large"),
+    # 414 keeps the reason header_too_large (the request line is part of the head).
+    "uri_too_long": (b"HTTP/1.1 414 URI Too Long\r\n", b"request target too long"),
+    "bad_request": (b"HTTP/1.1 400 Bad Request\r\n", b"malformed request"),
+    "underscore_header": (
+        b"HTTP/1.1 400 Bad Request\r\n",
+        b"header names with underscores are refused",
+    ),
+    "header_timeout": (b"HTTP/1.1 408 Request Timeout\r\n", b"the request head did not arrive in time"),
+    "unsupported_transfer_coding": (
+        b"HTTP/1.1 501 Not Implemented\r\n",
+        b"only the chunked transfer coding is supported",
+    ),
+    "http_version": (b"HTTP/1.1 505 HTTP Version Not Supported\r\n", b"only HTTP/1.0 and 1.1 are served"),
 }
+_REASON = {"uri_too_long": "header_too_large"}
+_HEAD_ERROR_RESPONSES = {
+    reason: b"".join(
+        [
+            status_line,
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % (len(text) + 9),
+            b"x-fender-error: %s\r\n" % _REASON.get(reason, reason).encode(),
+            b"connection: close\r\n\r\n",
+            b"fender: %s\n" % text,
+        ]
+    )
+    for reason, (status_line, text) in _HEAD_ERRORS.items()
+}
+_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+_LINGER_SECONDS = 2.0  # longest wait for a refused client to stop sending (NGINX lingering_timeout 5s)
+_UNDERSCORE_ACTIONS = {"allow": 0, "drop": 1, "reject": 2}
 
 
 class CorkedTransport:
@@ -73,51 +103,229 @@ class CorkedTransport:
         self._flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
+
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
 
 
 class FenderHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with request-head limits and absolute-form detection.
+    """uvicorn's httptools protocol, hardened for the edge of a service.
 
-    uvicorn does not bound the request head, so a client could send headers
-    until memory runs out. Counting bytes in the parser callbacks stops it at
-    ``max_header_bytes`` (431, or 414 for the target alone) and
-    ``max_header_count`` (431). The class attributes are set from the policy.
+    llhttp (under httptools, strict mode) already refuses with 400: Content-Length
+    together with Transfer-Encoding, duplicate or non-numeric Content-Length,
+    a Transfer-Encoding whose last coding is not chunked, obs-fold, control
+    bytes and bare CR/LF in header lines, and bad chunk sizes; uvicorn then
+    closes the connection. This class adds what neither does:
+
+    - bounded request heads: ``max_request_line`` (414), ``max_header_bytes``
+      and ``max_header_count`` (431), counted in the parser callbacks;
+    - ``header_timeout`` (408): from the connection opening, or the first byte
+      of a further request, until the head is complete (uvicorn has none, so a
+      client could hold a connection by sending nothing or a byte a minute);
+    - ``send_timeout``: a client that leaves the response unread (writes
+      paused by flow control) for that long is cut;
+    - ``max_requests_per_connection``: the last one is answered with
+      ``Connection: close``;
+    - header names with ``_``: dropped, refused (400) or allowed;
+    - chunked trailer fields are dropped, never merged into the header list;
+    - a Transfer-Encoding other than exactly ``chunked`` (e.g. ``gzip,
+      chunked``, which llhttp accepts) gets 501, and Transfer-Encoding in an
+      HTTP/1.0 request 400 (RFC 9112 6.1: its framing is faulty); HTTP
+      versions other than 1.0/1.1 (0.9, 2.0 over text) get 505;
+    - CONNECT (any target form) gets 400: Fender is no tunnel;
+    - absolute-form targets: the authority is recorded so the data plane can
+      refuse targets for other hosts.
+
+    Every refusal closes the connection and is counted in
+    ``fender_local_responses_total{route="-"}``. The class attributes are set
+    from the policy by :meth:`configure`.
     """
 
     max_header_bytes = 32 * 1024
     max_header_count = 100
+    max_request_line = 8 * 1024
+    header_timeout = 10.0
+    send_timeout = 60.0
+    max_requests_per_connection = 1000
+    underscores = 1  # _UNDERSCORE_ACTIONS
+    rejected: dict = {}  # reason -> pre-bound counter child
 
     _head_bytes = 0
     _head_count = 0
-    _head_error = 0
+    _url_bytes = 0
+    _reject = ""
+    _transfer_encoding: bytes | None = None
+    _head_timer = None
+    _send_timer = None
+    _served = 0
+    _unstarted: asyncio.Task | None = None
+    _linger_timer = None
+    _in_trailers = False
+    _active = None  # the cycle whose app task runs
+    _discard = False  # malformed input while a response was being written: close after it
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    @classmethod
+    def configure(cls, server, metrics: Metrics) -> None:
+        """Take the limits from ``policy.server`` and bind the rejection counters once."""
+        cls.max_header_bytes = server.max_header_bytes
+        cls.max_header_count = server.max_header_count
+        cls.max_request_line = server.max_request_line
+        cls.header_timeout = server.header_timeout
+        cls.send_timeout = server.send_timeout
+        cls.max_requests_per_connection = server.max_requests_per_connection
+        cls.underscores = _UNDERSCORE_ACTIONS[server.headers_with_underscores]
+        cls.rejected = {
+            reason: metrics.local_responses.labels("-", _REASON.get(reason, reason))
+            for reason in _HEAD_ERRORS
+        }
+
+    # -- connection events
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(CorkedTransport(transport, self.loop))
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, minus its warning log line per malformed request (a log flood
+        # any client could trigger); refusals are counted in metrics instead.
+        if self._linger_timer is not None or self._discard:
+            return  # refused connection closing: discard
+        self._unset_keepalive_if_required()
+        # Between requests (or before the first): bytes start a new head, time it.
+        # (Blank lines before a request line never reach on_message_begin.)
+        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade (websocket, h2c) is not offered: the Upgrade header was dropped
+            # as hop-by-hop and the request is served as plain HTTP/1.1. The parser
+            # reads no further requests after an upgrade, so close after this one.
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+        except httptools.HttpParserError:
+            self.send_400_response("")
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        # The client has not read for send_timeout: drop it, the app's send() sees a disconnect.
+        self.transport.abort()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head is incomplete while an earlier request is served:
+            # finish that one, then close instead of writing 408 into its response.
+            self.cycle.keep_alive = False
+            return
+        self._reject = "header_timeout"
+        self.send_400_response("")
+
+    # -- parser callbacks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._head_timer is None:
+            self._arm_head_timer()
         self._head_bytes = 0
         self._head_count = 0
-        self._head_error = 0
+        self._url_bytes = 0
+        self._transfer_encoding = None
+        self._in_trailers = False
 
     def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
         self._head_bytes += len(url)
-        if self._head_bytes > self.max_header_bytes:
-            self._head_error = 414
-            raise _HeadTooLarge
-        super().on_url(url)
+        if self._url_bytes > self.max_request_line or self._head_bytes > self.max_header_bytes:
+            self._reject = "uri_too_long"
+            raise _HeadRejected
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         self._head_count += 1
         if self._head_bytes > self.max_header_bytes or self._head_count > self.max_header_count:
-            self._head_error = 431
-            raise _HeadTooLarge
-        super().on_header(name, value)
+            self._reject = "header_too_large"
+            raise _HeadRejected
+        if self._in_trailers:
+            # Chunked trailer fields: llhttp reports them like headers and uvicorn would
+            # append them to the header list the app reads (when the head and trailers
+            # arrive together). They are never merged into the head (RFC 9110 6.5.1)
+            # nor forwarded.
+            return
+        name = name.lower()
+        if b"_" in name and self.underscores:
+            if self.underscores == 2:
+                self._reject = "underscore_header"
+                raise _HeadRejected
+            return  # dropped (NGINX underscores_in_headers off)
+        if name == b"transfer-encoding":
+            self._transfer_encoding = value
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._in_trailers = True
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._reject = "http_version"
+            raise _HeadRejected
+        if self.parser.get_method() == b"CONNECT":
+            # Fender is not a tunnel: a forwarded CONNECT would turn a pooled upstream
+            # connection into one, whatever its target form.
+            self._reject = "bad_request"
+            raise _HeadRejected
+        te = self._transfer_encoding
+        if te is not None:
+            if version == "1.0":
+                self._reject = "bad_request"
+                raise _HeadRejected
+            if te.strip(b" \t").lower() != b"chunked":
+                # A real coding list ending in chunked is valid but unsupported (501,
+                # RFC 9112 6.1); anything else (xchunked, identity, chunked-then-more)
+                # is an attempt to be framed two ways: 400.
+                codings = [c.strip(b" \t").lower() for c in te.split(b",")]
+                valid = codings[-1] == b"chunked" and all(c in _CODINGS for c in codings[:-1])
+                self._reject = "unsupported_transfer_coding" if valid else "bad_request"
+                raise _HeadRejected
         url = self.url
         if url[:1] != b"/" and url != b"*":
             # Absolute-form (RFC 9112 3.2.2): remember the authority it names,
@@ -130,26 +338,58 @@ class FenderHttpProtocol(HttpToolsProtocol):
                 authority = parsed.host if parsed.port is None else b"%s:%d" % (parsed.host, parsed.port)
                 self.scope["fender.authority"] = authority
         super().on_headers_complete()
+        self._served += 1
+        if self._served >= self.max_requests_per_connection and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn answers with Connection: close, then closes
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        # uvicorn's, keeping the task until it starts running: a body error found in
+        # the same read as the head (a bad chunk size) cancels it before it forwards anything.
+        task = self.loop.create_task(self._run_asgi(cycle, app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._unstarted = task
+
+    async def _run_asgi(self, cycle, app) -> None:
+        if self._unstarted is asyncio.current_task():
+            self._unstarted = None
+        self._active = cycle
+        try:
+            await cycle.run_asgi(app)
+        finally:
+            if self._active is cycle:
+                self._active = None
 
     def send_400_response(self, msg: str) -> None:
-        status = self._head_error
-        if not status:
-            super().send_400_response(msg)
+        reason = self._reject or "bad_request"
+        self._cancel_head_timer()
+        if self._unstarted is not None:
+            self._unstarted.cancel()
+            self._unstarted = None
+        counter = self.rejected.get(reason)
+        if counter is not None:
+            counter.inc()
+        if self.transport.is_closing() or self._linger_timer is not None or self._discard:
             return
-        body = b"fender: request head too large\n"
-        self.transport.write(
-            b"".join(
-                [
-                    _HEAD_ERRORS[status],
-                    b"content-type: text/plain; charset=utf-8\r\n",
-                    b"content-length: %d\r\n" % len(body),
-                    b"x-fender-error: header_too_large\r\n",
-                    b"connection: close\r\n\r\n",
-                    body,
-                ]
-            )
-        )
-        self.transport.close()
+        active = self._active
+        if active is not None and active.response_started and not active.response_complete:
+            # An earlier request's response is being written: never put a 400 in the
+            # middle of it. Serve nothing more, read nothing more, close after it.
+            self._discard = True
+            self.pipeline.clear()
+            active.keep_alive = False
+            return
+        self.transport.write(_HEAD_ERROR_RESPONSES[reason])
+        # Lingering close (as NGINX): send FIN after the answer and discard what the
+        # client still sends for a moment. Closing at once would make the kernel answer
+        # that unread data with RST, and the RST destroys the 4xx before the client reads it.
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
 
 
 class _Server(uvicorn.Server):
@@ -206,11 +446,9 @@ class Fender:
         self.admin_port = 0
         quiet_aborts()
 
-    @staticmethod
-    def _apply_listener_limits(policy) -> None:
+    def _apply_listener_limits(self, policy) -> None:
         # New client connections read these (the protocol class attributes).
-        FenderHttpProtocol.max_header_bytes = policy.server.max_header_bytes
-        FenderHttpProtocol.max_header_count = policy.server.max_header_count
+        FenderHttpProtocol.configure(policy.server, self.metrics)
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Make ``runtime`` serve new requests; returns the previous one (still serving its requests)."""
@@ -238,7 +476,8 @@ class Fender:
             # The data plane passes the upstream's Date and adds one only when missing (RFC 9110 6.6.1).
             date_header=False,
             timeout_keep_alive=max(1, round(server.keepalive_timeout)),
-            limit_concurrency=server.max_connections,
+            # uvicorn refuses once len(connections) >= limit, counting the new one: +1 serves max_connections.
+            limit_concurrency=server.max_connections + 1,
             timeout_graceful_shutdown=self.policy.drain.timeout,
         )
         admin = uvicorn.Config(

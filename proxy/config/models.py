@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -230,6 +230,45 @@ class ServerOptions(PolicyModel):
                 "trusted_hops",
             )
         return self
+
+    # Hardening (issue 9): request-head and connection limits enforced by FenderHttpProtocol.
+    max_request_line: Annotated[Size, Field(gt=0)] = Field(
+        default="8KiB",
+        description=(
+            "Longest request target (the URL in the request line) a client may send; longer ones get 414 and "
+            "the connection closes. 8KiB is NGINX's limit and fits every sane URL."
+        ),
+    )
+    header_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="10s",
+        description=(
+            "Longest time from a connection opening (or the first byte of a further request on it) until the "
+            "whole request head has arrived; past it the client gets 408 and the connection closes. Cuts "
+            "slowloris clients that trickle headers to hold connections open."
+        ),
+    )
+    max_requests_per_connection: Count = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "Requests served on one client connection before Fender answers with Connection: close, so "
+            "long-lived connections get rebalanced. 1000 is NGINX's keepalive_requests default."
+        ),
+    )
+    headers_with_underscores: Literal["drop", "reject", "allow"] = Field(
+        default="drop",
+        description=(
+            "What to do with request header names containing '_' (X_Forwarded_For), which some upstreams "
+            "treat like '-': drop removes the field (NGINX's default), reject answers 400, allow forwards it."
+        ),
+    )
+    send_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="60s",
+        description=(
+            "Longest time a client may leave Fender's response unread (its socket buffer full); past it the "
+            "connection is cut. Stops slow readers from pinning upstream connections. 60s as NGINX's send_timeout."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- upstreams

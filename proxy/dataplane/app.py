@@ -151,9 +151,9 @@ class DataPlane:
             await self._local(runtime, None, send, method, reply, head)
             return
         if head.host is None and scope["http_version"] == "1.1":
-            await self._local(
-                runtime, None, send, method, LocalReply("bad_request", "missing Host header"), head
-            )
+            # close: a client this confused about HTTP/1.1 gets no second chance on this connection
+            reply = LocalReply("bad_request", "missing Host header", close=True)
+            await self._local(runtime, None, send, method, reply, head)
             return
         authority = scope.get("fender.authority")
         if authority is not None and authority != head.host:

@@ -52,6 +52,24 @@ def new_request_id() -> bytes:
     return b"%s-%x" % (_rid_prefix, next(_rid_counter))
 
 
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): reg-name characters, or an IP literal.
+_REG_NAME = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+_IP_LITERAL = b"0123456789abcdefABCDEF:."
+
+
+def valid_host(value: bytes) -> bool:
+    """True for a syntactically valid, non-empty Host value (no userinfo, path, spaces or controls)."""
+    if value.startswith(b"["):
+        literal, bracket, port = value[1:].partition(b"]")
+        if not bracket or not literal or literal.translate(None, _IP_LITERAL):
+            return False
+        return not port or (port[:1] == b":" and (port[1:].isdigit() or port == b":"))
+    host, colon, port = value.partition(b":")
+    if not host or host.translate(None, _REG_NAME):
+        return False
+    return not colon or port == b"" or port.isdigit()
+
+
 def _connection_tokens(values: list[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
     for value in values:
@@ -138,8 +156,11 @@ class RequestHead:
                 forward.append((name, value))
                 continue
             if name == b"host":
-                if self.host is not None and self.host != value:
+                # RFC 9112 3.2: more than one Host line (even identical) or an invalid value is a 400.
+                if self.host is not None:
                     self.bad = "more than one Host header"
+                elif not valid_host(value):
+                    self.bad = "malformed Host header"
                 self.host = value
             elif name == b"content-length":
                 if not value.isdigit() or (

@@ -479,3 +479,42 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+class NeverAccepts:
+    """A listening port whose accept queue is full and never drained (added for the fault suite).
+
+    It listens with a backlog of 0 and fills the queue with its own connections, so the
+    kernel drops further SYNs: a client's connect neither succeeds nor is refused, it
+    times out (an overloaded or wedged host)::
+
+        async with NeverAccepts() as dead:
+            ...  # connecting to 127.0.0.1:dead.port hangs until the client's connect timeout
+    """
+
+    def __init__(self, fillers: int = 4) -> None:
+        self.port = 0
+        self._fillers = fillers
+        self._listener: socket.socket | None = None
+        self._held: list[socket.socket] = []
+
+    async def __aenter__(self) -> NeverAccepts:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        for _ in range(self._fillers):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass  # queued, or its SYN is being dropped: either way the queue is full
+            self._held.append(s)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for s in self._held:
+            s.close()
+        if self._listener is not None:
+            self._listener.close()
