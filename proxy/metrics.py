@@ -15,9 +15,46 @@ when the policy loads, so the request path never calls ``.labels()``.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import values as _prometheus_values
 
 # The *_created series double the scrape size and no dashboard of ours uses them.
 disable_created_metrics()
+
+
+class _LoopValue:
+    """A sample value without a mutex.
+
+    prometheus-client guards every value with a threading.Lock, which costs
+    about as much as the increment itself. Fender changes values only from its
+    one event-loop thread; a scrape renders from a worker thread and only reads
+    (a float attribute read is atomic under the GIL), so the lock buys nothing.
+    """
+
+    __slots__ = ("_value", "_exemplar")
+    _multiprocess = False
+
+    def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, **kwargs) -> None:
+        self._value = 0.0
+        self._exemplar = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp=None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self):
+        return self._exemplar
+
+
+if _prometheus_values.ValueClass is _prometheus_values.MutexValue:  # not in multiprocess mode
+    _prometheus_values.ValueClass = _LoopValue
 
 # Methods outside this set are counted as OTHER, so clients cannot invent series.
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")

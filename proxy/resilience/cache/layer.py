@@ -50,6 +50,18 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 _STATUS_MISS = b"fender; fwd=miss"
 # Bound on the hit-for-miss table (keys of URLs recently answered with something not storable).
 _MAX_UNCACHEABLE_KEYS = 10_000
+# A response carrying none of these can never be reused by a cache (absent route defaults).
+_CACHE_RELEVANT = frozenset({b"cache-control", b"expires", b"last-modified", b"etag", b"vary", b"pragma"})
+
+
+def _nothing_to_cache(headers: list[tuple[bytes, bytes]]) -> bool:
+    relevant = _CACHE_RELEVANT
+    for name, _ in headers:
+        if name in relevant:
+            return False
+    return True
+
+
 _RESPONSE_SAYS_DO_NOT_STORE = frozenset({"no-store", "private", "vary", "must-understand"})
 # Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
@@ -235,6 +247,8 @@ class CacheLayer:
         # URL keys whose last answer was not storable -> until when misses skip coalescing (hit-for-miss).
         self.uncacheable_ttl = options.uncacheable_ttl
         self._uncacheable: OrderedDict[bytes, float] = OrderedDict()
+        # True when only the response itself could make it reusable (no route default TTL or stale windows).
+        self._quick_pass = not (self.default_ttl > 0 or self.sie > 0 or self.swr > 0)
         self._refreshing: set[bytes] = set()
         self._tasks: set[asyncio.Task] = set()
         m = ctx.metrics
@@ -495,6 +509,16 @@ class CacheLayer:
         if failed and (stale is not None or isinstance(reply, LocalReply)):
             # Fender's own fault replies are never stored, nor does an upstream error replace a stored response.
             release()
+            ex.response_headers.append(
+                (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
+            )
+            return reply
+        if self._quick_pass and not failed and _nothing_to_cache(reply.headers):
+            # No freshness, validators or Vary, and the route grants no default TTL or stale
+            # window: nothing here could be reused, so skip the full RFC 9111 analysis.
+            release()
+            if self.uncacheable_ttl > 0:
+                self._remember_uncacheable(key, now)
             ex.response_headers.append(
                 (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
             )
