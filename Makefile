@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean soak
+.PHONY: run test lint schema install clean soak bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,10 @@ schema: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+## Data-path benchmark: Fender vs direct vs nginx vs the Python server's ceiling, in one
+## interleaved run (wrk and nginx when installed, bundled fallbacks otherwise). Prints a table
+## and the change against tests/bench/baseline.json; writes tests/bench/last.json.
+## Options: make bench BENCH_ARGS="--seconds 10 --rounds 5 --million"
+bench: $(STAMP)
+	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)

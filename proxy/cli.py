@@ -49,13 +49,13 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _run(policy, source: str, demo: bool) -> None:
+async def _run(policy, source: str, demo: bool, engine: str | None = None) -> None:
     from proxy.server import Fender
 
     demo_servers = []
     if demo:
         demo_servers = await _start_demo(policy)
-    fender = Fender(policy, source)
+    fender = Fender(policy, source, engine=engine)
     await fender.start()
     if demo:
         _print_tour(policy, fender)
@@ -116,7 +116,7 @@ def cmd_run(args, demo: bool = False) -> int:
 
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(_run(policy, args.policy, demo))
+            runner.run(_run(policy, args.policy, demo, args.server))
     except AdminAuthError as error:
         print(f"fender: not starting: {error}", file=sys.stderr)
         return 2
@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--server",
+        choices=["uvicorn", "granian"],
+        default=None,
+        help="HTTP server of the data listener (default: the policy's server.engine, uvicorn)",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
@@ -142,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "policy", nargs="?", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})"
     )
     demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    demo.add_argument("--server", choices=["uvicorn", "granian"], default=None, help="as for `fender run`")
     demo.set_defaults(func=lambda a: cmd_run(a, demo=True))
 
     validate = sub.add_parser("validate", help="check a policy file; print FILE:LINE:COL errors")

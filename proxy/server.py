@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import socket
+from types import SimpleNamespace
 
 import httptools
 import uvicorn
@@ -392,6 +393,78 @@ class FenderHttpProtocol(HttpToolsProtocol):
         self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
 
 
+class _GranianServer:
+    """The data listener on granian's embedded server, behind the interface Fender uses for uvicorn.
+
+    granian runs the HTTP/1.1 protocol in Rust and calls the same ASGI
+    application; it binds its own socket, so it takes a host and port.
+    """
+
+    def __init__(self, app, host: str, port: int, server_options) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.server.common import HTTP1Settings
+        from granian.server.embed import Server
+
+        self.host = host
+        self.port = port
+        self._exit = asyncio.Event()
+        self.force_exit = False
+        self.config = SimpleNamespace(timeout_graceful_shutdown=30.0)
+        self._server = Server(
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGINL,
+            http=HTTPModes.http1,
+            websockets=False,
+            log_enabled=False,
+            backlog=1024,
+            http1_settings=HTTP1Settings(
+                header_read_timeout=int(server_options.header_timeout * 1000),
+                keep_alive=True,
+                max_buffer_size=max(server_options.max_header_bytes, 65536),
+            ),
+        )
+        self._task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._task = asyncio.ensure_future(self._server.serve())
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while True:  # bounded: granian binds in its own startup; wait until it accepts
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("granian stopped during startup")
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"granian did not listen on {self.host}:{self.port}") from None
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            return
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+
+    async def main_loop(self) -> None:
+        await self._exit.wait()
+
+    async def shutdown(self, sockets=None) -> None:
+        self._server.stop()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, self.config.timeout_graceful_shutdown)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+
 class _Server(uvicorn.Server):
     # Signals are handled once for both listeners by Fender, not by each server.
     def capture_signals(self):
@@ -417,9 +490,16 @@ class Fender:
     """
 
     def __init__(
-        self, policy, source: str = "", metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK
+        self,
+        policy,
+        source: str = "",
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        engine: str | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # The data listener's HTTP server: the policy's server.engine unless the command line says otherwise.
+        self.engine = engine or policy.server.engine
         self.policy = policy
         self.started_policy = policy  # what the listeners were set up with
         self.source = source
@@ -437,7 +517,7 @@ class Fender:
         self.draining = False
         self.admin_token: str | None = None
         self.admin_app = build_admin_app(self)
-        self._servers: list[_Server] = []
+        self._servers: list[_Server | _GranianServer] = []
         self._tasks: list[asyncio.Task] = []
         self._drain_task: asyncio.Task | None = None
         self._skip_delay = asyncio.Event()
@@ -511,10 +591,16 @@ class Fender:
         await self.runtime.start()
         self.data_port = data_sock.getsockname()[1]
         self.admin_port = admin_sock.getsockname()[1]
-        for config, sock in zip(self._configs(), (data_sock, admin_sock), strict=True):
-            config.load()
-            server = _Server(config)
-            server.lifespan = config.lifespan_class(config)
+        for index, (config, sock) in enumerate(zip(self._configs(), (data_sock, admin_sock), strict=True)):
+            if index == 0 and self.engine == "granian":
+                # granian binds by itself: hand it the address and free the socket we were given.
+                host, port = sock.getsockname()[:2]
+                sock.close()
+                server = _GranianServer(self.dataplane, host, port, policy.server)
+            else:
+                config.load()
+                server = _Server(config)
+                server.lifespan = config.lifespan_class(config)
             await server.startup(sockets=[sock])
             self._servers.append(server)
             self._tasks.append(asyncio.ensure_future(self._run(server)))
@@ -531,7 +617,7 @@ class Fender:
         )
 
     @staticmethod
-    async def _run(server: _Server) -> None:
+    async def _run(server: _Server | _GranianServer) -> None:
         await server.main_loop()
         await server.shutdown()
 

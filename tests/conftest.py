@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -163,7 +164,9 @@ async def start_fender():
 
     async def start(text: str, clock=None) -> Fender:
         policy = parse_policy(text, "test-policy.yaml")
-        fender = Fender(policy, "test-policy.yaml", clock=clock or SYSTEM_CLOCK)
+        # FENDER_TEST_ENGINE=granian: tests/test_granian.py re-runs data-path tests on granian.
+        engine = os.environ.get("FENDER_TEST_ENGINE") or None
+        fender = Fender(policy, "test-policy.yaml", clock=clock or SYSTEM_CLOCK, engine=engine)
         await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
         fender.url = f"http://127.0.0.1:{fender.data_port}"
         fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"

@@ -269,6 +269,15 @@ class ServerOptions(PolicyModel):
             "connection is cut. Stops slow readers from pinning upstream connections. 60s as NGINX's send_timeout."
         ),
     )
+    engine: Literal["uvicorn", "granian"] = Field(
+        default="uvicorn",
+        description=(
+            "HTTP server of the data listener. uvicorn (default) runs Fender's request-head limits "
+            "(header_timeout, max_request_line, underscores, absolute-form refusal) in its parser; granian "
+            "(Rust HTTP stack, `pip install fender[granian]`) costs less CPU per request and enforces its own "
+            "head limits (read timeout and buffer size from header_timeout and max_header_bytes). Read at start only."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- upstreams
