@@ -21,6 +21,7 @@ listens on 127.0.0.1 and every process started is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -185,9 +186,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="h
 """
 
 
-def fender_policy(workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int]) -> Path:
+def fender_policy(
+    workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int], name: str = "uvicorn"
+) -> Path:
     one, two = upstream_ports
-    path = workdir / "bench-policy.yaml"
+    path = workdir / f"bench-policy-{name}.yaml"
     path.write_text(
         textwrap.dedent(
             f"""
@@ -279,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
 
     have_nginx = shutil.which("nginx") is not None
     have_wrk = shutil.which("wrk") is not None
+    have_granian = importlib.util.find_spec("granian") is not None
     load = run_wrk if have_wrk else run_python_load
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-"))
-    up1, up2, nginx_port, fender_port, admin_port, hello_port = (free_port() for _ in range(6))
+    up1, up2, nginx_port, fender_port, admin_port, hello_port, granian_port, granian_admin = (
+        free_port() for _ in range(8)
+    )
+    nginx_proxy_proc = None
     results: dict[str, list[dict]] = {}
     latency: dict[str, list[dict]] = {}
     memory: dict[str, float] = {}
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             origin = nginx_conf(workdir, "origin", nginx_origin(up1) + nginx_origin(up2))
             procs.start([*taskset(1), "nginx", "-c", str(origin), "-p", str(workdir)])
             proxy = nginx_conf(workdir, "proxy", nginx_proxy(nginx_port, up1))
-            procs.start([*taskset(0), "nginx", "-c", str(proxy), "-p", str(workdir)])
+            nginx_proxy_proc = procs.start([*taskset(0), "nginx", "-c", str(proxy), "-p", str(workdir)])
             wait_port(nginx_port)
         else:
             procs.start([*taskset(1), sys.executable, "-c", RAW_UPSTREAM, str(up1), str(up2)])
@@ -303,6 +310,25 @@ def main(argv: list[str] | None = None) -> int:
             [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
             cwd=ROOT,
         )
+        granian = None
+        if have_granian:
+            gpolicy = fender_policy(workdir, granian_port, granian_admin, (up1, up2), name="granian")
+            granian = procs.start(
+                [
+                    *taskset(0),
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "run",
+                    str(gpolicy),
+                    "--log-level",
+                    "warning",
+                    "--server",
+                    "granian",
+                ],
+                cwd=ROOT,
+            )
+            wait_port(granian_port)
         wait_port(fender_port)
         wait_port(hello_port)
         for path in ("/pass", "/all", "/cached", "/cached"):
@@ -310,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
 
         targets = {"direct": (f"http://127.0.0.1:{up1}/", None)}
         if have_nginx:
-            targets["nginx_proxy"] = (f"http://127.0.0.1:{nginx_port}/", None)
+            targets["nginx_proxy"] = (f"http://127.0.0.1:{nginx_port}/", nginx_proxy_proc.pid)
         targets["fender"] = (f"http://127.0.0.1:{fender_port}/pass", fender.pid)
+        if granian is not None:
+            targets["fender_granian"] = (f"http://127.0.0.1:{granian_port}/pass", granian.pid)
         targets["fender_policies"] = (f"http://127.0.0.1:{fender_port}/all", fender.pid)
         targets["fender_cache_hit"] = (f"http://127.0.0.1:{fender_port}/cached", fender.pid)
         targets["hello_world"] = (f"http://127.0.0.1:{hello_port}/", hello.pid)
@@ -360,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     if "nginx_proxy" in rps:
         ratios["fender_vs_nginx_proxy"] = rps["fender"] / rps["nginx_proxy"]
         ratios["nginx_proxy_vs_direct"] = rps["nginx_proxy"] / rps["direct"]
+        nginx_cpu = summary["nginx_proxy"].get("cpu_us_per_request")
+        if nginx_cpu:
+            ratios["fender_cpu_vs_nginx_cpu"] = summary["fender"]["cpu_us_per_request"] / nginx_cpu
+            if "fender_granian" in summary:
+                ratios["granian_cpu_vs_nginx_cpu"] = (
+                    summary["fender_granian"]["cpu_us_per_request"] / nginx_cpu
+                )
+    if "fender_granian" in rps:
+        ratios["fender_granian_vs_fender"] = rps["fender_granian"] / rps["fender"]
     report = {
         "load_tool": "wrk" if have_wrk else "bundled",
         "upstream": "nginx" if have_nginx else "bundled",
@@ -407,6 +444,8 @@ def print_report(report: dict, baseline: dict | None) -> None:
     for name, value in report["ratios"].items():
         target = TARGETS.get(name)
         verdict = f"  (target >= {target:.0%}: {'met' if value >= target else 'NOT met'})" if target else ""
+        if name == "granian_cpu_vs_nginx_cpu":
+            verdict = f"  (target <= 300%: {'met' if value <= 3 else 'NOT met'})"
         change = f"  [baseline {old[name]:.1%}, change {value - old[name]:+.1%}]" if name in old else ""
         print(f"{name}: {value:.1%}{verdict}{change}")
 
