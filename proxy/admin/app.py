@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from proxy.admin import admission, breakers, cache, ops, upstreams
 from proxy.config import dump_policy
+from proxy.upstream.reachable import tcp_reachable
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -24,16 +25,6 @@ if TYPE_CHECKING:
 # people must not turn into a connection storm against the upstreams.
 READY_CACHE_SECONDS = 1.0
 PROBE_TIMEOUT_CAP = 1.0
-
-
-async def _reachable(host: str, port: int, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
 
 
 class Readiness:
@@ -65,7 +56,7 @@ class Readiness:
     async def _upstream(upstream) -> dict:
         timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
         replicas = upstream.replicas
-        ok = await asyncio.gather(*(_reachable(r.host, r.port, timeout) for r in replicas))
+        ok = await asyncio.gather(*(tcp_reachable(r.host, r.port, timeout) for r in replicas))
         return {
             "reachable": any(ok),
             "replicas": {

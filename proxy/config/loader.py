@@ -16,6 +16,7 @@ Errors are raised as :class:`PolicyError`, whose ``issues`` are
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 import os
 import re
@@ -96,6 +97,11 @@ class PolicyError(Exception):
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and validate a policy file; raise :class:`PolicyError` on any problem."""
+    return load_policy_and_digest(path)[0]
+
+
+def load_policy_and_digest(path: str | os.PathLike[str]) -> tuple[Policy, str]:
+    """Like :func:`load_policy`, plus the sha256 of the file's bytes (reload compares it with the file)."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
@@ -111,7 +117,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyError(
             [PolicyIssue(source, line, col, "", "the policy file is not valid UTF-8 text")]
         ) from None
-    return parse_policy(text, source)
+    return parse_policy(text, source), hashlib.sha256(raw).hexdigest()
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:

@@ -30,9 +30,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from proxy.clock import SYSTEM_CLOCK
-from proxy.config import PolicyError, PolicyIssue, parse_policy
+from proxy.config import PolicyError
+from proxy.config.loader import load_policy_and_digest
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
+from proxy.upstream.reachable import tcp_reachable
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -73,22 +75,7 @@ def _iso(ts: float | None) -> str | None:
 
 def read_policy_file(path: str) -> tuple[Any, str]:
     """Parse the file; returns (policy, sha256 of its bytes) or raises PolicyError."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise PolicyError([PolicyIssue(path, 0, 0, "", f"cannot read the policy file: {reason}")]) from None
-    sha = hashlib.sha256(raw).hexdigest()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise PolicyError(
-            [PolicyIssue(path, line, col, "", "the policy file is not valid UTF-8 text")]
-        ) from None
-    return parse_policy(text, path), sha
+    return load_policy_and_digest(path)
 
 
 def file_sha256(path: str) -> str | None:
@@ -114,16 +101,6 @@ def restart_required(old_policy, new_policy) -> list[str]:
         if getattr(old_policy.server, name) != getattr(new_policy.server, name)
     ]
     return fields
-
-
-async def _reachable(host: str, port: int, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
 
 
 class Reloader:
@@ -293,7 +270,7 @@ class Reloader:
                 upstream = runtime.upstreams[name]
                 timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
                 results = await asyncio.gather(
-                    *(_reachable(r.host, r.port, timeout) for r in upstream.replicas)
+                    *(tcp_reachable(r.host, r.port, timeout) for r in upstream.replicas)
                 )
                 if any(results):
                     unreached.discard(name)

@@ -17,6 +17,8 @@ import email.utils
 import functools
 from urllib.parse import urlsplit
 
+from proxy.dataplane.headers import HOP_BY_HOP as _HOP_BY_HOP
+
 # RFC 9110 15.1: cacheable by default, so heuristic freshness may apply (4.2.2).
 # 206 is left out: Fender does not store partial content.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -30,19 +32,8 @@ DELTA_MAX = 2147483648
 # Safe methods (RFC 9110 9.2.1); any other method may invalidate (RFC 9111 4.4).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
+# Hop-by-hop fields (RFC 9111 3.1) plus the proxy-authentication ones, never stored.
+HOP_BY_HOP = _HOP_BY_HOP | {b"proxy-authenticate", b"proxy-authorization"}
 # Never kept in a stored response: per-connection, per-client or re-created when serving.
 # (Cache-Status: an upstream cache's verdict on that one request, not on later hits.)
 _NOT_STORED = HOP_BY_HOP | {
