@@ -164,6 +164,29 @@ async def test_breaker_state_survives_a_reload_that_keeps_its_settings(fenders):
             assert len(up.requests) == 2
 
 
+async def test_reload_giving_one_of_two_routes_other_breaker_settings(fenders):
+    def text(port: int, open_for: str) -> str:
+        # Both routes share the upstream's breaker until route s gets other settings.
+        route_s = (
+            "  - name: s\n"
+            "    match: {path_prefix: /s}\n"
+            "    upstream: up\n"
+            f"    circuit_breaker: {{consecutive_failures: 1, open_for: {open_for}}}\n"
+        )
+        shared = policy(port, route="circuit_breaker: {consecutive_failures: 1, open_for: 30s}")
+        return shared.replace("  - name: r\n", route_s + "  - name: r\n")  # s first: r takes every path
+
+    async with RawUpstream(status(500)) as up:
+        fender = await fenders(text(up.port, "30s"))
+        async with httpx.AsyncClient(base_url=fender.url) as client:
+            assert (await client.get("/")).status_code == 500  # the shared breaker opens
+            # Route s gets its own settings: a new breaker next to the kept (open) one.
+            await fenders.reload(fender, text(up.port, "20s"))
+            assert (await client.get("/")).headers["x-fender-error"] == "breaker_open"
+            assert (await client.get("/s")).status_code == 500
+        assert len(up.requests) == 2
+
+
 async def test_cache_store_survives_a_reload_and_is_resized(fenders):
     async with RawUpstream(ok(b"cached", headers=[("cache-control", "max-age=60")])) as up:
         fender = await fenders(policy(up.port, route="cache: {}"))

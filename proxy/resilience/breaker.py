@@ -626,9 +626,14 @@ def _register_checkpoint(ctx, breaker: CircuitBreaker) -> None:
     """Save this breaker in checkpoints under its name (upstream or route); settings are in the data."""
     from proxy.dataplane.runtime import register_checkpoint  # late: the runtime imports the pipeline
 
-    register_checkpoint(
-        ctx, f"breaker/{breaker.name}", breaker.checkpoint_snapshot, breaker.checkpoint_restore
-    )
+    try:
+        register_checkpoint(
+            ctx, f"breaker/{breaker.name}", breaker.checkpoint_snapshot, breaker.checkpoint_restore
+        )
+    except ValueError:
+        # Two breakers with one name can only coexist after a reload (a kept breaker and a new one
+        # for the same upstream); the first keeps the checkpoint slot, a restart names them apart.
+        log.debug("breaker %s: name taken in this checkpoint, not saved", breaker.name)
 
 
 def breakers(runtime) -> list[CircuitBreaker]:
