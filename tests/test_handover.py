@@ -8,6 +8,7 @@ states and replica health/ejections come back from the checkpoint when the setti
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 
 import httpx
@@ -376,3 +377,51 @@ async def test_every_mutating_admin_endpoint_needs_the_token(fenders, monkeypatc
                 "/admin/ratelimits",
                 "/admin/bulkheads",
             }
+
+
+async def test_bulkhead_take_over_with_a_lowered_limit_and_a_cancelled_waiter():
+    from proxy.resilience.bulkhead import Bulkhead
+
+    clock = ManualClock()
+    old = Bulkhead(2, 5, 30.0, clock)
+    assert old.try_acquire() and old.try_acquire()
+    waiter = asyncio.ensure_future(old.acquire())
+    await until(lambda: old.queued == 1)
+    new = Bulkhead(1, 0, 30.0, clock)
+    new.carry_over(old)
+    assert new.in_flight == 0  # nothing moves while the new runtime is only built
+    new.take_over()
+    assert (new.in_flight, new.queued, old.in_flight, old.queued) == (2, 1, 0, 0)
+    assert not old.try_acquire() and not new.try_acquire()  # the old object asks the new one
+    waiter.cancel()  # a waiter moved to the new queue leaves it cleanly
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert new.queued == 0
+    old.release()  # an old request ends: 2 -> 1, still at the new limit of 1
+    assert new.in_flight == 1 and not new.try_acquire()
+    old.release()
+    assert new.in_flight == 0 and old.try_acquire() and new.in_flight == 1
+
+
+def test_breaker_checkpoint_restores_only_matching_settings_and_bounds_the_time_left():
+    from proxy.resilience.breaker import CLOSED, HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker
+
+    options = BreakerOptions(open_for="10s", max_open_for="1m")
+    clock = ManualClock()
+    saved = CircuitBreaker("up", options, clock)
+    saved.force("open")
+    data = json.loads(json.dumps(saved.checkpoint_snapshot()))
+    # A clock far ahead (a bad wall clock on the writer): never more than open_for left.
+    far = dict(data, open_until=data["open_until"] + 3600)
+    restored = CircuitBreaker("up", options, ManualClock(start=7.0))
+    restored.checkpoint_restore(far)
+    assert restored.state == OPEN and 0 < restored.retry_after() <= 10
+    # Half-open: reopened with no time left, so the next call is a trial call.
+    saved.clock.advance(10)
+    assert saved.acquire() >= 0 and saved.state == HALF_OPEN
+    half = CircuitBreaker("up", options, ManualClock())
+    half.checkpoint_restore(json.loads(json.dumps(saved.checkpoint_snapshot())))
+    assert half.state == OPEN and half.retry_after() == 0 and half.acquire() >= 0
+    # Other settings: nothing restored.
+    other = CircuitBreaker("up", BreakerOptions(open_for="5s"), ManualClock())
+    other.checkpoint_restore(data)
+    assert other.state == CLOSED
