@@ -72,6 +72,80 @@ def _text(description: str) -> dict:
     return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(required: list[str], **properties: dict) -> dict:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _array(name: str) -> dict:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _map(schema: dict) -> dict:
+    return {"type": "object", "additionalProperties": schema}
+
+
+def _path_param(name: str, description: str, enum: list[str] | None = None) -> dict:
+    schema: dict = {"type": "string"}
+    if enum:
+        schema["enum"] = enum
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": schema}
+
+
+_NUMBER = {"type": "number"}
+_INT = {"type": "integer"}
+
+# Shapes of the module endpoints' answers (the fields every consumer may rely on).
+_MODULE_SCHEMAS = {
+    "Breaker": _object(
+        ["name", "state", "retry_after_seconds", "open_for_seconds", "trips", "window"],
+        name={"type": "string"},
+        state={"type": "string", "enum": ["closed", "open", "half_open"]},
+        retry_after_seconds=_NUMBER,
+        open_for_seconds=_NUMBER,
+        trips=_INT,
+        consecutive_failures=_INT,
+        window={"type": "object"},
+        half_open={"type": ["object", "null"]},
+    ),
+    "Upstream": _object(
+        ["balance", "active_priority", "panic", "replicas"],
+        balance={"type": "string"},
+        active_priority={"type": ["integer", "null"]},
+        panic={"type": "boolean"},
+        health_checks={"type": "boolean"},
+        outlier_detection={"type": "boolean"},
+        replicas={
+            "type": "array",
+            "items": _object(
+                ["name", "state", "serving"],
+                name={"type": "string"},
+                state={"type": "string", "enum": ["healthy", "unhealthy", "ejected", "overloaded"]},
+                serving={"type": "boolean"},
+            ),
+        },
+    ),
+    "RouteRateLimits": _object(
+        ["limits"],
+        limits={
+            "type": "array",
+            "items": _object(["name", "key", "rate", "burst", "shadow", "keys", "max_keys"]),
+        },
+    ),
+    "Bulkhead": _object(
+        ["max_concurrent", "in_flight", "max_queued", "queued", "queue_timeout_seconds"],
+        max_concurrent=_INT,
+        in_flight=_INT,
+        max_queued=_INT,
+        queued=_INT,
+        queue_timeout_seconds=_NUMBER,
+    ),
+}
+
+
 # Documentation of the endpoints Fender's core serves. Endpoints of policy
 # modules are documented from their endpoint docstring unless listed here.
 DOCS: dict[str, dict[str, dict[str, Any]]] = {
@@ -132,6 +206,92 @@ DOCS: dict[str, dict[str, dict[str, Any]]] = {
         }
     },
     "/admin/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json("OpenAPI 3.1")}}},
+    # Endpoints of the policy modules (proxy/admin/<module>.py).
+    "/admin/breakers": {
+        "get": {
+            "summary": "Every circuit breaker: state, time left open, window counts, half-open permits.",
+            "responses": {"200": _json("breakers", _object(["breakers"], breakers=_array("Breaker")))},
+        }
+    },
+    "/admin/breakers/{name}/{action}": {
+        "post": {
+            "summary": "Force a breaker open (for its open_for) or closed, or reset it (closed, trips zeroed).",
+            "parameters": [
+                _path_param("name", "breaker name (the upstream's, or the route's with scope: route)"),
+                _path_param("action", "what to do", ["open", "close", "reset"]),
+            ],
+            "responses": {
+                "200": _json("the breaker after the change", _ref("Breaker")),
+                "404": _json("no such breaker or action", _ref("Error")),
+            },
+        }
+    },
+    "/admin/upstreams": {
+        "get": {
+            "summary": "Each upstream's replicas: health, ejection, pass-over, load; serving priority, panic.",
+            "responses": {
+                "200": _json("upstreams", _object(["upstreams"], upstreams=_map(_ref("Upstream"))))
+            },
+        }
+    },
+    "/admin/ratelimits": {
+        "get": {
+            "summary": "Rate limits per route with the number of keys (buckets) held.",
+            "responses": {
+                "200": _json("rate limits", _object(["routes"], routes=_map(_ref("RouteRateLimits"))))
+            },
+        }
+    },
+    "/admin/bulkheads": {
+        "get": {
+            "summary": "Bulkheads per route: requests in flight and queued against their limits.",
+            "responses": {"200": _json("bulkheads", _object(["routes"], routes=_map(_ref("Bulkhead"))))},
+        }
+    },
+    "/admin/cache": {
+        "get": {
+            "summary": "The response cache: size, bounds, and per-route results and hit ratio.",
+            "responses": {
+                "200": _json(
+                    "cache",
+                    _object(
+                        ["enabled", "urls", "entries", "bytes", "max_size", "max_object_size", "routes"],
+                        enabled={"type": "boolean"},
+                        urls={"type": "integer"},
+                        entries={"type": "integer"},
+                        bytes={"type": "integer"},
+                        max_size={"type": "integer"},
+                        max_object_size={"type": "integer"},
+                        routes={"type": "object"},
+                    ),
+                )
+            },
+        }
+    },
+    "/admin/cache/purge": {
+        "post": {
+            "summary": "Remove stored responses of one URL (all its variants) or of every URL under a path prefix.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                _object(
+                                    ["url"], url={"type": "string", "examples": ["http://host/path?q=1"]}
+                                ),
+                                _object(["prefix"], prefix={"type": "string", "examples": ["/catalog/"]}),
+                            ]
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("purged", _object(["purged"], purged={"type": "integer"})),
+                "400": _json("neither or both of url and prefix", _ref("Error")),
+            },
+        }
+    },
 }
 
 
@@ -229,7 +389,12 @@ def build_openapi(endpoints: list[Route]) -> dict:
         "info": {"title": "Fender admin API", "version": __version__},
         "paths": paths,
         "components": {
-            "schemas": {"ConfigStatus": _CONFIG_STATUS, "ReloadAttempt": _ATTEMPT, "Error": _ERROR},
+            "schemas": {
+                "ConfigStatus": _CONFIG_STATUS,
+                "ReloadAttempt": _ATTEMPT,
+                "Error": _ERROR,
+                **_MODULE_SCHEMAS,
+            },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

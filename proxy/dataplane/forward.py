@@ -72,6 +72,8 @@ class UpstreamRuntime:
         )
         self._state_of = {state.replica: state for state in self.picker.states}
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
+        self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
+        self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
 
     def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
@@ -113,10 +115,62 @@ class UpstreamRuntime:
             self._pool_gauges.labels(self.name, replica.name, "in_use").set(replica.pool.in_use)
             self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
 
+    # -- reload hand-over and checkpoints ---------------------------------------------------------
+    # An upstream whose settings did not change is reused as a whole (runtime.keep). When they
+    # changed, this new UpstreamRuntime takes over what still applies from the previous one.
+
+    def carry_over(self, old: UpstreamRuntime) -> None:
+        """While the new runtime is built: copy the health/ejection state of remaining replicas."""
+        self.picker.carry_over(old.picker)
+        self._previous = old
+
+    async def take_over(self) -> None:
+        """When the new runtime goes live: keep the pools of replicas whose URL and pool settings
+        did not change (warm connections, no reconnect storm) and stop the old health checks."""
+        old, self._previous = self._previous, None
+        if old is None:
+            return
+        if old.options.pool == self.options.pool:
+            pools = {r.name: r.pool for r in old.replicas}
+            for replica in self.replicas:
+                pool = pools.get(replica.name)
+                if pool is not None and pool is not replica.pool:
+                    unused, replica.pool = replica.pool, pool
+                    self._state_of[replica].pool = pool
+                    old._given_pools.add(id(pool))
+                    await unused.close()
+        if old.health is not None:
+            await old.health.close()
+
+    def checkpoint_snapshot(self) -> dict:
+        return {
+            "health_check": _dump(self.options.health_check),
+            "outlier_detection": _dump(self.options.outlier_detection),
+            "replicas": self.picker.export_state(),
+        }
+
+    def checkpoint_restore(self, data: dict) -> None:
+        """Restore replica state written by a previous process where the settings still match."""
+        health = self.options.health_check is not None and data.get("health_check") == _dump(
+            self.options.health_check
+        )
+        outlier = self.options.outlier_detection is not None and data.get("outlier_detection") == _dump(
+            self.options.outlier_detection
+        )
+        if (health or outlier) and isinstance(data.get("replicas"), dict):
+            self.picker.import_state(data["replicas"], health, outlier)
+
     async def close(self) -> None:
         if self.health is not None:
             await self.health.close()
-        await asyncio.gather(*(r.pool.close() for r in self.replicas), return_exceptions=True)
+        await asyncio.gather(
+            *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
+            return_exceptions=True,
+        )
+
+
+def _dump(options) -> dict | None:
+    return None if options is None else options.model_dump(mode="json")
 
 
 class Forwarder:

@@ -14,7 +14,11 @@ object is reused (its state, pools and background tasks carry on);
 otherwise ``build()`` makes a new one, and if the new object has a
 ``carry_over(old)`` method it is called with the previous object of that key,
 so a module can take over what still applies (e.g. a cache keeping entries
-when only its size changed). Upstreams go through the same mechanism, keyed
+when only its size changed). ``carry_over`` runs during the build and must
+only change the new object (the build may still fail); a fresh object's
+``take_over()`` (sync or async) runs once the whole runtime started, just
+before it goes live, for hand-overs that touch the old object (a bulkhead's
+slots, connection pools, stopping the old health checks). Upstreams go through the same mechanism, keyed
 ``("upstream", name)`` with their options as settings.
 
 Modules that keep their objects in a registry dict in ``ctx.shared`` (e.g.
@@ -263,6 +267,13 @@ class Runtime:
             )
             for name, up in policy.upstreams.items()
         }
+        # Replica health and ejections go into checkpoints (matched by upstream name and host:port).
+        for name, upstream in self.upstreams.items():
+            if upstream.options.health_check is None and upstream.options.outlier_detection is None:
+                continue  # nothing learned about its replicas that a restart could lose
+            self.checkpoints.register(
+                f"upstream/{name}", upstream.checkpoint_snapshot, upstream.checkpoint_restore
+            )
         self.routes = [
             RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
             for r in policy.routes
@@ -305,6 +316,10 @@ class Runtime:
         for obj in self.handover.fresh:
             if not isinstance(obj, UpstreamRuntime):
                 await _call_if_present(obj, "start")
+        # Everything started: objects replacing a previous one with other settings now take over
+        # what is live there (bulkhead slots and queue, connection pools, stopping old health checks).
+        for obj in self.handover.fresh:
+            await _call_if_present(obj, "take_over")
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request uses this runtime any more; False if ``timeout`` passed first."""

@@ -61,6 +61,8 @@ class CheckpointProviders:
 
     def register(self, name: str, snapshot: Snapshot, restore: Restore) -> None:
         if name in self._providers:
+            if self._providers[name] == (snapshot, restore):
+                return  # the same object registered again (e.g. a breaker shared by routes)
             raise ValueError(f"checkpoint provider {name!r} is registered twice")
         self._providers[name] = (snapshot, restore)
 

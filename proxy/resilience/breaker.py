@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -461,6 +462,43 @@ class CircuitBreaker:
                 self.window.reset()
                 self.consecutive = 0
 
+    def reset(self) -> None:
+        """Operator reset: closed, empty window, open_for back to its setting, trip count zero."""
+        self.force("closed")
+        self.trips = 0
+
+    # -- checkpoint (proxy.ops.checkpoint) -------------------------------------
+
+    def checkpoint_snapshot(self) -> dict:
+        """Open/half-open state for a checkpoint; the time left open as a wall-clock instant."""
+        now = self.clock.now()
+        return {
+            "settings": self.options.model_dump(mode="json"),
+            "state": STATE_NAMES[self.state],
+            "open_until": time.time() + (self.open_until - now) if self.state == OPEN else None,
+            "open_for": self.open_for,
+            "trips": self.trips,
+        }
+
+    def checkpoint_restore(self, data: dict) -> None:
+        """Re-open a breaker that was open (or half-open) in the previous process.
+
+        Only when its settings are the same; an open breaker gets the time it had left (converted
+        back to the injected clock), a half-open one is opened with no time left, so the next call
+        is a trial call again. A closed breaker starts with an empty window.
+        """
+        if data.get("settings") != self.options.model_dump(mode="json"):
+            return
+        state = data.get("state")
+        if state not in ("open", "half_open"):
+            return
+        left = float(data["open_until"]) - time.time() if state == "open" else 0.0
+        self.open_for = min(max(float(data["open_for"]), self.options.open_for), self.options.max_open_for)
+        self.trips = int(data.get("trips", 0))
+        # Never longer than the breaker could have been open: a bad clock must not lock it out.
+        self.open_until = self.clock.now() + min(max(left, 0.0), self.open_for)
+        self._transition(OPEN)
+
     def snapshot(self) -> dict:
         self.window.expire(self.clock.now())
         window = self.window
@@ -580,7 +618,22 @@ def build_layer(route, next_handler, ctx) -> BreakerLayer | None:
         if name in taken:
             name = f"{route.upstream}.{route.name}"
         breaker = registry[key] = CircuitBreaker(name, options, ctx.clock, ctx.metrics)
+    _register_checkpoint(ctx, breaker)
     return BreakerLayer(breaker, next_handler, ctx.clock)
+
+
+def _register_checkpoint(ctx, breaker: CircuitBreaker) -> None:
+    """Save this breaker in checkpoints under its name (upstream or route); settings are in the data."""
+    from proxy.dataplane.runtime import register_checkpoint  # late: the runtime imports the pipeline
+
+    try:
+        register_checkpoint(
+            ctx, f"breaker/{breaker.name}", breaker.checkpoint_snapshot, breaker.checkpoint_restore
+        )
+    except ValueError:
+        # Two breakers with one name can only coexist after a reload (a kept breaker and a new one
+        # for the same upstream); the first keeps the checkpoint slot, a restart names them apart.
+        log.debug("breaker %s: name taken in this checkpoint, not saved", breaker.name)
 
 
 def breakers(runtime) -> list[CircuitBreaker]:

@@ -85,6 +85,8 @@ class Bulkhead:
         "clock",
         "in_flight",
         "_waiters",
+        "_previous",
+        "_successor",
         "__weakref__",
     )
 
@@ -95,12 +97,17 @@ class Bulkhead:
         self.clock = clock
         self.in_flight = 0
         self._waiters: deque[asyncio.Future] = deque()
+        # Reload hand-over (see carry_over): the bulkhead this one replaces, and the one replacing it.
+        self._previous: Bulkhead | None = None
+        self._successor: Bulkhead | None = None
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
 
     def try_acquire(self) -> bool:
+        if self._successor is not None:
+            return self._successor.try_acquire()
         if self.in_flight < self.max_concurrent and not self._waiters:
             self.in_flight += 1
             return True
@@ -114,6 +121,8 @@ class Bulkhead:
         :class:`ClientLeft` is raised. A cancelled waiter leaves the queue the
         same way and never holds a slot.
         """
+        if self._successor is not None:
+            return await self._successor.acquire(timeout, disconnect)
         if self.try_acquire():
             return 0.0
         if len(self._waiters) >= self.max_queued:
@@ -152,6 +161,9 @@ class Bulkhead:
         return clock.now() - started
 
     def _forget(self, slot: asyncio.Future) -> None:
+        if self._successor is not None:
+            self._successor._forget(slot)
+            return
         try:
             self._waiters.remove(slot)
         except ValueError:
@@ -159,6 +171,12 @@ class Bulkhead:
 
     def release(self) -> None:
         """Give a slot back: straight to the longest waiter still waiting, else free it."""
+        if self._successor is not None:
+            self._successor.release()
+            return
+        if self.in_flight > self.max_concurrent:
+            self.in_flight -= 1  # over a limit lowered by a reload: shrink before handing slots on
+            return
         waiters = self._waiters
         while waiters:
             slot = waiters.popleft()
@@ -166,6 +184,34 @@ class Bulkhead:
                 slot.set_result(None)  # the slot moves to this waiter; in_flight is unchanged
                 return
         self.in_flight -= 1
+
+    # -- reload hand-over -------------------------------------------------------------------
+    # A route whose bulkhead settings did not change keeps its Bulkhead object (runtime.keep).
+    # When they changed, the new Bulkhead takes over the old one's count and queue, so requests of
+    # the old and new runtime together never exceed the (new) limit during the swap.
+
+    def carry_over(self, old: Bulkhead) -> None:
+        """Called while the new runtime is built: remember the bulkhead this one replaces."""
+        self._previous = old
+
+    def take_over(self) -> None:
+        """Called when the new runtime goes live: adopt the old bulkhead's slots and waiters.
+
+        From then on the old object forwards every call to this one, so a request of the old
+        runtime releasing its slot frees it here, and its queued requests wait here in FIFO order.
+        """
+        old, self._previous = self._previous, None
+        if old is None:
+            return
+        while old._successor is not None:
+            old = old._successor
+        if old is self:
+            return
+        self.in_flight += old.in_flight
+        self._waiters.extend(old._waiters)
+        old._waiters.clear()
+        old.in_flight = 0
+        old._successor = self
 
 
 class SlotReply:
@@ -262,6 +308,7 @@ def build_layer(route, next_handler, ctx):
     if options is None:
         return None
     state = RouteBulkhead(route.name, options, ctx.clock, ctx.metrics)
+    _keep_bulkhead(state, route.name, options, ctx)
     ctx.shared.setdefault("bulkhead", {})[route.name] = state
     bulkhead = state.bulkhead
     clock = ctx.clock
@@ -294,6 +341,18 @@ def build_layer(route, next_handler, ctx):
         return SlotReply(reply, bulkhead)
 
     return bulkhead_layer
+
+
+def _keep_bulkhead(state: RouteBulkhead, route_name: str, options: BulkheadOptions, ctx) -> None:
+    """On a reload, reuse the route's previous Bulkhead when its settings are equal (see carry_over)."""
+    from proxy.dataplane.runtime import keep  # late: the runtime imports the pipeline modules
+
+    fresh = state.bulkhead
+    state.bulkhead = keep(ctx, ("bulkhead", route_name), options, lambda: fresh)
+    if state.bulkhead is not fresh:
+        ref = weakref.ref(state.bulkhead)
+        ctx.metrics.bulkhead_in_flight.labels(route_name).set_function(lambda: _read(ref, "in_flight"))
+        ctx.metrics.bulkhead_queued.labels(route_name).set_function(lambda: _read(ref, "queued"))
 
 
 async def _wait_disconnect(receive) -> None:

@@ -499,6 +499,83 @@ class ReplicaPicker:
             self._active_gauge.set(self.priorities[plan.level] if plan.level is not None else -1)
             self._panic_gauge.set(1 if panic else 0)
 
+    # -- reload hand-over and checkpoints ------------------------------------------------------------
+
+    def carry_over(self, old: ReplicaPicker) -> None:
+        """A reload changed this upstream: take over the state of replicas that remain (by host:port).
+
+        Active-health state (up/down, consecutive probe results) carries when both policies run
+        health checks, ejections when both run outlier detection (the settings may differ: what
+        was learned about the replica still holds); a Retry-After pass-over always carries.
+        """
+        previous = {state.name: state for state in old.states}
+        health = self.health_thresholds is not None and old.health_thresholds is not None
+        outlier = self.outlier is not None and old.outlier is not None
+        for state in self.states:
+            was = previous.get(state.name)
+            if was is None:
+                continue
+            state.overloaded_until = was.overloaded_until
+            if health:
+                state.active_healthy, state.passes, state.fails = was.active_healthy, was.passes, was.fails
+                state.last_check, state.last_result = was.last_check, was.last_result
+                state.last_duration = was.last_duration
+            if outlier:
+                state.failures, state.ejected_until = was.failures, was.ejected_until
+                state.ejections, state.ejection_count = was.ejections, was.ejection_count
+                state.returned_at = was.returned_at
+        self._rebuild(self.clock.now())
+
+    def export_state(self) -> dict:
+        """Replica health and ejections for a checkpoint, by host:port, times on the wall clock."""
+        now, wall = self.clock.now(), time.time()
+
+        def to_wall(t: float) -> float:
+            return wall + (t - now) if t else 0.0
+
+        return {
+            s.name: {
+                "active_healthy": s.active_healthy,
+                "passes": s.passes,
+                "fails": s.fails,
+                "failures": s.failures,
+                "ejected_until": to_wall(s.ejected_until),
+                "ejections": s.ejections,
+                "ejection_count": s.ejection_count,
+                "returned_at": to_wall(s.returned_at),
+            }
+            for s in self.states
+        }
+
+    def import_state(self, data: dict, health: bool, outlier: bool) -> list[str]:
+        """Restore :meth:`export_state` output of a previous process; returns the replicas restored.
+
+        Only replicas still in the upstream are touched; ``health`` / ``outlier`` say whether the
+        health check / outlier detection settings are the same as when it was written.
+        """
+        now, wall = self.clock.now(), time.time()
+
+        def from_wall(t: float) -> float:
+            return now + (t - wall) if t else 0.0
+
+        restored = []
+        for state in self.states:
+            saved = data.get(state.name)
+            if not isinstance(saved, dict):
+                continue
+            if health:
+                state.active_healthy = bool(saved["active_healthy"])
+                state.passes, state.fails = int(saved["passes"]), int(saved["fails"])
+            if outlier:
+                until = from_wall(float(saved["ejected_until"]))
+                state.ejected_until = until if until > now else 0.0
+                state.failures = int(saved["failures"])
+                state.ejections, state.ejection_count = int(saved["ejections"]), int(saved["ejection_count"])
+                state.returned_at = from_wall(float(saved["returned_at"]))
+            restored.append(state.name)
+        self._rebuild(now)
+        return restored
+
     # -- introspection ------------------------------------------------------------------------------
 
     @property

@@ -427,11 +427,26 @@ def _keys_of(ref) -> float:
     return float(target.key_count) if target is not None else 0.0
 
 
+def _keep_buckets(state: RouteRateLimit, ctx) -> None:
+    """On a reload, keep each limit's bucket table when that limit's settings did not change.
+
+    Keyed by route and limit name, compared on the limit's options (rate, burst, key, max_keys,
+    ...): an unchanged limit goes on with the same table, so a reload neither refills nor empties
+    anyone's bucket; a changed or new limit starts with fresh (full) buckets.
+    """
+    from proxy.dataplane.runtime import keep  # late: the runtime imports the pipeline modules
+
+    for limit in state.limits:
+        fresh = limit.limiter
+        limit.limiter = keep(ctx, ("ratelimit", state.route, limit.name), limit.options, lambda f=fresh: f)
+
+
 def build_layer(route, next_handler, ctx):
     limits = getattr(route, "rate_limit", None)
     if not limits:
         return None
     state = RouteRateLimit(route.name, limits, ctx.clock, ctx.metrics)
+    _keep_buckets(state, ctx)
     ctx.shared.setdefault("ratelimit", {})[route.name] = state
     clock = ctx.clock
     decide = state.decide

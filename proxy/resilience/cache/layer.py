@@ -743,14 +743,30 @@ def shared_store(ctx) -> MemoryStore:
     options = getattr(ctx.policy, "cache", None) or CacheStoreOptions()
     store = ctx.shared.get(STORE_KEY)
     if store is None:
-        metrics = ctx.metrics
-        store = MemoryStore(options.max_size, on_evict=metrics.cache_evictions.inc)
-        metrics.cache_bytes.set_function(lambda: store.bytes)
-        metrics.cache_entries.set_function(lambda: store.entries)
-        ctx.shared[STORE_KEY] = store
-    elif store.max_size != options.max_size:
+        store = ctx.shared[STORE_KEY] = _kept_store(ctx, options)
+    if store.max_size != options.max_size:
         store.resize(options.max_size)
     return store
+
+
+def _new_store(ctx, options: CacheStoreOptions) -> MemoryStore:
+    metrics = ctx.metrics
+    store = MemoryStore(options.max_size, on_evict=metrics.cache_evictions.inc)
+    metrics.cache_bytes.set_function(lambda: store.bytes)
+    metrics.cache_entries.set_function(lambda: store.entries)
+    return store
+
+
+def _kept_store(ctx, options: CacheStoreOptions) -> MemoryStore:
+    """The previous runtime's store on a reload (entries survive), else a new one.
+
+    Any change of the top-level ``cache:`` section keeps the store: a new max_size resizes it
+    in place (least recently used entries are evicted down to the new bound, see shared_store),
+    a new max_object_size applies to what is stored from then on.
+    """
+    from proxy.dataplane.runtime import keep  # late: the runtime imports the pipeline modules
+
+    return keep(ctx, STORE_KEY, "memory", lambda: _new_store(ctx, options))
 
 
 def build_layer(route, next_handler, ctx):
