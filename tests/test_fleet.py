@@ -1,0 +1,266 @@
+"""Fleet mode (issue 10): shared cache tier, invalidations and global rate limits on Redis.
+
+Every Redis here is a private redis-server the tests start on 127.0.0.1
+(tests/support/redis_server.py); several in-process Fenders share it, like
+sidecars of one fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import pytest
+
+from proxy.clock import ManualClock
+from proxy.config.loader import parse_policy
+from proxy.resilience.cache.layer import STORE_KEY
+from proxy.resilience.cache.store import Entry, Variants
+from proxy.state import codec
+from proxy.state.redis import STATE_KEY, RedisBreaker
+from tests.conftest import policy_text
+from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
+from tests.test_proxy import get_metrics, metric_value
+
+
+def fleet_policy(
+    upstream_port: int, redis_url: str, prefix: str, route_extra: str = "", state_extra: str = ""
+):
+    routes = f"""
+      - name: all
+        upstream: echo
+        cache: {{default_ttl: 60s}}
+{route_extra}
+    """
+    return policy_text(upstream_port, routes=routes) + (
+        f"state:\n  backend: redis\n  redis:\n    url: {redis_url}\n    key_prefix: '{prefix}'\n"
+        f"    timeout: 200ms\n{state_extra}"
+    )
+
+
+# Sidecars of one fleet see the same Host (the service's name); the cache key includes it.
+HOST = {"Host": "catalog.svc"}
+
+
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+async def start_fleet(start_fender, text: str, n: int = 3):
+    fenders = [await start_fender(text) for _ in range(n)]
+    for fender in fenders:
+        await wait_subscribed(fender)
+    return fenders
+
+
+async def wait_subscribed(fender, timeout: float = 10.0) -> None:
+    state = fender.runtime.shared[STATE_KEY]
+    async with asyncio.timeout(timeout):
+        await state.subscribed.wait()
+
+
+def upstream_hits(echo, path: str) -> int:
+    return sum(1 for r in echo.requests if r["path"] == path and r["method"] == "GET")
+
+
+# --------------------------------------------------------------------------- without Redis
+
+
+def test_global_scope_needs_redis_backend():
+    text = policy_text(
+        9,
+        routes="""
+      - name: all
+        upstream: echo
+        rate_limit: {rate: 10/s, scope: global}
+    """,
+    )
+    with pytest.raises(Exception) as err:
+        parse_policy(text, "p.yaml")
+    assert "scope: global" in str(err.value) and "backend: redis" in str(err.value)
+    policy = parse_policy(text + "state: {backend: redis}\n", "p.yaml")
+    assert policy.state.redis.url == "redis://127.0.0.1:6379/0"
+    assert policy.state.redis.timeout == 0.05 and policy.state.redis.on_failure == "local"
+    assert policy.routes[0].rate_limit[0].scope == "global"
+
+
+def test_state_rejects_a_url_that_is_not_redis():
+    text = policy_text(9) + "state: {backend: redis, redis: {url: 'http://x:1'}}\n"
+    with pytest.raises(Exception) as err:
+        parse_policy(text, "p.yaml")
+    assert "is not a Redis URL" in str(err.value)
+
+
+def _entry(body: bytes, fresh: float = 60.0) -> Entry:
+    return Entry(
+        200,
+        [(b"content-type", b"text/plain"), (b"etag", b'"v1"')],
+        body,
+        etag=b'"v1"',
+        last_modified=None,
+        date=1_700_000_000.0,
+        vary=(b"accept-language",),
+        selection=(b"de",),
+        response_time=100.0,
+        initial_age=2.0,
+        lifetime=fresh,
+        swr=5.0,
+        sie=30.0,
+        must_validate=False,
+    )
+
+
+def test_codec_round_trip_moves_times_between_clocks():
+    value = Variants([_entry(b"hello \xff world"), _entry(b"")])
+    blob = codec.encode(value, offset=1000.0)  # wall = layer clock + 1000
+    back = codec.decode(blob, offset=400.0)  # another sidecar: wall = its clock + 400
+    assert back is not None and len(back.entries) == 2
+    first = back.entries[0]
+    assert first.body == b"hello \xff world" and first.headers == value.entries[0].headers
+    assert first.vary == (b"accept-language",) and first.selection == (b"de",)
+    # Same wall-clock instants: 600 s later on the second sidecar's clock.
+    assert first.response_time == pytest.approx(700.0)
+    assert first.fresh_until == pytest.approx(value.entries[0].fresh_until + 600.0)
+    assert first.stale_if_error_until == pytest.approx(value.entries[0].stale_if_error_until + 600.0)
+    assert first.served_headers == value.entries[0].served_headers and first.size == value.entries[0].size
+    # Redis keeps it until the last stale window ends: base 98 + 60 fresh + 30 stale-if-error.
+    assert codec.expiry(value, now=100.0) == pytest.approx(88.0)
+
+
+def test_codec_rejects_anything_damaged():
+    blob = codec.encode(Variants([_entry(b"x" * 100)]), offset=0.0)
+    assert codec.decode(blob, 0.0) is not None
+    damaged = [
+        blob[:-1],  # truncated (a partial write)
+        blob + b"x",  # trailing bytes
+        blob[:-5] + b"XXXXX",  # body bytes changed: checksum
+        b"FNDc\x02" + blob[5:],  # another format version
+        b"junk",
+        b"",
+        blob[:4] + b"\x01" + b"\xff\xff\xff\xff" + blob[9:],  # meta length lies
+    ]
+    for bad in damaged:
+        assert codec.decode(bad, 0.0) is None, bad[:12]
+
+
+def test_redis_breaker_opens_after_consecutive_failures_and_lets_one_trial_through():
+    clock = ManualClock()
+    changes: list[bool] = []
+    breaker = RedisBreaker(3, 2.0, clock, on_change=changes.append)
+    breaker.failure()
+    breaker.failure()
+    breaker.success()  # not consecutive any more
+    breaker.failure()
+    breaker.failure()
+    assert breaker.allow() and not breaker.is_open
+    breaker.failure()
+    assert breaker.is_open and changes == [True]
+    assert not breaker.allow()
+    clock.advance(2.0)
+    assert breaker.allow()  # the one trial call
+    assert not breaker.allow()  # nobody else meanwhile
+    breaker.failure()  # trial failed: open for another 2 s
+    assert not breaker.allow()
+    clock.advance(2.0)
+    assert breaker.allow()
+    breaker.success()
+    assert not breaker.is_open and breaker.allow() and changes == [True, False]
+
+
+# --------------------------------------------------------------------------- with a private Redis
+
+
+async def test_a_response_stored_via_one_sidecar_is_a_hit_via_another(
+    redis_server, echo_upstream, start_fender
+):
+    a, b, c = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()))
+    async with httpx.AsyncClient(headers=HOST) as client:
+        first = await client.get(a.url + "/shared/1")
+        assert first.status_code == 200 and "stored" in first.headers["cache-status"]
+        await drain_writes(a)  # the L2 write runs in the background
+        second = await client.get(b.url + "/shared/1")
+        third = await client.get(b.url + "/shared/1")
+    assert second.status_code == 200 and second.headers["cache-status"].startswith("fender; hit")
+    assert second.json() == first.json()
+    assert third.headers["cache-status"].startswith("fender; hit")
+    assert upstream_hits(echo_upstream, "/shared/1") == 1
+    metrics_b = await get_metrics(b)
+    assert metric_value(metrics_b, "fender_cache_tier_hits_total", tier="l2") == 1  # then in B's L1
+    assert metric_value(metrics_b, "fender_cache_tier_hits_total", tier="l1") == 1
+    assert metric_value(metrics_b, "fender_redis_calls_total", op="get", outcome="ok") >= 1
+    assert metric_value(metrics_b, "fender_redis_fallback") == 0
+
+
+async def test_delete_via_one_sidecar_drops_the_entry_everywhere(redis_server, echo_upstream, start_fender):
+    a, b, c = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()))
+    async with httpx.AsyncClient(headers=HOST) as client:
+        for fender in (a, b):
+            response = await client.get(fender.url + "/doc")
+            assert response.status_code == 200
+            await drain_writes(fender)
+        stores = [f.runtime.shared[STORE_KEY] for f in (a, b)]
+        key = b"catalog.svc/doc"
+        assert [sum(1 for k in s.keys() if k.endswith(b"/doc")) for s in stores] == [1, 1]
+        before = upstream_hits(echo_upstream, "/doc")
+        deleted = await client.delete(c.url + "/doc")
+        answered = time.perf_counter()
+        assert deleted.status_code == 200
+        # Propagation: from C's response to the last of A and B dropping the key (bounded wait).
+        async with asyncio.timeout(5):
+            while any(k.endswith(b"/doc") for s in stores for k in s.keys()):  # noqa: ASYNC110
+                await asyncio.sleep(0.0005)  # polling the stores is the measurement itself
+        propagation = time.perf_counter() - answered
+        print(f"invalidation propagation: {propagation * 1000:.2f} ms")
+        assert (
+            redis_server.command("EXISTS", a.runtime.shared[STATE_KEY].cache_key(key).decode()) == b":0\r\n"
+        )
+        again = await client.get(a.url + "/doc")
+        assert "fwd=miss" in again.headers["cache-status"]
+    assert upstream_hits(echo_upstream, "/doc") == before + 1
+    assert propagation < 1.0
+    assert metric_value(await get_metrics(c), "fender_cache_invalidations_total", direction="sent") == 1
+    for fender in (a, b):
+        received = metric_value(
+            await get_metrics(fender), "fender_cache_invalidations_total", direction="received"
+        )
+        assert received == 1
+
+
+async def drain_writes(fender) -> None:
+    async with asyncio.timeout(5):
+        await fender.runtime.shared[STATE_KEY].flush()
+
+
+async def test_an_unreadable_stored_value_is_deleted_and_treated_as_a_miss(
+    redis_server, echo_upstream, start_fender
+):
+    (a,) = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()), n=1)
+    state = a.runtime.shared[STATE_KEY]
+    key = state.cache_key(b"catalog.svc/broken").decode()
+    blob = codec.encode(Variants([_entry(b"old body")]), 0.0)
+    assert redis_server.command("SET", key, blob[:-3]) == b"+OK\r\n"  # a torn value
+    async with httpx.AsyncClient(headers=HOST) as client:
+        response = await client.get(a.url + "/broken")
+    assert response.status_code == 200 and response.json()["path"] == "/broken"
+    assert "fwd=miss" in response.headers["cache-status"]
+    assert upstream_hits(echo_upstream, "/broken") == 1
+    assert metric_value(await get_metrics(a), "fender_redis_calls_total", op="get", outcome="invalid") == 1
+    await drain_writes(a)
+    # Replaced by the fresh response (a valid value), never served torn.
+    stored = redis_server.command("GET", key)
+    assert codec.MAGIC in stored and b"old body" not in stored
+
+
+async def test_concurrent_misses_across_the_fleet_cause_one_upstream_request(
+    redis_server, echo_upstream, start_fender
+):
+    fleet = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()))
+    async with httpx.AsyncClient(timeout=10, headers=HOST) as client:
+        replies = await asyncio.gather(*[client.get(fleet[i % 3].url + "/slow?ms=300") for i in range(12)])
+    assert [r.status_code for r in replies] == [200] * 12
+    assert upstream_hits(echo_upstream, "/slow") == 1
+    statuses = [r.headers["cache-status"] for r in replies]
+    assert sum("coalesced-fleet" in s for s in statuses) >= 2  # the other two sidecars waited on Redis
+    assert len({r.text for r in replies}) == 1
