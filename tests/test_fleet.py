@@ -264,3 +264,208 @@ async def test_concurrent_misses_across_the_fleet_cause_one_upstream_request(
     statuses = [r.headers["cache-status"] for r in replies]
     assert sum("coalesced-fleet" in s for s in statuses) >= 2  # the other two sidecars waited on Redis
     assert len({r.text for r in replies}) == 1
+
+
+# --------------------------------------------------------------------------- global rate limits
+
+
+def limit_policy(upstream_port: int, redis_url: str, limit: str, state_extra: str = "", cache: bool = False):
+    routes = f"""
+      - name: all
+        upstream: echo
+        rate_limit: {limit}
+"""
+    if cache:
+        routes += "        cache: {default_ttl: 60s}\n"
+    return policy_text(upstream_port, routes=routes) + (
+        f"state:\n  backend: redis\n  redis:\n    url: {redis_url}\n    key_prefix: '{prefix()}'\n"
+        f"    timeout: 200ms\n{state_extra}"
+    )
+
+
+async def test_global_burst_is_shared_exactly_by_three_sidecars(redis_server, echo_upstream, start_fender):
+    # 1/m refills once a minute: within this test only the burst of 10 can pass, across the fleet.
+    text = limit_policy(echo_upstream.port, redis_server.url, "{rate: 1/m, burst: 10, scope: global}")
+    fleet = await start_fleet(start_fender, text)
+    async with httpx.AsyncClient() as client:
+        replies = [await client.get(fleet[i % 3].url + f"/r/{i}") for i in range(30)]
+    statuses = [r.status_code for r in replies]
+    assert statuses.count(200) == 10 and statuses[:10] == [200] * 10 and statuses.count(429) == 20
+    first, tenth, refused = replies[0], replies[9], replies[10]
+    assert first.headers["ratelimit-policy"] == '"client_ip";q=1;w=60'
+    assert first.headers["ratelimit"].startswith('"client_ip";r=9;t=')
+    assert tenth.headers["ratelimit"].startswith('"client_ip";r=0;t=')
+    # Full again after 10 emission intervals (600 s); the next token comes 60 s after the first request.
+    assert 599 <= int(tenth.headers["ratelimit"].rsplit("t=", 1)[1]) <= 600
+    assert 59 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-fender-error"] == "rate_limited"
+    assert len(echo_upstream.requests) == 10
+    limited = [
+        metric_value(await get_metrics(f), "fender_ratelimit_requests_total", decision="limited")
+        for f in fleet
+    ]
+    assert sum(limited) == 20
+    assert (
+        sum(
+            [
+                metric_value(await get_metrics(f), "fender_redis_calls_total", op="ratelimit", outcome="ok")
+                for f in fleet
+            ]
+        )
+        == 30
+    )
+
+
+def redis_time(server) -> float:
+    reply = server.command("TIME").split(b"\r\n")
+    return int(reply[2]) + int(reply[4]) / 1e6
+
+
+async def test_global_rate_over_a_real_time_window_is_within_five_percent(
+    redis_server, echo_upstream, start_fender
+):
+    """20/s with a burst of 5, three sidecars hammered concurrently for ~3 s of Redis time.
+
+    GCRA admits at most burst + floor(T x rate) over T seconds, and exactly that when
+    requests keep coming (the burst absorbs the scheduling jitter of the senders). The window
+    T is measured with Redis TIME (the script's clock) around the traffic, so it is slightly
+    longer than the span of the decisions. Tolerance: 5% of the expected count (about 3).
+    """
+    rate, burst = 20, 5
+    text = limit_policy(
+        echo_upstream.port,
+        redis_server.url,
+        f"{{rate: {rate}/s, burst: {burst}, scope: global, headers: false}}",
+    )
+    fleet = await start_fleet(start_fender, text)
+    admitted = 0
+    refused = 0
+    stop = asyncio.Event()
+
+    async def hammer(fender, client) -> None:
+        nonlocal admitted, refused
+        for _ in range(5000):  # bounded; the 3 s window ends far earlier at this machine's pace
+            if stop.is_set():
+                return
+            status = (await client.get(fender.url + "/w")).status_code
+            if status == 200:
+                admitted += 1
+            else:
+                assert status == 429
+                refused += 1
+
+    async with httpx.AsyncClient() as client:
+        for fender in fleet:  # open the connections before the window starts
+            assert (await client.get(fender.admin_url + "/healthz")).status_code == 200
+        started = redis_time(redis_server)
+        tasks = [asyncio.ensure_future(hammer(f, client)) for f in fleet]
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks)), timeout=3.0)
+        except TimeoutError:
+            pass
+        stop.set()
+        await asyncio.gather(*tasks)
+        window = redis_time(redis_server) - started
+    expected = burst + window * rate
+    print(
+        f"global rate: {admitted} admitted of {admitted + refused} in {window:.3f} s (expected {expected:.1f})"
+    )
+    assert refused > 2 * admitted  # the fleet was really saturated
+    assert admitted <= burst + int(window * rate)  # GCRA's bound (the window spans all decisions)
+    assert abs(admitted - expected) <= 0.05 * expected
+
+
+async def test_on_failure_modes_when_redis_is_unreachable(echo_upstream, start_fender):
+    from tests.support.redis_server import _free_port
+
+    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    fenders = {}
+    for mode in ("local", "open", "closed"):
+        text = limit_policy(
+            echo_upstream.port,
+            dead,
+            "{rate: 1/m, burst: 2, scope: global}",
+            state_extra=f"    on_failure: {mode}\n    failure_threshold: 2\n    open_for: 60s\n",
+            cache=True,
+        )
+        fenders[mode] = await start_fender(text)
+    async with httpx.AsyncClient(headers=HOST) as client:
+        results = {
+            mode: [(await client.get(f.url + f"/{mode}")) for _ in range(4)] for mode, f in fenders.items()
+        }
+    # local: the same limit in this sidecar's memory (burst 2), and the cache works from L1.
+    local = results["local"]
+    assert [r.status_code for r in local] == [200, 200, 429, 429]
+    assert local[1].headers["cache-status"].startswith("fender; hit")
+    # open: admitted; closed: refused with 503, not 429 (the client exceeded nothing).
+    assert [r.status_code for r in results["open"]] == [200] * 4
+    closed = results["closed"]
+    assert [r.status_code for r in closed] == [503] * 4
+    assert (
+        closed[0].headers["x-fender-error"] == "rate_limit_unavailable"
+        and closed[0].headers["retry-after"] == "1"
+    )
+    for mode, fender in fenders.items():
+        text = await get_metrics(fender)
+        assert metric_value(text, "fender_redis_fallback") == 1, mode
+        assert metric_value(text, "fender_redis_calls_total", op="ratelimit", outcome="rejected") >= 2, mode
+    assert (
+        metric_value(
+            await get_metrics(fenders["open"]), "fender_ratelimit_requests_total", decision="failure_allowed"
+        )
+        == 4
+    )
+    assert (
+        metric_value(
+            await get_metrics(fenders["closed"]),
+            "fender_ratelimit_requests_total",
+            decision="failure_refused",
+        )
+        == 4
+    )
+
+
+async def test_killing_redis_mid_traffic_loses_no_request_and_sharing_resumes(
+    redis_server, echo_upstream, start_fender
+):
+    text = limit_policy(
+        echo_upstream.port,
+        redis_server.url,
+        "{rate: 10000/s, scope: global}",
+        state_extra="    failure_threshold: 2\n    open_for: 200ms\n",
+        cache=True,
+    )
+    fleet = await start_fleet(start_fender, text)
+    statuses: list[int] = []
+    try:
+        async with httpx.AsyncClient(headers=HOST, timeout=5) as client:
+            for i in range(150):  # bounded client loop
+                if i == 50:
+                    redis_server.stop()  # SIGKILL: a crash mid-traffic
+                if i == 100:
+                    redis_server.start()
+                fender = fleet[i % 3]
+                path = f"/k/{i % 7}" if i % 2 else f"/u/{i}"
+                statuses.append((await client.get(fender.url + path)).status_code)
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+    assert statuses == [200] * 150  # zero client errors
+    outage = [metric_value(await get_metrics(f), "fender_redis_calls_total", outcome="error") for f in fleet]
+    assert all(n >= 1 for n in outage)
+    # Recovery: each sidecar subscribes again (clearing its L1: it may have missed invalidations).
+    for fender in fleet:
+        state = fender.runtime.shared[STATE_KEY]
+        async with asyncio.timeout(10):
+            await state.wait_subscriptions(2)
+        assert state.l1_clears >= 1 and not state.breaker.is_open
+        assert metric_value(await get_metrics(fender), "fender_redis_fallback") == 0
+    a, b = fleet[0], fleet[1]
+    async with httpx.AsyncClient(headers=HOST) as client:
+        stored = await client.get(a.url + "/after")
+        await drain_writes(a)
+        shared = await client.get(b.url + "/after")
+    assert "stored" in stored.headers["cache-status"] and shared.headers["cache-status"].startswith(
+        "fender; hit"
+    )
+    assert upstream_hits(echo_upstream, "/after") == 1

@@ -145,6 +145,7 @@ class RedisState:
         self._closed = False
         self.subscribed = asyncio.Event()
         self.subscriptions = 0  # successful (re)subscriptions, for the admin API and tests
+        self._subscribed_again = asyncio.Condition()
         self.l1_clears = 0
         self._scripts: dict[str, object] = {}
 
@@ -323,6 +324,8 @@ class RedisState:
                     self._clear_l1()
                 self.subscriptions += 1
                 self.subscribed.set()
+                async with self._subscribed_again:
+                    self._subscribed_again.notify_all()
                 backoff = 0.05
                 while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
@@ -344,6 +347,11 @@ class RedisState:
             attempt += 1
             await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    async def wait_subscriptions(self, count: int) -> None:
+        """Wait until the subscription has been established ``count`` times (callers bound the wait)."""
+        async with self._subscribed_again:
+            await self._subscribed_again.wait_for(lambda: self.subscriptions >= count)
 
     def _on_message(self, data: bytes) -> None:
         origin, _, key = data.partition(b" ")
