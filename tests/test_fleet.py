@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.config.loader import parse_policy
+from proxy.config.loader import load_policy, parse_policy
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.store import Entry, Variants
+from proxy.server import Fender, bind_socket
 from proxy.state import codec
 from proxy.state.redis import STATE_KEY, RedisBreaker
 from tests.conftest import policy_text
@@ -469,3 +470,84 @@ async def test_killing_redis_mid_traffic_loses_no_request_and_sharing_resumes(
         "fender; hit"
     )
     assert upstream_hits(echo_upstream, "/after") == 1
+
+
+async def test_a_redis_that_never_answers_costs_timeouts_then_the_breaker_opens(echo_upstream, start_fender):
+    # A TCP server that accepts and reads but never replies: every call hits state.redis.timeout.
+    async def silent(reader, writer):
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        text = limit_policy(
+            echo_upstream.port,
+            f"redis://127.0.0.1:{port}/0",
+            "{rate: 1000/s, scope: global}",
+            state_extra="    failure_threshold: 2\n    open_for: 60s\n",
+            cache=True,
+        ).replace("timeout: 200ms", "timeout: 50ms")
+        fender = await start_fender(text)
+        async with httpx.AsyncClient(headers=HOST) as client:
+            replies = [await client.get(fender.url + "/slow-redis") for _ in range(5)]
+        assert [r.status_code for r in replies] == [200] * 5
+        assert replies[-1].headers["cache-status"].startswith("fender; hit")  # L1 keeps working
+        text = await get_metrics(fender)
+        assert (
+            metric_value(text, "fender_redis_calls_total", outcome="timeout") == 2
+        )  # then the breaker opened
+        assert metric_value(text, "fender_redis_calls_total", outcome="rejected") >= 3
+        assert metric_value(text, "fender_redis_fallback") == 1
+        assert fender.runtime.shared[STATE_KEY].breaker.is_open
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_admin_purge_reaches_every_sidecar_and_redis(redis_server, echo_upstream, start_fender):
+    a, b = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()), n=2)
+    async with httpx.AsyncClient(headers=HOST) as client:
+        await client.get(a.url + "/p/1")
+        await drain_writes(a)
+        assert (await client.get(b.url + "/p/1")).headers["cache-status"].startswith("fender; hit")
+        state = a.runtime.shared[STATE_KEY]
+        assert redis_server.command("EXISTS", state.cache_key(b"catalog.svc/p/1")) == b":1\r\n"
+        purged = await client.post(a.admin_url + "/admin/cache/purge", json={"url": "http://catalog.svc/p/1"})
+        assert purged.json() == {"purged": 1, "fleet": True}
+        async with asyncio.timeout(5):
+            await b.runtime.shared[STATE_KEY].wait_received(1)
+        assert not any(k.endswith(b"/p/1") for k in b.runtime.shared[STORE_KEY].keys())
+        assert redis_server.command("EXISTS", state.cache_key(b"catalog.svc/p/1")) == b":0\r\n"
+        assert "fwd=miss" in (await client.get(b.url + "/p/1")).headers["cache-status"]
+
+
+async def test_reload_keeps_the_redis_client_when_its_options_are_unchanged(
+    redis_server, echo_upstream, tmp_path
+):
+    text = fleet_policy(echo_upstream.port, redis_server.url, prefix()) + "reload: {watch: false}\n"
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    fender = Fender(load_policy(path), str(path))
+    await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+    try:
+        await wait_subscribed(fender)
+        state = fender.runtime.shared[STATE_KEY]
+        path.write_text(text.replace("default_ttl: 60s", "default_ttl: 30s"))
+        assert (await fender.reloader.reload("api")).result == "applied"
+        # Same client, connections and subscription: nothing was reconnected.
+        assert fender.runtime.shared[STATE_KEY] is state and state.subscriptions == 1
+        path.write_text(text.replace("timeout: 200ms", "timeout: 300ms"))
+        assert (await fender.reloader.reload("api")).result == "applied"
+        fresh = fender.runtime.shared[STATE_KEY]
+        assert fresh is not state and fresh.timeout == 0.3
+        async with asyncio.timeout(5):
+            await fresh.subscribed.wait()
+            await state.closed.wait()  # the old client is closed once the old runtime retires
+        # The cache's L1 store (kept across reloads) now gets the new client's invalidations.
+        assert fender.runtime.shared[STORE_KEY] in set(fresh._stores)
+    finally:
+        await fender.stop()

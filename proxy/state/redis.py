@@ -145,7 +145,9 @@ class RedisState:
         self._closed = False
         self.subscribed = asyncio.Event()
         self.subscriptions = 0  # successful (re)subscriptions, for the admin API and tests
-        self._subscribed_again = asyncio.Condition()
+        self.received = 0  # invalidations applied from other sidecars
+        self._progress = asyncio.Condition()  # notified on (re)subscription and on received messages
+        self.closed = asyncio.Event()
         self.l1_clears = 0
         self._scripts: dict[str, object] = {}
 
@@ -157,6 +159,7 @@ class RedisState:
 
     async def close(self) -> None:
         self._closed = True
+        self.closed.set()
         if self._listener is not None:
             self._listener.cancel()
             try:
@@ -324,13 +327,18 @@ class RedisState:
                     self._clear_l1()
                 self.subscriptions += 1
                 self.subscribed.set()
-                async with self._subscribed_again:
-                    self._subscribed_again.notify_all()
+                async with self._progress:
+                    self._progress.notify_all()
                 backoff = 0.05
                 while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
-                    if message is not None and message.get("type") == "message":
-                        self._on_message(message["data"])
+                    if (
+                        message is not None
+                        and message.get("type") == "message"
+                        and self._on_message(message["data"])
+                    ):
+                        async with self._progress:
+                            self._progress.notify_all()
             except asyncio.CancelledError:
                 raise
             except (RedisUnavailable, TimeoutError, *self._errors) as exc:
@@ -350,16 +358,23 @@ class RedisState:
 
     async def wait_subscriptions(self, count: int) -> None:
         """Wait until the subscription has been established ``count`` times (callers bound the wait)."""
-        async with self._subscribed_again:
-            await self._subscribed_again.wait_for(lambda: self.subscriptions >= count)
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.subscriptions >= count)
 
-    def _on_message(self, data: bytes) -> None:
+    async def wait_received(self, count: int) -> None:
+        """Wait until ``count`` invalidations from other sidecars were applied (callers bound the wait)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.received >= count)
+
+    def _on_message(self, data: bytes) -> bool:
         origin, _, key = data.partition(b" ")
         if origin == self.origin:
-            return
+            return False
+        self.received += 1
         self.m_received.inc()
         for store in list(self._stores):
             store.delete(key)
+        return True
 
     def _clear_l1(self) -> None:
         self.l1_clears += 1
