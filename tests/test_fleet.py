@@ -22,6 +22,7 @@ from proxy.server import Fender, bind_socket
 from proxy.state import codec
 from proxy.state.redis import STATE_KEY, RedisBreaker
 from tests.conftest import policy_text
+from tests.support.raw_upstream import RawUpstream, delayed, status
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 from tests.test_proxy import get_metrics, metric_value
 
@@ -551,3 +552,21 @@ async def test_reload_keeps_the_redis_client_when_its_options_are_unchanged(
         assert fender.runtime.shared[STORE_KEY] in set(fresh._stores)
     finally:
         await fender.stop()
+
+
+async def test_waiting_sidecars_stop_waiting_when_the_lock_holder_stores_nothing(redis_server, start_fender):
+    """A slow 500 (never stored, never fanned out): the others go upstream themselves once the
+    holder releases the fleet lock, not after lock_ttl (30 s here)."""
+    async with RawUpstream(delayed(0.3, status(500, b"down"))) as up:
+        text = fleet_policy(up.port, redis_server.url, prefix(), state_extra="    lock_ttl: 30s\n")
+        text = text.replace("cache: {default_ttl: 60s}", "cache: {default_ttl: 60s, coalesce_timeout: 30s}")
+        fleet = await start_fleet(start_fender, text)
+        async with httpx.AsyncClient(timeout=20, headers=HOST) as client:
+            async with asyncio.timeout(10):  # far below the 30 s lock
+                replies = await asyncio.gather(*[client.get(f.url + "/down") for f in fleet])
+        assert [r.status_code for r in replies] == [500] * 3
+        assert len(up.requests) == 3
+        metrics = [await get_metrics(f) for f in fleet]
+    # Two sidecars found the lock taken and waited, then went upstream when it was released.
+    assert sum(metric_value(m, "fender_cache_coalesced_total") for m in metrics) == 2
+    assert sum(metric_value(m, "fender_redis_calls_total", op="lock", outcome="ok") for m in metrics) >= 4

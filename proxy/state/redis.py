@@ -284,6 +284,22 @@ class RedisState:
             return True
         return bool(got)
 
+    def unlock(self, key: bytes) -> None:
+        """Release this sidecar's fleet lock on ``key`` (in the background)."""
+        self.background("lock", self.client.delete, self.prefix + b"l:" + key)
+
+    async def poll(self, key: bytes) -> tuple[bytes | None, bool]:
+        """A waiting sidecar's look: (the stored value or None, whether the lock is still held)."""
+
+        async def run():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.cache_key(key))
+                pipe.exists(self.prefix + b"l:" + key)
+                return await pipe.execute()
+
+        blob, locked = await self.call("get", run)
+        return blob, bool(locked)
+
     async def invalidate(self, keys: list[bytes]) -> bool:
         """Delete ``keys`` from L2 and tell every sidecar to drop them from L1 (one round trip)."""
         if not keys:

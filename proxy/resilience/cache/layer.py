@@ -251,6 +251,8 @@ class CacheLayer:
             self.m_l1 = l2.m_tier["l1"]
             self.m_l2 = l2.m_tier["l2"]
             self.fleet_wait = min(self.coalesce_timeout, l2.options.lock_ttl)
+        # Keys whose fleet lock this layer holds (bounded by the flights in progress).
+        self._fleet_locked: set[bytes] = set()
 
     # ------------------------------------------------------------------ entry points
 
@@ -410,6 +412,10 @@ class CacheLayer:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
                 flight.event.set()
+                if key in self._fleet_locked:
+                    # Nothing was stored (not storable, an error, too big): free the fleet's waiters now.
+                    self._fleet_locked.discard(key)
+                    self.l2.unlock(key)
 
         try:
             if stale is None and self.l2 is not None and self.fleet_wait > 0:
@@ -448,6 +454,7 @@ class CacheLayer:
         sidecar holding it to store the response in L2 (bounded by coalesce_timeout and lock_ttl).
         Returns the reply to serve, or None to go upstream."""
         if await self.l2.try_lock(key):
+            self._fleet_locked.add(key)
             return None
         self.m_coalesced.inc()
         clock = self.clock
@@ -456,9 +463,20 @@ class CacheLayer:
         while clock.now() < deadline and not self.l2.breaker.is_open:
             await clock.sleep(min(delay, max(deadline - clock.now(), 0.0)))
             delay = min(delay * 2, 0.05)
-            variants = await self._l2_get(key)
+            try:
+                blob, locked = await self.l2.poll(key)
+            except RedisUnavailable:
+                return None
+            if blob is None:
+                if locked:
+                    continue
+                return None  # the holder stored nothing (or gave up): go upstream
+            variants = codec.decode(blob, self.offset)
             if variants is None:
-                continue
+                await self.l2.invalid(key)
+                return None
+            self.m_l2.inc()
+            self.store.put(key, variants)
             now = clock.now()
             entry = self._select(variants, ex.request_headers)
             if entry is not None and (
@@ -756,6 +774,7 @@ class CacheLayer:
         value = variants.with_entry(entry) if variants is not None else Variants([entry])
         self.store.put(key, value)
         if self.l2 is not None:
+            self._fleet_locked.discard(key)  # the L2 write releases the fleet lock with it
             # Kept in Redis until the last stale window ends; written in the background.
             ttl = codec.expiry(value, self.clock.now())
             if ttl > 0:
