@@ -64,6 +64,10 @@ def routes(fender: Fender) -> list[Route]:
                 "max_size": policy.cache.max_size,
                 "max_object_size": policy.cache.max_object_size,
                 "routes": out_routes,
+                # Fleet mode: the Redis tier's state (null with state.backend: memory).
+                "fleet": fleet.snapshot()
+                if (fleet := fender.dataplane.runtime.shared.get(FLEET_KEY))
+                else None,
             }
         )
 

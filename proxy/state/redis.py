@@ -400,7 +400,7 @@ class RedisState:
 
     def snapshot(self) -> dict:
         return {
-            "url_host": self.client.connection_pool.connection_kwargs.get("host"),
+            "key_prefix": self.options.key_prefix,
             "breaker": "open" if self.breaker.is_open else "closed",
             "subscribed": self.subscribed.is_set(),
             "subscriptions": self.subscriptions,
