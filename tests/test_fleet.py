@@ -586,3 +586,38 @@ async def test_waiting_sidecars_stop_waiting_when_the_lock_holder_stores_nothing
     # Two sidecars found the lock taken and waited, then went upstream when it was released.
     assert sum(metric_value(m, "fender_cache_coalesced_total") for m in metrics) == 2
     assert sum(metric_value(m, "fender_redis_calls_total", op="lock", outcome="ok") for m in metrics) >= 4
+
+
+async def test_local_and_global_limits_on_one_route(redis_server, echo_upstream, start_fender):
+    """Local limits decide first in memory; the global one is shared by the fleet."""
+    limits = """
+          - {rate: 1/m, burst: 2, key: "header:X-Key", name: per-key}
+          - {rate: 1/m, burst: 3, key: route, scope: global, name: fleet}"""
+    text = limit_policy(echo_upstream.port, redis_server.url, limits)
+    a, b = await start_fleet(start_fender, text, n=2)
+    async with httpx.AsyncClient() as client:
+        sent = [
+            (a, "k1"),  # fleet 1
+            (a, "k1"),  # fleet 2
+            (a, "k1"),  # per-key refuses in A's memory: no Redis call, fleet untouched
+            (b, "k1"),  # B has its own per-key bucket: fleet 3
+            (b, "k2"),  # the fleet's burst of 3 is used up
+        ]
+        replies = [await client.get(f.url + "/m", headers={"X-Key": key}) for f, key in sent]
+        admin = (await client.get(a.admin_url + "/admin/ratelimits")).json()["routes"]["all"]
+    assert [r.status_code for r in replies] == [200, 200, 429, 200, 429]
+    assert replies[2].headers["ratelimit-policy"] == '"per-key";q=1;w=60'
+    # A 429 from the global limit describes both limits: the local one admitted and added its own.
+    assert replies[4].headers["ratelimit-policy"] == '"fleet";q=1;w=60, "per-key";q=1;w=60'
+    assert replies[4].headers["ratelimit"].startswith('"fleet";r=0;t=')
+    assert '"per-key";r=1;t=' in replies[4].headers["ratelimit"]
+    ok = [
+        metric_value(await get_metrics(f), "fender_redis_calls_total", op="ratelimit", outcome="ok")
+        for f in (a, b)
+    ]
+    assert ok == [2, 2]
+    assert [(limit["name"], limit.get("scope", "local")) for limit in admin["limits"]] == [
+        ("per-key", "local"),
+        ("fleet", "global"),
+    ]
+    assert admin["redis_breaker"] == "closed"
