@@ -621,3 +621,36 @@ async def test_local_and_global_limits_on_one_route(redis_server, echo_upstream,
         ("fleet", "global"),
     ]
     assert admin["redis_breaker"] == "closed"
+
+
+async def test_background_writes_are_bounded_in_bytes_and_count(redis_server):
+    from proxy.clock import SYSTEM_CLOCK
+    from proxy.metrics import Metrics
+    from proxy.state import redis as fleet
+    from proxy.state.options import RedisOptions
+
+    metrics = Metrics()
+    state = fleet.RedisState(RedisOptions(url=redis_server.url, key_prefix=prefix()), metrics, SYSTEM_CLOCK)
+    try:
+        release = asyncio.Event()
+
+        async def slow_write() -> None:
+            await release.wait()
+
+        state.timeout = 30  # the writes below wait for the test, not for Redis
+        state.background("set", slow_write, size=fleet.MAX_PENDING_BYTES - 10)
+        state.background("set", slow_write, size=11)  # would pass the byte bound: skipped
+        for _ in range(fleet.MAX_PENDING_WRITES - 1):
+            state.background("set", slow_write)
+        state.background("set", slow_write)  # would pass the count bound: skipped
+        assert len(state._writes) == fleet.MAX_PENDING_WRITES
+        dropped = metrics.registry.get_sample_value(
+            "fender_redis_calls_total", {"op": "set", "outcome": "dropped"}
+        )
+        assert dropped == 2
+        release.set()
+        async with asyncio.timeout(5):
+            await state.flush()
+        assert not state._writes and state._pending_bytes == 0
+    finally:
+        await state.close()

@@ -5,8 +5,8 @@ consecutive-failure breaker of its own: after ``failure_threshold`` failed
 calls in a row no call is attempted for ``open_for`` (callers fall back at
 once: cache L1 only, rate limits per ``on_failure``); then one trial call is
 let through, and its success closes the breaker. So a slow or dead Redis
-costs each request at most one timeout while the breaker closes, and nothing
-after that.
+adds at most ``timeout`` per call to the first few requests, until the
+breaker opens, and nothing after that.
 
 Invalidations travel on one pub/sub channel (``<key_prefix>inv``). A
 background task keeps the subscription; every message names a cache key,
@@ -36,8 +36,10 @@ log = logging.getLogger("fender.state")
 STATE_KEY = "state.redis"
 OPS = ("ratelimit", "get", "set", "invalidate", "lock", "subscribe")
 OUTCOMES = ("ok", "error", "timeout", "rejected", "invalid", "dropped")
-# Background writes (L2 stores) pending at once; beyond it a write is skipped (the L1 copy stays).
+# Background writes (L2 stores) pending at once, by count and by bytes; beyond either a write is
+# skipped (the L1 copy stays), so a slow Redis cannot make Fender hold responses without bound.
 MAX_PENDING_WRITES = 256
+MAX_PENDING_BYTES = 32 * 1024 * 1024
 # How long one get_message call waits before the listener loop checks whether it should stop.
 LISTEN_POLL = 1.0
 
@@ -141,6 +143,7 @@ class RedisState:
         # L1 stores to drop invalidated keys from (weak: a reload may replace a store).
         self._stores: weakref.WeakSet = weakref.WeakSet()
         self._writes: set[asyncio.Task] = set()
+        self._pending_bytes = 0
         self._listener: asyncio.Task | None = None
         self._closed = False
         self.subscribed = asyncio.Event()
@@ -222,14 +225,23 @@ class RedisState:
             script = self._scripts[name] = self.client.register_script(source)
         return script
 
-    def background(self, op: str, coro_fn, *args) -> None:
-        """Run a call without anybody waiting for it (L2 stores); bounded in number."""
-        if len(self._writes) >= MAX_PENDING_WRITES or self._closed:
+    def background(self, op: str, coro_fn, *args, size: int = 0) -> None:
+        """Run a call without anybody waiting for it (L2 stores); bounded in number and bytes."""
+        if (
+            len(self._writes) >= MAX_PENDING_WRITES
+            or self._pending_bytes + size > MAX_PENDING_BYTES
+            or self._closed
+        ):
             self.m_calls[(op, "dropped")].inc()
             return
+        self._pending_bytes += size
         task = asyncio.ensure_future(self._quiet(op, coro_fn, *args))
         self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        task.add_done_callback(lambda t: self._written(t, size))
+
+    def _written(self, task: asyncio.Task, size: int) -> None:
+        self._writes.discard(task)
+        self._pending_bytes -= size
 
     async def flush(self) -> None:
         """Wait for the background writes pending now (tests; shutdown)."""
@@ -265,7 +277,7 @@ class RedisState:
 
     def put_blob(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
         """Store ``blob`` with a TTL and release this sidecar's fleet lock on the key, in the background."""
-        self.background("set", self._put, key, blob, ttl_ms)
+        self.background("set", self._put, key, blob, ttl_ms, size=len(blob))
 
     async def _put(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
         # One SET: Redis applies it whole or not at all, so no reader ever sees half a value.
