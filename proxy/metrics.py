@@ -393,6 +393,43 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: shared state (Redis fleet tier)
+        self.redis_calls = Counter(
+            "fender_redis_calls_total",
+            "Calls to the shared Redis by operation (ratelimit, get, set, invalidate, lock, subscribe) and "
+            "outcome (ok, error, timeout, rejected: not attempted while the Redis breaker is open, "
+            "invalid: a stored value that failed its checks, dropped: a background write skipped because "
+            "too many were pending).",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.redis_call_duration = Histogram(
+            "fender_redis_call_duration_seconds",
+            "Duration of Redis calls that were attempted, by operation.",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.cache_tier_hits = Counter(
+            "fender_cache_tier_hits_total",
+            "Cache lookups answered by a tier: l1 (this sidecar's memory) or l2 (the fleet's Redis). "
+            "Counted only when state.backend is redis.",
+            ["tier"],
+            registry=r,
+        )
+        self.cache_invalidations = Counter(
+            "fender_cache_invalidations_total",
+            "Cache invalidations published to the fleet (sent) and applied from other sidecars (received).",
+            ["direction"],
+            registry=r,
+        )
+        self.redis_fallback = Gauge(
+            "fender_redis_fallback",
+            "1 while Fender works without Redis (its Redis breaker is open: cache L1 only, global rate "
+            "limits follow on_failure), else 0.",
+            registry=r,
+        )
+
     def active_count(self, route: str) -> ActiveCount:
         """The in-flight counter of a route (created once per route name, exported by a gauge function)."""
         count = self._active_counts.get(route)

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.policy import normalise_query
+from proxy.state.redis import STATE_KEY as FLEET_KEY
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -63,6 +64,10 @@ def routes(fender: Fender) -> list[Route]:
                 "max_size": policy.cache.max_size,
                 "max_object_size": policy.cache.max_object_size,
                 "routes": out_routes,
+                # Fleet mode: the Redis tier's state (null with state.backend: memory).
+                "fleet": fleet.snapshot()
+                if (fleet := fender.dataplane.runtime.shared.get(FLEET_KEY))
+                else None,
             }
         )
 
@@ -82,19 +87,28 @@ def routes(fender: Fender) -> list[Route]:
         if s is None:
             return JSONResponse({"purged": 0})
         purged = 0
+        # Fleet mode: purged keys are also deleted from Redis and published to every sidecar.
+        fleet = fender.dataplane.runtime.shared.get(FLEET_KEY)
+        dropped: set[bytes] = set()
         if "url" in body:
             host, target = _split(body["url"])
             wanted = {normalise_query(target, mode) for mode in ("as-is", "sorted", "ignore")}
+            if host is not None:
+                dropped.update(host + t for t in wanted)  # in Redis even when this sidecar has none
             for key in s.keys():
                 key_host, key_target = _target_of(key)
                 if key_target in wanted and (host is None or key_host == host) and s.delete(key):
+                    dropped.add(key)
                     purged += 1
         else:
             host, prefix = _split(body["prefix"])
             for key in s.keys():
                 key_host, key_target = _target_of(key)
                 if key_target.startswith(prefix) and (host is None or key_host == host) and s.delete(key):
+                    dropped.add(key)
                     purged += 1
+        if fleet is not None:
+            return JSONResponse({"purged": purged, "fleet": await fleet.invalidate(sorted(dropped))})
         return JSONResponse({"purged": purged})
 
     return [

@@ -74,6 +74,7 @@ from proxy.config.base import (  # noqa: E402  (re-exported: the models' buildin
     _valid_hostname,
 )
 from proxy.resilience.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
+from proxy.state.options import StateOptions  # noqa: E402
 
 # --------------------------------------------------------------------------- listen addresses
 
@@ -863,6 +864,29 @@ class Policy(PolicyModel):
     )
 
     # section: shared (Redis fleet tier)
+    state: StateOptions = Field(
+        default_factory=StateOptions,
+        description=(
+            "Where state shared by a fleet of sidecars lives: memory (each sidecar alone, the default) or "
+            "redis (a shared cache tier, fleet-wide invalidations, rate limits with scope: global)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _global_limits_need_redis(self) -> Policy:
+        if self.state.backend == "redis":
+            return self
+        for index, route in enumerate(self.routes):
+            for limit in route.rate_limit or ():
+                if limit.scope == "global":
+                    raise policy_error(
+                        f'route "{route.name}": rate limit "{limit.name}" has scope: global, which needs '
+                        "shared state (add state: {backend: redis, redis: {url: redis://host:6379/0}})",
+                        "routes",
+                        index,
+                        "rate_limit",
+                    )
+        return self
 
     @field_validator("upstreams")
     @classmethod

@@ -31,7 +31,7 @@ import weakref
 from collections import OrderedDict
 from decimal import Decimal
 from fractions import Fraction
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
@@ -126,6 +126,15 @@ class RateLimitOptions(PolicyModel):
             "Most keys (buckets) held in memory; beyond it the least recently used key is dropped (it then "
             "starts again with a full bucket). Keys whose bucket has refilled are dropped earlier. 100000 "
             "keys take roughly 20 MB."
+        ),
+    )
+
+    scope: Literal["local", "global"] = Field(
+        default="local",
+        description=(
+            "local: each sidecar keeps its own buckets. global: one bucket per key for the whole fleet, "
+            "kept in Redis (needs state.backend: redis; one atomic script per request, Redis's clock). "
+            "While Redis is unavailable, state.redis.on_failure decides."
         ),
     )
 
@@ -445,6 +454,10 @@ def build_layer(route, next_handler, ctx):
     limits = getattr(route, "rate_limit", None)
     if not limits:
         return None
+    if any(limit.scope == "global" for limit in limits):  # fleet-wide limits in Redis (issue 10)
+        from proxy.state.ratelimit import build_global_layer
+
+        return build_global_layer(route, limits, next_handler, ctx)
     state = RouteRateLimit(route.name, limits, ctx.clock, ctx.metrics)
     _keep_buckets(state, ctx)
     ctx.shared.setdefault("ratelimit", {})[route.name] = state

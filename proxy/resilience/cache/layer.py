@@ -20,6 +20,8 @@ from proxy.dataplane.exchange import Exchange, LocalReply
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.options import CacheStoreOptions
 from proxy.resilience.cache.store import Entry, MemoryStore, Variants
+from proxy.state import codec
+from proxy.state.redis import RedisUnavailable, fleet_state
 
 log = logging.getLogger("fender.cache")
 
@@ -226,7 +228,7 @@ class CacheLayer:
     """The cache in front of one route."""
 
     def __init__(
-        self, route, next_handler, ctx, store: MemoryStore, store_options: CacheStoreOptions
+        self, route, next_handler, ctx, store: MemoryStore, store_options: CacheStoreOptions, l2=None
     ) -> None:
         options = route.cache
         self.next = next_handler
@@ -256,6 +258,15 @@ class CacheLayer:
         self.m_stale = {r: m.cache_stale_served.labels(route.name, r) for r in STALE_REASONS}
         self.m_reval = {r: m.cache_revalidations.labels(route.name, r) for r in REVALIDATION_RESULTS}
         self.m_coalesced = m.cache_coalesced.labels(route.name)
+        # Fleet mode (state.backend: redis): Redis is the second tier (L2), shared by every sidecar.
+        self.l2 = l2
+        if l2 is not None:
+            l2.attach(store)
+            self.m_l1 = l2.m_tier["l1"]
+            self.m_l2 = l2.m_tier["l2"]
+            self.fleet_wait = min(self.coalesce_timeout, l2.options.lock_ttl)
+        # Keys whose fleet lock this layer holds (bounded by the flights in progress).
+        self._fleet_locked: set[bytes] = set()
 
     # ------------------------------------------------------------------ entry points
 
@@ -277,6 +288,12 @@ class CacheLayer:
         directives = req.directives
         now = self.clock.now()
         variants = self.store.get(key)
+        if variants is None:
+            if self.l2 is not None:
+                variants = await self._l2_get(key)
+                now = self.clock.now()
+        elif self.l2 is not None:
+            self.m_l1.inc()
         entry = self._select(variants, ex.request_headers) if variants is not None else None
         if entry is not None:
             if directives is None:
@@ -400,8 +417,6 @@ class CacheLayer:
                 self.m_result["miss"].inc()
             return await self._fetch(ex, key, stale, req, _noop, fwd)
         flight = self._flights[key] = _Flight(self.clock.now() + self.coalesce_timeout)
-        if stale is None:
-            self.m_result["miss"].inc()
         released = False
 
         def release() -> None:
@@ -411,13 +426,82 @@ class CacheLayer:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
                 flight.event.set()
+                if key in self._fleet_locked:
+                    # Nothing was stored (not storable, an error, too big): free the fleet's waiters now.
+                    self._fleet_locked.discard(key)
+                    self.l2.unlock(key)
 
         try:
+            if stale is None and self.l2 is not None and self.fleet_wait > 0:
+                served = await self._fleet_coalesce(ex, key, req)
+                if served is not None:
+                    release()
+                    return served
+            if stale is None:
+                self.m_result["miss"].inc()
             reply = await self._fetch(ex, key, stale, req, release, fwd)
         except BaseException:
             release()
             raise
         return reply
+
+    # ------------------------------------------------------------------ the fleet tier (Redis)
+
+    async def _l2_get(self, key: bytes) -> Variants | None:
+        """L1 missed: read the fleet's copy. Redis failing or slow is a miss, never an error."""
+        try:
+            blob = await self.l2.get_blob(key)
+        except RedisUnavailable:
+            return None
+        if blob is None:
+            return None
+        variants = codec.decode(blob, self.offset)
+        if variants is None:
+            await self.l2.invalid(key)  # unreadable: deleted, never served
+            return None
+        self.m_l2.inc()
+        self.store.put(key, variants)
+        return variants
+
+    async def _fleet_coalesce(self, ex: Exchange, key: bytes, req: _Request):
+        """Fleet-wide coalescing: unless this sidecar gets the key's Redis lock, wait for the
+        sidecar holding it to store the response in L2 (bounded by coalesce_timeout and lock_ttl).
+        Returns the reply to serve, or None to go upstream."""
+        if await self.l2.try_lock(key):
+            self._fleet_locked.add(key)
+            return None
+        self.m_coalesced.inc()
+        clock = self.clock
+        deadline = clock.now() + self.fleet_wait
+        delay = 0.005
+        while clock.now() < deadline and not self.l2.breaker.is_open:
+            await clock.sleep(min(delay, max(deadline - clock.now(), 0.0)))
+            delay = min(delay * 2, 0.05)
+            try:
+                blob, locked = await self.l2.poll(key)
+            except RedisUnavailable:
+                return None
+            if blob is None:
+                if locked:
+                    continue
+                return None  # the holder stored nothing (or gave up): go upstream
+            variants = codec.decode(blob, self.offset)
+            if variants is None:
+                await self.l2.invalid(key)
+                return None
+            self.m_l2.inc()
+            self.store.put(key, variants)
+            now = clock.now()
+            entry = self._select(variants, ex.request_headers)
+            if entry is not None and (
+                entry.status < 500
+                and now < entry.fresh_until
+                and (req.directives is None or self._usable(entry, req.directives, now) == "fresh")
+            ):
+                self.m_result["coalesced"].inc()
+                return self._serve(ex, entry, req, now, b"fender; hit; detail=coalesced-fleet")
+            return None
+        return None
 
     def _remember_uncacheable(self, key: bytes, now: float) -> None:
         table = self._uncacheable
@@ -545,6 +629,10 @@ class CacheLayer:
                 # The upstream now forbids storing this URL: drop what we have. (Reasons coming
                 # from the request, like its no-store or Authorization, must not let a client purge.)
                 self.store.delete(key)
+                if self.l2 is not None:
+                    task = asyncio.ensure_future(self.l2.invalidate([key]))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             ex.response_headers.append(
                 (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
             )
@@ -709,6 +797,12 @@ class CacheLayer:
         variants = self.store.get(key)
         value = variants.with_entry(entry) if variants is not None else Variants([entry])
         self.store.put(key, value)
+        if self.l2 is not None:
+            self._fleet_locked.discard(key)  # the L2 write releases the fleet lock with it
+            # Kept in Redis until the last stale window ends; written in the background.
+            ttl = codec.expiry(value, self.clock.now())
+            if ttl > 0:
+                self.l2.put_blob(key, codec.encode(value, self.offset), int(ttl * 1000) + 1)
 
     # ------------------------------------------------------------------ unsafe methods
 
@@ -722,16 +816,27 @@ class CacheLayer:
             and 200 <= reply.status < 400
         ):
             # RFC 9111 4.4: invalidate the target URI and same-origin Location / Content-Location.
-            self.invalidate(ex.host, ex.target)
+            keys = [self.key(ex.host, ex.target)]
             for name, value in reply.headers:
                 if name == b"location" or name == b"content-location":
                     target = rfc.same_origin_target(value, ex.host, ex.target)
                     if target is not None:
-                        self.invalidate(ex.host, target)
+                        keys.append(self.key(ex.host, target))
+            for key in keys:
+                self.store.delete(key)
+            if self.l2 is not None:
+                # Before the response goes out, so a client reading through another sidecar next sees
+                # the change (at most state.redis.timeout longer; on failure, L1 only).
+                await self.l2.invalidate(keys)
         return reply
 
     def invalidate(self, host: bytes | None, target: bytes) -> None:
-        self.store.delete(self.key(host, target))
+        key = self.key(host, target)
+        self.store.delete(key)
+        if self.l2 is not None:
+            task = asyncio.ensure_future(self.l2.invalidate([key]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 def _noop() -> None:
@@ -774,4 +879,4 @@ def build_layer(route, next_handler, ctx):
     if options is None or not options.enabled:
         return None
     store_options = getattr(ctx.policy, "cache", None) or CacheStoreOptions()
-    return CacheLayer(route, next_handler, ctx, shared_store(ctx), store_options)
+    return CacheLayer(route, next_handler, ctx, shared_store(ctx), store_options, fleet_state(ctx))

@@ -1,0 +1,114 @@
+"""The top-level ``state:`` section: where shared state lives (memory or Redis)."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from proxy.config.base import Count, PolicyModel, Text
+from proxy.config.units import Duration, describe_value, policy_error
+
+
+class RedisOptions(PolicyModel):
+    """The Redis that a fleet of Fenders shares (cache L2, global rate limits, invalidations)."""
+
+    url: Text = Field(
+        default="redis://127.0.0.1:6379/0",
+        description=(
+            "Redis URL: redis://[user:password@]host:port/db, or rediss:// for TLS. Every Fender of the "
+            "fleet must use the same Redis and key_prefix to share state."
+        ),
+    )
+    key_prefix: Text = Field(
+        default="fender:",
+        max_length=64,
+        description=(
+            "Prefix of every key and of the invalidation channel, so several fleets (or other programs) "
+            "can share one Redis."
+        ),
+    )
+    timeout: Duration = Field(
+        default="50ms",
+        description=(
+            "Longest wait for one Redis call (connect included). A call that takes longer counts as a "
+            "failure: the request goes on without Redis (see on_failure), it is never delayed further."
+        ),
+    )
+    on_failure: Literal["local", "open", "closed"] = Field(
+        default="local",
+        description=(
+            "What global rate limits do while Redis is failing or its breaker is open: local (enforce the "
+            "same limit in this sidecar's memory), open (admit every request), closed (refuse with 503 and "
+            "Retry-After: 1). The cache always falls back to this sidecar's memory (L1)."
+        ),
+    )
+    failure_threshold: Count = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Consecutive failed Redis calls (errors or timeouts) that open Fender's breaker for Redis. While "
+            "open, no call is made: the cache is L1 only and rate limits follow on_failure."
+        ),
+    )
+    open_for: Duration = Field(
+        default="2s",
+        description=(
+            "How long the Redis breaker stays open before one trial call is let through; success closes it, "
+            "failure opens it again for this long."
+        ),
+    )
+    max_connections: Count = Field(
+        default=32,
+        ge=1,
+        description="Most connections this Fender opens to Redis (a request beyond it fails fast, counted as an error).",
+    )
+    lock_ttl: Duration = Field(
+        default="2s",
+        description=(
+            "Fleet-wide coalescing of cache misses: the first sidecar to miss a URL holds a Redis lock this "
+            "long (or until it stores the response) while other sidecars wait for the stored response "
+            "(at most the route's cache coalesce_timeout). 0s turns fleet-wide coalescing off."
+        ),
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise policy_error(
+                f"{describe_value(url)} is not a Redis URL (write e.g. redis://127.0.0.1:6379/0)"
+            )
+        return url
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise policy_error("timeout must be more than 0s (e.g. 50ms)")
+        return value
+
+
+class StateOptions(PolicyModel):
+    """Where state shared by a fleet of sidecars lives."""
+
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description=(
+            "memory: every sidecar keeps its own state (nothing to install). redis: the cache gets a shared "
+            "second tier (L2) and invalidations reach every sidecar; rate limits with scope: global hold for "
+            "the whole fleet. Needs the redis extra (pip install fender[redis])."
+        ),
+    )
+    redis: RedisOptions | None = Field(
+        default=None,
+        description="The Redis to use when backend is redis (defaults apply when absent).",
+    )
+
+    @model_validator(mode="after")
+    def _fill(self) -> StateOptions:
+        if self.backend == "redis" and self.redis is None:
+            object.__setattr__(self, "redis", RedisOptions())
+        return self

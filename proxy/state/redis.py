@@ -1,0 +1,437 @@
+"""The Redis client wrapper: one per Fender, shared by the cache tier and global rate limits.
+
+Every call runs under ``asyncio.timeout(options.timeout)`` and through a small
+consecutive-failure breaker of its own: after ``failure_threshold`` failed
+calls in a row no call is attempted for ``open_for`` (callers fall back at
+once: cache L1 only, rate limits per ``on_failure``); then one trial call is
+let through, and its success closes the breaker. So a slow or dead Redis
+adds at most ``timeout`` per call to the first few requests, until the
+breaker opens, and nothing after that.
+
+Invalidations travel on one pub/sub channel (``<key_prefix>inv``). A
+background task keeps the subscription; every message names a cache key,
+which is dropped from this sidecar's L1 store(s). A subscription that is
+established again after being lost clears L1 entirely: messages sent while it
+was down are gone.
+
+The object is built through :func:`proxy.dataplane.runtime.keep` under
+:data:`STATE_KEY` with the ``state.redis`` options as settings, so a reload
+that leaves those options unchanged keeps the same client, connections and
+subscription; it is also published as ``ctx.shared[STATE_KEY]`` for the admin
+API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+
+from proxy.state.options import RedisOptions
+
+log = logging.getLogger("fender.state")
+
+STATE_KEY = "state.redis"
+OPS = ("ratelimit", "get", "set", "invalidate", "lock", "subscribe")
+OUTCOMES = ("ok", "error", "timeout", "rejected", "invalid", "dropped")
+# Background writes (L2 stores) pending at once, by count and by bytes; beyond either a write is
+# skipped (the L1 copy stays), so a slow Redis cannot make Fender hold responses without bound.
+MAX_PENDING_WRITES = 256
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+# How long one get_message call waits before the listener loop checks whether it should stop.
+LISTEN_POLL = 1.0
+
+
+class RedisUnavailable(Exception):
+    """A Redis call failed, timed out, or was not attempted because the breaker is open."""
+
+
+class RedisBreaker:
+    """Consecutive-failure breaker with one trial call after ``open_for`` (injected clock)."""
+
+    __slots__ = ("threshold", "open_for", "clock", "failures", "open_until", "trial", "on_change")
+
+    def __init__(self, threshold: int, open_for: float, clock, on_change=None) -> None:
+        self.threshold = threshold
+        self.open_for = open_for
+        self.clock = clock
+        self.failures = 0
+        self.open_until: float | None = None  # None: closed
+        self.trial = False  # a trial call is in flight (half-open)
+        self.on_change = on_change
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def allow(self) -> bool:
+        if self.open_until is None:
+            return True
+        if self.trial or self.clock.now() < self.open_until:
+            return False
+        self.trial = True
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.trial = False
+        if self.open_until is not None:
+            self.open_until = None
+            if self.on_change is not None:
+                self.on_change(False)
+
+    def failure(self) -> None:
+        self.failures += 1
+        was_open = self.open_until is not None
+        if was_open or self.failures >= self.threshold:
+            self.trial = False
+            self.open_until = self.clock.now() + self.open_for
+            if not was_open and self.on_change is not None:
+                self.on_change(True)
+
+
+def _load_redis():
+    try:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(
+            "state.backend: redis needs the redis package: pip install 'fender[redis]'"
+        ) from exc
+    return aioredis, Retry, NoBackoff, RedisError
+
+
+class RedisState:
+    """One Fender's connection to the fleet's Redis."""
+
+    def __init__(self, options: RedisOptions, metrics, clock) -> None:
+        aioredis, Retry, NoBackoff, RedisError = _load_redis()
+        self.options = options
+        self.clock = clock
+        self.timeout = options.timeout
+        self.prefix = options.key_prefix.encode()
+        self.channel = self.prefix + b"inv"
+        self.lock_ttl_ms = int(options.lock_ttl * 1000)
+        # Messages carry the sender's id, so a sidecar does not count its own invalidations as received.
+        self.origin = os.urandom(8).hex().encode()
+        self._errors = (RedisError, OSError)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            options.url,
+            max_connections=options.max_connections,
+            timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.client = aioredis.Redis(connection_pool=pool)
+        self.metrics = metrics
+        self.m_calls = {(op, out): metrics.redis_calls.labels(op, out) for op in OPS for out in OUTCOMES}
+        self.m_duration = {op: metrics.redis_call_duration.labels(op) for op in OPS}
+        self.m_tier = {t: metrics.cache_tier_hits.labels(t) for t in ("l1", "l2")}
+        self.m_sent = metrics.cache_invalidations.labels("sent")
+        self.m_received = metrics.cache_invalidations.labels("received")
+        self.m_fallback = metrics.redis_fallback
+        self.m_fallback.set(0)
+        self.breaker = RedisBreaker(
+            options.failure_threshold, options.open_for, clock, on_change=self._fallback_changed
+        )
+        # L1 stores to drop invalidated keys from (weak: a reload may replace a store).
+        self._stores: weakref.WeakSet = weakref.WeakSet()
+        self._writes: set[asyncio.Task] = set()
+        self._pending_bytes = 0
+        self._listener: asyncio.Task | None = None
+        self._closed = False
+        self.subscribed = asyncio.Event()
+        self.subscriptions = 0  # successful (re)subscriptions, for the admin API and tests
+        self.received = 0  # invalidations applied from other sidecars
+        self._progress = asyncio.Condition()  # notified on (re)subscription and on received messages
+        self.closed = asyncio.Event()
+        self.l1_clears = 0
+        self._scripts: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._listener is None and not self._closed:
+            self._listener = asyncio.ensure_future(self._listen())
+
+    async def close(self) -> None:
+        self._closed = True
+        self.closed.set()
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
+                pass
+            self._listener = None
+        for task in list(self._writes):
+            task.cancel()
+        try:
+            async with asyncio.timeout(1.0):
+                await self.client.aclose()
+        except (TimeoutError, *self._errors):  # pragma: no cover - closing a dead connection
+            pass
+
+    def carry_over(self, old: RedisState) -> None:
+        """Take over the L1 stores the previous client served (options changed on reload)."""
+        for store in list(old._stores):
+            self._stores.add(store)
+
+    def _fallback_changed(self, fallback: bool) -> None:
+        self.m_fallback.set(1 if fallback else 0)
+        log.warning("redis %s", "unavailable: working without shared state" if fallback else "back")
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(self, op: str, fn, *args, **kwargs):
+        """``await fn(*args)`` within the timeout and the breaker; RedisUnavailable on any failure."""
+        if not self.breaker.allow():
+            self.m_calls[(op, "rejected")].inc()
+            raise RedisUnavailable(op)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await fn(*args, **kwargs)
+        except TimeoutError:
+            self._failed(op, "timeout", started)
+            raise RedisUnavailable(op) from None
+        except self._errors as exc:
+            self._failed(op, "error", started)
+            raise RedisUnavailable(op) from exc
+        except BaseException:
+            # Cancelled by the caller: not Redis's fault, but let a half-open trial go again.
+            self.breaker.trial = False
+            raise
+        self.m_duration[op].observe(time.perf_counter() - started)
+        self.m_calls[(op, "ok")].inc()
+        self.breaker.success()
+        return result
+
+    def _failed(self, op: str, outcome: str, started: float) -> None:
+        self.m_duration[op].observe(time.perf_counter() - started)
+        self.m_calls[(op, outcome)].inc()
+        self.breaker.failure()
+
+    def script(self, name: str, source: str):
+        """A registered Lua script (EVALSHA, loading it again after a Redis restart)."""
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.client.register_script(source)
+        return script
+
+    def background(self, op: str, coro_fn, *args, size: int = 0) -> None:
+        """Run a call without anybody waiting for it (L2 stores); bounded in number and bytes."""
+        if (
+            len(self._writes) >= MAX_PENDING_WRITES
+            or self._pending_bytes + size > MAX_PENDING_BYTES
+            or self._closed
+        ):
+            self.m_calls[(op, "dropped")].inc()
+            return
+        self._pending_bytes += size
+        task = asyncio.ensure_future(self._quiet(op, coro_fn, *args))
+        self._writes.add(task)
+        task.add_done_callback(lambda t: self._written(t, size))
+
+    def _written(self, task: asyncio.Task, size: int) -> None:
+        self._writes.discard(task)
+        self._pending_bytes -= size
+
+    async def flush(self) -> None:
+        """Wait for the background writes pending now (tests; shutdown)."""
+        pending = list(self._writes)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _quiet(self, op: str, coro_fn, *args) -> None:
+        try:
+            await self.call(op, coro_fn, *args)
+        except RedisUnavailable:
+            pass
+
+    # ------------------------------------------------------------------ cache tier
+
+    def attach(self, store) -> None:
+        """Have invalidations from the fleet delete keys from ``store`` (an L1 store)."""
+        self._stores.add(store)
+
+    def cache_key(self, key: bytes) -> bytes:
+        return self.prefix + b"c:" + key
+
+    async def get_blob(self, key: bytes) -> bytes | None:
+        return await self.call("get", self.client.get, self.cache_key(key))
+
+    async def invalid(self, key: bytes) -> None:
+        """A value failed its checks: count it and delete it (before this sidecar stores a new one)."""
+        self.m_calls[("get", "invalid")].inc()
+        try:
+            await self.call("invalidate", self.client.delete, self.cache_key(key))
+        except RedisUnavailable:
+            pass
+
+    def put_blob(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
+        """Store ``blob`` with a TTL and release this sidecar's fleet lock on the key, in the background."""
+        self.background("set", self._put, key, blob, ttl_ms, size=len(blob))
+
+    async def _put(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
+        # One SET: Redis applies it whole or not at all, so no reader ever sees half a value.
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.cache_key(key), blob, px=max(1, ttl_ms))
+            pipe.delete(self.prefix + b"l:" + key)
+            await pipe.execute()
+
+    async def try_lock(self, key: bytes) -> bool:
+        """The fleet lock for fetching ``key``: True when this sidecar got it (or Redis cannot say)."""
+        try:
+            got = await self.call(
+                "lock", self.client.set, self.prefix + b"l:" + key, self.origin, nx=True, px=self.lock_ttl_ms
+            )
+        except RedisUnavailable:
+            return True
+        return bool(got)
+
+    def unlock(self, key: bytes) -> None:
+        """Release this sidecar's fleet lock on ``key`` (in the background)."""
+        self.background("lock", self.client.delete, self.prefix + b"l:" + key)
+
+    async def poll(self, key: bytes) -> tuple[bytes | None, bool]:
+        """A waiting sidecar's look: (the stored value or None, whether the lock is still held)."""
+
+        async def run():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.cache_key(key))
+                pipe.exists(self.prefix + b"l:" + key)
+                return await pipe.execute()
+
+        blob, locked = await self.call("get", run)
+        return blob, bool(locked)
+
+    async def invalidate(self, keys: list[bytes]) -> bool:
+        """Delete ``keys`` from L2 and tell every sidecar to drop them from L1 (one round trip)."""
+        if not keys:
+            return True
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.delete(*[self.cache_key(k) for k in keys])
+                for k in keys:
+                    pipe.publish(self.channel, self.origin + b" " + k)
+                await pipe.execute()
+
+        try:
+            await self.call("invalidate", run)
+        except RedisUnavailable:
+            return False
+        self.m_sent.inc(len(keys))
+        return True
+
+    # ------------------------------------------------------------------ pub/sub
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        attempt = 0
+        while not self._closed:
+            pubsub = self.client.pubsub()
+            try:
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(max(self.timeout, 1.0)):
+                        await pubsub.subscribe(self.channel)
+                except BaseException:
+                    self.m_duration["subscribe"].observe(time.perf_counter() - started)
+                    self.m_calls[("subscribe", "error")].inc()
+                    raise
+                self.m_duration["subscribe"].observe(time.perf_counter() - started)
+                self.m_calls[("subscribe", "ok")].inc()
+                self.breaker.success()  # Redis answers again: no need to wait for open_for
+                if attempt:
+                    # Re-established after a loss (or after a failed first try): messages may be lost.
+                    self._clear_l1()
+                self.subscriptions += 1
+                self.subscribed.set()
+                async with self._progress:
+                    self._progress.notify_all()
+                backoff = 0.05
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
+                    if (
+                        message is not None
+                        and message.get("type") == "message"
+                        and self._on_message(message["data"])
+                    ):
+                        async with self._progress:
+                            self._progress.notify_all()
+            except asyncio.CancelledError:
+                raise
+            except (RedisUnavailable, TimeoutError, *self._errors) as exc:
+                log.debug("redis subscription lost: %r", exc)
+            except Exception:  # pragma: no cover - keep listening whatever happens
+                log.exception("redis subscription failed")
+            finally:
+                self.subscribed.clear()
+                try:
+                    async with asyncio.timeout(0.5):
+                        await pubsub.aclose()
+                except (TimeoutError, *self._errors):
+                    pass
+            attempt += 1
+            await self.clock.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def wait_subscriptions(self, count: int) -> None:
+        """Wait until the subscription has been established ``count`` times (callers bound the wait)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.subscriptions >= count)
+
+    async def wait_received(self, count: int) -> None:
+        """Wait until ``count`` invalidations from other sidecars were applied (callers bound the wait)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.received >= count)
+
+    def _on_message(self, data: bytes) -> bool:
+        origin, _, key = data.partition(b" ")
+        if origin == self.origin:
+            return False
+        self.received += 1
+        self.m_received.inc()
+        for store in list(self._stores):
+            store.delete(key)
+        return True
+
+    def _clear_l1(self) -> None:
+        self.l1_clears += 1
+        for store in list(self._stores):
+            for key in store.keys():
+                store.delete(key)
+
+    def snapshot(self) -> dict:
+        return {
+            "key_prefix": self.options.key_prefix,
+            "breaker": "open" if self.breaker.is_open else "closed",
+            "subscribed": self.subscribed.is_set(),
+            "subscriptions": self.subscriptions,
+            "l1_clears": self.l1_clears,
+            "pending_writes": len(self._writes),
+        }
+
+
+def fleet_state(ctx) -> RedisState | None:
+    """This Fender's RedisState when ``state.backend`` is redis, else None (one per runtime build)."""
+    options = getattr(ctx.policy, "state", None)
+    if options is None or options.backend != "redis":
+        return None
+    from proxy.dataplane.runtime import keep
+
+    redis_options = options.redis
+    state = ctx.shared.get(STATE_KEY)
+    if state is not None and state.options == redis_options:
+        return state  # another route of this build (or a bare context) already has it
+    state = keep(ctx, STATE_KEY, redis_options, lambda: RedisState(redis_options, ctx.metrics, ctx.clock))
+    ctx.shared[STATE_KEY] = state
+    return state
