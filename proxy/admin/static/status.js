@@ -89,6 +89,7 @@
     svg.setAttribute("class", "spark");
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
     svg.setAttribute("role", "img");
+    svg.setAttribute("data-points", String(rates.length));
     const max = Math.max(...rates, 0);
     const last = rates.length ? rates[rates.length - 1] : null;
     const errMax = Math.max(...errors.filter((e) => e !== null), 0);
