@@ -304,7 +304,9 @@
         cell("State", el("span", { class: "state" }, state)),
         cell("Failure rate", fmtPct(b.failure_rate), "num"),
         cell("Slow-call rate", fmtPct(b.slow_call_rate), "num"),
-        cell("Calls in window", `${b.window.calls} (${b.window.size})`, "num"),
+        cell("Calls in window", b.window.kind === "calls"
+          ? `${b.window.calls} of last ${b.window.size}`
+          : `${b.window.calls} in ${b.window.size}`, "num"),
         cell("Trips", String(b.trips), "num"),
         cell(
           "Action",
