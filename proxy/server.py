@@ -438,7 +438,7 @@ class Fender:
         self.draining = False
         self.admin_token: str | None = None
         # Recent per-route traffic for the status page (sampled off the request path).
-        self.history = TrafficHistory(self.metrics, clock)
+        self.history = TrafficHistory(self.metrics, clock, ticker=SYSTEM_CLOCK)
         self.admin_app = build_admin_app(self)
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task] = []

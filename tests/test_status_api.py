@@ -66,7 +66,10 @@ def test_quantile_interpolates_within_buckets_like_histogram_quantile():
 async def test_history_rates_over_the_last_minute_and_bounded_ring(start_fender, echo_upstream):
     clock = ManualClock()
     fender = await start_fender(policy_text(echo_upstream.port), clock=clock)
-    history = fender.history
+    # Fender's own sampler paces itself on real time; this one sleeps on the test clock to be stepped.
+    await fender.history.stop()
+    history = fender.history = TrafficHistory(fender.metrics, clock)
+    history.start()
     assert len(history.readings) == 1  # the baseline taken at start
     async with httpx.AsyncClient(base_url=fender.url) as client:
         for _ in range(8):
@@ -109,6 +112,11 @@ async def test_history_rates_over_the_last_minute_and_bounded_ring(start_fender,
 async def test_sampler_stops_with_fender(start_fender, echo_upstream):
     clock = ManualClock()
     fender = await start_fender(policy_text(echo_upstream.port), clock=clock)
+    assert clock.sleepers == 0  # not among the test clock's sleepers (see TrafficHistory.ticker)
+    assert fender.history._task is not None and not fender.history._task.done()
+    await fender.history.stop()
+    fender.history = TrafficHistory(fender.metrics, clock)
+    fender.history.start()
     await _until(lambda: clock.sleepers == 1)
     await fender.stop()
     assert fender.history._task is None
