@@ -11,6 +11,8 @@
   let lastOk = null; // Date of the last successful poll
   let downSince = null; // Date of the first failed poll in a row
   let timer = null;
+  let inFlight = false; // one poll at a time: an action's refresh waits for the running poll
+  let pollAgain = false;
 
   // ---------------------------------------------------------------- small DOM helpers
 
@@ -381,10 +383,11 @@
     if (downSince === null) downSince = new Date();
     const banner = $("banner");
     banner.hidden = false;
-    banner.textContent =
+    const text =
       `Disconnected: cannot reach Fender's admin API since ${fmtTime(downSince)} (${reason}). ` +
       `Retrying every ${POLL_MS / 1000} s; ` +
       (lastOk ? `the figures below are from ${fmtTime(lastOk)}.` : "nothing loaded yet.");
+    if (banner.textContent !== text) banner.textContent = text; // announced once, not every poll
     $("content").classList.add("stale");
     document.body.dataset.connection = "disconnected";
   }
@@ -396,24 +399,38 @@
   }
 
   async function poll() {
+    if (inFlight) {
+      pollAgain = true;
+      return;
+    }
+    inFlight = true;
     clearTimeout(timer);
+    let next = true;
     try {
       const response = await call("GET", "admin/status");
       if (response.status === 401) {
         setConnected();
         showLogin(token() ? "The token was refused." : "");
         $("updated").textContent = "Waiting for the admin token";
-        return; // polling resumes when a token is given
+        next = false; // polling resumes when a token is given
+      } else {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        const data = await response.json();
+        $("login").hidden = true;
+        setConnected();
+        render(data);
       }
-      if (!response.ok) throw new Error("HTTP " + response.status);
-      const data = await response.json();
-      $("login").hidden = true;
-      setConnected();
-      render(data);
     } catch (err) {
       setDisconnected(err.name === "AbortError" ? "no answer in " + REQUEST_TIMEOUT_MS / 1000 + " s" : err.message);
+    } finally {
+      inFlight = false;
     }
-    timer = setTimeout(poll, POLL_MS);
+    if (pollAgain) {
+      pollAgain = false;
+      poll();
+    } else if (next) {
+      timer = setTimeout(poll, POLL_MS);
+    }
   }
 
   document.addEventListener("DOMContentLoaded", () => {
