@@ -14,6 +14,7 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.metrics import LATENCY_BUCKETS
 from proxy.ops.history import TrafficHistory, quantile
+from proxy.resilience.health import FAIL
 from tests.conftest import ROOT, policy_text
 
 
@@ -261,3 +262,41 @@ async def test_openapi_lists_the_status_endpoints(start_fender, echo_upstream):
     assert paths["/admin/status"]["get"]["security"] == [{"bearer": []}]
     assert "post" in paths["/admin/upstreams/{upstream}/replicas/{replica}/{action}"]
     assert "/" in paths and "security" not in paths["/"]["get"]
+
+
+def test_a_drained_replica_stays_out_even_when_the_picker_panics():
+    from proxy.config import parse_policy
+    from proxy.dataplane.forward import UpstreamRuntime
+    from proxy.metrics import Metrics
+
+    text = """
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+upstreams:
+  svc:
+    replicas: [{url: http://127.0.0.1:1001}, {url: http://127.0.0.1:1002}, {url: http://127.0.0.1:1003}]
+    panic_threshold: 50%
+    health_check: {path: /healthz, interval: 1h, unhealthy_threshold: 1}
+routes: [{name: all, upstream: svc}]
+"""
+    clock = ManualClock()
+    policy = parse_policy(text, "test.yaml")
+    up = UpstreamRuntime("svc", policy.upstreams["svc"], Metrics(), clock)
+    picker = up.picker
+    picker.set_drained("127.0.0.1:1001", True)
+    assert {up.choose().port for _ in range(6)} == {1002, 1003}
+    assert picker.state_of("127.0.0.1:1001").health == "healthy"  # drained is not a health state
+    # 1002 fails its checks: one of three eligible is below 50%, so the picker panics,
+    # spreading over every replica regardless of health, except the drained one.
+    clock.advance(3)
+    picker.record_check(1, FAIL, 0.01, clock.now())
+    snapshot = picker.snapshot()
+    assert snapshot["panic"] is True
+    assert {up.choose().port for _ in range(6)} == {1002, 1003}
+    failing = snapshot["replicas"][1]
+    assert (failing["state"], failing["state_for_seconds"]) == ("unhealthy", 0.0)
+    clock.advance(4)
+    assert picker.snapshot()["replicas"][1]["state_for_seconds"] == 4.0
+    assert picker.snapshot()["replicas"][2]["state_for_seconds"] == 7.0  # healthy since the start
+    picker.set_drained("127.0.0.1:1001", False)
+    assert 1001 in {up.choose().port for _ in range(6)}
