@@ -24,6 +24,7 @@ from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
 from proxy.ops.auth import resolve_admin_token
 from proxy.ops.checkpoint import Checkpointer
+from proxy.ops.history import TrafficHistory
 from proxy.ops.reload import Reloader, file_sha256
 
 log = logging.getLogger("fender")
@@ -516,6 +517,8 @@ class Fender:
         )
         self.draining = False
         self.admin_token: str | None = None
+        # Recent per-route traffic for the status page (sampled off the request path).
+        self.history = TrafficHistory(self.metrics, clock, ticker=SYSTEM_CLOCK)
         self.admin_app = build_admin_app(self)
         self._servers: list[_Server | _GranianServer] = []
         self._tasks: list[asyncio.Task] = []
@@ -607,6 +610,7 @@ class Fender:
         self.reloader.start()
         if self.checkpointer is not None:
             self.checkpointer.start()
+        self.history.start()
         log.info(
             "proxy on %s:%d, admin on %s:%d, policy %s",
             policy.listen.host,
@@ -639,6 +643,7 @@ class Fender:
         if self._finished:
             return
         self._finished = True
+        await self.history.stop()
         await self.reloader.stop()
         if self.checkpointer is not None:
             await self.checkpointer.stop()

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import admission, breakers, cache, ops, upstreams
+from proxy.admin import admission, breakers, cache, ops, status, upstreams
 from proxy.config import dump_policy
 from proxy.upstream.reachable import tcp_reachable
 
@@ -133,6 +133,7 @@ def build_admin_app(fender: Fender) -> Starlette:
     endpoints += cache.routes(fender)
 
     # admin: operations
+    endpoints += status.routes(fender)
     endpoints += ops.routes(fender)
     endpoints.append(ops.openapi_route(endpoints))
 

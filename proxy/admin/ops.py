@@ -268,6 +268,39 @@ DOCS: dict[str, dict[str, dict[str, Any]]] = {
             },
         }
     },
+    "/admin/status": {
+        "get": {
+            "summary": "Everything the status page shows: routes with last-minute traffic, replicas, breakers, "
+            "cache and policy status (the page at / polls it).",
+            "responses": {
+                "200": _json(
+                    "status",
+                    _object(
+                        ["policy", "routes", "upstreams", "breakers", "cache"],
+                        policy={"type": "object"},
+                        routes={"type": "array"},
+                        upstreams={"type": "array"},
+                        breakers={"type": "array"},
+                        cache={"type": ["object", "null"]},
+                    ),
+                )
+            },
+        }
+    },
+    "/admin/upstreams/{upstream}/replicas/{replica}/{action}": {
+        "post": {
+            "summary": "Drain a replica (no new requests; in-flight ones finish) or put it back (undrain).",
+            "parameters": [
+                _path_param("upstream", "upstream name"),
+                _path_param("replica", "replica host:port"),
+                _path_param("action", "what to do", ["drain", "undrain"]),
+            ],
+            "responses": {
+                "200": _json("the upstream after the change", {"type": "object"}),
+                "404": _json("no such upstream, replica or action", _ref("Error")),
+            },
+        }
+    },
     "/admin/cache/purge": {
         "post": {
             "summary": "Remove stored responses of one URL (all its variants) or of every URL under a path prefix.",

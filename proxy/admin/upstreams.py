@@ -1,4 +1,8 @@
-"""GET /admin/upstreams: each replica's health, ejection and load, per upstream."""
+"""GET /admin/upstreams: each replica's health, ejection and load, per upstream.
+
+POST /admin/upstreams/{upstream}/replicas/{replica}/drain|undrain: take a replica out of
+rotation by operator decision (or put it back); see :meth:`ReplicaPicker.set_drained`.
+"""
 
 from __future__ import annotations
 
@@ -19,4 +23,30 @@ def routes(fender: Fender) -> list[Route]:
             {"upstreams": {name: upstream.picker.snapshot() for name, upstream in runtime.upstreams.items()}}
         )
 
-    return [Route("/admin/upstreams", upstreams)]
+    return [Route("/admin/upstreams", upstreams), *drain_routes(fender)]
+
+
+def drain_routes(fender: Fender) -> list[Route]:
+    async def drain_replica(request: Request) -> Response:
+        """Take a replica out of rotation (drain) or put it back (undrain); in-flight requests finish."""
+        params = request.path_params
+        action = params["action"]
+        if action not in ("drain", "undrain"):
+            return JSONResponse({"error": "action must be drain or undrain"}, status_code=404)
+        upstream = fender.dataplane.runtime.upstreams.get(params["upstream"])
+        if upstream is None:
+            return JSONResponse({"error": f"no upstream named {params['upstream']!r}"}, status_code=404)
+        picker = upstream.picker
+        try:
+            picker.set_drained(params["replica"], action == "drain")
+        except KeyError:
+            return JSONResponse({"error": f"no replica named {params['replica']!r}"}, status_code=404)
+        return JSONResponse(picker.snapshot())
+
+    return [
+        Route(
+            "/admin/upstreams/{upstream}/replicas/{replica}/{action}",
+            drain_replica,
+            methods=["POST"],
+        )
+    ]

@@ -144,6 +144,9 @@ class ReplicaState:
         "healthy_gauge",
         "ejections_counter",
         "check_counters",
+        "drained",
+        "health_word",
+        "changed_at",
     )
 
     def __init__(self, replica, index: int, level: int) -> None:
@@ -168,6 +171,19 @@ class ReplicaState:
         self.healthy_gauge = None
         self.ejections_counter = None
         self.check_counters: dict[str, object] = {}
+        self.drained = False  # an operator took it out of rotation (POST .../drain)
+        self.health_word = "healthy"  # last state seen by _rebuild, for "time since last change"
+        self.changed_at = 0.0
+
+    @property
+    def health(self) -> str:
+        if self.ejected_until:
+            return "ejected"
+        if not self.active_healthy:
+            return "unhealthy"
+        if self.overloaded_until:
+            return "overloaded"
+        return "healthy"
 
     @property
     def in_flight(self) -> int:
@@ -252,6 +268,8 @@ class ReplicaPicker:
         self._next_expiry = float("inf")
         self.failovers_seen: list[tuple[str, str]] = []  # bounded: last 32 transitions (admin/tests)
         self._bind_metrics(metrics)
+        for state in self.states:
+            state.changed_at = clock.now()
         self._rebuild(clock.now())
 
     # -- metrics -----------------------------------------------------------------------------
@@ -463,11 +481,17 @@ class ReplicaPicker:
                     next_expiry = min(next_expiry, state.overloaded_until)
             if state.healthy_gauge is not None:
                 state.healthy_gauge.set(1 if state.active_healthy and not state.ejected_until else 0)
+            word = state.health
+            if word != state.health_word:
+                state.health_word = word
+                state.changed_at = now
         self._next_expiry = next_expiry
         plans = []
         for index, level in enumerate(self.levels):
             eligible = [
-                r for r in level if r.active_healthy and not r.ejected_until and not r.overloaded_until
+                r
+                for r in level
+                if r.active_healthy and not r.ejected_until and not r.overloaded_until and not r.drained
             ]
             plans.append(_Plan(str(self.priorities[index]), index, eligible))
         self._level_plans = plans
@@ -476,7 +500,7 @@ class ReplicaPicker:
             len(p.replicas) < threshold * len(self.levels[i]) for i, p in enumerate(plans)
         )
         if panic:
-            plan = _Plan("panic", None, list(self.states))
+            plan = _Plan("panic", None, [s for s in self.states if not s.drained])
         else:
             plan = next((p for p in plans if p.replicas), None) or _Plan("none", None, [])
         previous = self._plan
@@ -588,26 +612,29 @@ class ReplicaPicker:
     def state_of(self, name: str) -> ReplicaState:
         return self._by_name[name]
 
+    def set_drained(self, name: str, drained: bool) -> ReplicaState:
+        """Take a replica out of rotation (or put it back) by operator decision; KeyError if unknown."""
+        state = self._by_name[name]
+        if state.drained != drained:
+            state.drained = drained
+            self._rebuild(self.clock.now())
+        return state
+
     def snapshot(self) -> dict:
         now = self.clock.now()
         if now >= self._next_expiry:
             self._rebuild(now)
         replicas = []
         for s in self.states:
-            if s.ejected_until:
-                state = "ejected"
-            elif not s.active_healthy:
-                state = "unhealthy"
-            elif s.overloaded_until:
-                state = "overloaded"
-            else:
-                state = "healthy"
+            state = s.health
             replicas.append(
                 {
                     "name": s.name,
                     "priority": s.replica.priority,
                     "weight": s.weight,
                     "state": state,
+                    "state_for_seconds": round(now - s.changed_at, 3),
+                    "drained": s.drained,
                     "serving": any(r is s for r in self._plan.replicas),
                     "in_flight": s.in_flight,
                     "last_check": None

@@ -1,0 +1,147 @@
+"""The live status page on the admin listener.
+
+``GET /`` serves one HTML page (with ``/status.css`` and ``/status.js``, files
+shipped inside the package: no build step, no CDN, works offline). The page
+polls ``GET /admin/status`` every 2 s: one JSON document gathered from the
+running objects (routes and their recent traffic, upstream replicas, breakers,
+cache, policy status). Its buttons call the ordinary admin endpoints
+(breaker force, replica drain, cache purge, rollback) with the admin token the
+operator typed once (kept in the tab's sessionStorage).
+
+The page and its assets are not under /admin/, so they need no token; every
+piece of data and every action is under /admin/ and does.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy import __version__
+from proxy.resilience.breaker import breakers
+from proxy.resilience.cache.layer import STORE_KEY
+
+if TYPE_CHECKING:
+    from proxy.server import Fender
+
+POLL_SECONDS = 2.0
+
+# Everything the page loads comes from this listener; no inline script, no third party.
+_HEADERS = {
+    "cache-control": "no-cache",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+
+_ASSETS = {
+    "/": ("status.html", "text/html; charset=utf-8"),
+    "/status.css": ("status.css", "text/css; charset=utf-8"),
+    "/status.js": ("status.js", "text/javascript; charset=utf-8"),
+}
+
+_CACHE_HITS = ("hit", "stale", "revalidated", "coalesced")
+
+
+def _asset(name: str) -> bytes:
+    return files("proxy.admin").joinpath("static", name).read_bytes()
+
+
+def _breaker(snapshot: dict) -> dict:
+    window = snapshot["window"]
+    calls = window["calls"]
+    return {
+        "name": snapshot["name"],
+        "state": snapshot["state"],
+        "open_seconds_left": snapshot["retry_after_seconds"] if snapshot["state"] == "open" else 0,
+        "failure_rate": round(window["failures"] / calls, 4) if calls else None,
+        "slow_call_rate": round(window["slow"] / calls, 4) if calls else None,
+        "window": window,
+        "trips": snapshot["trips"],
+    }
+
+
+def _cache(fender: Fender) -> dict:
+    runtime = fender.dataplane.runtime
+    store = runtime.shared.get(STORE_KEY)
+    lookups = hits = 0.0
+    for family in fender.metrics.cache_requests.collect():
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels["result"] != "bypass":
+                lookups += s.value
+                if s.labels["result"] in _CACHE_HITS:
+                    hits += s.value
+    stale = sum(
+        s.value
+        for family in fender.metrics.cache_stale_served.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
+    return {
+        "enabled": store is not None,
+        "hit_ratio": round(hits / lookups, 4) if lookups else None,
+        "lookups": int(lookups),
+        "bytes": store.bytes if store is not None else 0,
+        "max_size": runtime.policy.cache.max_size,
+        "entries": store.entries if store is not None else 0,
+        "stale_served": int(stale),
+    }
+
+
+def gather(fender: Fender) -> dict:
+    """The document behind the status page (``GET /admin/status``)."""
+    runtime = fender.dataplane.runtime
+    traffic = fender.history.routes([r.name for r in runtime.routes])
+    routes = []
+    for route in runtime.routes:
+        entry = {"name": route.name, "upstream": route.options.upstream}
+        entry.update(traffic[route.name])
+        routes.append(entry)
+    upstreams = []
+    for name, upstream in runtime.upstreams.items():
+        snapshot = upstream.picker.snapshot()
+        snapshot["name"] = name
+        upstreams.append(snapshot)
+    return {
+        "fender_version": __version__,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "poll_seconds": POLL_SECONDS,
+        "draining": fender.draining,
+        "history_interval_seconds": fender.history.interval,
+        "policy": fender.reloader.status(),
+        "routes": routes,
+        "upstreams": upstreams,
+        "breakers": [_breaker(b.snapshot()) for b in breakers(runtime)],
+        "cache": _cache(fender),
+    }
+
+
+def routes(fender: Fender) -> list[Route]:
+    bodies = {path: (_asset(name), media) for path, (name, media) in _ASSETS.items()}
+
+    def asset(path: str):
+        body, media = bodies[path]
+
+        async def serve(request: Request) -> Response:
+            return Response(body, media_type=media, headers=_HEADERS)
+
+        serve.__doc__ = "The status page." if path == "/" else f"Status page asset {path}."
+        return serve
+
+    async def status(request: Request) -> Response:
+        """Everything the status page shows: routes, replicas, breakers, cache, policy."""
+        return JSONResponse(gather(fender), headers={"cache-control": "no-store"})
+
+    return [
+        *(Route(path, asset(path), methods=["GET"]) for path in _ASSETS),
+        Route("/admin/status", status, methods=["GET"]),
+    ]
