@@ -287,10 +287,11 @@ async def main(minutes: float, rate: float, seed: int) -> int:
             )
             end_fds = open_fds(pid)
             upstream_conns = app.open_connections + app2.open_connections + fp.open_connections
-            async with httpx.AsyncClient(timeout=10) as admin_client:
-                metrics_text = (await admin_client.get(f"http://127.0.0.1:{admin}/metrics")).text
             alive = proc.proc.poll() is None
             samples.append((time.monotonic() - start, rss_kib(pid), end_fds))
+            # after the last RSS sample: rendering /metrics allocates (and starts a worker thread)
+            async with httpx.AsyncClient(timeout=10) as admin_client:
+                metrics_text = (await admin_client.get(f"http://127.0.0.1:{admin}/metrics")).text
         finally:
             proc.stop()
             policy.unlink(missing_ok=True)
