@@ -535,3 +535,22 @@ async def test_memory_stays_flat_under_sustained_load_with_every_policy(checked_
         print(f"RSS over 3 rounds of 180 requests: {samples} KiB (+{growth} KiB)")
         # flat: 360 requests between the first and last sample; allow allocator noise
         assert growth < 2048, samples
+
+
+# --------------------------------------------------------------------------- harness
+
+
+async def test_fault_proxy_down_right_after_up_stays_down():
+    """Found by the soak: switching down -> up -> down within one loop tick left the port listening."""
+    async with RawUpstream(ok()) as up, FaultProxy(up.port) as fp:
+        for _ in range(3):
+            fp.set(down=True)
+            fp.set(down=False)
+            fp.set(down=True)
+            await asyncio.sleep(0)  # let a pending re-listen run, if one was left
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", fp.port)
+            fp.set(down=False)
+            await fp._relisten
+            _, writer = await asyncio.open_connection("127.0.0.1", fp.port)
+            writer.close()

@@ -98,6 +98,8 @@ class FaultProxy:
         if down is not None and down != self.down:
             self.down = down
             if down:
+                if self._relisten is not None:
+                    self._relisten.cancel()  # an "up" not yet carried out must not reopen the port
                 self._stop_listening()
                 for conn in list(self._conns):
                     self._kill(conn)
@@ -133,8 +135,9 @@ class FaultProxy:
             self._server = None
 
     async def close(self) -> None:
-        if self._relisten is not None and not self._relisten.done():
-            await self._relisten  # else it would open a listener after close
+        if self._relisten is not None:
+            # else it would open a listener after close
+            await asyncio.gather(self._relisten, return_exceptions=True)
         self._stop_listening()
         conns = list(self._conns)
         for conn in conns:
