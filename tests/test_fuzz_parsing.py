@@ -439,3 +439,18 @@ def test_policies_with_every_section_load_and_build_or_fail_cleanly(doc):
         return
     # a policy that validates must also build: no value may pass validation and fail at build time
     asyncio.run(_build(policy))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"upstreams": {"\\ud800\\udc00": null}}',  # what json.dumps writes for a non-BMP key
+        'listen: "\\ud800"\n',
+        'routes: [{name: "a\\udfff", upstream: u}]\n',
+    ],
+)
+def test_lone_surrogate_escapes_are_a_policy_error(text):
+    """Found by the property test: YAML decodes \\ud800 escapes into strings pydantic cannot render
+    an error for (UnicodeEncodeError escaped the loader)."""
+    with pytest.raises(PolicyError, match="lone surrogate"):
+        parse_policy(text, "fuzz.yaml")
