@@ -6,7 +6,9 @@ response whose status is one it may legitimately give (200 from the upstream whe
 request was valid, or its own 4xx/501/505), never a 500; nothing is logged as an
 unexpected error; and anything that reached the upstream carries no control bytes in
 its header lines. Policies: parse_policy either returns a policy or raises PolicyError,
-never anything else.
+never anything else; policies with every policy section (rate_limit, bulkhead, retry,
+circuit_breaker, cache, failover) either fail with PolicyError or build a Runtime (the
+per-policy objects: buckets, breakers, pickers, caches) without an exception.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import PolicyError, parse_policy
+from proxy.config.models import Policy
+from proxy.dataplane.runtime import Runtime
+from proxy.metrics import Metrics
 from proxy.server import Fender, bind_socket, new_event_loop
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream, ok
@@ -258,3 +263,194 @@ def test_any_policy_document_loads_or_fails_with_a_policy_error(text):
         assert str(exc)  # a message an operator can read
     else:
         assert policy.routes is not None
+
+
+# --------------------------------------------------------------------------- policy sections
+
+
+def _field_names(model, seen: set | None = None) -> dict[str, list[str]]:
+    """Field names of every section model reachable from ``model`` (by model class name)."""
+    seen = set() if seen is None else seen
+    out: dict[str, list[str]] = {}
+    if model in seen or not hasattr(model, "model_fields"):
+        return out
+    seen.add(model)
+    out[model.__name__] = list(model.model_fields)
+    for info in model.model_fields.values():
+        for arg in _models_in(info.annotation):
+            out.update(_field_names(arg, seen))
+    return out
+
+
+def _models_in(annotation) -> list:
+    """Pydantic models inside a type annotation (``X | None``, ``tuple[X, ...]``, ``Annotated``)."""
+    found, stack = [], [annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type) and hasattr(item, "model_fields"):
+            found.append(item)
+        stack.extend(getattr(item, "__args__", ()) or ())
+    return found
+
+
+SECTION_FIELDS = _field_names(Policy)
+
+
+def _all_models(model, out: dict) -> dict:
+    if model.__name__ not in out:
+        out[model.__name__] = model
+        for info in model.model_fields.values():
+            for inner in _models_in(info.annotation):
+                _all_models(inner, out)
+    return out
+
+
+MODELS = _all_models(Policy, {})
+REQUIRED_EXAMPLES = {"rate": "10/s", "path": "/healthz"}
+
+
+def _plain(value):
+    """A field default as a JSON value, or None when it is not a plain one."""
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (str, int)) for v in value):
+        return list(value)
+    return None
+
+
+ALL_FIELDS = sorted({name for names in SECTION_FIELDS.values() for name in names})
+ROUTE_SECTIONS = ["rate_limit", "bulkhead", "retry", "circuit_breaker", "cache"]
+UPSTREAM_SECTIONS = ["health_check", "outlier_detection"]
+
+# Values a section field may plausibly get, right and wrong: units, rates, percentages, outcome names.
+section_scalars = st.one_of(
+    st.sampled_from(
+        [
+            "10/s", "5/10s", "6000/m", "0/s", "-1/s", "1/0s", "10/x", "50%", "0%", "100%", "150%", "-5%",
+            "1h", "0s", "10ms", "-1ms", "1KiB", "17GiB", "5xx", "4xx", "503", "599", "600", "gateway_error",
+            "reset", "timeout", "connect_failure", "bad_response", "round_robin", "least_request", "random",
+            "header:x-api-key", "header:", "route", "client_ip", "as-is", "sorted", "ignore", "full", "equal",
+            "decorrelated", "none", "upstream", "200-299", "299-200", "GET", "POST", "BREW", "30s", "",
+        ]
+    ),
+    st.integers(-3, 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+)  # fmt: skip
+section_values = st.one_of(section_scalars, st.lists(section_scalars, max_size=3))
+
+
+# The model behind each section field, and the nested ones inside them.
+SECTION_MODEL = {
+    "rate_limit": "RateLimitOptions",
+    "bulkhead": "BulkheadOptions",
+    "retry": "RetryOptions",
+    "circuit_breaker": "BreakerOptions",
+    "cache": "CacheOptions",
+    "health_check": "HealthCheckOptions",
+    "outlier_detection": "OutlierDetectionOptions",
+}
+NESTED = {
+    ("RetryOptions", "backoff"): "BackoffOptions",
+    ("RetryOptions", "budget"): "BudgetOptions",
+    ("BreakerOptions", "fallback"): "FallbackOptions",
+    ("CacheOptions", "key"): "CacheKeyOptions",
+}
+
+
+def _section(model: str, depth: int = 0):
+    """A mapping of some of ``model``'s fields (and a stray one) to generated values."""
+    names = SECTION_FIELDS[model]
+
+    def value(name: str):
+        nested = NESTED.get((model, name))
+        if nested is not None and depth == 0:
+            return st.one_of(_section(nested, depth + 1), section_values)
+        valid = (
+            _plain(MODELS[model].model_fields[name].default) if name in MODELS[model].model_fields else None
+        )
+        valid = REQUIRED_EXAMPLES.get(name, valid)
+        if valid is None:
+            return section_values
+        # mostly the field's own default (so whole sections validate and get built), often not
+        return st.integers(0, 99).flatmap(lambda n: section_values if n >= 90 else st.just(valid))
+
+    keys = st.integers(0, 99).flatmap(lambda n: st.sampled_from([*names, "bogus"] if n >= 90 else names))
+    required = [n for n, info in MODELS[model].model_fields.items() if info.is_required()]
+    return st.tuples(st.lists(keys, unique=True, max_size=4), st.integers(0, 99)).flatmap(
+        lambda drawn: st.fixed_dictionaries(
+            {k: value(k) for k in (drawn[0] + (required if drawn[1] < 90 else []))}
+        )
+    )
+
+
+def _section_of(field: str):
+    """A generated value for a section field: a mapping, an empty one, a list of them, or a stray scalar."""
+    model = SECTION_MODEL[field]
+    odd = st.one_of(st.lists(_section(model), max_size=3), section_scalars)  # a list suits rate_limit only
+    return st.integers(0, 99).flatmap(lambda n: odd if n >= 85 else st.one_of(_section(model), st.just({})))
+
+
+@st.composite
+def policies_with_sections(draw) -> dict:
+    route: dict = {"name": "r", "upstream": "u"}
+    for field in draw(st.lists(st.sampled_from(ROUTE_SECTIONS), unique=True, max_size=5)):
+        route[field] = draw(_section_of(field))
+    upstream: dict = {
+        "replicas": [{"url": "http://127.0.0.1:9"}, {"url": "http://127.0.0.1:10", "priority": 1}]
+    }
+    for field in draw(st.lists(st.sampled_from(UPSTREAM_SECTIONS), unique=True, max_size=2)):
+        upstream[field] = draw(_section_of(field))
+    if draw(st.booleans()):
+        upstream["balance"] = draw(
+            st.one_of(st.sampled_from(["round_robin", "least_request", "random"]), section_scalars)
+        )
+    if draw(st.booleans()):
+        upstream["panic_threshold"] = draw(st.one_of(st.sampled_from(["0%", "50%", "100%"]), section_scalars))
+    doc: dict = {
+        "listen": "127.0.0.1:0",
+        "admin": "127.0.0.1:0",
+        "upstreams": {"u": upstream},
+        "routes": [route],
+    }
+    if draw(st.booleans()):
+        doc["cache"] = draw(_section("CacheStoreOptions"))
+    return doc
+
+
+def test_section_field_names_were_found():
+    assert {"rate", "burst", "max_concurrent", "attempts", "failure_on", "stale_if_error"} <= set(ALL_FIELDS)
+    assert {"interval", "consecutive_failures", "ejection_time", "max_ejected"} <= set(ALL_FIELDS)
+
+
+async def _build(policy) -> None:
+    runtime = Runtime(policy, Metrics())
+    await runtime.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=policies_with_sections())
+def test_policies_with_every_section_load_and_build_or_fail_cleanly(doc):
+    try:
+        policy = parse_policy(json.dumps(doc), "fuzz.yaml")
+    except PolicyError as exc:
+        assert str(exc)
+        return
+    # a policy that validates must also build: no value may pass validation and fail at build time
+    asyncio.run(_build(policy))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"upstreams": {"\\ud800\\udc00": null}}',  # what json.dumps writes for a non-BMP key
+        'listen: "\\ud800"\n',
+        'routes: [{name: "a\\udfff", upstream: u}]\n',
+    ],
+)
+def test_lone_surrogate_escapes_are_a_policy_error(text):
+    """Found by the property test: YAML decodes \\ud800 escapes into strings pydantic cannot render
+    an error for (UnicodeEncodeError escaped the loader)."""
+    with pytest.raises(PolicyError, match="lone surrogate"):
+        parse_policy(text, "fuzz.yaml")

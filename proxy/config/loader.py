@@ -275,6 +275,9 @@ class _Converter:
                 )
             return None
         if not isinstance(node, CommentedMap | CommentedSeq):
+            if isinstance(node, str) and _not_unicode(node):
+                self.problem(loc, value_pos, _SURROGATE)
+                return None
             return _plain_scalar(node)
         if id(node) in self.active:
             self.problem(
@@ -311,6 +314,9 @@ class _Converter:
                 self.problem(loc, child_key, f"keys must be text, got {shown}")
                 continue
             key = str(raw_key)
+            if _not_unicode(key):
+                self.problem(loc, child_key, _SURROGATE)
+                continue
             out[key] = self.convert(value, (*loc, key), child_key, child_value)
         return out
 
@@ -324,6 +330,18 @@ class _Converter:
                 item_pos = value_pos
             items.append(self.convert(value, (*loc, position), item_pos, item_pos))
         return items
+
+
+_SURROGATE = r"not valid Unicode text: it holds a lone surrogate (an escape like \ud800)"
+
+
+def _not_unicode(text: str) -> bool:
+    """YAML's \ud800-style escapes can make strings no encoder (nor error message) can handle."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _plain_scalar(value: Any) -> Any:

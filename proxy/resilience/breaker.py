@@ -195,7 +195,8 @@ class BreakerOptions(PolicyModel):
         description="Trial calls allowed while half-open (concurrently and in total); the others fail fast.",
     )
     failure_on: tuple[FailureClass, ...] = Field(
-        default=("5xx", "timeout", "connect_failure", "connect_timeout", "reset"),
+        # bad_response too: an upstream answering garbage (wrong port, broken server) is failing.
+        default=("5xx", "timeout", "connect_failure", "connect_timeout", "reset", "bad_response"),
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(FAULT_CLASSES)

@@ -83,6 +83,7 @@ class FaultProxy:
         self.bytes = {"downstream": 0, "upstream": 0}
         self._conns: set[_Conn] = set()
         self._server: asyncio.Server | None = None
+        self._relisten: asyncio.Task | None = None  # set(down=False) listening again
         self._random = random.Random(seed)
 
     # -- control
@@ -97,11 +98,13 @@ class FaultProxy:
         if down is not None and down != self.down:
             self.down = down
             if down:
+                if self._relisten is not None:
+                    self._relisten.cancel()  # an "up" not yet carried out must not reopen the port
                 self._stop_listening()
                 for conn in list(self._conns):
                     self._kill(conn)
             else:
-                asyncio.get_running_loop().create_task(self._listen())
+                self._relisten = asyncio.get_running_loop().create_task(self._listen())
 
     def clear(self) -> None:
         """Remove every fault (the listener comes back if it was down)."""
@@ -132,6 +135,9 @@ class FaultProxy:
             self._server = None
 
     async def close(self) -> None:
+        if self._relisten is not None:
+            # else it would open a listener after close
+            await asyncio.gather(self._relisten, return_exceptions=True)
         self._stop_listening()
         conns = list(self._conns)
         for conn in conns:

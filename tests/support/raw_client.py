@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httptools
@@ -194,8 +195,11 @@ async def run_load(
     timeout: float = 5.0,
     method: str = "GET",
     paths: list[str] | None = None,
+    headers: Callable[[int], dict[str, str]] | None = None,
 ) -> LoadResult:
-    """Send ``rate`` requests per second for ``seconds`` (bounded: at most rate*seconds requests)."""
+    """Send ``rate`` requests per second for ``seconds`` (bounded: at most rate*seconds requests).
+
+    Request ``i`` goes to ``paths[i % len(paths)]`` with ``headers(i)`` when given."""
     total = max(1, int(rate * seconds))
     result = LoadResult()
     interval = 1.0 / rate
@@ -205,7 +209,8 @@ async def run_load(
 
         async def one(i: int) -> None:
             try:
-                r = await client.request(method, paths[i % len(paths)])
+                extra = headers(i) if headers is not None else None
+                r = await client.request(method, paths[i % len(paths)], headers=extra)
                 result.statuses[r.status_code] = result.statuses.get(r.status_code, 0) + 1
             except httpx.HTTPError as exc:
                 result.error_count += 1
