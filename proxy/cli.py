@@ -95,10 +95,11 @@ def _print_tour(policy, fender) -> None:
         f"""
 Fender {__version__} is proxying on {base} (admin on {admin}). Try:
   curl -i {base}/catalog/items          # primary replica answers
-  curl -i {base}/flaky/orders           # a flaky upstream: about one in three gets 503
+  curl -i {base}/flaky/orders           # the upstream fails 1 in 3; retries hide it (read Fender-Trace)
   curl -i {base}/nowhere                # no route: Fender's own 404
   curl -s {admin}/metrics | grep fender_requests_total
   curl -s {admin}/admin/routes
+  open {admin}/ in a browser             # the live status page
 Press Ctrl-C to stop.
 """,
         flush=True,
