@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,9 +21,8 @@ from urllib.parse import parse_qs
 import pytest
 import uvicorn
 
-from proxy.clock import SYSTEM_CLOCK
-from proxy.config import parse_policy
 from proxy.server import Fender, _Server, bind_socket
+from tests.support.launch import launch_fender
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,13 +161,7 @@ async def start_fender():
     started: list[Fender] = []
 
     async def start(text: str, clock=None) -> Fender:
-        policy = parse_policy(text, "test-policy.yaml")
-        # FENDER_TEST_ENGINE=granian: tests/test_granian.py re-runs data-path tests on granian.
-        engine = os.environ.get("FENDER_TEST_ENGINE") or None
-        fender = Fender(policy, "test-policy.yaml", clock=clock or SYSTEM_CLOCK, engine=engine)
-        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
-        fender.url = f"http://127.0.0.1:{fender.data_port}"
-        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
+        fender = await launch_fender(text, clock=clock)
         started.append(fender)
         return fender
 

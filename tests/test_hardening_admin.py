@@ -18,7 +18,8 @@ import pytest
 from proxy.config import parse_policy
 from proxy.ops.auth import AdminAuthError, is_loopback, resolve_admin_token
 from proxy.resilience.cache.layer import STORE_KEY
-from proxy.server import Fender, bind_socket
+from proxy.server import Fender
+from tests.support.launch import launch_fender
 from tests.support.procs import LeakCheck, assert_fender_alive
 from tests.support.raw_client import exchange
 from tests.support.raw_upstream import RawUpstream, ok
@@ -56,10 +57,7 @@ async def admin_fender(tmp_path, monkeypatch):
     async def start(text: str) -> Fender:
         path = tmp_path / "policy.yaml"
         path.write_text(text)
-        fender = Fender(parse_policy(text, str(path)), str(path))
-        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
-        fender.url = f"http://127.0.0.1:{fender.data_port}"
-        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
+        fender = await launch_fender(text, str(path))
         started.append(fender)
         return fender
 

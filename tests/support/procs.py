@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server import Fender
+from tests.support.launch import launch_fender
 
 
 def open_fds(pid: int | str = "self") -> int:
@@ -96,11 +96,7 @@ async def checked_fender():
     started: list[Fender] = []
 
     async def start(text: str) -> Fender:
-        policy = parse_policy(text, "test-policy.yaml")
-        fender = Fender(policy, "test-policy.yaml")
-        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
-        fender.url = f"http://127.0.0.1:{fender.data_port}"
-        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
+        fender = await launch_fender(text)
         started.append(fender)
         return fender
 
