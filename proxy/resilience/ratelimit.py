@@ -38,6 +38,7 @@ from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 from proxy.config.base import Count, Flag, Name, PolicyModel, Text
 from proxy.config.units import Rate, RateValue, describe_value, policy_error
 from proxy.dataplane.exchange import LocalReply
+from proxy.metrics import FastCounter
 
 __all__ = ["RateLimitOptions", "RateLimits", "Limiter", "RouteRateLimit", "build_layer"]
 
@@ -351,9 +352,9 @@ class RouteRateLimit:
         self.shown = [limit for limit in self.enforced if limit.options.headers]
         self.shown_policy_header = b", ".join(policy_item(limit.options) for limit in self.shown)
         family = metrics.ratelimit_requests
-        self.allowed = family.labels(route_name, "allowed")
-        self.limited = family.labels(route_name, "limited")
-        self.shadow_limited = family.labels(route_name, "shadow_limited")
+        self.allowed = FastCounter(family.labels(route_name, "allowed"))
+        self.limited = FastCounter(family.labels(route_name, "limited"))
+        self.shadow_limited = FastCounter(family.labels(route_name, "shadow_limited"))
         ref = weakref.ref(self)
         metrics.ratelimit_keys.labels(route_name).set_function(lambda: _keys_of(ref))
 
