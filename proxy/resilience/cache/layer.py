@@ -523,6 +523,12 @@ class CacheLayer:
 
     def _forward_exchange(self, ex: Exchange, entry: Entry | None) -> None:
         """Drop the client's conditionals (the cache wants a full response); add the stored validators."""
+        if entry is None:
+            for name, _ in ex.headers:
+                if name in _CONDITIONALS:
+                    break
+            else:
+                return  # nothing to drop or add: keep the list as it is (the usual miss)
         headers = [(n, v) for n, v in ex.headers if n not in _CONDITIONALS]
         if entry is not None:
             if entry.etag is not None:
