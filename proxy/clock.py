@@ -25,8 +25,9 @@ class SystemClock:
 
     __slots__ = ()
 
-    def now(self) -> float:
-        return time.monotonic()
+    # The builtin itself, not a method wrapping it: read several times per request,
+    # and a Python-level frame per read cost more than the read.
+    now = staticmethod(time.monotonic)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0))

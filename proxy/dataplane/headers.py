@@ -70,6 +70,18 @@ def valid_host(value: bytes) -> bool:
     return not colon or port == b"" or port.isdigit()
 
 
+# Connection values that name no other field (almost every message carries one of these).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
+def _named_by_connection(values: list[bytes]) -> set[bytes]:
+    """The field names a Connection header lists for removal (its options other than close/keep-alive)."""
+    for value in values:
+        if value not in _PLAIN_CONNECTION:
+            return _connection_tokens(values) - {b"close", b"keep-alive"}
+    return set()
+
+
 def _connection_tokens(values: list[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
     for value in values:
@@ -194,7 +206,7 @@ class RequestHead:
                 connection.append(value)
             # every other hop-by-hop field is simply dropped
         if connection is not None:
-            named = _connection_tokens(connection) - {b"close", b"keep-alive"}
+            named = _named_by_connection(connection)
             if named:
                 forward = [(n, v) for n, v in forward if n not in named]
         self.forward = forward
@@ -276,7 +288,7 @@ def response_headers(
             continue
         out.append((name, value))
     if connection is not None:
-        named = _connection_tokens(connection) - {b"close", b"keep-alive"}
+        named = _named_by_connection(connection)
         if named:
             out = [(n, v) for n, v in out if n not in named]
     if chunked and has_length:

@@ -45,6 +45,7 @@ from proxy.config.units import (
     policy_error,
 )
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.metrics import FastCounter
 
 log = logging.getLogger("fender.breaker")
 
@@ -338,7 +339,7 @@ class CircuitBreaker:
         self._state_gauge.set(CLOSED)
         self._rejected = metrics.breaker_rejected.labels(name)
         self._calls = [
-            metrics.breaker_calls.labels(name, outcome)
+            FastCounter(metrics.breaker_calls.labels(name, outcome))
             for outcome in ("success", "failure", "slow", "slow_failure")
         ]
         self._transitions: dict[tuple[int, int], Any] = {}

@@ -33,6 +33,7 @@ from proxy.clock import Clock
 from proxy.config.base import Count, Flag, PolicyModel
 from proxy.config.units import Duration, Size, describe_value, policy_error
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.metrics import FastCounter
 from proxy.resilience.backoff import Backoff, BackoffOptions
 from proxy.resilience.budget import BudgetOptions, RetryBudget
 
@@ -162,7 +163,7 @@ class RetryMetrics:
         self.budget_exhausted = metrics.retry_budget_exhausted.labels(route)
         self.backoff = metrics.retry_backoff.labels(route)
         for outcome in (*_OUTCOMES, *RETRY_FAULTS, "other"):
-            self.attempts[outcome] = metrics.retry_attempts.labels(route, outcome)
+            self.attempts[outcome] = FastCounter(metrics.retry_attempts.labels(route, outcome))
 
     def retry(self, reason: str):
         child = self.retries.get(reason)

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 
 from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.metrics import FastCounter
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.options import CacheStoreOptions
 from proxy.resilience.cache.store import Entry, MemoryStore, Variants
@@ -254,7 +255,7 @@ class CacheLayer:
         self._refreshing: set[bytes] = set()
         self._tasks: set[asyncio.Task] = set()
         m = ctx.metrics
-        self.m_result = {r: m.cache_requests.labels(route.name, r) for r in RESULTS}
+        self.m_result = {r: FastCounter(m.cache_requests.labels(route.name, r)) for r in RESULTS}
         self.m_stale = {r: m.cache_stale_served.labels(route.name, r) for r in STALE_REASONS}
         self.m_reval = {r: m.cache_revalidations.labels(route.name, r) for r in REVALIDATION_RESULTS}
         self.m_coalesced = m.cache_coalesced.labels(route.name)
@@ -522,6 +523,12 @@ class CacheLayer:
 
     def _forward_exchange(self, ex: Exchange, entry: Entry | None) -> None:
         """Drop the client's conditionals (the cache wants a full response); add the stored validators."""
+        if entry is None:
+            for name, _ in ex.headers:
+                if name in _CONDITIONALS:
+                    break
+            else:
+                return  # nothing to drop or add: keep the list as it is (the usual miss)
         headers = [(n, v) for n, v in ex.headers if n not in _CONDITIONALS]
         if entry is not None:
             if entry.etag is not None:
