@@ -342,6 +342,13 @@ class Metrics:
             "Responses stored in the cache (Vary variants counted separately).",
             registry=r,
         )
+        self.cache_uncacheable_keys = Gauge(
+            "fender_cache_uncacheable_keys",
+            "URLs of a caching route known not to be storable (hit-for-miss, cache.uncacheable_ttl): their "
+            "misses go upstream without waiting for each other.",
+            ["route"],
+            registry=r,
+        )
 
         # metrics: operations (reload, checkpoints, drain)
         self.config_reloads = Counter(

@@ -510,7 +510,9 @@ class Fender:
         self._apply_listener_limits(policy)
         self.runtime = Runtime(policy, self.metrics, source, clock)
         self.dataplane = DataPlane(self.runtime)
-        self.metrics.policy.info({"source": source or "-", "version": str(policy.version)})
+        self.metrics.policy.info(
+            {"source": source or "-", "version": str(policy.version), "engine": self.engine}
+        )
         self.reloader = Reloader(self, file_sha256(source) if source else None)
         self.checkpointer = (
             Checkpointer(policy.checkpoint, self.metrics, lambda: self.runtime, clock)
@@ -542,7 +544,9 @@ class Fender:
         self.dataplane.runtime = runtime  # the atomic switch: read once per request
         self.policy = runtime.policy
         self._apply_listener_limits(runtime.policy)
-        self.metrics.policy.info({"source": self.source or "-", "version": str(runtime.policy.version)})
+        self.metrics.policy.info(
+            {"source": self.source or "-", "version": str(runtime.policy.version), "engine": self.engine}
+        )
         return old
 
     def _configs(self) -> tuple[uvicorn.Config, uvicorn.Config]:

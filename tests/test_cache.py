@@ -680,3 +680,4 @@ async def test_uncacheable_url_is_not_serialised_behind_one_request(start_fender
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200] * 5
     assert metric(fender, "fender_cache_coalesced_total") == 0
+    assert metric(fender, "fender_cache_uncacheable_keys") == 1

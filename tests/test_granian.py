@@ -42,3 +42,6 @@ async def test_data_listener_really_is_granian(echo_upstream, start_fender):
     async with httpx.AsyncClient() as client:
         response = await client.get(fender.url + "/x")
     assert response.status_code == 200 and response.json()["path"] == "/x"
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(fender.admin_url + "/metrics")).text
+    assert 'engine="granian"' in metrics.split("fender_policy_info{", 1)[1].split("}", 1)[0]

@@ -259,6 +259,8 @@ class CacheLayer:
         self.m_stale = {r: m.cache_stale_served.labels(route.name, r) for r in STALE_REASONS}
         self.m_reval = {r: m.cache_revalidations.labels(route.name, r) for r in REVALIDATION_RESULTS}
         self.m_coalesced = m.cache_coalesced.labels(route.name)
+        uncacheable = self._uncacheable
+        m.cache_uncacheable_keys.labels(route.name).set_function(lambda: len(uncacheable))
         # Fleet mode (state.backend: redis): Redis is the second tier (L2), shared by every sidecar.
         self.l2 = l2
         if l2 is not None:
