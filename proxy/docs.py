@@ -29,8 +29,11 @@ def _type_of(prop: dict, defs: dict) -> tuple[str, str | None, str]:
         if "properties" not in target:  # a scalar type with its own definition (e.g. host:port)
             return _type_of(target, defs)
         return "section", name, ""
-    if "oneOf" in prop:  # one shape or another (e.g. one mapping or a list of them): document the first
-        return _type_of(prop["oneOf"][0], defs)
+    if "oneOf" in prop:
+        options = prop["oneOf"]
+        if all("type" in o and o["type"] in ("string", "integer", "number", "boolean") for o in options):
+            return " or ".join(o["type"] for o in options), None, ""  # e.g. a status code or a name
+        return _type_of(options[0], defs)  # one mapping or a list of them: document the first
     for option in prop.get("anyOf", []):
         if option.get("type") != "null":
             text, nested, suffix = _type_of(option, defs)

@@ -54,7 +54,7 @@ class BodyStream:
 
     __slots__ = ("_receive", "_limit", "_idle", "_received", "_done")
 
-    def __init__(self, receive, first: bytes, limit: int, idle_timeout: float) -> None:
+    def __init__(self, receive, limit: int, idle_timeout: float) -> None:
         self._receive = receive
         self._limit = limit
         self._idle = idle_timeout
@@ -215,7 +215,7 @@ class DataPlane:
             except ClientGone:
                 return
         else:
-            body_stream = BodyStream(receive, b"", max_body, route.idle_timeout)
+            body_stream = BodyStream(receive, max_body, route.idle_timeout)
             content_length = length
 
         exchange = Exchange(
