@@ -57,6 +57,7 @@ async def _run(policy, source: str, demo: bool, engine: str | None = None) -> No
     if demo:
         demo_servers = await _start_demo(policy)
     fender = Fender(policy, source, engine=engine)
+    fender.install_signal_handlers()  # before the listeners accept: a supervisor may signal at once
     await fender.start()
     _tune_gc()
     if demo:

@@ -529,6 +529,9 @@ class Fender:
         self._drain_task: asyncio.Task | None = None
         self._skip_delay = asyncio.Event()
         self._finished = False
+        self._running = False  # start() finished: signals act at once instead of waiting
+        self._signals_installed = False
+        self._early_signals: list[tuple] = []
         self.data_port = 0
         self.admin_port = 0
         quiet_aborts()
@@ -617,6 +620,10 @@ class Fender:
         if self.checkpointer is not None:
             self.checkpointer.start()
         self.history.start()
+        self._running = True
+        for action, args in self._early_signals:  # signals that arrived while starting
+            action(*args)
+        self._early_signals.clear()
         log.info(
             "proxy on %s:%d, admin on %s:%d, policy %s",
             policy.listen.host,
@@ -697,11 +704,29 @@ class Fender:
     def request_reload(self) -> None:
         asyncio.ensure_future(self.reloader.reload("signal"))
 
+    def install_signal_handlers(self) -> None:
+        """SIGTERM drains, SIGINT drains without the delay, SIGHUP reloads.
+
+        Call before :meth:`start`: the listeners accept connections before start
+        returns, and a SIGHUP with no handler would end the process. A signal that
+        arrives while starting is acted on once start is done.
+        """
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal, self.begin_drain, ())
+        loop.add_signal_handler(signal.SIGINT, self._on_signal, self.begin_drain, (0.0,))
+        loop.add_signal_handler(signal.SIGHUP, self._on_signal, self.request_reload, ())
+        self._signals_installed = True
+
+    def _on_signal(self, action, args: tuple) -> None:
+        if self._running:
+            action(*args)
+        else:
+            self._early_signals.append((action, args))
+
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
-        loop.add_signal_handler(signal.SIGINT, self.begin_drain, 0.0)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if not self._signals_installed:
+            self.install_signal_handlers()
         try:
             await self.wait()
             await self._finish()

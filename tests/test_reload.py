@@ -456,3 +456,21 @@ async def test_a_module_failing_to_start_leaves_the_running_policy(echo_upstream
     assert not running.upstreams["echo"].replicas[0].pool._closed
     async with httpx.AsyncClient() as client:
         assert (await client.get(fender.url + "/x")).status_code == 200
+
+
+async def test_a_signal_during_start_waits_for_the_listeners(echo_upstream):
+    """Handlers go in before start (a SIGHUP with none would end the process); early signals act after it."""
+    from proxy.config import parse_policy
+    from proxy.server import Fender, bind_socket
+
+    fender = Fender(parse_policy(policy(echo_upstream.port), "p.yaml"), "p.yaml")
+    acted: list[str] = []
+    fender._on_signal(acted.append, ("reload",))
+    assert acted == []  # not started yet: kept for later
+    await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+    try:
+        assert acted == ["reload"]
+        fender._on_signal(acted.append, ("again",))
+        assert acted == ["reload", "again"]
+    finally:
+        await fender.stop()

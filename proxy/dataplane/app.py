@@ -176,7 +176,7 @@ class DataPlane:
         finally:
             metrics.in_flight.dec()
             runtime.active -= 1
-            if runtime._idle is not None:
+            if runtime.idle_waiter is not None:
                 runtime.request_done()
 
     async def _proxy(self, runtime, route: RouteRuntime, scope, receive, send, method, path, head, started):

@@ -252,7 +252,8 @@ class Runtime:
         self.clock = clock
         # Requests that matched a route of this runtime and have not finished (kept by the data plane).
         self.active = 0
-        self._idle: asyncio.Future | None = None
+        # Set while a reload waits for this runtime's last request; the data plane then calls request_done().
+        self.idle_waiter: asyncio.Future | None = None
         self.handover = Handover(previous.handover if previous is not None else None)
         self.checkpoints = CheckpointProviders()
         # Objects layers share across routes (e.g. one breaker per upstream), by module.
@@ -326,17 +327,17 @@ class Runtime:
         if self.active == 0:
             return True
         loop = asyncio.get_running_loop()
-        self._idle = loop.create_future()
+        self.idle_waiter = loop.create_future()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self._idle)
+                await asyncio.shield(self.idle_waiter)
         except TimeoutError:
             return self.active == 0
         return True
 
     def request_done(self) -> None:
         """Called by the data plane when a request of this runtime ends and others may be waiting."""
-        idle = self._idle
+        idle = self.idle_waiter
         if idle is not None and self.active == 0 and not idle.done():
             idle.set_result(None)
 
