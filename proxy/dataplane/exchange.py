@@ -18,6 +18,8 @@ class Reply(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
 
+    complete: bool  # the whole body has been received (nothing more to wait for)
+
     def has_body(self) -> bool: ...
     async def read(self) -> bytes: ...
     def close(self) -> None: ...
@@ -168,6 +170,8 @@ class LocalReply:
         if close:
             self.headers.append((b"connection", b"close"))
         self._sent = False
+
+    complete = True  # the whole body is here (see UpstreamResponse.complete)
 
     def has_body(self) -> bool:
         return True

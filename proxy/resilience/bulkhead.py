@@ -335,7 +335,9 @@ def build_layer(route, next_handler, ctx):
         except BaseException:
             bulkhead.release()
             raise
-        if isinstance(reply, LocalReply) or not reply.has_body():
+        if reply.complete or not reply.has_body():
+            # Nothing more will come from the upstream (a local reply, no body, or the whole
+            # body already received): the slot is free now, no need to hold it while it is sent.
             bulkhead.release()
             return reply
         return SlotReply(reply, bulkhead)

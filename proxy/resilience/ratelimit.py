@@ -229,6 +229,25 @@ class Limiter:
         wait = tat - self._tau - now_ns * self.count
         return wait if wait > 0 else 0
 
+    def take(self, key: Any, now_ns: int) -> int:
+        """``check`` and ``commit`` in one lookup: the new TAT (scaled, > 0), or 0 when refused."""
+        table = self._table
+        now = now_ns * self.count
+        tat = table.get(key)
+        if tat is None:
+            if len(table) >= self.max_keys:
+                table.popitem(last=False)
+            else:
+                self._expire(now)
+            tat = now + self._step
+        else:
+            if tat - self._tau - now > 0:
+                return 0
+            tat = (tat if tat > now else now) + self._step
+            table.move_to_end(key)
+        table[key] = tat
+        return tat
+
     def commit(self, key: Any, now_ns: int) -> int:
         """Consume one request for ``key``; returns the new TAT (scaled)."""
         table = self._table
@@ -368,10 +387,9 @@ class RouteRateLimit:
         """Admit (returns None, consuming from every bucket) or refuse (returns the 429 reply)."""
         single = self._single
         if single is not None:
-            key = single.key_of(ex)
             limiter = single.limiter
-            if not limiter.check(key, now_ns):
-                tat = limiter.commit(key, now_ns)
+            tat = limiter.take(single.key_of(ex), now_ns)
+            if tat:
                 self.allowed.inc()
                 if self.shown:
                     # Same values as _state(): the bucket now holds ``tat`` (> now) for this key.
@@ -472,6 +490,10 @@ def _keep_buckets(state: RouteRateLimit, ctx) -> None:
         limit.limiter = keep(ctx, ("ratelimit", state.route, limit.name), limit.options, lambda f=fresh: f)
 
 
+async def _ready(reply):
+    return reply
+
+
 def build_layer(route, next_handler, ctx):
     limits = getattr(route, "rate_limit", None)
     if not limits:
@@ -486,10 +508,12 @@ def build_layer(route, next_handler, ctx):
     clock = ctx.clock
     decide = state.decide
 
-    async def rate_limit_layer(ex):
+    def rate_limit_layer(ex):
+        # A plain function returning the next layer's awaitable: admission needs nothing after
+        # the call, so this layer adds no coroutine to the request's await chain.
         refusal = decide(ex, round(clock.now() * NS))
         if refusal is not None:
-            return refusal
-        return await next_handler(ex)
+            return _ready(refusal)
+        return next_handler(ex)
 
     return rate_limit_layer

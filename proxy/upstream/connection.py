@@ -120,6 +120,11 @@ class UpstreamResponse:
         return not self._no_body
 
     @property
+    def complete(self) -> bool:
+        """The whole body has been received: reading it waits for nothing."""
+        return self._complete
+
+    @property
     def buffered(self) -> int:
         """Body bytes received and not yet read."""
         return self._size
@@ -349,6 +354,9 @@ class Connection(asyncio.Protocol):
             return  # still uploading; request_done() finishes
         self._resp = None
         self._parser = None
+        # The parser holds the response's bound callbacks: without this the pair is a
+        # reference cycle per request, and the garbage collector runs every few thousand requests.
+        resp._parser = None
         resp._conn = None
         if resp._paused:
             resp._paused = False
@@ -369,6 +377,7 @@ class Connection(asyncio.Protocol):
         self._parser = None
         if resp is not None:
             resp._conn = None
+            resp._parser = None
             if resp._exc is None:
                 resp._exc = exc
             resp._wake()

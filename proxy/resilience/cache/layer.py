@@ -69,6 +69,9 @@ _RESPONSE_SAYS_DO_NOT_STORE = frozenset({"no-store", "private", "vary", "must-un
 # Framing of the upstream's message; a reply built by the cache sets its own Content-Length.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _STATUS_BYPASS = b"fender; fwd=bypass"
+_MISS_STATUS = {
+    status: b"fender; fwd=miss; fwd-status=%d" % status for status in (200, 201, 204, 301, 302, 304, 404)
+}
 
 
 class CachedReply:
@@ -81,6 +84,8 @@ class CachedReply:
         self.headers = headers
         self._body = body
         self._sent = not body
+
+    complete = True  # stored: the whole body is here
 
     def has_body(self) -> bool:
         return bool(self._body)
@@ -105,6 +110,10 @@ class PrefixedReply:
         self.headers = reply.headers
         self._reply = reply
         self._prefix = prefix
+
+    @property
+    def complete(self) -> bool:
+        return self._reply.complete
 
     def has_body(self) -> bool:
         return self._reply.has_body()
@@ -134,6 +143,10 @@ class StoringReply:
         self._limit = limit
         self._on_done = on_done
         self._done = False
+
+    @property
+    def complete(self) -> bool:
+        return self._reply.complete
 
     def has_body(self) -> bool:
         return self._reply.has_body()
@@ -297,6 +310,13 @@ class CacheLayer:
                 now = self.clock.now()
         elif self.l2 is not None:
             self.m_l1.inc()
+        if variants is None and directives is None and method == "GET":
+            until = self._uncacheable.get(key) if self._uncacheable else None
+            if until is not None and until > now:
+                # Hit-for-miss (the common case on a route whose URLs are not storable):
+                # straight upstream, as _miss would do after these same checks.
+                self.m_result["miss"].inc()
+                return await self._hit_for_miss(ex, key, req, until, now)
         entry = self._select(variants, ex.request_headers) if variants is not None else None
         if entry is not None:
             if directives is None:
@@ -556,6 +576,29 @@ class CacheLayer:
         request_time = self.clock.now()
         self._forward_exchange(ex, stale)
         reply = await self.next(ex)
+        return await self._answer(ex, key, stale, req, release, fwd, count, reply, request_time)
+
+    async def _hit_for_miss(self, ex: Exchange, key: bytes, req: _Request, until: float, request_time: float):
+        """A URL whose last response was not storable: forward, and answer as fast as a miss can be."""
+        self._forward_exchange(ex, None)
+        reply = await self.next(ex)
+        if (
+            self._quick_pass
+            and not isinstance(reply, LocalReply)
+            and reply.status < 500
+            and _nothing_to_cache(reply.headers)
+        ):
+            now = self.clock.now()
+            if until - now < self.uncacheable_ttl / 2:
+                self._remember_uncacheable(key, now)  # still not storable: keep the mark (and its LRU place)
+            status = _MISS_STATUS.get(reply.status) or b"fender; fwd=miss; fwd-status=%d" % reply.status
+            ex.response_headers.append((b"cache-status", status))
+            return reply
+        # Something may be storable now, or it failed: the full treatment of a miss.
+        return await self._answer(ex, key, None, req, _noop, b"miss", True, reply, request_time)
+
+    async def _answer(self, ex, key, stale, req, release, fwd, count, reply, request_time):
+        """What _fetch does with the upstream's reply: serve stale on error, merge a 304, store, answer."""
         now = self.clock.now()
         failed = isinstance(reply, LocalReply) or reply.status >= 500
         if stale is not None:
