@@ -127,6 +127,10 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# ASGI extensions this server offers (shared, never mutated). "fender.response.body": an
+# http.response.start message may carry "body" and "more_body", as if a body message followed
+# at once; head and body then leave in one write, with no flush scheduled for the head alone.
+EXTENSIONS = {"fender.response.body": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -232,14 +236,20 @@ class _Exchange:
             self.started = True
             self.expect_continue = False
             self.pending_head = self._head(message["status"], message.get("headers", ()))
-            conn.loop.call_soon(self._flush_head)
+            if "body" in message:
+                # The fender.response.body extension: the first body part rides with the head.
+                self._write_body(message["body"], message.get("more_body", False))
+            else:
+                conn.loop.call_soon(self._flush_head)
             return
         if self.complete:
             raise RuntimeError(f"unexpected {message['type']!r} after the response completed")
         if message["type"] != "http.response.body":
             raise RuntimeError(f"expected http.response.body, got {message['type']!r}")
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
+        self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    def _write_body(self, body: bytes, more: bool) -> None:
+        conn = self.conn
         if self.head_request:
             body = b""
         elif self.chunked:
@@ -581,6 +591,7 @@ class FenderHttpProtocol(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": query,
             "headers": self._headers,
+            "extensions": EXTENSIONS,
         }
         if authority is not None:
             scope["fender.authority"] = authority

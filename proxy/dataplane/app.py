@@ -110,6 +110,21 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
+# ASGI extension of Fender's own HTTP protocol (proxy/http_protocol.py): the response head
+# message may carry the first body part. Other servers (granian) get the standard two messages.
+_INLINE_BODY = "fender.response.body"
+
+
+def _start(status: int, headers, body: bytes, more: bool) -> dict:
+    return {
+        "type": "http.response.start",
+        "status": status,
+        "headers": headers,
+        "body": body,
+        "more_body": more,
+    }
+
+
 _LOOPBACK = ("127.0.0.1", "::1")
 _MAX_TRACE = 4096
 
@@ -264,18 +279,33 @@ class DataPlane:
         metrics.duration.observe(time.perf_counter() - started)
         if runtime.access_log:
             self._access(scope, method, status, ex, started)
+        inline = _INLINE_BODY in scope.get("extensions", ())
         if method == "HEAD" or not reply.has_body():
             if method != "HEAD":
-                # 204/304 carry no body; uvicorn would hold a 304's Content-Length against it.
+                # 204/304 carry no body; an ASGI server may hold a 304's Content-Length against it.
                 headers = [h for h in headers if h[0] != b"content-length"]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
             reply.close()
+            if inline:
+                await send(_start(status, headers, b"", False))
+                return
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        await send({"type": "http.response.start", "status": status, "headers": headers})
         watcher = None
         try:
-            chunk = await reply.read()
+            if inline and reply.complete:
+                # The whole body is here (the usual small response): head and body in one message.
+                # The second read returns b"" without waiting; it is what tells a storing or
+                # slot-holding reply that the body ended.
+                chunk = await reply.read()
+                following = await reply.read()
+                await send(_start(status, headers, chunk, bool(following)))
+                if not following:
+                    return
+                chunk = following
+            else:
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                chunk = await reply.read()
             if not chunk:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return

@@ -73,6 +73,7 @@ class UpstreamResponse:
         "_paused",
         "_waiter",
         "_head_fut",
+        "_head_deadline",
         "_exc",
         "_idle_timeout",
         "_head_bytes",
@@ -104,6 +105,7 @@ class UpstreamResponse:
         self._paused = False
         self._waiter: asyncio.Future | None = None
         self._head_fut: asyncio.Future | None = None
+        self._head_deadline: float | None = None  # loop time by which the head must be here
         self._exc: UpstreamError | None = None
         self._idle_timeout = idle_timeout
         self._head_bytes = 0  # header names + values (exact, checked per header)
@@ -306,6 +308,8 @@ class Connection(asyncio.Protocol):
         "_write_paused",
         "_drain_waiter",
         "_poller",
+        "_head_timer",
+        "_head_timer_at",
     )
 
     def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
@@ -323,6 +327,9 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
         self._poller: select.poll | None = None
+        # One lazily re-armed timer for head timeouts (see arm_head_timer), not one per request.
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer_at = 0.0
 
     # -- exchange ------------------------------------------------------------
 
@@ -385,6 +392,31 @@ class Connection(asyncio.Protocol):
         self.abort()
         if self.checked_out:
             self.pool._release(self, False)
+
+    def arm_head_timer(self, when: float) -> None:
+        """Make sure the connection's timer fires by ``when`` (the head deadline of its exchange).
+
+        A timer armed for an earlier request usually fires first; it then re-arms for
+        the exchange waiting at that moment. So a busy connection creates about one
+        timer per head_timeout instead of one per request.
+        """
+        timer = self._head_timer
+        if timer is not None:
+            if self._head_timer_at <= when:
+                return
+            timer.cancel()
+        self._head_timer_at = when
+        self._head_timer = self.loop.call_at(when, self._head_tick)
+
+    def _head_tick(self) -> None:
+        self._head_timer = None
+        resp = self._resp
+        if resp is None or resp._head_fut is None or resp._head_deadline is None:
+            return  # nobody waits for a head: the next request arms the timer again
+        if self.loop.time() >= resp._head_deadline:
+            self.timeout(resp._head_fut, "no response head within head_timeout")
+        else:
+            self.arm_head_timer(resp._head_deadline)
 
     def timeout(self, fut: asyncio.Future, message: str) -> None:
         """Timer callback for head/idle/drain timeouts (no-op if ``fut`` was already woken)."""
@@ -491,6 +523,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._ended(exc)
         self.wake_drain()
 

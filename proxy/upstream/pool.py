@@ -137,15 +137,13 @@ class UpstreamPool:
                 conn.request_done()
             if not resp._head_done and resp._exc is None:
                 fut = resp._head_fut = loop.create_future()
-                timer = None
                 if deadline is not None:
-                    timer = loop.call_at(deadline, conn.timeout, fut, "no response head within head_timeout")
+                    resp._head_deadline = deadline
+                    conn.arm_head_timer(deadline)
                 try:
                     await fut
                 finally:
                     resp._head_fut = None
-                    if timer is not None:
-                        timer.cancel()
         except BaseException as exc:
             conn.abandon(resp, _abandoned(exc))
             raise
