@@ -377,8 +377,8 @@ class CircuitBreaker:
             self.in_flight -= 1
             self.permits += 1
 
-    def record(self, token: int, failed: bool, duration: float) -> None:
-        """Outcome of an admitted call."""
+    def record(self, token: int, failed: bool, duration: float, now: float | None = None) -> None:
+        """Outcome of an admitted call (``now``: the clock's time at its end, if the caller has it)."""
         slow = self._slow_after is not None and duration >= self._slow_after
         if self._state_gauge is not None:
             self._calls[failed + 2 * slow].inc()
@@ -386,7 +386,8 @@ class CircuitBreaker:
             return  # admitted before the last transition: the decision was already made
         state = self.state
         if state == CLOSED:
-            now = self.clock.now()
+            if now is None:
+                now = self.clock.now()
             window = self.window
             window.add(now, failed, slow)
             self.consecutive = self.consecutive + 1 if failed else 0
@@ -575,7 +576,7 @@ class BreakerLayer:
 
     async def __call__(self, ex: Exchange) -> Reply:
         breaker = self.breaker
-        token = breaker.acquire()
+        token = breaker.epoch if breaker.state == CLOSED else breaker.acquire()
         if token < 0:
             if ex.trace is not None:
                 ex.note(self._note + STATE_NAMES[breaker.state] + " rejected")
@@ -599,7 +600,8 @@ class BreakerLayer:
                     token
                 )  # Fender's own answer (bulkhead, limits): says nothing about the upstream
         else:
-            breaker.record(token, reply.status in self._statuses, self.clock.now() - started)
+            now = self.clock.now()
+            breaker.record(token, reply.status in self._statuses, now - started, now)
         return reply
 
 

@@ -82,9 +82,12 @@ class RetryBudget:
             self._epoch = epoch
         return epoch % SLOTS
 
-    def request(self) -> None:
-        """Count one request (first try) into the window."""
-        slot = self._roll()
+    def request(self, now: float | None = None) -> None:
+        """Count one request (first try) into the window (``now``: the clock's time, if the caller has it)."""
+        if now is not None and int(now // self._width) == self._epoch:
+            slot = self._epoch % SLOTS  # same slice as the last count: nothing to roll
+        else:
+            slot = self._roll()
         self._requests[slot] += 1
         self._req_sum += 1
 

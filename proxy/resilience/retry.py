@@ -239,14 +239,14 @@ class RetryLayer:
 
     async def __call__(self, ex: Exchange) -> Reply:
         budget = self.budget
-        budget.request()
         clock = self.clock
+        started = clock.now()
+        budget.request(started)
         nxt = self.next
         ex.try_timeout = self.per_try_timeout
         tried = 1
         previous_wait = self.backoff.initial
         while True:
-            started = clock.now()
             reply = await nxt(ex)
             condition = self._condition(reply)
             if condition is None or tried >= self.attempts:
@@ -285,6 +285,7 @@ class RetryLayer:
                 ex.note(f"retry {tried} after {condition}, backoff {wait * 1000:.1f}ms")
             previous_wait = wait
             tried += 1
+            started = clock.now()
 
 
 def build_layer(route, next_handler, ctx) -> RetryLayer | None:
