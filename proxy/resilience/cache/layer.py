@@ -316,7 +316,12 @@ class CacheLayer:
                 # Hit-for-miss (the common case on a route whose URLs are not storable):
                 # straight upstream, as _miss would do after these same checks.
                 self.m_result["miss"].inc()
-                return await self._hit_for_miss(ex, key, req, until, now)
+                self._forward_exchange(ex, None)
+                reply = await self.next(ex)
+                if self._still_uncacheable(ex, key, until, reply):
+                    return reply
+                # Something may be storable now, or it failed: the full treatment of a miss.
+                return await self._answer(ex, key, None, req, _noop, b"miss", True, reply, now)
         entry = self._select(variants, ex.request_headers) if variants is not None else None
         if entry is not None:
             if directives is None:
@@ -578,10 +583,8 @@ class CacheLayer:
         reply = await self.next(ex)
         return await self._answer(ex, key, stale, req, release, fwd, count, reply, request_time)
 
-    async def _hit_for_miss(self, ex: Exchange, key: bytes, req: _Request, until: float, request_time: float):
-        """A URL whose last response was not storable: forward, and answer as fast as a miss can be."""
-        self._forward_exchange(ex, None)
-        reply = await self.next(ex)
+    def _still_uncacheable(self, ex: Exchange, key: bytes, until: float, reply) -> bool:
+        """Hit-for-miss: True (Cache-Status added) when the upstream's answer is still not storable."""
         if (
             self._quick_pass
             and not isinstance(reply, LocalReply)
@@ -593,9 +596,8 @@ class CacheLayer:
                 self._remember_uncacheable(key, now)  # still not storable: keep the mark (and its LRU place)
             status = _MISS_STATUS.get(reply.status) or b"fender; fwd=miss; fwd-status=%d" % reply.status
             ex.response_headers.append((b"cache-status", status))
-            return reply
-        # Something may be storable now, or it failed: the full treatment of a miss.
-        return await self._answer(ex, key, None, req, _noop, b"miss", True, reply, request_time)
+            return True
+        return False
 
     async def _answer(self, ex, key, stale, req, release, fwd, count, reply, request_time):
         """What _fetch does with the upstream's reply: serve stale on error, merge a 304, store, answer."""
