@@ -273,10 +273,11 @@ class ServerOptions(PolicyModel):
     engine: Literal["uvicorn", "granian"] = Field(
         default="uvicorn",
         description=(
-            "HTTP server of the data listener. uvicorn (default) runs Fender's request-head limits "
-            "(header_timeout, max_request_line, underscores, absolute-form refusal) in its parser; granian "
-            "(Rust HTTP stack, `pip install fender[granian]`) costs less CPU per request and enforces its own "
-            "head limits (read timeout and buffer size from header_timeout and max_header_bytes). Read at start only."
+            "HTTP server of the data listener. uvicorn (default): uvicorn's server runs Fender's own HTTP/1.1 "
+            "protocol, which enforces every request-head limit here (header_timeout, max_request_line, "
+            "underscores, absolute-form refusal) and is the faster of the two; granian (Rust HTTP stack, "
+            "`pip install fender[granian]`) enforces its own head limits (read timeout and buffer size from "
+            "header_timeout and max_header_bytes). Read at start only."
         ),
     )
 

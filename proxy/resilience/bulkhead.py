@@ -37,8 +37,8 @@ class BulkheadOptions(PolicyModel):
         default=100,
         ge=1,
         description=(
-            "Most requests of this route in flight upstream at once (a slot is held until the response body "
-            "is done). Size it to what the upstream can serve concurrently for this route."
+            "Most requests of this route in flight upstream at once (a slot is held until the upstream's "
+            "response body has arrived whole). Size it to what the upstream can serve concurrently for this route."
         ),
     )
     max_queued: Count = Field(

@@ -363,12 +363,20 @@ def main(argv: list[str] | None = None) -> int:
         memory["fender_rss_mib"] = rss_mib(fender.pid)
         memory["fender_peak_rss_mib"] = rss_mib(fender.pid, "VmHWM:")
         if args.million:
+            # A million requests through one Fender, the three routes in turn; RSS after each
+            # 10 s step shows whether memory is flat, not only where it ends.
             sent = 0
             started = time.monotonic()
+            series = [rss_mib(fender.pid)]
+            routes = ("fender", "fender_policies", "fender_cache_hit")
+            step = 0
             while sent < 1_000_000 and time.monotonic() - started < 900:
-                sent += load(targets["fender"][0], 20, args.connections)["requests"]
+                sent += load(targets[routes[step % 3]][0], 10, args.connections)["requests"]
+                series.append(rss_mib(fender.pid))
+                step += 1
             memory["million_requests_sent"] = sent
-            memory["fender_rss_after_million_mib"] = rss_mib(fender.pid)
+            memory["fender_rss_series_mib"] = series
+            memory["fender_rss_after_million_mib"] = series[-1]
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -405,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "results": summary,
         "fixed_rate": {"rate": args.rate, **fixed},
-        "memory": {k: round(v, 1) for k, v in memory.items()},
+        "memory": {
+            k: [round(x, 1) for x in v] if isinstance(v, list) else round(v, 1) for k, v in memory.items()
+        },
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -438,8 +448,17 @@ def print_report(report: dict, baseline: dict | None) -> None:
         if name != "direct":
             extra = f"  added p50 {fixed[name + '_added_p50_ms']:+.2f} ms, p99 {fixed[name + '_added_p99_ms']:+.2f} ms"
         print(f"  {name:18s} p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms{extra}")
-    for name, value in report["memory"].items():
+    memory = report["memory"]
+    for name, value in memory.items():
+        if name == "fender_rss_after_million_mib":
+            value = f"{value}  (target < 80 MiB: {'met' if value < 80 else 'NOT met'})"
         print(f"{name}: {value}")
+    series = memory.get("fender_rss_series_mib")
+    if series and len(series) >= 4:
+        half = series[len(series) // 2 :]
+        print(
+            f"RSS over the million: first {series[0]} MiB, last {series[-1]} MiB, second half {min(half)}-{max(half)} MiB"
+        )
     old = (baseline or {}).get("ratios", {})
     for name, value in report["ratios"].items():
         target = TARGETS.get(name)

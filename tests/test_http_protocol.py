@@ -1,0 +1,89 @@
+"""Fender's own HTTP/1.1 server protocol (proxy/http_protocol.py): framing of what it writes,
+the connection cap's answer, and what a proxied request leaves behind for the garbage collector.
+Real sockets; the framing and limit suites (test_hardening_*.py) cover the refusals."""
+
+from __future__ import annotations
+
+import gc
+
+from tests.conftest import policy_text
+from tests.support import procs
+from tests.support.raw_client import RawClient, exchange
+from tests.support.raw_upstream import RawUpstream, ok
+from tests.test_proxy import get_metrics, metric_value
+
+checked_fender = procs.checked_fender
+
+H = b"Host: svc\r\n"
+
+
+async def test_proxied_requests_leave_no_reference_cycles(checked_fender):
+    # A reference cycle per request (an upstream response and its parser once made one)
+    # wakes the garbage collector every few thousand requests, to walk every young object.
+    async with RawUpstream(ok(b"x" * 100)) as up:
+        fender = await checked_fender(policy_text(up.port))
+        async with RawClient(fender.data_port) as client:
+            for _ in range(20):  # warm up: pools, lazily built objects
+                await client.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+                assert (await client.response()).status == 200
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(200):
+                    await client.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+                    assert (await client.response()).status == 200
+                found = gc.collect()
+            finally:
+                gc.enable()
+    # Test machinery allocates a little garbage too; 200 requests at one cycle each would be thousands.
+    assert found < 100, found
+
+
+async def test_head_and_small_body_leave_in_one_write_with_correct_framing(checked_fender):
+    async with RawUpstream(ok(b"hello")) as up:
+        fender = await checked_fender(policy_text(up.port))
+        async with RawClient(fender.data_port) as client:
+            await client.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n" + b"GET /b HTTP/1.1\r\n" + H + b"\r\n")
+            first, second = await client.response(), await client.response()
+        assert (first.status, first.body, first.headers[b"content-length"]) == (200, b"hello", b"5")
+        assert (second.status, second.body) == (200, b"hello")
+        assert not second.closed
+
+
+async def test_unframed_upstream_body_reaches_an_http10_client_delimited_by_close(checked_fender):
+    async def chunked(req, conn):
+        await conn.send(200, body=b"streamed body", chunked=True)
+
+    async with RawUpstream(chunked) as up:
+        fender = await checked_fender(policy_text(up.port))
+        response = await exchange(fender.data_port, b"GET /a HTTP/1.0\r\n\r\n")
+        assert response.status == 200
+        assert response.body == b"streamed body"
+        # HTTP/1.0 has no chunked coding: the body ends where the connection does.
+        assert b"transfer-encoding" not in response.headers
+        assert response.closed
+        async with RawClient(fender.data_port) as client:
+            await client.send(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+            response = await client.response()
+        assert response.headers[b"transfer-encoding"] == b"chunked"
+        assert response.body == b"streamed body" and not response.closed
+
+
+async def test_connection_beyond_the_cap_gets_503_connection_limit_and_is_counted(checked_fender):
+    async with RawUpstream(ok()) as up:
+        fender = await checked_fender(policy_text(up.port, server="max_connections: 2\n"))
+        held = [RawClient(fender.data_port) for _ in range(2)]
+        try:
+            for client in held:
+                await client.__aenter__()
+                await client.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+                assert (await client.response()).status == 200
+            shed = await exchange(fender.data_port, b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+        finally:
+            for client in held:
+                client.close()
+        assert shed.status == 503 and shed.closed
+        assert shed.headers[b"x-fender-error"] == b"connection_limit"
+        text = await get_metrics(fender)
+        assert metric_value(text, "fender_local_responses_total", route="-", reason="connection_limit") == 1
+        assert len(up.requests) == 2
