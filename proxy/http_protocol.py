@@ -135,6 +135,29 @@ _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+class _ClosedTransport:
+    """Stands in for the transport once the connection is lost: closing, and deaf to writes."""
+
+    __slots__ = ()
+
+    def is_closing(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    abort = write_eof = pause_reading = resume_reading = close
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+
+_CLOSED = _ClosedTransport()
+
+
 class _Exchange:
     """One request on a connection and its response: the ASGI ``receive`` and ``send`` of one call.
 
@@ -421,7 +444,14 @@ class FenderHttpProtocol(asyncio.Protocol):
         self._wake_drain()
         if exc is None:
             self.transport.close()
+        # Drop the references that make this connection a reference cycle (transport <->
+        # protocol, protocol <-> exchange, parser -> bound callbacks): with none left per
+        # request either, the garbage collector seldom runs, and closed connections would
+        # pile up until it did. An application task still running sees a closed transport.
+        self.transport = _CLOSED
         self.parser = None  # type: ignore[assignment]
+        self.current = self.active = self._unstarted = None
+        self.pipeline.clear()
 
     def eof_received(self) -> bool | None:
         return None  # close the connection once the client half-closes (uvicorn does the same)

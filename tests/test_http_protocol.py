@@ -4,7 +4,9 @@ Real sockets; the framing and limit suites (test_hardening_*.py) cover the refus
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import socket
 
 from tests.conftest import policy_text
 from tests.support import procs
@@ -87,3 +89,42 @@ async def test_connection_beyond_the_cap_gets_503_connection_limit_and_is_counte
         text = await get_metrics(fender)
         assert metric_value(text, "fender_local_responses_total", route="-", reason="connection_limit") == 1
         assert len(up.requests) == 2
+
+
+def _one_request_per_connection(port: int, count: int) -> list[int]:
+    """Blocking client (run in a thread, so it makes no asyncio objects of its own here)."""
+    statuses = []
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):  # bounded: Fender closes after the answer
+                data += chunk
+            statuses.append(int(data.split(b" ", 2)[1]))
+    return statuses
+
+
+async def test_closed_client_connections_leave_no_reference_cycles(checked_fender):
+    # With no cycle per request the collector seldom runs, so a cycle per connection would
+    # let closed connections pile up in memory until it did. (The test's own event loop may
+    # be asyncio's, whose socket transports do form cycles: only Fender's objects count.)
+    async with RawUpstream(ok(b"x" * 100)) as up:
+        fender = await checked_fender(policy_text(up.port))
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, _one_request_per_connection, fender.data_port, 5) == [200] * 5
+        gc.collect()
+        gc.disable()
+        try:
+            statuses = await loop.run_in_executor(None, _one_request_per_connection, fender.data_port, 100)
+            await procs.wait_until(lambda: len(fender._servers[0].server_state.connections) == 0)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            fenders_own = [
+                type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("proxy.")
+            ]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert statuses == [200] * 100
+    assert fenders_own == []
