@@ -11,7 +11,7 @@ import socket
 from tests.conftest import policy_text
 from tests.support import procs
 from tests.support.raw_client import RawClient, exchange
-from tests.support.raw_upstream import RawUpstream, ok
+from tests.support.raw_upstream import RawUpstream, echo, ok
 from tests.test_proxy import get_metrics, metric_value
 
 checked_fender = procs.checked_fender
@@ -128,3 +128,39 @@ async def test_closed_client_connections_leave_no_reference_cycles(checked_fende
             gc.enable()
     assert statuses == [200] * 100
     assert fenders_own == []
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_read(checked_fender):
+    async with RawUpstream(echo) as up:
+        fender = await checked_fender(policy_text(up.port))
+        reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+        try:
+            writer.write(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100 Continue")
+            assert up.requests == []  # nothing went upstream before the client sent its body
+            writer.write(b"hello")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"content-length: 5" in head.lower()
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        finally:
+            writer.close()
+        assert [r.body for r in up.requests] == [b"hello"]
+
+
+async def test_head_request_gets_the_head_without_a_body_and_the_connection_stays_usable(checked_fender):
+    async with RawUpstream(ok(b"twelve bytes")) as up:
+        fender = await checked_fender(policy_text(up.port))
+        reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+        try:
+            writer.write(b"HEAD /a HTTP/1.1\r\n" + H + b"\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+            # No body after the HEAD answer: the next bytes are the GET's status line.
+            get = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            body = await asyncio.wait_for(reader.readexactly(12), 5)
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 12" in head.lower()
+        assert get.startswith(b"HTTP/1.1 200 ") and body == b"twelve bytes"
