@@ -12,6 +12,7 @@ from tests.conftest import policy_text
 from tests.support import procs
 from tests.support.raw_client import RawClient, exchange, run_load
 from tests.support.raw_upstream import RawUpstream, echo, ok
+from tests.test_proxy import metric_value
 
 checked_fender = procs.checked_fender
 
@@ -161,10 +162,16 @@ async def test_connection_cap_sheds_with_503_and_admin_keeps_answering(checked_f
                 await client.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
                 assert (await client.response()).status == 200
             shed = await exchange(fender.data_port, b"GET / HTTP/1.1\r\n" + H + b"\r\n")
-            assert shed.status == 503
+            assert shed.status == 503 and shed.closed
+            assert shed.headers[b"x-fender-error"] == b"connection_limit"
             async with httpx.AsyncClient(timeout=5) as admin:
                 assert (await admin.get(fender.admin_url + "/healthz")).status_code == 200
-                assert (await admin.get(fender.admin_url + "/metrics")).status_code == 200
+                metrics = await admin.get(fender.admin_url + "/metrics")
+            assert metrics.status_code == 200
+            counted = metric_value(
+                metrics.text, "fender_local_responses_total", route="-", reason="connection_limit"
+            )
+            assert counted == 1
         finally:
             for client in held:
                 client.close()

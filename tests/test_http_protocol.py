@@ -1,5 +1,5 @@
 """Fender's own HTTP/1.1 server protocol (proxy/http_protocol.py): framing of what it writes,
-the connection cap's answer, and what a proxied request leaves behind for the garbage collector.
+and what a proxied request or connection leaves behind for the garbage collector.
 Real sockets; the framing and limit suites (test_hardening_*.py) cover the refusals."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from tests.conftest import policy_text
 from tests.support import procs
 from tests.support.raw_client import RawClient, exchange
 from tests.support.raw_upstream import RawUpstream, echo, ok
-from tests.test_proxy import get_metrics, metric_value
 
 checked_fender = procs.checked_fender
 
@@ -69,26 +68,6 @@ async def test_unframed_upstream_body_reaches_an_http10_client_delimited_by_clos
             response = await client.response()
         assert response.headers[b"transfer-encoding"] == b"chunked"
         assert response.body == b"streamed body" and not response.closed
-
-
-async def test_connection_beyond_the_cap_gets_503_connection_limit_and_is_counted(checked_fender):
-    async with RawUpstream(ok()) as up:
-        fender = await checked_fender(policy_text(up.port, server="max_connections: 2\n"))
-        held = [RawClient(fender.data_port) for _ in range(2)]
-        try:
-            for client in held:
-                await client.__aenter__()
-                await client.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
-                assert (await client.response()).status == 200
-            shed = await exchange(fender.data_port, b"GET / HTTP/1.1\r\n" + H + b"\r\n")
-        finally:
-            for client in held:
-                client.close()
-        assert shed.status == 503 and shed.closed
-        assert shed.headers[b"x-fender-error"] == b"connection_limit"
-        text = await get_metrics(fender)
-        assert metric_value(text, "fender_local_responses_total", route="-", reason="connection_limit") == 1
-        assert len(up.requests) == 2
 
 
 def _one_request_per_connection(port: int, count: int) -> list[int]:

@@ -69,8 +69,8 @@ class RetryBudget:
         self._req_sum = 0
         self._ret_sum = 0
 
-    def _roll(self) -> int:
-        epoch = int(self._clock.now() // self._width)
+    def _roll(self, now: float | None = None) -> int:
+        epoch = int((self._clock.now() if now is None else now) // self._width)
         if epoch != self._epoch:
             stale = min(epoch - self._epoch, SLOTS)
             for step in range(1, stale + 1):
@@ -84,10 +84,7 @@ class RetryBudget:
 
     def request(self, now: float | None = None) -> None:
         """Count one request (first try) into the window (``now``: the clock's time, if the caller has it)."""
-        if now is not None and int(now // self._width) == self._epoch:
-            slot = self._epoch % SLOTS  # same slice as the last count: nothing to roll
-        else:
-            slot = self._roll()
+        slot = self._roll(now)
         self._requests[slot] += 1
         self._req_sum += 1
 

@@ -229,8 +229,11 @@ class Limiter:
         wait = tat - self._tau - now_ns * self.count
         return wait if wait > 0 else 0
 
-    def take(self, key: Any, now_ns: int) -> int:
-        """``check`` and ``commit`` in one lookup: the new TAT (scaled, > 0), or 0 when refused."""
+    def take(self, key: Any, now_ns: int, enforce: bool = True) -> int:
+        """``check`` and ``commit`` in one lookup: the new TAT (scaled, > 0), or 0 when refused.
+
+        With ``enforce`` False the request is consumed even over the limit (``commit``).
+        """
         table = self._table
         now = now_ns * self.count
         tat = table.get(key)
@@ -241,7 +244,7 @@ class Limiter:
                 self._expire(now)
             tat = now + self._step
         else:
-            if tat - self._tau - now > 0:
+            if enforce and tat - self._tau - now > 0:
                 return 0
             tat = (tat if tat > now else now) + self._step
             table.move_to_end(key)
@@ -250,20 +253,7 @@ class Limiter:
 
     def commit(self, key: Any, now_ns: int) -> int:
         """Consume one request for ``key``; returns the new TAT (scaled)."""
-        table = self._table
-        now = now_ns * self.count
-        tat = table.get(key)
-        if tat is None:
-            if len(table) >= self.max_keys:
-                table.popitem(last=False)
-            else:
-                self._expire(now)
-            tat = now + self._step
-        else:
-            tat = (tat if tat > now else now) + self._step
-            table.move_to_end(key)
-        table[key] = tat
-        return tat
+        return self.take(key, now_ns, enforce=False)
 
     def _expire(self, now: int) -> None:
         # A bucket that refilled completely equals a fresh one: drop it from the cold end.
