@@ -224,10 +224,12 @@ class UpstreamResponse:
         elif name == b"transfer-encoding":
             self._framed = value.rstrip().lower().endswith(b"chunked")
         elif name == b"connection":
+            # find(), not `in`: CPython 3.11's bytes `in` first tries the needle as an int
+            # and raises and clears a TypeError, several times dearer than the search.
             value = value.lower()
-            if b"close" in value:
+            if value.find(b"close") >= 0:
                 self._conn_close = True
-            if b"keep-alive" in value:
+            if value.find(b"keep-alive") >= 0:
                 self._conn_keep = True
 
     def on_headers_complete(self) -> None:
