@@ -394,7 +394,11 @@ class CircuitBreaker:
             limit = self.options.consecutive_failures
             if limit and self.consecutive >= limit:
                 self._trip()
-            elif window.calls >= self._minimum and self._over(window.calls, window.failures, window.slow):
+            elif (
+                (window.failures or window.slow)  # else _over is False: skip the call (the usual case)
+                and window.calls >= self._minimum
+                and self._over(window.calls, window.failures, window.slow)
+            ):
                 self._trip()
         elif state == HALF_OPEN:
             self.in_flight -= 1

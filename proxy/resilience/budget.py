@@ -54,6 +54,8 @@ class RetryBudget:
         "_requests",
         "_retries",
         "_epoch",
+        "_slot",
+        "_next_roll",
         "_req_sum",
         "_ret_sum",
     )
@@ -66,11 +68,18 @@ class RetryBudget:
         self._requests = [0] * SLOTS
         self._retries = [0] * SLOTS
         self._epoch = int(clock.now() // self._width)
+        self._slot = self._epoch % SLOTS
+        # When the current slice ends: until then a request only adds to it (no division per request).
+        self._next_roll = (self._epoch + 1) * self._width
         self._req_sum = 0
         self._ret_sum = 0
 
     def _roll(self, now: float | None = None) -> int:
-        epoch = int((self._clock.now() if now is None else now) // self._width)
+        if now is None:
+            now = self._clock.now()
+        if now < self._next_roll:
+            return self._slot
+        epoch = int(now // self._width)
         if epoch != self._epoch:
             stale = min(epoch - self._epoch, SLOTS)
             for step in range(1, stale + 1):
@@ -80,7 +89,9 @@ class RetryBudget:
                 self._requests[slot] = 0
                 self._retries[slot] = 0
             self._epoch = epoch
-        return epoch % SLOTS
+        self._slot = epoch % SLOTS
+        self._next_roll = (epoch + 1) * self._width
+        return self._slot
 
     def request(self, now: float | None = None) -> None:
         """Count one request (first try) into the window (``now``: the clock's time, if the caller has it)."""

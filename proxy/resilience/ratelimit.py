@@ -368,6 +368,15 @@ class RouteRateLimit:
         metrics.ratelimit_keys.labels(route_name).set_function(lambda: _keys_of(ref))
         # The common shape, one enforced limit, gets a shorter path for admitted requests (decided here).
         self._single = self.limits[0] if len(self.limits) == 1 and not self.limits[0].shadow else None
+        if self._single is not None and self.shown:
+            limiter = self._single.limiter
+            # Constants of the RateLimit header arithmetic in _state (scaled units), computed once.
+            self._scale = limiter.count
+            self._full = limiter.burst * limiter._step
+            self._step = limiter._step
+            self._second = limiter.count * NS
+            self._policy_field = (b"ratelimit-policy", self.shown_policy_header)
+            self._state_format = self._single.label + b";r=%d;t=%d"
 
     @property
     def key_count(self) -> int:
@@ -383,14 +392,10 @@ class RouteRateLimit:
                 self.allowed.inc()
                 if self.shown:
                     # Same values as _state(): the bucket now holds ``tat`` (> now) for this key.
-                    used = tat - now_ns * limiter.count
-                    step = limiter._step
-                    remaining = max(0, (limiter.burst * step - used) // step)
-                    reset = -(-used // (limiter.count * NS))
-                    ex.response_headers.append((b"ratelimit-policy", self.shown_policy_header))
-                    ex.response_headers.append(
-                        (b"ratelimit", single.label + b";r=%d;t=%d" % (remaining, reset))
-                    )
+                    used = tat - now_ns * self._scale
+                    remaining = (self._full - used) // self._step
+                    state = self._state_format % (remaining if remaining > 0 else 0, -(-used // self._second))
+                    ex.response_headers += (self._policy_field, (b"ratelimit", state))
                 return None
             # refused: the general path below builds the 429
         keys = [limit.key_of(ex) for limit in self.limits]

@@ -186,6 +186,7 @@ class RetryLayer:
         "_statuses",
         "_reasons",
         "_metrics",
+        "_by_status",
     )
 
     def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
@@ -212,6 +213,14 @@ class RetryLayer:
         self._statuses = statuses
         self._reasons = frozenset(reasons)
         self._metrics = metrics
+        # status -> (count the attempt, retry_on condition or None): one lookup per upstream answer.
+        self._by_status = {
+            status: (
+                metrics.attempts[_OUTCOMES[status // 100 - 1]].inc,
+                str(status) if status in statuses else None,
+            )
+            for status in range(100, 600)
+        }
 
     def _condition(self, reply: Reply) -> str | None:
         """The retry_on condition this answer meets, or None (counting the attempt on the way)."""
@@ -221,9 +230,12 @@ class RetryLayer:
             metrics.attempts.get(reason, metrics.attempts["other"]).inc()
             return reason if reason in self._reasons else None
         status = reply.status
+        known = self._by_status.get(status)
+        if known is not None:
+            known[0]()
+            return known[1]
         metrics.attempts[_OUTCOMES[min(max(status // 100, 1), 5) - 1]].inc()
-        hit = self._statuses.get(status)
-        return str(status) if hit is not None else None
+        return str(status) if status in self._statuses else None
 
     def _skip(self, ex: Exchange, why: str) -> None:
         self._metrics.skipped[why].inc()

@@ -238,6 +238,19 @@ class _Request:
         )
 
 
+# What a request without any field in _INTEREST says (most requests): shared, never changed.
+_PLAIN_REQUEST = _Request([])
+
+
+def _request(headers: list[tuple[bytes, bytes]]) -> _Request:
+    """The client's headers as the cache reads them; the shared plain one when none matters."""
+    interest = _INTEREST
+    for name, _ in headers:
+        if name in interest:
+            return _Request(headers)
+    return _PLAIN_REQUEST
+
+
 class CacheLayer:
     """The cache in front of one route."""
 
@@ -254,6 +267,7 @@ class CacheLayer:
         self.store = store
         self.max_object_size = store_options.max_object_size
         self.query_mode = options.key.query
+        self._query_as_is = self.query_mode == "as-is"
         self.key_headers = tuple(n.encode() for n in options.key.headers)
         self.default_ttl = options.default_ttl
         self.swr = options.stale_while_revalidate
@@ -269,6 +283,7 @@ class CacheLayer:
         self._tasks: set[asyncio.Task] = set()
         m = ctx.metrics
         self.m_result = {r: FastCounter(m.cache_requests.labels(route.name, r)) for r in RESULTS}
+        self._count_miss = self.m_result["miss"].inc
         self.m_stale = {r: m.cache_stale_served.labels(route.name, r) for r in STALE_REASONS}
         self.m_reval = {r: m.cache_revalidations.labels(route.name, r) for r in REVALIDATION_RESULTS}
         self.m_coalesced = m.cache_coalesced.labels(route.name)
@@ -287,6 +302,8 @@ class CacheLayer:
     # ------------------------------------------------------------------ entry points
 
     def key(self, host: bytes | None, target: bytes) -> bytes:
+        if self._query_as_is:
+            return (host.lower() if host else b"") + target
         return (host.lower() if host else b"") + rfc.normalise_query(target, self.query_mode)
 
     async def __call__(self, ex: Exchange):
@@ -294,7 +311,7 @@ class CacheLayer:
         if method != "GET" and method != "HEAD":
             return await self._other_method(ex)
         key = self.key(ex.host, ex.target)
-        req = _Request(ex.request_headers)
+        req = _request(ex.request_headers)
         if req.origin_only:
             # If-Match / If-Unmodified-Since / Range: only the origin can answer these correctly.
             self.m_result["bypass"].inc()
@@ -315,8 +332,9 @@ class CacheLayer:
             if until is not None and until > now:
                 # Hit-for-miss (the common case on a route whose URLs are not storable):
                 # straight upstream, as _miss would do after these same checks.
-                self.m_result["miss"].inc()
-                self._forward_exchange(ex, None)
+                self._count_miss()
+                if req.conditional:
+                    self._forward_exchange(ex, None)  # else there is nothing to drop
                 reply = await self.next(ex)
                 if self._still_uncacheable(ex, key, until, reply):
                     return reply
