@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from functools import partial
+from itertools import count
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client import values as _prometheus_values
@@ -33,27 +34,42 @@ class _LoopValue:
     (a float attribute read is atomic under the GIL), so the lock buys nothing.
     """
 
-    __slots__ = ("_value", "_exemplar")
+    __slots__ = ("_value", "_exemplar", "ticks")
     _multiprocess = False
 
     def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, **kwargs) -> None:
         self._value = 0.0
         self._exemplar = None
+        # Increments by 1 from the request path: ``ticks.__next__`` is a C call, where ``inc(1)``
+        # runs a Python frame; get() adds the two. See FastCounter.
+        self.ticks = count()
 
     def inc(self, amount: float) -> None:
         self._value += amount
 
     def set(self, value: float, timestamp=None) -> None:
-        self._value = value
+        self._value = value - _ticks_of(self.ticks)
 
     def set_exemplar(self, exemplar) -> None:
         self._exemplar = exemplar
 
     def get(self) -> float:
-        return self._value
+        return self._value + _ticks_of(self.ticks)
 
     def get_exemplar(self):
         return self._exemplar
+
+
+def _ticks_of(ticks: count) -> int:
+    """How many times ``ticks`` was advanced: its repr is ``count(N)`` (read on scrapes only)."""
+    return int(repr(ticks)[6:-1])
+
+
+def _add_one(value):
+    """A callable adding 1 to a sample value: its C-level ticks, or inc(1) for another value class
+    (prometheus-client's multiprocess mode, where _LoopValue is not installed)."""
+    ticks = getattr(value, "ticks", None)
+    return ticks.__next__ if ticks is not None else partial(value.inc, 1)
 
 
 if _prometheus_values.ValueClass is _prometheus_values.MutexValue:  # not in multiprocess mode
@@ -463,7 +479,7 @@ class FastCounter:
 
     def __init__(self, child) -> None:
         child._raise_if_not_observable()  # a parent (missing labels) fails here, at load
-        self.inc = partial(child._value.inc, 1)
+        self.inc = _add_one(child._value)
 
 
 class FastHistogram:
@@ -473,12 +489,12 @@ class FastHistogram:
     whose upper bound is >= the value, found by bisection instead of a linear scan).
     """
 
-    __slots__ = ("_sum", "_buckets", "_bounds")
+    __slots__ = ("_sum", "_bucket_incs", "_bounds")
 
     def __init__(self, child) -> None:
         child._raise_if_not_observable()
         self._sum = child._sum
-        self._buckets = child._buckets
+        self._bucket_incs = [_add_one(bucket) for bucket in child._buckets]
         self._bounds = child._upper_bounds
 
     def observe(self, amount: float) -> None:
@@ -486,7 +502,7 @@ class FastHistogram:
         bounds = self._bounds  # ends with +Inf: any number finds its bucket
         index = bisect_left(bounds, amount)
         if amount <= bounds[index]:  # False only for NaN, which lands nowhere, as with Histogram.observe
-            self._buckets[index].inc(1)
+            self._bucket_incs[index]()
 
 
 class ActiveCount:

@@ -62,3 +62,28 @@ def test_fast_helpers_refuse_a_parent_without_labels():
         FastCounter(metrics.requests)
     with pytest.raises(ValueError):
         FastHistogram(metrics.request_duration)
+
+
+def test_fast_counter_and_counter_inc_add_up_on_one_child():
+    # FastCounter counts in C-level ticks beside the float value Counter.inc adds to; a scrape sums both.
+    metrics = Metrics()
+    child = metrics.requests.labels("mixed", "GET", "2xx")
+    fast = FastCounter(child)
+    for _ in range(5):
+        fast.inc()
+    child.inc(2.5)
+    fast.inc()
+    values = {s.labels["route"]: s.value for s in metrics.requests.collect()[0].samples}
+    assert values == {"mixed": 8.5}
+
+
+def test_gauge_set_is_exact_after_fast_increments_on_its_value():
+    # set() must override whatever the ticks counted (gauges share the value class).
+    metrics = Metrics()
+    gauge = metrics.draining
+    for _ in range(4):
+        gauge._value.ticks.__next__()
+    gauge.set(1)
+    assert metrics.registry.get_sample_value("fender_draining") == 1
+    gauge.inc()
+    assert metrics.registry.get_sample_value("fender_draining") == 2
