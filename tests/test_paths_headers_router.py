@@ -160,6 +160,26 @@ def test_router_first_match_wins_and_conditions_combine():
     assert router.match("GET", b"h", b"/nothing", []) is None
 
 
+def test_router_prefix_routes_fall_through_in_file_order_to_a_catch_all():
+    # Prefix routes are tested inline by the Router (PathPrefix); order and the other conditions still hold.
+    router = Router(
+        [
+            (compile_match(_match(path_prefix="/api", methods=["POST"])), "api-post"),
+            (compile_match(_match(path_regex=r"/api/v[0-9]+")), "api-version"),
+            (compile_match(_match(path_prefix="/api")), "api"),
+            (compile_match(_match(methods=["DELETE"])), "any-delete"),
+            (compile_match(_match()), "catch-all"),
+        ]
+    )
+    assert router.match("POST", b"h", b"/api/v1", []) == "api-post"
+    assert router.match("GET", b"h", b"/api/v1", []) == "api-version"
+    assert router.match("GET", b"h", b"/api/x", []) == "api"
+    assert router.match("GET", b"h", b"/apis", []) == "api"  # a prefix is raw bytes, as before
+    assert router.match("DELETE", b"h", b"/other", []) == "any-delete"
+    assert router.match("GET", b"h", b"/other", []) == "catch-all"
+    assert router.match("GET", b"h", b"/", []) == "catch-all"
+
+
 @pytest.mark.parametrize(
     ("host", "expected"),
     [(b"Example.COM:8080", b"example.com"), (b"[::1]:80", b"[::1]"), (b"svc", b"svc"), (None, b"")],

@@ -28,9 +28,28 @@ def host_without_port(host: bytes | None) -> bytes:
     return host[:colon] if colon != -1 else host
 
 
+class PathPrefix:
+    """A route whose path condition is a prefix: the Router tests the prefix itself, in its loop.
+
+    Most routes are a path prefix and little else; testing it without a call per
+    route keeps matching cheap as routes are added. ``rest`` holds the route's
+    other conditions (None when it has none).
+    """
+
+    __slots__ = ("prefix", "rest")
+
+    def __init__(self, prefix: bytes, rest: Matcher | None) -> None:
+        self.prefix = prefix
+        self.rest = rest
+
+    def __call__(self, m: str, h: bytes, p: bytes, hd: list) -> bool:
+        return p.startswith(self.prefix) and (self.rest is None or self.rest(m, h, p, hd))
+
+
 def compile_match(match) -> Matcher:
-    """Build one closure from a RouteMatch model."""
+    """Build one closure from a RouteMatch model (a PathPrefix when the path condition is a prefix)."""
     checks: list[Callable[[str, bytes, bytes, list], bool]] = []
+    prefix: bytes | None = None
 
     if match.path is not None:
         exact = match.path.encode()
@@ -39,9 +58,7 @@ def compile_match(match) -> Matcher:
         pattern = re.compile(match.path_regex.encode())
         checks.append(lambda m, h, p, hd: pattern.fullmatch(p) is not None)
     else:
-        prefix = (match.path_prefix or "/").encode()
-        if prefix != b"/":
-            checks.append(lambda m, h, p, hd: p.startswith(prefix))
+        prefix = (match.path_prefix or "/").encode()  # every normalised path starts with "/"
 
     if match.methods:
         methods = frozenset(match.methods)
@@ -70,11 +87,16 @@ def compile_match(match) -> Matcher:
         checks.append(headers_match)
 
     if not checks:
-        return lambda m, h, p, hd: True
-    if len(checks) == 1:
-        return checks[0]
-    frozen = tuple(checks)
-    return lambda m, h, p, hd: all(check(m, h, p, hd) for check in frozen)
+        rest = None
+    elif len(checks) == 1:
+        rest = checks[0]
+    else:
+        frozen = tuple(checks)
+        rest = lambda m, h, p, hd: all(check(m, h, p, hd) for check in frozen)  # noqa: E731
+    if prefix is not None:
+        return PathPrefix(prefix, rest)
+    assert rest is not None  # an exact path or a regex is always one check
+    return rest
 
 
 class Router(Generic[T]):
@@ -83,10 +105,19 @@ class Router(Generic[T]):
     __slots__ = ("_entries",)
 
     def __init__(self, entries: Sequence[tuple[Matcher, T]]) -> None:
-        self._entries = tuple(entries)
+        # (prefix or None, matcher or None, target): a PathPrefix is unpacked so its prefix is
+        # tested inline and its other conditions (if any) only once the prefix matched.
+        self._entries = tuple(
+            (matcher.prefix, matcher.rest, target)
+            if isinstance(matcher, PathPrefix)
+            else (None, matcher, target)
+            for matcher, target in entries
+        )
 
     def match(self, method: str, host: bytes, path: bytes, headers: list) -> T | None:
-        for matcher, target in self._entries:
-            if matcher(method, host, path, headers):
+        for prefix, matcher, target in self._entries:
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            if matcher is None or matcher(method, host, path, headers):
                 return target
         return None
