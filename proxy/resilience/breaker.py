@@ -326,6 +326,8 @@ class CircuitBreaker:
         self.trial_calls = self.trial_failures = self.trial_slow = 0
         self._failure_rate = options.failure_rate
         self._slow_after = options.slow_call_duration
+        # The same threshold as a number (no slow-call rule: never slow), for one compare per call.
+        self._slow_at = options.slow_call_duration if options.slow_call_duration is not None else math.inf
         self._slow_rate = options.slow_call_rate
         self._bind_metrics(metrics)
 
@@ -379,7 +381,7 @@ class CircuitBreaker:
 
     def record(self, token: int, failed: bool, duration: float, now: float | None = None) -> None:
         """Outcome of an admitted call (``now``: the clock's time at its end, if the caller has it)."""
-        slow = self._slow_after is not None and duration >= self._slow_after
+        slow = duration >= self._slow_at
         if self._state_gauge is not None:
             self._calls[failed + 2 * slow].inc()
         if token != self.epoch:

@@ -368,6 +368,8 @@ class RouteRateLimit:
         metrics.ratelimit_keys.labels(route_name).set_function(lambda: _keys_of(ref))
         # The common shape, one enforced limit, gets a shorter path for admitted requests (decided here).
         self._single = self.limits[0] if len(self.limits) == 1 and not self.limits[0].shadow else None
+        # Keyed by client address (the default): the key is read inline, as _client_ip does.
+        self._by_client = self._single is not None and self._single.key_of is _client_ip
         if self._single is not None and self.shown:
             limiter = self._single.limiter
             # Constants of the RateLimit header arithmetic in _state (scaled units), computed once.
@@ -387,7 +389,7 @@ class RouteRateLimit:
         single = self._single
         if single is not None:
             limiter = single.limiter
-            tat = limiter.take(single.key_of(ex), now_ns)
+            tat = limiter.take(ex.client or "unknown" if self._by_client else single.key_of(ex), now_ns)
             if tat:
                 self.allowed.inc()
                 if self.shown:

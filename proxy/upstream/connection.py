@@ -60,7 +60,7 @@ class UpstreamResponse:
         "_parser",
         "_head_only",
         "_head_done",
-        "_complete",
+        "complete",
         "_no_body",
         "_framed",
         "_cl_zero",
@@ -92,7 +92,9 @@ class UpstreamResponse:
         self._parser: HttpResponseParser | None = None
         self._head_only = head_only
         self._head_done = False
-        self._complete = False  # whole message received (no more body bytes will come)
+        # The whole message has been received: no more body bytes will come, and reading
+        # waits for nothing (a plain attribute: the data path reads it on every response).
+        self.complete = False
         self._no_body = False
         self._framed = False  # content-length or chunked; otherwise the body ends at EOF
         self._cl_zero = False
@@ -113,18 +115,13 @@ class UpstreamResponse:
         self._max_head = max_head
 
     def __repr__(self) -> str:
-        return f"<UpstreamResponse {self.status} HTTP/{self.http_version} complete={self._complete}>"
+        return f"<UpstreamResponse {self.status} HTTP/{self.http_version} complete={self.complete}>"
 
     # -- public API ---------------------------------------------------------
 
     def has_body(self) -> bool:
         """False for HEAD, 204, 304 and ``content-length: 0`` (1xx are never returned)."""
         return not self._no_body
-
-    @property
-    def complete(self) -> bool:
-        """The whole body has been received: reading it waits for nothing."""
-        return self._complete
 
     @property
     def buffered(self) -> int:
@@ -151,7 +148,7 @@ class UpstreamResponse:
                 return data
             if self._exc is not None:
                 raise self._exc
-            if self._complete:
+            if self.complete:
                 return b""
             await self._wait_body()
 
@@ -204,7 +201,7 @@ class UpstreamResponse:
     # -- httptools callbacks -------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._complete:
+        if self.complete:
             # A second message after a complete one: unsolicited bytes.
             self._garbage = True
 
@@ -255,7 +252,7 @@ class UpstreamResponse:
             # bytes: we end the message here and any such bytes mark the
             # connection unusable (a fresh parser is used per exchange).
             self._no_body = True
-            self._complete = True
+            self.complete = True
         elif not self._framed:
             keep = False  # body ends at EOF
         self.keep_alive = keep
@@ -265,7 +262,7 @@ class UpstreamResponse:
             conn.wake_drain()  # early response while uploading: stop sending
 
     def on_body(self, data: bytes) -> None:
-        if self._complete:
+        if self.complete:
             self._garbage = True
             return
         self._chunks.append(data)
@@ -285,8 +282,8 @@ class UpstreamResponse:
         if self._interim:
             self._interim = False
             return
-        if not self._complete:
-            self._complete = True
+        if not self.complete:
+            self.complete = True
             fut = self._waiter
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -354,7 +351,7 @@ class Connection(asyncio.Protocol):
         if resp is not None:
             if not reusable:
                 resp.keep_alive = False
-            if resp._complete:
+            if resp.complete:
                 self._message_done(resp)
 
     def _message_done(self, resp: UpstreamResponse) -> None:
@@ -511,7 +508,7 @@ class Connection(asyncio.Protocol):
             return
         if self._resp is not resp:
             return
-        if resp._complete:
+        if resp.complete:
             self._message_done(resp)
         elif not resp._head_done:
             # Bound memory of a head that never ends (on_header counts precisely).
@@ -545,14 +542,14 @@ class Connection(asyncio.Protocol):
             self._lost_idle()
             return
         if resp._head_done:
-            if resp._complete:
+            if resp.complete:
                 # Only possible while our upload is still running (early
                 # response); request_done() releases, never reusing it.
                 resp.keep_alive = False
             elif exc is None and not resp._framed and not resp._no_body:
                 # Read-until-close body: EOF is its end.
                 resp.keep_alive = False
-                resp._complete = True
+                resp.complete = True
                 resp._wake()
                 self.close()
                 self._message_done(resp)
