@@ -437,7 +437,8 @@ def test_routes_with_different_settings_get_different_breakers():
     from proxy.dataplane.runtime import Runtime
 
     runtime = Runtime(parse_policy(text, "t.yaml"), Metrics())
-    layers = {r.name: r.pipeline for r in runtime.routes}
+    # The outermost handler is the breaker layer's bound __call__ (pipeline.py binds layer objects).
+    layers = {r.name: r.pipeline.__self__ for r in runtime.routes}
     assert layers["a"].breaker is layers["b"].breaker
     assert layers["c"].breaker is not layers["a"].breaker
     assert {layers["a"].breaker.name, layers["c"].breaker.name} == {"echo", "echo.c"}

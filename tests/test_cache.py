@@ -86,7 +86,7 @@ class CountTo:
 
 
 def cache_layer(fender):
-    layer = fender.runtime.routes[0].pipeline
+    layer = fender.runtime.routes[0].pipeline.__self__  # the layer's bound __call__ (see pipeline.py)
     assert type(layer).__name__ == "CacheLayer"
     return layer
 

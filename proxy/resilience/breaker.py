@@ -237,16 +237,28 @@ class CountWindow:
         self.calls = self.failures = self.slow = 0
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
-        old = self._ring[self._next]
-        if old & 4:
-            self.calls -= 1
-            self.failures -= old & 1
-            self.slow -= (old >> 1) & 1
-        self._ring[self._next] = 4 | failed | (slow << 1)
-        self._next = (self._next + 1) % self.size
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
+        # Written for the usual case (a success replacing a success: two stores); bools never
+        # meet integer arithmetic, which CPython takes a slow path for.
+        ring = self._ring
+        index = self._next
+        old = ring[index]
+        if old == 0:
+            self.calls += 1  # the ring is still filling; once full, one call leaves as one enters
+        elif old != 4:
+            if old & 1:
+                self.failures -= 1
+            if old & 2:
+                self.slow -= 1
+        if failed or slow:
+            ring[index] = 4 | (1 if failed else 0) | (2 if slow else 0)
+            if failed:
+                self.failures += 1
+            if slow:
+                self.slow += 1
+        else:
+            ring[index] = 4
+        index += 1
+        self._next = index if index < self.size else 0
 
     def expire(self, now: float) -> None:
         pass
@@ -383,7 +395,7 @@ class CircuitBreaker:
         """Outcome of an admitted call (``now``: the clock's time at its end, if the caller has it)."""
         slow = duration >= self._slow_at
         if self._state_gauge is not None:
-            self._calls[failed + 2 * slow].inc()
+            self._calls[(1 if failed else 0) + (2 if slow else 0)].inc()
         if token != self.epoch:
             return  # admitted before the last transition: the decision was already made
         state = self.state
