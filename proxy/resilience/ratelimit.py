@@ -366,19 +366,6 @@ class RouteRateLimit:
         self.shadow_limited = FastCounter(family.labels(route_name, "shadow_limited"))
         ref = weakref.ref(self)
         metrics.ratelimit_keys.labels(route_name).set_function(lambda: _keys_of(ref))
-        # The common shape, one enforced limit, gets a shorter path for admitted requests (decided here).
-        self._single = self.limits[0] if len(self.limits) == 1 and not self.limits[0].shadow else None
-        # Keyed by client address (the default): the key is read inline, as _client_ip does.
-        self._by_client = self._single is not None and self._single.key_of is _client_ip
-        if self._single is not None and self.shown:
-            limiter = self._single.limiter
-            # Constants of the RateLimit header arithmetic in _state (scaled units), computed once.
-            self._scale = limiter.count
-            self._full = limiter.burst * limiter._step
-            self._step = limiter._step
-            self._second = limiter.count * NS
-            self._policy_field = (b"ratelimit-policy", self.shown_policy_header)
-            self._state_format = self._single.label + b";r=%d;t=%d"
 
     @property
     def key_count(self) -> int:
@@ -386,20 +373,6 @@ class RouteRateLimit:
 
     def decide(self, ex, now_ns: int):
         """Admit (returns None, consuming from every bucket) or refuse (returns the 429 reply)."""
-        single = self._single
-        if single is not None:
-            limiter = single.limiter
-            tat = limiter.take(ex.client or "unknown" if self._by_client else single.key_of(ex), now_ns)
-            if tat:
-                self.allowed.inc()
-                if self.shown:
-                    # Same values as _state(): the bucket now holds ``tat`` (> now) for this key.
-                    used = tat - now_ns * self._scale
-                    remaining = (self._full - used) // self._step
-                    state = self._state_format % (remaining if remaining > 0 else 0, -(-used // self._second))
-                    ex.response_headers += (self._policy_field, (b"ratelimit", state))
-                return None
-            # refused: the general path below builds the 429
         keys = [limit.key_of(ex) for limit in self.limits]
         refused = None
         shadow_refused = None
@@ -513,4 +486,45 @@ def build_layer(route, next_handler, ctx):
             return _ready(refusal)
         return next_handler(ex)
 
+    if len(state.limits) == 1 and not state.limits[0].shadow:
+        return _single_limit_layer(state, next_handler, clock)
     return rate_limit_layer
+
+
+def _single_limit_layer(state: RouteRateLimit, next_handler, clock):
+    """The layer for the common shape, one enforced limit: admission in one bucket update.
+
+    Everything it reads is bound here, once per policy load; a refusal goes to
+    ``decide``, which builds the 429 (nothing was consumed). Same outcomes and
+    headers as ``decide``.
+    """
+    limit = state.limits[0]
+    limiter = limit.limiter  # after _keep_buckets: the table this route goes on with
+    take = limiter.take
+    key_of = None if limit.key_of is _client_ip else limit.key_of  # client address: read inline
+    now = clock.now
+    decide = state.decide
+    allowed = state.allowed.inc
+    shown = bool(state.shown)
+    # The RateLimit header arithmetic of Limiter.remaining and reset_seconds, in scaled units.
+    scale = limiter.count
+    full = limiter.burst * limiter._step
+    step = limiter._step
+    second = limiter.count * NS
+    policy_field = (b"ratelimit-policy", state.shown_policy_header)
+    state_format = limit.label + b";r=%d;t=%d"
+
+    def single_limit_layer(ex):
+        now_ns = round(now() * NS)
+        tat = take(ex.client or "unknown" if key_of is None else key_of(ex), now_ns)
+        if not tat:
+            return _ready(decide(ex, now_ns))
+        allowed()
+        if shown:
+            used = tat - now_ns * scale  # the bucket now holds tat (> now) for this key
+            remaining = (full - used) // step
+            value = state_format % (remaining if remaining > 0 else 0, -(-used // second))
+            ex.response_headers += (policy_field, (b"ratelimit", value))
+        return next_handler(ex)
+
+    return single_limit_layer

@@ -276,6 +276,7 @@ class CacheLayer:
         self._flights: dict[bytes, _Flight] = {}
         # URL keys whose last answer was not storable -> until when misses skip coalescing (hit-for-miss).
         self.uncacheable_ttl = options.uncacheable_ttl
+        self._uncacheable_refresh = options.uncacheable_ttl / 2  # re-mark when less than this is left
         self._uncacheable: OrderedDict[bytes, float] = OrderedDict()
         # True when only the response itself could make it reusable (no route default TTL or stale windows).
         self._quick_pass = not (self.default_ttl > 0 or self.sie > 0 or self.swr > 0)
@@ -603,14 +604,13 @@ class CacheLayer:
 
     def _still_uncacheable(self, ex: Exchange, key: bytes, until: float, reply) -> bool:
         """Hit-for-miss: True (Cache-Status added) when the upstream's answer is still not storable."""
-        if (
-            self._quick_pass
-            and not isinstance(reply, LocalReply)
-            and reply.status < 500
-            and _nothing_to_cache(reply.headers)
-        ):
+        if self._quick_pass and not isinstance(reply, LocalReply) and reply.status < 500:
+            relevant = _CACHE_RELEVANT
+            for name, _ in reply.headers:  # _nothing_to_cache, inline: this runs on every hit-for-miss
+                if name in relevant:
+                    return False
             now = self.clock.now()
-            if until - now < self.uncacheable_ttl / 2:
+            if until - now < self._uncacheable_refresh:
                 self._remember_uncacheable(key, now)  # still not storable: keep the mark (and its LRU place)
             status = _MISS_STATUS.get(reply.status) or b"fender; fwd=miss; fwd-status=%d" % reply.status
             ex.response_headers.append((b"cache-status", status))
