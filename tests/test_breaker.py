@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from pydantic import ValidationError
@@ -22,6 +22,7 @@ from proxy.resilience.breaker import (
     BreakerLayer,
     BreakerOptions,
     CircuitBreaker,
+    CountWindow,
 )
 from proxy.upstream.errors import ConnectFailure
 from tests.conftest import policy_text
@@ -101,6 +102,24 @@ def test_count_window_forgets_calls_older_than_the_last_n():
     call(breaker, True)
     assert breaker.state == CLOSED
     assert (breaker.window.calls, breaker.window.failures) == (4, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=8),
+    outcomes=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=60),
+)
+def test_count_window_totals_equal_the_last_n_outcomes(size, outcomes):
+    # Against the plain model: the totals are those of the last `size` (failed, slow) pairs.
+    window = CountWindow(size)
+    for index, (failed, slow) in enumerate(outcomes):
+        window.add(0.0, failed, slow)
+        last = outcomes[max(0, index + 1 - size) : index + 1]
+        assert (window.calls, window.failures, window.slow) == (
+            len(last),
+            sum(f for f, _ in last),
+            sum(s for _, s in last),
+        )
 
 
 def test_time_window_forgets_calls_older_than_its_duration():

@@ -151,6 +151,24 @@ def test_budget_limits_retries_to_ratio_plus_reserve_and_refills_after_the_windo
     assert budget.snapshot() == {"requests": 1, "retries": 1}
 
 
+def test_budget_window_slides_slice_by_slice():
+    # 10s in 1s slices: requests leave the window with their slice, not all at once.
+    clock = ManualClock(start=1000.0)
+    budget = RetryBudget(BudgetOptions(ratio="20%", min_per_second=0, window="10s"), clock)
+    for _ in range(5):
+        budget.request(clock.now())
+    clock.advance(5.0)
+    for _ in range(3):
+        budget.request(clock.now())
+    clock.advance(4.9)  # 9.9s after the first five: all eight still count
+    assert budget.snapshot() == {"requests": 8, "retries": 0}
+    clock.advance(0.2)  # the first five's slice has left
+    assert budget.snapshot() == {"requests": 3, "retries": 0}
+    budget.request(clock.now())
+    clock.advance(5.0)  # the three have left; the last one stays
+    assert budget.snapshot() == {"requests": 1, "retries": 0}
+
+
 async def test_hard_down_upstream_attempts_stay_within_requests_times_one_plus_ratio_plus_minimum(
     start_fender,
 ):
