@@ -240,6 +240,46 @@ def test_several_limits_check_all_before_consuming():
     assert headers[b"retry-after"] == b"60"  # the route limit's next token: one per 60 s
 
 
+@pytest.mark.parametrize("key", ["client_ip", "header:X-Api-Key"])
+def test_one_limit_layer_answers_as_decide_does(key):
+    # The one-limit layer (a closure with its constants bound) and decide's general path, side by
+    # side on the same traffic: same admissions, same RateLimit headers, same 429s.
+    from types import SimpleNamespace
+
+    from proxy.dataplane.pipeline import LayerContext
+    from proxy.resilience.ratelimit import build_layer
+
+    limits = route_limits(f"- {{name: r, upstream: echo, rate_limit: {{rate: 5/s, burst: 3, key: '{key}'}}}}")
+    clock = ManualClock(100.0)
+    route = SimpleNamespace(name="r", rate_limit=limits)
+    ctx = LayerContext(metrics=Metrics(), upstream=None, policy=None, clock=clock)
+
+    async def upstream(ex):
+        return "passed"
+
+    layer = build_layer(route, upstream, ctx)
+    assert layer.__name__ == "single_limit_layer"
+    reference = RouteRateLimit("r", limits, clock, Metrics())
+    rng = random.Random(7)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(200):
+            client = rng.choice(["1.1.1.1", "2.2.2.2"])
+            headers = [(b"x-api-key", client.encode())]
+            ex, ref_ex = make_exchange(client, headers), make_exchange(client, headers)
+            got = loop.run_until_complete(layer(ex))
+            expected = reference.decide(ref_ex, round(clock.now() * NS))
+            if expected is None:
+                assert got == "passed"
+                assert ex.response_headers == ref_ex.response_headers
+            else:
+                assert got.status == expected.status == 429
+                assert got.headers == expected.headers
+            clock.advance(rng.choice([0.0, 0.01, 0.1, 0.3]))
+    finally:
+        loop.close()
+
+
 def test_shadow_limit_limits_nothing_and_counts():
     clock = ManualClock(100.0)
     metrics = Metrics()
