@@ -489,16 +489,21 @@ class FastHistogram:
     whose upper bound is >= the value, found by bisection instead of a linear scan).
     """
 
-    __slots__ = ("_sum", "_bucket_incs", "_bounds")
+    __slots__ = ("_sum", "_sum_direct", "_bucket_incs", "_bounds")
 
     def __init__(self, child) -> None:
         child._raise_if_not_observable()
         self._sum = child._sum
+        # Our own value class: add to its float in place (no call); another one: its inc().
+        self._sum_direct = type(child._sum) is _LoopValue
         self._bucket_incs = [_add_one(bucket) for bucket in child._buckets]
         self._bounds = child._upper_bounds
 
     def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
+        if self._sum_direct:
+            self._sum._value += amount
+        else:
+            self._sum.inc(amount)
         bounds = self._bounds  # ends with +Inf: any number finds its bucket
         index = bisect_left(bounds, amount)
         if amount <= bounds[index]:  # False only for NaN, which lands nowhere, as with Histogram.observe
