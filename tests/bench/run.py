@@ -259,6 +259,31 @@ def _median(rows: list[dict]) -> dict:
     return {k: round(statistics.median(row[k] for row in rows if k in row), 2) for k in sorted(keys)}
 
 
+# Ratios also computed round by round (the same round's two measurements): their spread shows how
+# much of a change against the baseline this machine's noise alone can explain.
+ROUND_RATIOS = {
+    "policies_vs_fender": ("fender_policies", "fender", "rps"),
+    "fender_vs_nginx_proxy": ("fender", "nginx_proxy", "rps"),
+    "cache_hit_vs_hello_world": ("fender_cache_hit", "hello_world", "rps"),
+    "fender_cpu_vs_nginx_cpu": ("fender", "nginx_proxy", "cpu_us_per_request"),
+    "granian_cpu_vs_nginx_cpu": ("fender_granian", "nginx_proxy", "cpu_us_per_request"),
+}
+
+
+def round_spread(results: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """[lowest, highest] of each ROUND_RATIOS ratio over the rounds."""
+    spread = {}
+    for name, (top, bottom, key) in ROUND_RATIOS.items():
+        values = [
+            a[key] / b[key]
+            for a, b in zip(results.get(top, []), results.get(bottom, []), strict=False)
+            if a.get(key) and b.get(key)
+        ]
+        if values:
+            spread[name] = [round(min(values), 3), round(max(values), 3)]
+    return spread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -417,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             k: [round(x, 1) for x in v] if isinstance(v, list) else round(v, 1) for k, v in memory.items()
         },
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "ratio_rounds": round_spread(results),
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else None
@@ -460,13 +486,15 @@ def print_report(report: dict, baseline: dict | None) -> None:
             f"RSS over the million: first {series[0]} MiB, last {series[-1]} MiB, second half {min(half)}-{max(half)} MiB"
         )
     old = (baseline or {}).get("ratios", {})
+    spread = report.get("ratio_rounds", {})
     for name, value in report["ratios"].items():
         target = TARGETS.get(name)
         verdict = f"  (target >= {target:.0%}: {'met' if value >= target else 'NOT met'})" if target else ""
         if name == "granian_cpu_vs_nginx_cpu":
             verdict = f"  (target <= 300%: {'met' if value <= 3 else 'NOT met'})"
         change = f"  [baseline {old[name]:.1%}, change {value - old[name]:+.1%}]" if name in old else ""
-        print(f"{name}: {value:.1%}{verdict}{change}")
+        rounds = f"  (rounds {spread[name][0]:.1%}-{spread[name][1]:.1%})" if name in spread else ""
+        print(f"{name}: {value:.1%}{rounds}{verdict}{change}")
 
 
 if __name__ == "__main__":
