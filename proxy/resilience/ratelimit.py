@@ -476,6 +476,8 @@ def build_layer(route, next_handler, ctx):
     _keep_buckets(state, ctx)
     ctx.shared.setdefault("ratelimit", {})[route.name] = state
     clock = ctx.clock
+    if len(state.limits) == 1 and not state.limits[0].shadow:
+        return _single_limit_layer(state, next_handler, clock)
     decide = state.decide
 
     def rate_limit_layer(ex):
@@ -486,8 +488,6 @@ def build_layer(route, next_handler, ctx):
             return _ready(refusal)
         return next_handler(ex)
 
-    if len(state.limits) == 1 and not state.limits[0].shadow:
-        return _single_limit_layer(state, next_handler, clock)
     return rate_limit_layer
 
 
