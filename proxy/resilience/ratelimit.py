@@ -521,9 +521,12 @@ def _single_limit_layer(state: RouteRateLimit, next_handler, clock):
             return _ready(decide(ex, now_ns))
         allowed()
         if shown:
-            used = tat - now_ns * scale  # the bucket now holds tat (> now) for this key
+            used = tat - now_ns * scale  # the bucket now holds tat (> now) for this key: used > 0
             remaining = (full - used) // step
-            value = state_format % (remaining if remaining > 0 else 0, -(-used // second))
+            # Seconds until full again, rounded up: 1 whenever at most a second's worth is used
+            # (the usual case), without a long division of multi-digit integers.
+            reset = 1 if used <= second else -(-used // second)
+            value = state_format % (remaining if remaining > 0 else 0, reset)
             ex.response_headers += (policy_field, (b"ratelimit", value))
         return next_handler(ex)
 
