@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean soak bench
+.PHONY: run test lint schema install clean soak bench bench-instructions
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,9 @@ clean:
 ## Options: make bench BENCH_ARGS="--seconds 10 --rounds 5 --million"
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
+
+## Instructions per request (valgrind's callgrind): pass-through, every policy, cache hit, and
+## their ratios; deterministic where `make bench` moves with the machine. Needs valgrind.
+## Options: make bench-instructions INSTRUCTIONS_ARGS="--requests 5000"
+bench-instructions: $(STAMP)
+	$(BIN)/python tests/bench/instructions.py $(INSTRUCTIONS_ARGS)
