@@ -30,21 +30,26 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RAW_UPSTREAM, ROOT, Procs, free_port, nginx_conf, nginx_origin, taskset, wait_port  # noqa: E402
+from run import (  # noqa: E402
+    ALL_POLICIES,
+    RAW_UPSTREAM,
+    ROOT,
+    Procs,
+    free_port,
+    nginx_conf,
+    nginx_origin,
+    policy_head,
+    taskset,
+    wait_port,
+)
 
 ROUTES = {
     "pass": "{name: x, match: {path_prefix: /x}, upstream: origin}",
-    "policies": (
-        "{name: x, match: {path_prefix: /x}, upstream: pair,"
-        " rate_limit: {rate: 10000000/s, burst: 10000000, key: client_ip},"
-        " bulkhead: {max_concurrent: 1000, max_queued: 1000}, retry: {attempts: 2},"
-        " circuit_breaker: {consecutive_failures: 50}, cache: {}}"
-    ),
+    "policies": f"{{name: x, match: {{path_prefix: /x}}, upstream: pair, {ALL_POLICIES}}}",
     "cache_hit": "{name: x, match: {path_prefix: /cached}, upstream: origin, cache: {}}",
 }
 PATHS = {"pass": "/x", "policies": "/x", "cache_hit": "/cached"}
@@ -52,25 +57,9 @@ PATHS = {"pass": "/x", "policies": "/x", "cache_hit": "/cached"}
 
 def policy(workdir: Path, name: str, port: int, admin: int, up1: int, up2: int) -> Path:
     path = workdir / f"policy-{name}.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            listen: 127.0.0.1:{port}
-            admin: 127.0.0.1:{admin}
-            upstreams:
-              origin:
-                replicas: [{{url: http://127.0.0.1:{up1}}}]
-              pair:
-                replicas: [{{url: http://127.0.0.1:{up1}}}, {{url: http://127.0.0.1:{up2}}}]
-                balance: round_robin
-                # checks every 5 minutes: none falls inside the counted requests to add noise
-                health_check: {{path: /, interval: 300s}}
-                outlier_detection: {{consecutive_failures: 5}}
-            routes:
-              - {ROUTES[name]}
-            """
-        )
-    )
+    # Health checks every 5 minutes: none falls inside the counted requests to add noise.
+    head = policy_head(port, admin, (up1, up2), health_interval="300s")
+    path.write_text(head + f"routes:\n  - {ROUTES[name]}\n")
     return path
 
 

@@ -186,39 +186,46 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="h
 """
 
 
+# The "every policy" route's policies (issue 3): a rate limit high enough not to limit, a bulkhead,
+# retries, a breaker, a cache on a URL whose responses are not storable; its upstream is "pair".
+ALL_POLICIES = (
+    "rate_limit: {rate: 10000000/s, burst: 10000000, key: client_ip}, "
+    "bulkhead: {max_concurrent: 1000, max_queued: 1000}, retry: {attempts: 2}, "
+    "circuit_breaker: {consecutive_failures: 50}, cache: {}"
+)
+
+
+def policy_head(port: int, admin: int, upstream_ports: tuple[int, int], health_interval: str = "2s") -> str:
+    """Listeners and the two upstreams: "origin" (one replica) and "pair" (failover over two)."""
+    one, two = upstream_ports
+    return textwrap.dedent(
+        f"""
+        listen: 127.0.0.1:{port}
+        admin: 127.0.0.1:{admin}
+        upstreams:
+          origin:
+            replicas: [{{url: http://127.0.0.1:{one}}}]
+            pool: {{max_connections: 256, max_keepalive: 128}}
+          pair:
+            replicas: [{{url: http://127.0.0.1:{one}}}, {{url: http://127.0.0.1:{two}}}]
+            pool: {{max_connections: 256, max_keepalive: 128}}
+            balance: round_robin
+            health_check: {{path: /, interval: {health_interval}}}
+            outlier_detection: {{consecutive_failures: 5}}
+        """
+    )
+
+
 def fender_policy(
     workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int], name: str = "uvicorn"
 ) -> Path:
-    one, two = upstream_ports
     path = workdir / f"bench-policy-{name}.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""
-            listen: 127.0.0.1:{port}
-            admin: 127.0.0.1:{admin}
-            upstreams:
-              origin:
-                replicas: [{{url: http://127.0.0.1:{one}}}]
-                pool: {{max_connections: 256, max_keepalive: 128}}
-              pair:
-                replicas: [{{url: http://127.0.0.1:{one}}}, {{url: http://127.0.0.1:{two}}}]
-                pool: {{max_connections: 256, max_keepalive: 128}}
-                balance: round_robin
-                health_check: {{path: /, interval: 2s}}
-                outlier_detection: {{consecutive_failures: 5}}
-            routes:
-              - {{name: pass, match: {{path_prefix: /pass}}, upstream: origin}}
-              - {{name: cached, match: {{path_prefix: /cached}}, upstream: origin, cache: {{}}}}
-              - name: all
-                match: {{path_prefix: /all}}
-                upstream: pair
-                rate_limit: {{rate: 10000000/s, burst: 10000000, key: client_ip}}
-                bulkhead: {{max_concurrent: 1000, max_queued: 1000}}
-                retry: {{attempts: 2}}
-                circuit_breaker: {{consecutive_failures: 50}}
-                cache: {{}}
-            """
-        )
+        policy_head(port, admin, upstream_ports)
+        + "routes:\n"
+        + "  - {name: pass, match: {path_prefix: /pass}, upstream: origin}\n"
+        + "  - {name: cached, match: {path_prefix: /cached}, upstream: origin, cache: {}}\n"
+        + f"  - {{name: all, match: {{path_prefix: /all}}, upstream: pair, {ALL_POLICIES}}}\n"
     )
     return path
 
