@@ -604,11 +604,12 @@ class CacheLayer:
 
     def _still_uncacheable(self, ex: Exchange, key: bytes, until: float, reply) -> bool:
         """Hit-for-miss: True (Cache-Status added) when the upstream's answer is still not storable."""
-        if self._quick_pass and not isinstance(reply, LocalReply) and reply.status < 500:
-            relevant = _CACHE_RELEVANT
-            for name, _ in reply.headers:  # _nothing_to_cache, inline: this runs on every hit-for-miss
-                if name in relevant:
-                    return False
+        if (
+            self._quick_pass
+            and not isinstance(reply, LocalReply)
+            and reply.status < 500
+            and _nothing_to_cache(reply.headers)
+        ):
             now = self.clock.now()
             if until - now < self._uncacheable_refresh:
                 self._remember_uncacheable(key, now)  # still not storable: keep the mark (and its LRU place)
