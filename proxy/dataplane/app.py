@@ -306,27 +306,26 @@ class DataPlane:
             else:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 chunk = await reply.read()
-            if not chunk:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            while True:
-                # Read one ahead: a body that arrived whole goes out as one final message.
-                try:
+            while chunk:
+                # Each piece leaves as soon as it is here; never wait for the next one first (a
+                # stream that goes quiet must not hold its last event). Only a body that has
+                # fully arrived is joined into one final message: that read does not wait.
+                if reply.complete:
                     following = await reply.read()
-                except UpstreamError:
-                    # Pass on what did arrive before cutting the connection.
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    raise
-                await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
-                if not following:
-                    return
-                chunk = following
+                    await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
+                    if not following:
+                        return
+                    chunk = following
+                    continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None:
                     # A long body: notice a client that leaves, so the upstream read stops too.
                     watcher = asyncio.ensure_future(_wait_disconnect(receive))
                 elif watcher.done():
                     reply.close()
                     return
+                chunk = await reply.read()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError as error:
             reply.close()
             if ex.upstream_name is not None:
