@@ -63,6 +63,7 @@ from urllib.parse import unquote
 import httptools
 
 from proxy.metrics import Metrics
+from proxy.tunnel import TunnelEnd, upgrade_offer
 
 log = logging.getLogger("uvicorn.error")  # quiet_aborts() filters the expected aborts on this logger
 
@@ -262,7 +263,11 @@ class _Exchange:
                 raise RuntimeError(f"expected http.response.start, got {message['type']!r}")
             self.started = True
             self.expect_continue = False
-            self.pending_head = self._head(message["status"], message.get("headers", ()))
+            status = message["status"]
+            if status == 101:
+                self._switch(message.get("headers", ()))
+                return
+            self.pending_head = self._head(status, message.get("headers", ()))
             if "body" in message:
                 # The fender.response.body extension: the first body part rides with the head.
                 self._write_body(message["body"], message.get("more_body", False))
@@ -301,6 +306,21 @@ class _Exchange:
                 self.keep_alive = False  # the body ended short of its Content-Length: only a close frames it
             self.complete = True
             conn.response_complete(self)
+
+    def _switch(self, headers) -> None:
+        """101 Switching Protocols: the head leaves now, and this connection stops speaking HTTP.
+
+        The tunnel end that took over the transport (see data_received) now carries the bytes;
+        this exchange is complete as far as HTTP goes, and the connection's timers stop.
+        """
+        self.complete = True
+        self.keep_alive = False
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.conn.transport.write(b"".join(parts))
+        self.conn.tunnelled()
 
     def _flush_head(self) -> None:
         head = self.pending_head
@@ -413,6 +433,7 @@ class FenderHttpProtocol(asyncio.Protocol):
         self._unstarted: _Exchange | None = None  # its task was created but has not run yet
         self._discard = False  # malformed input while a response was being written: close after it
         self._served = 0
+        self._tunnel = False  # switched protocols (101): the bytes belong to a tunnel now
 
     # -- connection events
 
@@ -465,12 +486,20 @@ class FenderHttpProtocol(asyncio.Protocol):
             return  # refused connection closing: discard
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade (websocket, h2c) is not offered: the Upgrade header was dropped
-            # as hop-by-hop and the request is served as plain HTTP/1.1. The parser
-            # reads no further requests after an upgrade, so close after this one.
-            if self.current is not None:
-                self.current.keep_alive = False
+        except httptools.HttpParserUpgrade as upgrade:
+            # The parser reads no further requests after an upgrade request: close after this one.
+            # One that offers a protocol (not h2c, which is ignored and served as HTTP/1.1) gets a
+            # tunnel end in place of this protocol, buffering what the client sends until the
+            # upstream's 101 (the data plane decides whether there is one; see proxy/tunnel.py).
+            exchange = self.current
+            if exchange is not None:
+                exchange.keep_alive = False
+                offer = exchange.scope.get("fender.upgrade")
+                if offer is not None and not exchange.complete and not self.transport.is_closing():
+                    early = data[upgrade.args[0] :]
+                    end = TunnelEnd(self.transport, early, fallback=self, on_lost=self.connection_lost)
+                    offer.client_end = end
+                    self.transport.set_protocol(end)
         except httptools.HttpParserError:
             self.refuse()
             return
@@ -492,7 +521,7 @@ class FenderHttpProtocol(asyncio.Protocol):
     def _tick(self) -> None:
         """The one timer fired: act on the deadline of what the connection is doing, or re-arm for it."""
         self._timer = None
-        if self.transport.is_closing() or self._linger_timer is not None:
+        if self.transport.is_closing() or self._linger_timer is not None or self._tunnel:
             return
         now = self.loop.time()
         busy = self.active is not None and not self.active.complete
@@ -629,6 +658,10 @@ class FenderHttpProtocol(asyncio.Protocol):
         }
         if authority is not None:
             scope["fender.authority"] = authority
+        if parser.should_upgrade():
+            offer = upgrade_offer(self._headers)
+            if offer is not None:
+                scope["fender.upgrade"] = offer
         self._served += 1
         keep_alive = (
             version == "1.1"
@@ -718,8 +751,18 @@ class FenderHttpProtocol(asyncio.Protocol):
         if self._head_started is None:
             self._arm(now + self.keepalive_timeout)
 
+    def tunnelled(self) -> None:
+        """The connection became a tunnel: no HTTP timer applies to it any more."""
+        self._tunnel = True
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_timer = None
+
     def shutdown(self) -> None:
         """Called by uvicorn's Server to begin a graceful shutdown."""
+        if self._tunnel:
+            return  # open tunnels get the drain grace; the data plane closes them when it ends
         active = self.active
         if active is None or active.complete:
             if not self.pipeline:

@@ -456,6 +456,36 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: upgraded connections (WebSocket and other Upgrade protocols)
+        self.upgrades = Counter(
+            "fender_upgrades_total",
+            "Requests to switch protocols (Upgrade), by route, protocol and outcome: switched (the upstream "
+            "answered 101 and a tunnel opened), declined (the upstream answered something else, relayed), "
+            "not_allowed (refused by the route's upgrades list), failed (no answer from the upstream).",
+            ["route", "protocol", "outcome"],
+            registry=r,
+        )
+        self.tunnels_open = Gauge(
+            "fender_tunnels_open",
+            "Tunnels (upgraded connections) open now, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.tunnel_bytes = Counter(
+            "fender_tunnel_bytes_total",
+            "Bytes relayed through tunnels, by route and direction (upstream: from the client to the upstream; "
+            "downstream: from the upstream to the client). Added as they pass, at least every second.",
+            ["route", "direction"],
+            registry=r,
+        )
+        self.tunnel_duration = Histogram(
+            "fender_tunnel_duration_seconds",
+            "Lifetime of tunnels from the 101 to their close, by route.",
+            ["route"],
+            buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 21600),
+            registry=r,
+        )
+
     def active_count(self, route: str) -> ActiveCount:
         """The in-flight counter of a route (created once per route name, exported by a gauge function)."""
         count = self._active_counts.get(route)
@@ -587,3 +617,43 @@ class UpstreamMetrics:
             child = self._metrics.upstream_requests.labels(self.name, replica, outcome)
             child = self._outcomes[key] = FastCounter(child)
         return child
+
+
+class TunnelMetrics:
+    """Label children of one route's upgrades and tunnels, bound on first use (most routes never tunnel)."""
+
+    __slots__ = ("_metrics", "_route", "_children")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._metrics = metrics
+        self._route = route
+        self._children: tuple | None = None
+
+    def upgrade(self, protocol: str, outcome: str):
+        return self._metrics.upgrades.labels(self._route, protocol, outcome)
+
+    def _bound(self) -> tuple:
+        children = self._children
+        if children is None:
+            m, route = self._metrics, self._route
+            children = self._children = (
+                m.tunnels_open.labels(route),
+                m.tunnel_bytes.labels(route, "upstream"),
+                m.tunnel_bytes.labels(route, "downstream"),
+                m.tunnel_duration.labels(route),
+            )
+        return children
+
+    @property
+    def open(self):
+        return self._bound()[0]
+
+    def add_bytes(self, upstream: int, downstream: int) -> None:
+        _, up, down, _ = self._bound()
+        if upstream:
+            up.inc(upstream)
+        if downstream:
+            down.inc(downstream)
+
+    def closed(self, seconds: float) -> None:
+        self._bound()[3].observe(seconds)

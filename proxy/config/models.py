@@ -609,6 +609,13 @@ def _check_match_host(value: str | None) -> str | None:
     return host
 
 
+# A protocol token of the Upgrade field (RFC 9110 7.8), without a version, lowercase.
+UpgradeProtocol = Annotated[
+    str,
+    Field(pattern=r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$", json_schema_extra={"examples": ["websocket"]}),
+]
+
+
 class RouteMatch(PolicyModel):
     """Which requests a route takes; every condition given must hold (no path condition: every path)."""
 
@@ -731,6 +738,41 @@ class Route(PolicyModel):
             "host:port (for upstreams that route on Host)."
         ),
     )
+
+    rewrite_prefix: Annotated[Text | None, AfterValidator(_check_path)] = Field(
+        default=None,
+        json_schema_extra={"pattern": "^/"},
+        description=(
+            "Replace the matched `match.path_prefix` with this before the request goes upstream (nginx "
+            "`proxy_pass http://x/`, Envoy `prefix_rewrite`): prefix `/svc-a/` with `rewrite_prefix: /` sends "
+            "`/svc-a/items` as `/items`. The result is normalised again (never `..` or `//`); the cache key, "
+            "logs and metrics keep the client's path. Only on a route with `match.path_prefix`."
+        ),
+    )
+    upgrades: tuple[UpgradeProtocol, ...] = Field(
+        default=("websocket",),
+        description=(
+            "Protocols a client may switch to on this route (`Connection: upgrade` with `Upgrade:`): the request "
+            "passes the route's admission (rate limit, breaker, bulkhead; never the cache; retries only before "
+            "the upstream answers) to one replica, whose `101 Switching Protocols` opens a tunnel carrying bytes "
+            "both ways. `[]` refuses upgrades here with 403 `upgrade_not_allowed`. `Upgrade: h2c` is always "
+            "ignored (served as HTTP/1.1)."
+        ),
+    )
+    upgrade_idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default="1h",
+        description="A tunnel with no byte either way for this long is closed (both connections).",
+    )
+
+    @model_validator(mode="after")
+    def _rewrite_needs_prefix(self) -> Route:
+        if self.rewrite_prefix is not None and self.match.path_prefix is None:
+            raise policy_error(
+                "rewrite_prefix replaces the matched path_prefix: give match.path_prefix on this route "
+                "(or remove rewrite_prefix)",
+                "rewrite_prefix",
+            )
+        return self
 
     # Per-route policy sections. Each is an optional field whose options model
     # lives in its own module under proxy/resilience/; absent means off.

@@ -18,12 +18,14 @@ from proxy.dataplane.headers import RequestHead, add_forwarding, http_date, new_
 from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
 from proxy.dataplane.runtime import RouteRuntime, Runtime
+from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
 access_log = logging.getLogger("fender.access")
 log = logging.getLogger("fender")
 
 _NO_ROUTE_NAME = "-"
+_KNOWN_UPGRADES = frozenset({"websocket"})  # protocol label values besides a route's own list
 
 
 class ClientGone(Exception):
@@ -147,10 +149,17 @@ class DataPlane:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        # Open tunnels (upgraded connections) of every runtime: idle checks and shutdown.
+        self.tunnels = TunnelSet(runtime.clock)
+        self.tunnels.on_sweep = self._report_tunnel_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            return  # lifespan is off and websockets are disabled on the data listener
+            if scope["type"] == "websocket":
+                # granian's own WebSocket handling (off there): Fender tunnels upgrades only on its
+                # own HTTP protocol (the default engine). Refused before any upgrade: a 403.
+                await send({"type": "websocket.close", "code": 1008})
+            return  # lifespan is off
         runtime = self.runtime
         started = time.perf_counter()
         head = RequestHead(scope["headers"])
@@ -233,6 +242,18 @@ class DataPlane:
             body_stream = BodyStream(receive, max_body, route.idle_timeout)
             content_length = length
 
+        upgrade = scope.get("fender.upgrade")
+        if upgrade is not None:
+            # Connection: upgrade with a protocol the client wants to switch to (proxy/tunnel.py).
+            protocols = upgrade.protocols
+            if not route.upgrades.issuperset(protocols):
+                label = protocols[0] if protocols[0] in _KNOWN_UPGRADES else "other"
+                route.upgrade_metrics.upgrade(label, "not_allowed").inc()
+                reply = LocalReply("upgrade_not_allowed", f"Upgrade: {upgrade.value.decode('latin-1')[:100]}")
+                reply.headers.append((b"connection", b"close"))
+                await self._local(runtime, route, send, method, reply, head)
+                return
+            head.forward += ((b"connection", b"upgrade"), (b"upgrade", upgrade.value))
         exchange = Exchange(
             method,
             target,
@@ -255,6 +276,17 @@ class DataPlane:
             exchange.trace = []  # layers add entries with ex.note(); sent back as Fender-Trace
         if body_stream is None:
             exchange.receive = receive
+        if upgrade is not None:
+            exchange.upgrade = upgrade
+        rewrite = route.rewrite
+        if rewrite is not None:
+            # rewrite_prefix: the upstream gets the replacement in place of the matched prefix,
+            # normalised again (never `..` or `//`); the cache key and the logs keep the client's.
+            prefix, replacement = rewrite
+            upstream_path = normalise_path(replacement + path[len(prefix) :]) or replacement
+            exchange.upstream_target = upstream_path + b"?" + query if query else upstream_path
+            if exchange.trace is not None:
+                exchange.note(f"rewrite {path.decode('latin-1')} -> {upstream_path.decode('latin-1')}")
         try:
             reply = await route.pipeline(exchange)
         except ClientGone:
@@ -265,6 +297,8 @@ class DataPlane:
         self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started
     ):
         status = reply.status
+        if ex.upgrade is not None and status != 101:
+            self._upgrade_refused(route, ex.upgrade, reply)
         if isinstance(reply, LocalReply):
             route.metrics.local(reply.reason).inc()
             headers = reply.headers + [(b"date", http_date()), (b"x-request-id", ex.request_id)]
@@ -281,6 +315,9 @@ class DataPlane:
             self._access(scope, method, status, ex, started)
         inline = _INLINE_BODY in scope.get("extensions", ())
         if method == "HEAD" or not reply.has_body():
+            if status == 101 and ex.upgrade is not None:
+                await self._tunnel(runtime, route, send, reply, ex, headers)
+                return
             if method != "HEAD":
                 # 204/304 carry no body; an ASGI server may hold a 304's Content-Length against it.
                 headers = [h for h in headers if h[0] != b"content-length"]
@@ -335,6 +372,59 @@ class DataPlane:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    async def _tunnel(self, runtime, route: RouteRuntime, send, reply, ex: Exchange, headers) -> None:
+        """The upstream switched protocols: relay its 101 and splice the two connections until one ends."""
+        offer = ex.upgrade
+        metrics = route.upgrade_metrics
+        label = offer.protocols[0] if offer.protocols[0] in route.upgrades else "other"
+        upstream_end = reply.upgraded_end
+        client_end = offer.client_end
+        if upstream_end is None or client_end is None or client_end.lost:
+            # The client left, or its request went on past the head (a body) before the switch.
+            reply.close()
+            metrics.upgrade(label, "failed").inc()
+            return
+        switched = [h for h in headers if h[0] != b"content-length" and h[0] != b"transfer-encoding"]
+        value = next((v for n, v in reply.headers if n == b"upgrade"), offer.value)
+        switched += ((b"connection", b"upgrade"), (b"upgrade", value))
+        await send({"type": "http.response.start", "status": 101, "headers": switched})
+        metrics.upgrade(label, "switched").inc()
+        tunnel = Tunnel(client_end, upstream_end, runtime.clock, route.upgrade_idle_timeout)
+        tunnel.metrics = metrics
+        tunnels = self.tunnels
+        tunnels.add(tunnel)
+        gauge = metrics.open
+        gauge.inc()
+        # A tunnel is no request in flight: a reload retires this runtime without waiting for it
+        # (it keeps what it uses), and in_flight counts requests. Counted back for __call__'s finally.
+        route.metrics.in_flight.dec()
+        runtime.active -= 1
+        if runtime.idle_waiter is not None:
+            runtime.request_done()
+        try:
+            tunnel.start()
+            await asyncio.shield(tunnel.done)
+        finally:
+            # Drain's grace passed (the task is cancelled), the client or the upstream left, or idle.
+            tunnel.close("shutdown")
+            tunnels.discard(tunnel)
+            gauge.dec()
+            tunnel.report()
+            metrics.closed(runtime.clock.now() - tunnel.started)
+            reply.close()
+            route.metrics.in_flight.inc()
+            runtime.active += 1
+
+    @staticmethod
+    def _upgrade_refused(route: RouteRuntime, offer, reply: Reply) -> None:
+        label = offer.protocols[0] if offer.protocols[0] in route.upgrades else "other"
+        outcome = "failed" if isinstance(reply, LocalReply) else "declined"
+        route.upgrade_metrics.upgrade(label, outcome).inc()
+
+    def _report_tunnel_bytes(self) -> None:
+        for tunnel in self.tunnels.open:
+            tunnel.report()
 
     async def _local(self, runtime: Runtime, route, send, method: str, reply: LocalReply, head: RequestHead):
         request_id = head.request_id or new_request_id()

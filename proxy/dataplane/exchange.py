@@ -50,6 +50,8 @@ class Exchange:
         "upstream_name",
         "replica_name",
         "receive",
+        "upgrade",
+        "upstream_target",
     )
 
     def __init__(
@@ -98,6 +100,10 @@ class Exchange:
         # The ASGI receive callable once the request body has been read whole (else None), so a
         # layer that makes the request wait (a bulkhead queue) can notice the client leaving.
         self.receive = None
+        # The client asks to switch protocols (proxy.tunnel.UpgradeOffer) on a route that allows it.
+        self.upgrade = None
+        # The target sent upstream when the route rewrites it (rewrite_prefix); else None: ``target``.
+        self.upstream_target: bytes | None = None
 
     def note(self, text: str) -> None:
         """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""
@@ -110,6 +116,7 @@ class Exchange:
 LOCAL_STATUS = {
     "no_route": 404,
     "bad_request": 400,
+    "upgrade_not_allowed": 403,
     "request_body_timeout": 408,
     "body_too_large": 413,
     "header_too_large": 431,
@@ -126,6 +133,7 @@ LOCAL_STATUS = {
 _REASON_TEXT = {
     "no_route": "no route matches this request",
     "bad_request": "malformed request",
+    "upgrade_not_allowed": "this route does not allow switching to that protocol",
     "request_body_timeout": "the request body did not arrive in time",
     "body_too_large": "request body larger than this route allows",
     "header_too_large": "request header fields too large",

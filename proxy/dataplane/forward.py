@@ -209,13 +209,14 @@ class Forwarder:
         try:
             response = await replica.pool.request(
                 ex.method_bytes,
-                ex.target,
+                ex.upstream_target or ex.target,
                 headers,
                 body=ex.body,
                 body_stream=ex.body_stream,
                 content_length=ex.content_length,
                 head_timeout=head_timeout,
                 idle_timeout=self.idle_timeout,
+                upgrade=ex.upgrade is not None,
             )
         except UpstreamError as error:
             metrics.error(error.reason).inc()

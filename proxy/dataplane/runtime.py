@@ -48,7 +48,7 @@ from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
 from proxy.dataplane.pipeline import Handler, LayerContext, build_pipeline
 from proxy.dataplane.router import Router, compile_match
-from proxy.metrics import Metrics, RouteMetrics
+from proxy.metrics import Metrics, RouteMetrics, TunnelMetrics
 from proxy.ops.checkpoint import CheckpointProviders
 
 log = logging.getLogger("fender")
@@ -217,6 +217,10 @@ class RouteRuntime:
         "upstream",
         "buffer_limit",
         "explain",
+        "upgrades",
+        "upgrade_idle_timeout",
+        "rewrite",
+        "upgrade_metrics",
     )
 
     def __init__(self, options, ctx: LayerContext) -> None:
@@ -233,6 +237,15 @@ class RouteRuntime:
             max(BUFFER_BODY_LIMIT, retry.max_replay_body) if retry is not None else BUFFER_BODY_LIMIT
         )
         self.explain = getattr(options, "explain", False)
+        self.upgrades = frozenset(options.upgrades)
+        self.upgrade_idle_timeout = options.upgrade_idle_timeout
+        # rewrite_prefix: (matched prefix, replacement) as bytes, or None.
+        self.rewrite = (
+            (options.match.path_prefix.encode(), options.rewrite_prefix.encode())
+            if options.rewrite_prefix is not None
+            else None
+        )
+        self.upgrade_metrics = TunnelMetrics(ctx.metrics, options.name)
         self.metrics = RouteMetrics(ctx.metrics, options.name)
         self.pipeline: Handler = build_pipeline(options, ctx)
 

@@ -263,6 +263,8 @@ class RetryLayer:
             condition = self._condition(reply)
             if condition is None or tried >= self.attempts:
                 return reply
+            if ex.upgrade is not None and not isinstance(reply, LocalReply):
+                return reply  # an upgrade is retried only before the upstream answered
             if ex.body_stream is not None or len(ex.body) > self.max_replay:
                 self._skip(ex, "not_replayable")
                 return reply

@@ -19,7 +19,9 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from proxy.tunnel import TunnelEnd
 
 from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout
 
@@ -79,9 +81,13 @@ class UpstreamResponse:
         "_head_bytes",
         "_raw_head_bytes",
         "_max_head",
+        "_upgrade",
+        "upgraded_end",
     )
 
-    def __init__(self, head_only: bool, idle_timeout: float | None, max_head: int) -> None:
+    def __init__(
+        self, head_only: bool, idle_timeout: float | None, max_head: int, upgrade: bool = False
+    ) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.http_version = "1.1"
@@ -113,6 +119,9 @@ class UpstreamResponse:
         self._head_bytes = 0  # header names + values (exact, checked per header)
         self._raw_head_bytes = 0  # raw bytes fed while the head is incomplete
         self._max_head = max_head
+        self._upgrade = upgrade  # the request asked to switch protocols: a 101 is its final answer
+        # After a 101: the upstream connection's side of a tunnel (see proxy/tunnel.py), else None.
+        self.upgraded_end: TunnelEnd | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} HTTP/{self.http_version} complete={self.complete}>"
@@ -157,6 +166,9 @@ class UpstreamResponse:
         conn = self._conn
         if conn is not None:
             conn.abandon(self, ResetMidBody("response closed before the body was read", request_sent=True))
+        end = self.upgraded_end
+        if end is not None and end.tunnel is None:
+            end.abort()  # switched, but no tunnel was made of it: the connection is of no other use
         self._chunks = []
         self._size = 0
 
@@ -232,6 +244,16 @@ class UpstreamResponse:
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # Switching Protocols, asked for: the final answer. The bytes after it belong to the
+            # new protocol (data_received hands them to a tunnel end).
+            self.status = status
+            self.http_version = parser.get_http_version()
+            self._head_done = True
+            self._no_body = True
+            self.keep_alive = False
+            self._wake()
+            return
         if status < 200:
             # 1xx interim response (100 Continue, 103 Early Hints...): skipped.
             # llhttp ends these messages itself; 101 makes feed_data fail.
@@ -371,6 +393,25 @@ class Connection(asyncio.Protocol):
         if self.checked_out:
             self.pool._release(self, resp.keep_alive and not resp._garbage)
 
+    def _switch(self, resp: UpstreamResponse, early: bytes) -> None:
+        """After a 101: the transport leaves HTTP for a tunnel end; the pool slot stays taken
+        until the tunnel's connection is gone, and the connection is never reused."""
+        self._resp = None
+        self._parser = None
+        resp._parser = None
+        resp._conn = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        end = TunnelEnd(self.transport, early, on_lost=self._tunnel_lost)
+        resp.upgraded_end = end
+        self.transport.set_protocol(end)
+
+    def _tunnel_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.checked_out:
+            self.pool._release(self, False)
+
     def abandon(self, resp: UpstreamResponse, exc: UpstreamError) -> None:
         """The caller gave up on ``resp`` (close/cancel): drop the connection if still attached."""
         if self._resp is resp:
@@ -502,6 +543,13 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if self._resp is resp:
+                if resp.status == 101 and resp._upgrade:
+                    self._switch(resp, data[exc.args[0] :])
+                else:
+                    self.fail(BadResponse("101 Switching Protocols to a request that did not ask for it"))
+            return
         except HttpParserError as exc:
             if self._resp is resp:
                 self.fail(_parser_fault(exc))

@@ -86,6 +86,7 @@ class UpstreamPool:
         content_length: int | None = None,
         head_timeout: float | None = None,
         idle_timeout: float | None = None,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
         """Send a request and return once the final response head arrived.
 
@@ -94,6 +95,8 @@ class UpstreamPool:
         wait and connect included) to the complete head, minus the time spent
         waiting for ``body_stream`` (the downstream client); ``idle_timeout``
         bounds silence while reading the body and stalls while uploading.
+        ``upgrade``: the request asks to switch protocols (``headers`` carry Upgrade and
+        Connection); a 101 then is the final answer, with ``upgraded_end`` for a tunnel.
         """
         loop = self._loop
         if loop is None:
@@ -118,7 +121,7 @@ class UpstreamPool:
         else:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         data = b"".join(parts)
-        resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head)
+        resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head, upgrade)
 
         conn = self._take_idle()
         if conn is None:

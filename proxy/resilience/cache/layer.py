@@ -311,6 +311,8 @@ class CacheLayer:
         method = ex.method
         if method != "GET" and method != "HEAD":
             return await self._other_method(ex)
+        if ex.upgrade is not None:
+            return await self.next(ex)  # switching protocols: nothing to store or serve
         key = self.key(ex.host, ex.target)
         req = _request(ex.request_headers)
         if req.origin_only:
@@ -803,6 +805,7 @@ class CacheLayer:
             ex.request_headers,
             self.clock.now() + self.route_timeout,
         )
+        refresh.upstream_target = ex.upstream_target
         task = asyncio.ensure_future(self._refresh(refresh, key, entry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

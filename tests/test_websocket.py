@@ -1,0 +1,341 @@
+"""WebSocket (and any Upgrade protocol) through Fender: a real websockets server and client.
+
+The server is the `websockets` package on a free loopback port; the client
+connects to Fender, whose route allows (or not) the upgrade. Tunnels are
+byte splices, so the frames the client and server exchange are theirs, not
+Fender's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from proxy.clock import ManualClock
+from proxy.config import load_policy
+from proxy.server import Fender, bind_socket
+from tests.conftest import ROOT, free_port, policy_text, wait_port
+
+_LIMIT = 10.0  # bound on every wait in this file; the pass case takes milliseconds
+
+
+class WsServer:
+    """A websockets echo server on 127.0.0.1; ``close_after`` ends connections from the server side."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.closed = asyncio.Event()
+        self.server_close_after: int | None = None
+        self.handlers: list = []
+
+    async def handler(self, ws) -> None:
+        self.connections += 1
+        self.handlers.append(ws)
+        try:
+            count = 0
+            async for message in ws:
+                if message == "close-please":
+                    await ws.close(code=4000, reason="server says bye")
+                    return
+                await ws.send(message)
+                count += 1
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    async def __aenter__(self) -> WsServer:
+        self._server = await serve(self.handler, "127.0.0.1", 0, max_size=32 * 1024 * 1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def _policy(port: int, routes: str = "", server: str = "") -> str:
+    return policy_text(
+        port,
+        routes
+        or """
+        - name: live
+          match: {path_prefix: /ws}
+          upstream: echo
+        - name: plain
+          match: {path_prefix: /plain}
+          upstream: echo
+          upgrades: []
+        """,
+        server=server,
+    )
+
+
+async def _metrics(fender) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(fender.admin_url + "/metrics")).text
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{{{want}}}")
+
+
+async def test_text_and_binary_frames_echo_through_a_tunnel(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port))
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/echo") as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+                await ws.send(b"\x00\x01\xfe\xff")
+                assert await ws.recv() == b"\x00\x01\xfe\xff"
+                for i in range(50):
+                    await ws.send(f"message {i}")
+                    assert await ws.recv() == f"message {i}"
+                text = await _metrics(fender)
+                assert _metric(text, "fender_tunnels_open", route="live") == 1
+            await server.closed.wait()
+        text = await _metrics(fender)
+        assert _metric(text, "fender_upgrades_total", route="live", protocol="websocket", outcome="switched") == 1
+        assert server.connections == 1
+
+
+async def test_a_16_mib_message_crosses_with_bounded_memory_in_fender(fender_process):
+    """Backpressure both ways: a 16 MiB message is relayed without Fender ever holding it.
+
+    Fender runs as its own process so its peak RSS can be read; a Fender that buffered the
+    message (once each way) would grow by at least 16 MiB.
+    """
+    async with WsServer() as server:
+        port = free_port()
+        text = _policy(server.port).replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+        fender = fender_process(text)
+        await asyncio.to_thread(fender.start, port)
+        payload = os.urandom(16 * 1024 * 1024)
+        async with asyncio.timeout(60):
+            async with connect(f"ws://127.0.0.1:{port}/ws/big", max_size=32 * 1024 * 1024) as ws:
+                await ws.send(b"warm-up" * 1000)  # the tunnel's own code paths allocated once
+                assert len(await ws.recv()) == 7000
+                before = fender.peak_rss_mib()
+                await ws.send(payload)
+                echoed = await ws.recv()
+                after = fender.peak_rss_mib()
+        assert echoed == payload
+        assert after - before < 6, f"Fender's peak RSS grew {after - before:.1f} MiB for a 16 MiB message"
+
+
+async def test_server_initiated_close_reaches_the_client(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port))
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/x") as ws:
+                await ws.send("close-please")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+        assert closed.value.rcvd.code == 4000
+        assert closed.value.rcvd.reason == "server says bye"
+
+
+async def test_client_close_reaches_the_server_and_frees_the_upstream_connection(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port))
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/x") as ws:
+                await ws.send("one")
+                assert await ws.recv() == "one"
+            await server.closed.wait()
+            pool = fender.runtime.upstreams["echo"].replicas[0].pool
+            while pool.in_use:  # bounded by the timeout above; the close is processed in loop turns
+                await asyncio.sleep(0.01)
+        assert pool.in_use == 0 and pool.idle == 0  # a tunnel's connection never returns to the pool
+        text = await _metrics(fender)
+        assert _metric(text, "fender_tunnels_open", route="live") == 0
+        assert _metric(text, "fender_tunnel_duration_seconds_count", route="live") == 1
+
+
+async def test_upstream_killed_mid_tunnel_closes_the_client_and_spares_others(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port))
+        async with asyncio.timeout(_LIMIT):
+            other = await connect(f"ws://127.0.0.1:{fender.data_port}/ws/other")
+            victim = await connect(f"ws://127.0.0.1:{fender.data_port}/ws/victim")
+            await victim.send("ping")
+            assert await victim.recv() == "ping"
+            # Kill the victim's server side abruptly (no close frame): its TCP connection is reset.
+            server.handlers[1].transport.abort()
+            with pytest.raises(ConnectionClosed):
+                await victim.recv()
+            await other.send("still here")
+            assert await other.recv() == "still here"
+            fresh = await connect(f"ws://127.0.0.1:{fender.data_port}/ws/fresh")
+            await fresh.send("new")
+            assert await fresh.recv() == "new"
+            await fresh.close()
+            await other.close()
+
+
+async def test_idle_tunnel_is_closed_after_upgrade_idle_timeout(start_fender):
+    clock = ManualClock()
+    async with WsServer() as server:
+        routes = """
+        - name: live
+          match: {path_prefix: /ws}
+          upstream: echo
+          upgrade_idle_timeout: 30s
+        """
+        fender = await start_fender(_policy(server.port, routes), clock=clock)
+        tunnels = fender.dataplane.tunnels
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/x", ping_interval=None) as ws:
+                await ws.send("a")
+                assert await ws.recv() == "a"
+                clock.advance(29)
+                assert tunnels.sweep() == 0  # not idle long enough yet
+                await ws.send("b")  # activity restarts the idle time
+                assert await ws.recv() == "b"
+                clock.advance(29)
+                assert tunnels.sweep() == 0
+                clock.advance(2)
+                assert tunnels.sweep() == 1
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+
+
+async def test_route_without_upgrades_refuses_with_403_and_never_forwards(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port))
+        async with asyncio.timeout(_LIMIT):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(f"ws://127.0.0.1:{fender.data_port}/plain/ws"):
+                    pass
+        response = refused.value.response
+        assert response.status_code == 403
+        assert response.headers["x-fender-error"] == "upgrade_not_allowed"
+        assert server.connections == 0
+        text = await _metrics(fender)
+        assert _metric(text, "fender_upgrades_total", route="plain", outcome="not_allowed") == 1
+
+
+async def test_h2c_upgrade_is_ignored_and_served_as_http11(start_fender, echo_upstream):
+    fender = await start_fender(policy_text(echo_upstream.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+    try:
+        writer.write(
+            b"GET /h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+        async with asyncio.timeout(_LIMIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sent = echo_upstream.requests[-1]
+        names = {name.lower() for name, _ in sent["headers"]}
+        assert "upgrade" not in names and "http2-settings" not in names
+    finally:
+        writer.close()
+
+
+async def test_upstream_declining_the_upgrade_is_relayed_as_a_normal_response(start_fender, echo_upstream):
+    """An HTTP server that ignores Upgrade answers 200: the client gets that answer, no tunnel."""
+    fender = await start_fender(_policy(echo_upstream.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+    try:
+        writer.write(
+            b"GET /ws/x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        async with asyncio.timeout(_LIMIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sent = {name.lower(): value for name, value in echo_upstream.requests[-1]["headers"]}
+        assert sent["upgrade"] == "websocket" and "upgrade" in sent["connection"].lower()
+    finally:
+        writer.close()
+    text = await _metrics(fender)
+    assert _metric(text, "fender_upgrades_total", route="live", protocol="websocket", outcome="declined") == 1
+    with pytest.raises(AssertionError):
+        _metric(text, "fender_upgrades_total", route="live", protocol="websocket", outcome="switched")
+
+
+async def test_a_reload_leaves_an_open_tunnel_on_its_runtime(tmp_path):
+    async with WsServer() as server:
+        path = tmp_path / "policy.yaml"
+        text = _policy(server.port).replace("admin: 127.0.0.1:0\n", "admin: 127.0.0.1:0\nreload: {watch: false}\n")
+        path.write_text(text)
+        fender = Fender(load_policy(path), str(path))
+        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+        try:
+            first = fender.runtime
+            async with asyncio.timeout(_LIMIT):
+                async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/x") as ws:
+                    await ws.send("before")
+                    assert await ws.recv() == "before"
+                    path.write_text(text.replace("upstream: echo", "upstream: echo\n    timeout: 7s", 1))
+                    attempt = await fender.reloader.reload("api")
+                    assert attempt.result == "applied", attempt
+                    assert fender.runtime is not first
+                    assert first.active == 0  # the tunnel holds no request of the old runtime
+                    await ws.send("after")
+                    assert await ws.recv() == "after"
+        finally:
+            await fender.stop()
+
+
+def test_drain_waits_for_a_tunnel_then_closes_it_at_the_grace(tmp_path):
+    """SIGTERM: the open tunnel keeps working through drain.delay, and is closed once drain.timeout passes."""
+
+    async def scenario() -> None:
+        async with WsServer() as server:
+            port = free_port()
+            policy = tmp_path / "p.yaml"
+            policy.write_text(
+                textwrap.dedent(
+                    f"""
+                    listen: 127.0.0.1:{port}
+                    admin: 127.0.0.1:{free_port()}
+                    drain: {{delay: 0s, timeout: 1s}}
+                    upstreams:
+                      echo: {{replicas: [{{url: "http://127.0.0.1:{server.port}"}}]}}
+                    routes:
+                      - {{name: live, upstream: echo}}
+                    """
+                )
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                await asyncio.to_thread(wait_port, port)
+                async with asyncio.timeout(_LIMIT):
+                    async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                        await ws.send("x")
+                        assert await ws.recv() == "x"
+                        proc.send_signal(signal.SIGTERM)
+                        await ws.send("during drain")
+                        assert await ws.recv() == "during drain"
+                        with pytest.raises(ConnectionClosed):
+                            await ws.recv()  # closed by Fender at the end of drain.timeout
+                    code = await asyncio.to_thread(proc.wait, _LIMIT)
+                assert code == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    asyncio.run(scenario())
