@@ -98,7 +98,9 @@ async def test_request_body_pieces_reach_the_upstream_while_the_client_holds_the
         fender = await start_fender(policy_text(up.port))
         reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
         try:
-            writer.write(b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n6\r\npart-1\r\n")
+            writer.write(
+                b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n6\r\npart-1\r\n"
+            )
             await writer.drain()
             async with asyncio.timeout(_READ_LIMIT):
                 await got_first.wait()  # part 1 is upstream before part 2 was even written
