@@ -135,8 +135,13 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # ASGI extensions this server offers (shared, never mutated). "fender.response.body": an
 # http.response.start message may carry "body" and "more_body", as if a body message followed
 # at once; head and body then leave in one write, with no flush scheduled for the head alone.
-EXTENSIONS = {"fender.response.body": {}}
+# "fender.response.interim": an "http.response.interim" message (status, headers) before the
+# response start writes an informational answer (103 Early Hints...).
+EXTENSIONS = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -260,6 +265,9 @@ class _Exchange:
             return
         if not self.started:
             if message["type"] != "http.response.start":
+                if message["type"] == "http.response.interim":
+                    self._interim(message["status"], message.get("headers", ()))
+                    return
                 raise RuntimeError(f"expected http.response.start, got {message['type']!r}")
             self.started = True
             self.expect_continue = False
@@ -277,8 +285,36 @@ class _Exchange:
         if self.complete:
             raise RuntimeError(f"unexpected {message['type']!r} after the response completed")
         if message["type"] != "http.response.body":
+            if message["type"] == "http.response.trailers":
+                self._write_trailers(message.get("headers", ()))
+                return
             raise RuntimeError(f"expected http.response.body, got {message['type']!r}")
         self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    def _write_trailers(self, trailers) -> None:
+        """End a chunked body with trailer fields (ASGI http.response.trailers, after more_body)."""
+        if self.chunked and not self.head_request:
+            parts = [b"0\r\n"]
+            for name, value in trailers:
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            self.chunked = False  # the terminating chunk is written here, not by _write_body
+            self.conn.transport.write(b"".join(parts))
+        self._write_body(b"", False)
+
+    def _interim(self, status: int, headers) -> None:
+        """Relay an informational answer (103 Early Hints...) before the final response
+        (ASGI message ``http.response.interim``, this server's extension ``fender.response.interim``);
+        never to an HTTP/1.0 client (RFC 9110 15.2)."""
+        conn = self.conn
+        if self.http10 or conn.transport.is_closing() or not 100 < status < 200 or status == 101:
+            return
+        parts = [_STATUS_LINES.get(status) or _status_line(status)]
+        for name, value in headers:
+            if name not in _HOP_BY_HOP:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        conn.transport.write(b"".join(parts))
 
     def _write_body(self, body: bytes, more: bool) -> None:
         conn = self.conn

@@ -40,7 +40,7 @@ def test_request_head_drops_hop_by_hop_and_connection_named():
             (b"host", b"svc"),
             (b"connection", b"keep-alive, X-Secret"),
             (b"keep-alive", b"timeout=5"),
-            (b"te", b"trailers"),
+            (b"te", b"gzip"),
             (b"upgrade", b"websocket"),
             (b"proxy-connection", b"keep-alive"),
             (b"x-secret", b"1"),
@@ -49,6 +49,13 @@ def test_request_head_drops_hop_by_hop_and_connection_named():
         ]
     )
     assert head.forward == [(b"accept", b"*/*")]
+    assert head.te_trailers is False
+
+
+def test_request_head_passes_te_trailers_only():
+    head = RequestHead([(b"host", b"svc"), (b"te", b"gzip, Trailers"), (b"connection", b"te")])
+    assert head.forward == [(b"te", b"trailers")]
+    assert head.te_trailers is True
     assert head.host == b"svc"
     assert head.content_length == 3
     assert head.bad is None

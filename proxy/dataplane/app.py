@@ -112,9 +112,18 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
+def _accepts_trailers(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The client sent TE: trailers (RFC 9110 10.1.4); otherwise trailers are dropped (6.5)."""
+    for name, value in headers:
+        if name == b"te" and value.lower().find(b"trailers") >= 0:
+            return True
+    return False
+
+
 # ASGI extension of Fender's own HTTP protocol (proxy/http_protocol.py): the response head
 # message may carry the first body part. Other servers (granian) get the standard two messages.
 _INLINE_BODY = "fender.response.body"
+_INTERIM = "fender.response.interim"
 
 
 def _start(status: int, headers, body: bytes, more: bool) -> dict:
@@ -278,6 +287,8 @@ class DataPlane:
             exchange.receive = receive
         if upgrade is not None:
             exchange.upgrade = upgrade
+        if _INTERIM in scope.get("extensions", ()):
+            exchange.interim = send  # 103 Early Hints and other 1xx are relayed as they arrive
         rewrite = route.rewrite
         if rewrite is not None:
             # rewrite_prefix: the upstream gets the replacement in place of the matched prefix,
@@ -336,9 +347,10 @@ class DataPlane:
                 # slot-holding reply that the body ended.
                 chunk = await reply.read()
                 following = await reply.read()
-                await send(_start(status, headers, chunk, bool(following)))
-                if not following:
+                if not following and reply.trailers is None:
+                    await send(_start(status, headers, chunk, False))
                     return
+                await send(_start(status, headers, chunk, True))
                 chunk = following
             else:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -349,9 +361,9 @@ class DataPlane:
                 # fully arrived is joined into one final message: that read does not wait.
                 if reply.complete:
                     following = await reply.read()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
                     if not following:
-                        return
+                        break
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     chunk = following
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -362,7 +374,14 @@ class DataPlane:
                     reply.close()
                     return
                 chunk = await reply.read()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            trailers = reply.trailers
+            if trailers is not None and inline and _accepts_trailers(ex.request_headers):
+                # Response trailers for a client that said TE: trailers (Fender's own protocol only).
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.trailers", "headers": trailers, "more_trailers": False})
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
         except UpstreamError as error:
             reply.close()
             if ex.upstream_name is not None:

@@ -9,6 +9,7 @@ layer can look at the status and decide before anything reached the client.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from proxy.upstream import UpstreamError
@@ -19,6 +20,8 @@ class Reply(Protocol):
     headers: list[tuple[bytes, bytes]]
 
     complete: bool  # the whole body has been received (nothing more to wait for)
+    # Trailer fields that followed the body (once read to the end), or None.
+    trailers: list[tuple[bytes, bytes]] | None
 
     def has_body(self) -> bool: ...
     async def read(self) -> bytes: ...
@@ -52,6 +55,7 @@ class Exchange:
         "receive",
         "upgrade",
         "upstream_target",
+        "interim",
     )
 
     def __init__(
@@ -104,6 +108,19 @@ class Exchange:
         self.upgrade = None
         # The target sent upstream when the route rewrites it (rewrite_prefix); else None: ``target``.
         self.upstream_target: bytes | None = None
+        # The ASGI send when the server relays informational answers (fender.response.interim).
+        self.interim = None
+
+    def relay_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Pass a 103 Early Hints (or other 1xx) from the upstream to the client as it arrives.
+
+        Called from the upstream client's parser callback, so the send runs in a task of its
+        own; it is scheduled before the final head wakes the request, so it is written first.
+        """
+        send = self.interim
+        if send is not None:
+            message = {"type": "http.response.interim", "status": status, "headers": list(headers)}
+            asyncio.ensure_future(send(message))
 
     def note(self, text: str) -> None:
         """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""
@@ -180,6 +197,7 @@ class LocalReply:
         self._sent = False
 
     complete = True  # the whole body is here (see UpstreamResponse.complete)
+    trailers = None
 
     def has_body(self) -> bool:
         return True

@@ -217,6 +217,7 @@ class Forwarder:
                 head_timeout=head_timeout,
                 idle_timeout=self.idle_timeout,
                 upgrade=ex.upgrade is not None,
+                interim=None if ex.interim is None else ex.relay_interim,
             )
         except UpstreamError as error:
             metrics.error(error.reason).inc()

@@ -38,8 +38,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"fender-deadline-ms",
     b"fender-explain",
 }
-# Response framing is passed through: Content-Length tells uvicorn the length.
-_RESPONSE_DROP = HOP_BY_HOP
+# Response framing is passed through: Content-Length tells uvicorn the length. Trailer is
+# end-to-end (RFC 9110 6.6.2): it announces the trailer fields relayed to a TE: trailers client.
+_RESPONSE_DROP = HOP_BY_HOP - {b"trailer"}
 
 VIA_TOKEN = b"fender"
 _MAX_REQUEST_ID = 128
@@ -145,6 +146,7 @@ class RequestHead:
         "client",
         "deadline_ms",
         "explain",
+        "te_trailers",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -161,6 +163,7 @@ class RequestHead:
         self.client: str | None = None
         self.deadline_ms: int | None = None  # Fender-Deadline-Ms from a calling Fender
         self.explain = False  # Fender-Explain: 1 (honoured only from trusted peers)
+        self.te_trailers = False  # TE: trailers (the client reads response trailers; passed upstream)
         connection: list[bytes] | None = None
         drop = _REQUEST_DROP
         for name, value in headers:
@@ -204,11 +207,15 @@ class RequestHead:
                 if connection is None:
                     connection = []
                 connection.append(value)
+            elif name == b"te":
+                self.te_trailers = self.te_trailers or value.lower().find(b"trailers") >= 0
             # every other hop-by-hop field is simply dropped
         if connection is not None:
             named = _named_by_connection(connection)
             if named:
                 forward = [(n, v) for n, v in forward if n not in named]
+        if self.te_trailers:
+            forward.append((b"te", b"trailers"))  # the only TE value a proxy passes on (RFC 9110 10.1.4)
         self.forward = forward
 
 

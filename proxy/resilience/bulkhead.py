@@ -233,6 +233,10 @@ class SlotReply:
     def has_body(self) -> bool:
         return self._reply.has_body()
 
+    @property
+    def trailers(self):
+        return self._reply.trailers
+
     async def read(self) -> bytes:
         try:
             chunk = await self._reply.read()

@@ -34,6 +34,32 @@ if TYPE_CHECKING:
 HIGH_WATER = 256 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _HAVE_POLL = hasattr(select, "poll")  # not on Windows: the stale check is then skipped
+# Fields a trailer section may not carry (RFC 9110 6.5.1: framing, routing, connection handling).
+_NOT_TRAILERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"cache-control",
+        b"pragma",
+        b"expect",
+        b"max-forwards",
+        b"range",
+        b"authorization",
+        b"proxy-authenticate",
+        b"www-authenticate",
+    }
+)
+_NUL = 0
 
 
 def _parser_fault(exc: HttpParserError) -> UpstreamError:
@@ -83,10 +109,17 @@ class UpstreamResponse:
         "_max_head",
         "_upgrade",
         "upgraded_end",
+        "trailers",
+        "_interim_sink",
     )
 
     def __init__(
-        self, head_only: bool, idle_timeout: float | None, max_head: int, upgrade: bool = False
+        self,
+        head_only: bool,
+        idle_timeout: float | None,
+        max_head: int,
+        upgrade: bool = False,
+        interim=None,
     ) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -122,6 +155,11 @@ class UpstreamResponse:
         self._upgrade = upgrade  # the request asked to switch protocols: a 101 is its final answer
         # After a 101: the upstream connection's side of a tunnel (see proxy/tunnel.py), else None.
         self.upgraded_end: TunnelEnd | None = None
+        # Trailer fields of a chunked body, once any arrived (counted in the head size limit).
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        # Called with (status, headers) for each 1xx other than 100 and a switching 101 (103 Early
+        # Hints...), as it arrives, so it can be relayed before the final response.
+        self._interim_sink = interim
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} HTTP/{self.http_version} complete={self.complete}>"
@@ -219,7 +257,8 @@ class UpstreamResponse:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
-            return  # trailers of a chunked body: dropped
+            self._trailer(name, value)
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise BadResponse(f"response head larger than {self._max_head} bytes")
@@ -241,6 +280,18 @@ class UpstreamResponse:
             if value.find(b"keep-alive") >= 0:
                 self._conn_keep = True
 
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field of a chunked body: kept (bounded like the head) unless it may not be one."""
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise BadResponse(f"response head and trailers larger than {self._max_head} bytes")
+        name = name.lower()
+        if name in _NOT_TRAILERS or _NUL in value:
+            return  # framing, routing and connection fields never come from a trailer (RFC 9110 6.5.1)
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append((name, value))
+
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
@@ -258,6 +309,9 @@ class UpstreamResponse:
             # 1xx interim response (100 Continue, 103 Early Hints...): skipped.
             # llhttp ends these messages itself; 101 makes feed_data fail.
             self._interim = True
+            sink = self._interim_sink
+            if sink is not None and status != 100 and status != 101:
+                sink(status, self.headers)
             self.headers = []
             self._framed = self._cl_zero = self._conn_close = self._conn_keep = False
             return

@@ -87,6 +87,7 @@ class UpstreamPool:
         head_timeout: float | None = None,
         idle_timeout: float | None = None,
         upgrade: bool = False,
+        interim=None,
     ) -> UpstreamResponse:
         """Send a request and return once the final response head arrived.
 
@@ -97,6 +98,8 @@ class UpstreamPool:
         bounds silence while reading the body and stalls while uploading.
         ``upgrade``: the request asks to switch protocols (``headers`` carry Upgrade and
         Connection); a 101 then is the final answer, with ``upgraded_end`` for a tunnel.
+        ``interim(status, headers)`` is called for each informational answer (103 Early Hints...)
+        other than 100 Continue as it arrives.
         """
         loop = self._loop
         if loop is None:
@@ -121,7 +124,7 @@ class UpstreamPool:
         else:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         data = b"".join(parts)
-        resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head, upgrade)
+        resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head, upgrade, interim)
 
         conn = self._take_idle()
         if conn is None:

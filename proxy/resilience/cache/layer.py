@@ -86,6 +86,7 @@ class CachedReply:
         self._sent = not body
 
     complete = True  # stored: the whole body is here
+    trailers = None  # not stored
 
     def has_body(self) -> bool:
         return bool(self._body)
@@ -114,6 +115,10 @@ class PrefixedReply:
     @property
     def complete(self) -> bool:
         return self._reply.complete
+
+    @property
+    def trailers(self):
+        return self._reply.trailers
 
     def has_body(self) -> bool:
         return self._reply.has_body()
@@ -147,6 +152,10 @@ class StoringReply:
     @property
     def complete(self) -> bool:
         return self._reply.complete
+
+    @property
+    def trailers(self):
+        return self._reply.trailers
 
     def has_body(self) -> bool:
         return self._reply.has_body()
