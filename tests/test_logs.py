@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.config import PolicyError, parse_policy
 from proxy.dataplane.accesslog import _BareLines, cache_result
 from proxy.dataplane.faultlog import FaultLog, LineLimiter
 from proxy.upstream import ConnectFailure
@@ -386,3 +387,14 @@ def test_cache_status_becomes_the_cache_metric_result_word(value, result):
 
 def test_no_cache_status_is_no_cache_result():
     assert cache_result([(b"retry-after", b"1")]) is None
+
+
+def test_a_wrong_access_log_format_is_refused_at_its_line_and_column():
+    text = policy_text(free_port(), server="access_log: true\naccess_log_format: jsn\n")
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "access_log_format" in t)
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(text, "p.yaml")
+    column = text.splitlines()[line - 1].index("jsn") + 1
+    assert str(refused.value).startswith(
+        f"p.yaml:{line}:{column}: server.access_log_format: expected 'text' or 'json', got \"jsn\""
+    )
