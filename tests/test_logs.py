@@ -17,7 +17,7 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import PolicyError, parse_policy
-from proxy.dataplane.accesslog import _BareLines, cache_result
+from proxy.dataplane.accesslog import AccessLog, _BareLines, cache_result
 from proxy.dataplane.faultlog import FaultLog, LineLimiter
 from proxy.upstream import ConnectFailure
 from proxy.upstream.errors import os_words
@@ -398,3 +398,16 @@ def test_a_wrong_access_log_format_is_refused_at_its_line_and_column():
     assert str(refused.value).startswith(
         f"p.yaml:{line}:{column}: server.access_log_format: expected 'text' or 'json', got \"jsn\""
     )
+
+
+def test_json_lines_get_a_bare_handler_that_a_reload_back_to_text_removes(access_logger):
+    AccessLog("json")
+    AccessLog("json")  # a reload with the same format: still one handler
+    assert [type(h) for h in access_logger.handlers] == [_BareLines] and not access_logger.propagate
+    AccessLog("text")
+    assert access_logger.handlers == [] and access_logger.propagate
+    # Whoever embeds Fender and gave fender.access a handler keeps it, with propagation as it was.
+    own = logging.NullHandler()
+    access_logger.addHandler(own)
+    AccessLog("json")
+    assert access_logger.handlers == [own] and access_logger.propagate
