@@ -276,7 +276,7 @@ class DataPlane:
         metrics = route.metrics
         metrics.request_counter(method, status).inc()
         metrics.duration.observe(time.perf_counter() - started)
-        if runtime.access_log is not None:
+        if runtime.access_log:
             runtime.access_log.write(scope, method, status, reply, ex, started)
         inline = _INLINE_BODY in scope.get("extensions", ())
         if method == "HEAD" or not reply.has_body():

@@ -282,7 +282,7 @@ class Runtime:
         ]
         self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
         self.trusted = TrustedProxies(policy.server.trusted_proxies, policy.server.trusted_hops)
-        # None when off (the default): the data path then pays one `is not None` per request.
+        # None when off (the default): the data path then pays one truth test per request, as before.
         self.access_log = AccessLog(policy.server.access_log_format) if policy.server.access_log else None
         if previous is not None:
             self._generic_carry_over(previous)
