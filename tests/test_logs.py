@@ -16,9 +16,10 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.config import PolicyError, parse_policy
+from proxy.config import PolicyError, load_policy, parse_policy
 from proxy.dataplane.accesslog import AccessLog, _BareLines, cache_result
 from proxy.dataplane.faultlog import FaultLog, LineLimiter
+from proxy.server import Fender, bind_socket
 from proxy.upstream import ConnectFailure
 from proxy.upstream.errors import os_words
 from tests.conftest import free_port, policy_text
@@ -411,3 +412,39 @@ def test_json_lines_get_a_bare_handler_that_a_reload_back_to_text_removes(access
     access_logger.addHandler(own)
     AccessLog("json")
     assert access_logger.handlers == [own] and access_logger.propagate
+
+
+async def test_a_reload_that_rebuilds_the_upstream_keeps_a_muted_replica_muted(tmp_path):
+    clock = ManualClock()
+    port = free_port()
+    path = tmp_path / "policy.yaml"
+
+    def write(max_connections: int) -> None:
+        path.write_text(
+            policy_text(port, routes=ROUTES).replace(
+                f"replicas: [{{url: http://127.0.0.1:{port}}}]",
+                f"replicas: [{{url: http://127.0.0.1:{port}}}]\n    pool: {{max_connections: {max_connections}}}",
+            )
+            + "reload: {watch: false}\n"
+        )
+
+    write(100)
+    fender = Fender(load_policy(path), str(path), clock=clock)
+    await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+    try:
+        url = f"http://127.0.0.1:{fender.data_port}/"
+        with Lines("fender.upstream") as lines:
+            async with httpx.AsyncClient() as client:
+                await client.get(url)
+                before = fender.runtime.upstreams["echo"]
+                write(50)  # a pool setting changed: the upstream is built anew
+                reload = await client.post(f"http://127.0.0.1:{fender.admin_port}/admin/reload")
+                assert reload.json()["result"] == "applied"
+                assert fender.runtime.upstreams["echo"] is not before
+                await client.get(url)
+                assert len(lines.records) == 1  # still inside the 10 s of the first line
+                clock.advance(10)
+                await client.get(url)
+        assert lines.messages()[1].endswith(" and 1 more since 10.0s ago")
+    finally:
+        await fender.stop()
