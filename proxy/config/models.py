@@ -202,7 +202,19 @@ class ServerOptions(PolicyModel):
     )
     access_log: Flag = Field(
         default=False,
-        description="Write one buffered line per request to the access log. Off by default: metrics cover the common questions.",
+        description=(
+            "Write one line per proxied request to the access log (logger fender.access): status, route, "
+            "replica, tries, cache status, the X-Fender-Error reason. Off by default: metrics cover the "
+            "common questions."
+        ),
+    )
+    access_log_format: Literal["text", "json"] = Field(
+        default="text",
+        description=(
+            "text: key=value lines through the process's log format; json: one JSON object per line with "
+            "fixed field names (time, client, method, target, status, route, upstream, replica, tries, "
+            "cache, error, request_id, duration_ms), written bare to stderr for log shippers."
+        ),
     )
     trusted_proxies: tuple[IpNetwork, ...] = Field(
         default=(),

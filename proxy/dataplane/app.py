@@ -21,7 +21,6 @@ from proxy.dataplane.runtime import RouteRuntime, Runtime
 from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
-access_log = logging.getLogger("fender.access")
 log = logging.getLogger("fender")
 
 _NO_ROUTE_NAME = "-"
@@ -323,7 +322,7 @@ class DataPlane:
         metrics.request_counter(method, status).inc()
         metrics.duration.observe(time.perf_counter() - started)
         if runtime.access_log:
-            self._access(scope, method, status, ex, started)
+            runtime.access_log.write(scope, method, status, reply, ex, started)
         inline = _INLINE_BODY in scope.get("extensions", ())
         if method == "HEAD" or not reply.has_body():
             if status == 101 and ex.upgrade is not None:
@@ -456,19 +455,3 @@ class DataPlane:
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         body = b"" if method == "HEAD" else reply.body
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    @staticmethod
-    def _access(scope, method, status, ex: Exchange, started) -> None:
-        client = scope.get("client")
-        access_log.info(
-            '%s "%s %s" %d route=%s upstream=%s replica=%s rid=%s %.1fms',
-            client[0] if client else "-",
-            method,
-            ex.target.decode("latin-1")[:512],
-            status,
-            ex.route_name,
-            ex.upstream_name or "-",
-            ex.replica_name or "-",
-            ex.request_id.decode("latin-1"),
-            (time.perf_counter() - started) * 1000,
-        )

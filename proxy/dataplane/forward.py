@@ -12,6 +12,7 @@ import asyncio
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.dataplane.faultlog import FaultLog
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.resilience.failover import ReplicaPicker
 from proxy.resilience.health import HealthChecker
@@ -56,6 +57,7 @@ class UpstreamRuntime:
         self.clock = clock
         self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
         self.metrics = UpstreamMetrics(metrics, name)
+        self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
         health = options.health_check
         self.picker = ReplicaPicker(
@@ -122,6 +124,7 @@ class UpstreamRuntime:
     def carry_over(self, old: UpstreamRuntime) -> None:
         """While the new runtime is built: copy the health/ejection state of remaining replicas."""
         self.picker.carry_over(old.picker)
+        self.faults = old.faults  # a reload does not reopen the error log to a replica already muted
         self._previous = old
 
     async def take_over(self) -> None:
@@ -223,6 +226,7 @@ class Forwarder:
             metrics.error(error.reason).inc()
             metrics.outcome(replica.name, error.reason).inc()
             upstream.observe(replica, 0, error, self._clock.now() - started)
+            upstream.faults.report(replica.name, ex.route_name, error, ex.request_id)
             ex.note(f"try {replica.name} {error.reason}")
             return LocalReply.from_upstream_error(error)
         except BodyTooLarge:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
 from proxy.dataplane.pipeline import Handler, LayerContext, build_pipeline
@@ -294,7 +295,8 @@ class Runtime:
         ]
         self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
         self.trusted = TrustedProxies(policy.server.trusted_proxies, policy.server.trusted_hops)
-        self.access_log = policy.server.access_log
+        # None when off (the default): the data path then pays one truth test per request, as before.
+        self.access_log = AccessLog(policy.server.access_log_format) if policy.server.access_log else None
         if previous is not None:
             self._generic_carry_over(previous)
         self.handover.previous = None  # do not keep a chain of old runtimes alive

@@ -23,7 +23,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.tunnel import TunnelEnd
 
-from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout
+from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout, os_words
 
 if TYPE_CHECKING:
     from .pool import UpstreamPool
@@ -60,6 +60,15 @@ _NOT_TRAILERS = frozenset(
     }
 )
 _NUL = 0
+
+
+def _over(limit: int) -> str:
+    """The error log's words for a head over ``limit`` bytes (``response head over 64 KiB``)."""
+    return (
+        f"response head over {limit // 1024} KiB"
+        if limit % 1024 == 0
+        else f"response head over {limit} bytes"
+    )
 
 
 def _parser_fault(exc: HttpParserError) -> UpstreamError:
@@ -261,7 +270,9 @@ class UpstreamResponse:
             return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
-            raise BadResponse(f"response head larger than {self._max_head} bytes")
+            raise BadResponse(
+                f"response head larger than {self._max_head} bytes", cause=_over(self._max_head)
+            )
         name = name.lower()
         self.headers.append((name, value))
         # httptools validates framing (duplicate CL, CL + chunked...); we only
@@ -616,7 +627,11 @@ class Connection(asyncio.Protocol):
             # Bound memory of a head that never ends (on_header counts precisely).
             resp._raw_head_bytes += len(data)
             if resp._raw_head_bytes > resp._max_head:
-                self.fail(BadResponse(f"response head larger than {resp._max_head} bytes"))
+                self.fail(
+                    BadResponse(
+                        f"response head larger than {resp._max_head} bytes", cause=_over(resp._max_head)
+                    )
+                )
 
     def eof_received(self) -> bool:
         self._ended(None)
@@ -656,9 +671,13 @@ class Connection(asyncio.Protocol):
                 self.close()
                 self._message_done(resp)
             else:
-                self.fail(ResetMidBody(f"upstream closed mid-body: {exc or 'EOF'}"))
+                self.fail(ResetMidBody(f"upstream closed mid-body: {exc or 'EOF'}", cause=os_words(exc)))
         else:
-            self.fail(ResetBeforeHeaders(f"upstream closed before the response head: {exc or 'EOF'}"))
+            self.fail(
+                ResetBeforeHeaders(
+                    f"upstream closed before the response head: {exc or 'EOF'}", cause=os_words(exc)
+                )
+            )
 
     def _lost_idle(self) -> None:
         self.close()

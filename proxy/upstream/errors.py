@@ -7,9 +7,18 @@ Every fault carries two facts the layers above need:
 * ``request_sent`` - whether any byte of the request may have reached the
   upstream.  The retry layer only resends non-idempotent requests when this is
   False.
+
+and, for the error log (proxy/dataplane/faultlog.py), ``cause``: what the
+operating system or the response said, in a few lowercase words
+(``connection refused``, ``name does not resolve``, ``response head over 64 KiB``),
+or None when the message says all that is known.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import socket
 
 
 class UpstreamError(Exception):
@@ -17,11 +26,16 @@ class UpstreamError(Exception):
 
     reason: str = "upstream_error"
     request_sent: bool = True
+    cause: str | None = None
 
-    def __init__(self, message: str = "", *, request_sent: bool | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, request_sent: bool | None = None, cause: str | None = None
+    ) -> None:
         super().__init__(message or self.reason)
         if request_sent is not None:
             self.request_sent = request_sent
+        if cause is not None:
+            self.cause = cause
 
 
 class ConnectFailure(UpstreamError):
@@ -76,3 +90,26 @@ class RequestBodyError(ValueError):
     not count against the upstream (no breaker trip, no retry).  The connection
     is closed, since the upstream saw a truncated request.
     """
+
+
+# getaddrinfo's "no such name" answers (glibc says "Name or service not known", musl "Name does not
+# resolve"): one wording whatever the C library.
+_NO_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+_ERRNO = re.compile(r"\[Errno (\d+)\]")
+
+
+def os_words(exc: BaseException | None) -> str:
+    """The operating system's words for a failed socket operation, lowercase (``connection refused``)."""
+    if exc is None:
+        return "closed by the upstream"
+    if isinstance(exc, socket.gaierror):
+        if exc.errno in _NO_NAME:
+            return "name does not resolve"
+        return (exc.strerror or str(exc)).lower()
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    # A name with several addresses: asyncio joins their errors into one OSError without errno.
+    codes = dict.fromkeys(int(code) for code in _ERRNO.findall(str(exc)))
+    if codes:
+        return ", ".join(os.strerror(code).lower() for code in codes)
+    return str(exc) or type(exc).__name__

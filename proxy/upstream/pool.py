@@ -14,7 +14,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from .connection import Connection, UpstreamResponse
-from .errors import ConnectFailure, ConnectTimeout, PoolOverflow, RequestBodyError, ResetBeforeHeaders
+from .errors import (
+    ConnectFailure,
+    ConnectTimeout,
+    PoolOverflow,
+    RequestBodyError,
+    ResetBeforeHeaders,
+    os_words,
+)
 
 # Idle connections younger than this are reused without the poll(2) liveness probe.
 STALE_PROBE_AFTER = 0.1
@@ -277,16 +284,24 @@ class UpstreamPool:
             self._in_use -= 1
             self._wake_for_slot()
             if isinstance(exc, TimeoutError):
-                raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
+                raise ConnectTimeout(
+                    f"connect to {self.host}:{self.port} timed out",
+                    cause=f"no connection within {self.connect_timeout:g}s",
+                ) from None
             if isinstance(exc, OSError):
-                raise ConnectFailure(f"connect to {self.host}:{self.port} failed: {exc}") from exc
+                raise ConnectFailure(
+                    f"connect to {self.host}:{self.port} failed: {exc}", cause=os_words(exc)
+                ) from exc
             raise
         self.connections_opened += 1
         conn.checked_out = True
         if conn.closed:
             # Accepted and closed before we could write anything.
             self._release(conn, False)
-            raise ConnectFailure(f"{self.host}:{self.port} closed the connection before the request")
+            raise ConnectFailure(
+                f"{self.host}:{self.port} closed the connection before the request",
+                cause="closed by the upstream before the request",
+            )
         return conn
 
     # -- releasing -----------------------------------------------------------------
