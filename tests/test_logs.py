@@ -23,6 +23,7 @@ from proxy.server import Fender, bind_socket
 from proxy.upstream import ConnectFailure
 from proxy.upstream.errors import os_words
 from tests.conftest import free_port, policy_text
+from tests.support.procs import wait_until
 from tests.support.raw_upstream import RawUpstream, hang, ok, raw, reset, sequence
 
 # --------------------------------------------------------------------------- the line limiter
@@ -448,3 +449,24 @@ async def test_a_reload_that_rebuilds_the_upstream_keeps_a_muted_replica_muted(t
         assert lines.messages()[1].endswith(" and 1 more since 10.0s ago")
     finally:
         await fender.stop()
+
+
+async def test_a_fault_after_the_response_head_is_logged_too(start_fender):
+    """reset_mid_body: the client's response is cut, and the error log says why."""
+
+    async def dies_mid_body(req, conn) -> None:
+        await conn.send_head(200, [(b"content-length", b"100")])
+        conn.write(b"partial")
+        await conn.drain()
+        conn.reset()
+
+    async with RawUpstream(dies_mid_body) as up:
+        fender = await start_fender(policy_text(up.port, routes=ROUTES))
+        with Lines("fender.upstream") as lines:
+            async with httpx.AsyncClient() as client:
+                with pytest.raises(httpx.HTTPError):
+                    await client.get(fender.url + "/x", headers={"x-request-id": "req-mid"})
+            assert await wait_until(lambda: len(lines.records) == 1)
+    record = lines.records[0]
+    assert (record.upstream, record.route, record.reason) == ("echo", "orders", "reset_mid_body")
+    assert "rid=req-mid" in record.getMessage()

@@ -384,7 +384,9 @@ class DataPlane:
         except UpstreamError as error:
             reply.close()
             if ex.upstream_name is not None:
-                runtime.upstreams[ex.upstream_name].metrics.error(error.reason).inc()
+                upstream = runtime.upstreams[ex.upstream_name]
+                upstream.metrics.error(error.reason).inc()
+                upstream.faults.report(ex.replica_name or "-", ex.route_name, error, ex.request_id)
             route.metrics.local(error.reason).inc()
             raise ResponseAborted(error.reason) from None
         finally:
