@@ -163,6 +163,7 @@ class Tunnel:
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._on_close = on_close
         self.metrics = None  # proxy.metrics.TunnelMetrics: bytes are reported to it by report()
+        self.route_name = ""
         self._reported = (0, 0)
 
     def start(self) -> None:

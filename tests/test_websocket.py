@@ -108,6 +108,10 @@ async def test_text_and_binary_frames_echo_through_a_tunnel(start_fender):
                     assert await ws.recv() == f"message {i}"
                 text = await _metrics(fender)
                 assert _metric(text, "fender_tunnels_open", route="live") == 1
+                async with httpx.AsyncClient() as client:
+                    status = (await client.get(fender.admin_url + "/admin/status")).json()
+                by_route = {r["name"]: r["open_tunnels"] for r in status["routes"]}
+                assert by_route == {"live": 1, "plain": 0}
             await server.closed.wait()
         text = await _metrics(fender)
         assert (

@@ -101,10 +101,14 @@ def gather(fender: Fender) -> dict:
     """The document behind the status page (``GET /admin/status``)."""
     runtime = fender.dataplane.runtime
     traffic = fender.history.routes([r.name for r in runtime.routes])
+    tunnels: dict[str, int] = {}
+    for tunnel in fender.dataplane.tunnels.open:
+        tunnels[tunnel.route_name] = tunnels.get(tunnel.route_name, 0) + 1
     routes = []
     for route in runtime.routes:
         entry = {"name": route.name, "upstream": route.options.upstream}
         entry.update(traffic[route.name])
+        entry["open_tunnels"] = tunnels.get(route.name, 0)
         routes.append(entry)
     upstreams = []
     for name, upstream in runtime.upstreams.items():

@@ -412,6 +412,7 @@ class DataPlane:
         metrics.upgrade(label, "switched").inc()
         tunnel = Tunnel(client_end, upstream_end, runtime.clock, route.upgrade_idle_timeout)
         tunnel.metrics = metrics
+        tunnel.route_name = route.name
         tunnels = self.tunnels
         tunnels.add(tunnel)
         gauge = metrics.open
