@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean soak bench bench-instructions
+.PHONY: run test lint schema install clean soak bench bench-instructions bench-streams
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ clean:
 ## Options: make bench BENCH_ARGS="--seconds 10 --rounds 5 --million"
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py $(BENCH_ARGS)
+	$(BIN)/python tests/bench/streams.py $(STREAMS_ARGS)
+
+## Only the streaming rows of `make bench`: SSE write-to-read latency at 100 events/s and WebSocket
+## echo through 1 and 50 tunnels, Fender vs direct vs nginx (proxy_buffering off). Writes
+## tests/bench/last-streams.json. FENDER_BENCH_NO_PIN=1 lets the scheduler place the processes.
+bench-streams: $(STAMP)
+	$(BIN)/python tests/bench/streams.py $(STREAMS_ARGS)
 
 ## Instructions per request (valgrind's callgrind): pass-through, every policy, cache hit, and
 ## their ratios; deterministic where `make bench` moves with the machine. Needs valgrind.
