@@ -353,3 +353,63 @@ def test_drain_waits_for_a_tunnel_then_closes_it_at_the_grace(tmp_path):
                     await proc.wait()
 
     asyncio.run(scenario())
+
+
+async def test_an_open_tunnel_holds_its_upstream_connection_against_the_pool_limit(start_fender):
+    async with WsServer() as server:
+        upstreams = """
+          echo1:
+            replicas: [{url: "http://127.0.0.1:%d"}]
+            pool: {max_connections: 1, connect_timeout: 200ms}
+        """ % server.port
+        routes = """
+        - name: live
+          upstream: echo1
+        """
+        fender = await start_fender(policy_text(server.port, routes, upstreams=upstreams))
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/one") as ws:
+                await ws.send("held")
+                assert await ws.recv() == "held"
+                with pytest.raises(InvalidStatus) as second:
+                    async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/two"):
+                        pass
+                assert second.value.response.status_code == 503
+                assert second.value.response.headers["x-fender-error"] == "pool_overflow"
+            # Closed: the slot is free again, and a new tunnel opens.
+            pool = fender.runtime.upstreams["echo1"].replicas[0].pool
+            assert await wait_until(lambda: pool.in_use == 0)
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/three") as ws:
+                await ws.send("again")
+                assert await ws.recv() == "again"
+
+
+async def test_upgrade_passes_admission_and_is_not_retried_after_an_answer(start_fender):
+    from tests.support.raw_upstream import RawUpstream, status
+
+    async with RawUpstream(status(503, b"busy")) as up:
+        routes = """
+        - name: live
+          upstream: echo
+          retry: {attempts: 3, retry_on: [5xx], backoff: {initial: 1ms, max: 2ms}}
+          rate_limit: {rate: 1/s, burst: 2, key: route}
+        """
+        fender = await start_fender(policy_text(up.port, routes))
+        handshake = (
+            b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        statuses = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+            try:
+                writer.write(handshake)
+                async with asyncio.timeout(_LIMIT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                statuses.append(int(head.split(b" ", 2)[1]))
+            finally:
+                writer.close()
+    # The upstream's 503 is relayed without a retry (an upgrade is retried only before an answer);
+    # the rate limit counts upgrades like any request: the third is refused before the upstream.
+    assert statuses == [503, 503, 429]
+    assert len(up.requests) == 2

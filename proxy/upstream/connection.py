@@ -342,6 +342,8 @@ class UpstreamResponse:
             self.complete = True
         elif not self._framed:
             keep = False  # body ends at EOF
+        if self._upgrade:
+            keep = False  # it declined an upgrade: a server may read nothing after such a request
         self.keep_alive = keep
         self._wake()
         conn = self._conn

@@ -226,6 +226,8 @@ class _ServerProtocol(asyncio.Protocol):
             self.raw += data[: _RAW_LIMIT - len(self.raw)]
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # an Upgrade request: handled as a request; the parser reads nothing after it
         except httptools.HttpParserError as exc:
             self.server.errors.append(exc)
             self.transport.close()
