@@ -111,3 +111,53 @@ async def test_request_body_pieces_reach_the_upstream_while_the_client_holds_the
         finally:
             writer.close()
     assert up.errors == []
+
+
+def _two_piece_cacheable(release: asyncio.Event):
+    async def handler(req: Request, conn: Responder) -> None:
+        await conn.send_head(
+            200, [(b"transfer-encoding", b"chunked"), (b"cache-control", b"max-age=60")]
+        )
+        await conn.send_chunk(EVENT_1)
+        await release.wait()
+        await conn.send_chunk(EVENT_2)
+        await conn.end_chunks()
+
+    return handler
+
+
+async def test_a_streamed_response_is_stored_whole_and_the_slot_held_until_its_end(start_fender):
+    """Pieces leave at once, yet the cache stores the whole body and the bulkhead slot is held
+    until the upstream body ends (a second request meanwhile finds the bulkhead full)."""
+    release = asyncio.Event()
+    routes = """
+    - name: all
+      upstream: echo
+      cache: {}
+      bulkhead: {max_concurrent: 1, max_queued: 0}
+    """
+    async with RawUpstream(_two_piece_cacheable(release)) as up:
+        fender = await start_fender(policy_text(up.port, routes))
+        reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+        try:
+            writer.write(b"GET /events HTTP/1.1\r\nHost: svc\r\n\r\n")
+            seen = await _read_until(reader, EVENT_1, b"")
+            assert EVENT_2 not in seen
+            # The slot is still held: another request (another URL, so no coalescing) is refused.
+            other_reader, other_writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+            try:
+                other_writer.write(b"GET /other HTTP/1.1\r\nHost: svc\r\n\r\n")
+                refused = await _read_until(other_reader, b"\r\n\r\n", b"")
+                assert refused.startswith(b"HTTP/1.1 503 ") and b"x-fender-error: bulkhead_full" in refused
+            finally:
+                other_writer.close()
+            release.set()
+            await _read_until(reader, b"0\r\n\r\n", seen)
+            # Stored whole: the same URL again is a hit with both events, the upstream not asked.
+            writer.write(b"GET /events HTTP/1.1\r\nHost: svc\r\n\r\n")
+            hit = await _read_until(reader, EVENT_2, b"")
+            assert b"cache-status: fender; hit" in hit.lower()
+            assert EVENT_1 in hit
+        finally:
+            writer.close()
+    assert len(up.requests) == 1
