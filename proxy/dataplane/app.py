@@ -122,7 +122,6 @@ def _accepts_trailers(headers: list[tuple[bytes, bytes]]) -> bool:
 # ASGI extension of Fender's own HTTP protocol (proxy/http_protocol.py): the response head
 # message may carry the first body part. Other servers (granian) get the standard two messages.
 _INLINE_BODY = "fender.response.body"
-_INTERIM = "fender.response.interim"
 
 
 def _start(status: int, headers, body: bytes, more: bool) -> dict:
@@ -286,8 +285,10 @@ class DataPlane:
             exchange.receive = receive
         if upgrade is not None:
             exchange.upgrade = upgrade
-        if _INTERIM in scope.get("extensions", ()):
-            exchange.interim = send  # 103 Early Hints and other 1xx are relayed as they arrive
+        if _INLINE_BODY in scope.get("extensions", ()):
+            # Fender's own HTTP protocol: it offers fender.response.interim with fender.response.body,
+            # so 103 Early Hints and other 1xx are relayed as they arrive (and _respond knows it).
+            exchange.interim = send
         rewrite = route.rewrite
         if rewrite is not None:
             # rewrite_prefix: the upstream gets the replacement in place of the matched prefix,
@@ -323,7 +324,7 @@ class DataPlane:
         metrics.duration.observe(time.perf_counter() - started)
         if runtime.access_log:
             runtime.access_log.write(scope, method, status, reply, ex, started)
-        inline = _INLINE_BODY in scope.get("extensions", ())
+        inline = ex.interim is not None  # the server is Fender's own protocol (see _proxy)
         if method == "HEAD" or not reply.has_body():
             if status == 101 and ex.upgrade is not None:
                 await self._tunnel(runtime, route, send, reply, ex, headers)

@@ -219,8 +219,7 @@ class Forwarder:
                 content_length=ex.content_length,
                 head_timeout=head_timeout,
                 idle_timeout=self.idle_timeout,
-                upgrade=ex.upgrade is not None,
-                interim=None if ex.interim is None else ex.relay_interim,
+                hooks=ex,  # the upgrade it asks for, and where 1xx answers go (Exchange.relay_interim)
             )
         except UpstreamError as error:
             metrics.error(error.reason).inc()

@@ -116,19 +116,19 @@ class UpstreamResponse:
         "_head_bytes",
         "_raw_head_bytes",
         "_max_head",
-        "_upgrade",
         "upgraded_end",
         "trailers",
-        "_interim_sink",
+        "_hooks",
     )
+
+    upgrade = False  # UpgradeResponse: a 101 is the final answer
 
     def __init__(
         self,
         head_only: bool,
         idle_timeout: float | None,
         max_head: int,
-        upgrade: bool = False,
-        interim=None,
+        hooks=None,
     ) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -161,14 +161,13 @@ class UpstreamResponse:
         self._head_bytes = 0  # header names + values (exact, checked per header)
         self._raw_head_bytes = 0  # raw bytes fed while the head is incomplete
         self._max_head = max_head
-        self._upgrade = upgrade  # the request asked to switch protocols: a 101 is its final answer
         # After a 101: the upstream connection's side of a tunnel (see proxy/tunnel.py), else None.
         self.upgraded_end: TunnelEnd | None = None
         # Trailer fields of a chunked body, once any arrived (counted in the head size limit).
         self.trailers: list[tuple[bytes, bytes]] | None = None
-        # Called with (status, headers) for each 1xx other than 100 and a switching 101 (103 Early
-        # Hints...), as it arrives, so it can be relayed before the final response.
-        self._interim_sink = interim
+        # Told of each 1xx other than 100 and a switching 101 (103 Early Hints...) as it arrives,
+        # through hooks.relay_interim(status, headers), so it can be relayed before the final answer.
+        self._hooks = hooks
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} HTTP/{self.http_version} complete={self.complete}>"
@@ -306,23 +305,13 @@ class UpstreamResponse:
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        if status == 101 and self._upgrade:
-            # Switching Protocols, asked for: the final answer. The bytes after it belong to the
-            # new protocol (data_received hands them to a tunnel end).
-            self.status = status
-            self.http_version = parser.get_http_version()
-            self._head_done = True
-            self._no_body = True
-            self.keep_alive = False
-            self._wake()
-            return
         if status < 200:
             # 1xx interim response (100 Continue, 103 Early Hints...): skipped.
             # llhttp ends these messages itself; 101 makes feed_data fail.
             self._interim = True
-            sink = self._interim_sink
-            if sink is not None and status != 100 and status != 101:
-                sink(status, self.headers)
+            hooks = self._hooks
+            if hooks is not None and status != 100 and status != 101:
+                hooks.relay_interim(status, self.headers)
             self.headers = []
             self._framed = self._cl_zero = self._conn_close = self._conn_keep = False
             return
@@ -342,8 +331,6 @@ class UpstreamResponse:
             self.complete = True
         elif not self._framed:
             keep = False  # body ends at EOF
-        if self._upgrade:
-            keep = False  # it declined an upgrade: a server may read nothing after such a request
         self.keep_alive = keep
         self._wake()
         conn = self._conn
@@ -376,6 +363,29 @@ class UpstreamResponse:
             fut = self._waiter
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+
+class UpgradeResponse(UpstreamResponse):
+    """The response to a request that asks to switch protocols (Upgrade): a 101 is its final
+    answer, and any other answer leaves a connection that is never reused."""
+
+    __slots__ = ()
+    upgrade = True
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if parser.get_status_code() == 101:
+            # The bytes after it belong to the new protocol (data_received hands them to a tunnel end).
+            self.status = 101
+            self.http_version = parser.get_http_version()
+            self._head_done = True
+            self._no_body = True
+            self.keep_alive = False
+            self._wake()
+            return
+        super().on_headers_complete()
+        if self._head_done:
+            self.keep_alive = False  # it declined the upgrade: a server may read nothing after such a request
 
 
 class Connection(asyncio.Protocol):
@@ -612,7 +622,7 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
             if self._resp is resp:
-                if resp.status == 101 and resp._upgrade:
+                if resp.status == 101 and resp.upgrade:
                     self._switch(resp, data[exc.args[0] :])
                 else:
                     self.fail(BadResponse("101 Switching Protocols to a request that did not ask for it"))

@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from .connection import Connection, UpstreamResponse
+from .connection import Connection, UpgradeResponse, UpstreamResponse
 from .errors import (
     ConnectFailure,
     ConnectTimeout,
@@ -93,8 +93,7 @@ class UpstreamPool:
         content_length: int | None = None,
         head_timeout: float | None = None,
         idle_timeout: float | None = None,
-        upgrade: bool = False,
-        interim=None,
+        hooks=None,
     ) -> UpstreamResponse:
         """Send a request and return once the final response head arrived.
 
@@ -103,10 +102,10 @@ class UpstreamPool:
         wait and connect included) to the complete head, minus the time spent
         waiting for ``body_stream`` (the downstream client); ``idle_timeout``
         bounds silence while reading the body and stalls while uploading.
-        ``upgrade``: the request asks to switch protocols (``headers`` carry Upgrade and
-        Connection); a 101 then is the final answer, with ``upgraded_end`` for a tunnel.
-        ``interim(status, headers)`` is called for each informational answer (103 Early Hints...)
-        other than 100 Continue as it arrives.
+        ``hooks`` (optional): ``hooks.upgrade`` not None means the request asks to switch
+        protocols (``headers`` carry Upgrade and Connection), so a 101 is the final answer, with
+        ``upgraded_end`` for a tunnel; ``hooks.relay_interim(status, headers)`` is called for each
+        informational answer (103 Early Hints...) other than 100 Continue as it arrives.
         """
         loop = self._loop
         if loop is None:
@@ -131,7 +130,10 @@ class UpstreamPool:
         else:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         data = b"".join(parts)
-        resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head, upgrade, interim)
+        if hooks is not None and hooks.upgrade is not None:
+            resp = UpgradeResponse(False, idle_timeout, self.max_response_head, hooks)
+        else:
+            resp = UpstreamResponse(method == b"HEAD", idle_timeout, self.max_response_head, hooks)
 
         conn = self._take_idle()
         if conn is None:
