@@ -407,7 +407,7 @@ def test_full_policy_loads_with_defaults_filled_in() -> None:
     assert (pool.idle_timeout, pool.max_pending) == (60.0, 1000)
     search = policy.upstreams["search"].replicas[0]
     assert (search.host, search.port, search.name) == ("::1", 9002, "[::1]:9002")
-    assert policy.upstreams["search"].pool.max_keepalive == 20
+    assert policy.upstreams["search"].pool.max_keepalive == 100  # follows max_connections
 
     read, search_route, fallback = policy.routes
     assert read.match.path_prefix == "/catalog"

@@ -354,11 +354,13 @@ class PoolOptions(PolicyModel):
         ),
     )
     max_keepalive: Count = Field(
-        default=20,
+        default=100,
         ge=0,
         description=(
-            "Most idle connections kept open to one replica for reuse; extra idle ones are closed. "
-            "0 disables reuse. Must not exceed max_connections (the default 20 shrinks to it when it is lower)."
+            "Most idle connections kept open to one replica for reuse; extra idle ones are closed. Defaults to "
+            "max_connections (as Envoy does): every connection a burst opened stays for reuse until idle_timeout "
+            "closes it, so steady concurrency never pays for reconnects. 0 disables reuse. Cannot exceed "
+            "max_connections."
         ),
     )
     connect_timeout: Annotated[Duration, Field(gt=0)] = Field(
@@ -387,11 +389,11 @@ class PoolOptions(PolicyModel):
     @model_validator(mode="before")
     @classmethod
     def _default_keepalive(cls, data: Any) -> Any:
-        # The default of 20 idle connections must not trip the check below when
-        # only max_connections was lowered: it then follows max_connections.
+        # Not written: keep idle every connection max_connections allows (the schema's default of 100 is
+        # max_connections' default). Only two values the user wrote can conflict.
         if isinstance(data, dict) and data.get("max_keepalive") is None:
             limit = data.get("max_connections")
-            if isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit < 20:
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
                 return {**data, "max_keepalive": limit}
         return data
 

@@ -32,7 +32,7 @@ class UpstreamPool:
         port: int,
         *,
         max_connections: int = 100,
-        max_keepalive: int = 20,
+        max_keepalive: int | None = None,
         connect_timeout: float = 1.0,
         keepalive_idle_timeout: float = 60.0,
         max_pending: int = 1000,
@@ -41,7 +41,8 @@ class UpstreamPool:
         self.host = host
         self.port = port
         self.max_connections = max_connections
-        self.max_keepalive = max_keepalive
+        # None: keep idle whatever was opened (the policy's default, see PoolOptions.max_keepalive).
+        self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.connect_timeout = connect_timeout
         self.keepalive_idle_timeout = keepalive_idle_timeout
         self.max_pending = max_pending
