@@ -9,6 +9,7 @@ import textwrap
 import httpx
 import pytest
 
+from proxy.admin.ops import openapi_path
 from proxy.config import parse_policy
 from proxy.ops.auth import AdminAuthError, resolve_admin_token
 from proxy.server import Fender
@@ -100,7 +101,8 @@ async def test_openapi_matches_the_served_endpoints(echo_upstream, start_fender)
         doc = (await client.get("/admin/openapi.json")).json()
         assert doc["openapi"].startswith("3.")
         served = {
-            route.path: {m.lower() for m in route.methods if m != "HEAD"} for route in fender.admin_app.routes
+            openapi_path(route.path): {m.lower() for m in route.methods if m != "HEAD"}
+            for route in fender.admin_app.routes
         }
         documented = {path: set(ops) for path, ops in doc["paths"].items()}
         assert documented == served

@@ -755,7 +755,7 @@ def test_bad_url_schemes() -> None:
         'policy.yaml:4:14: upstreams.catalog.replicas[0].url: "https://127.0.0.1:9001": '
         "TLS to upstreams is not supported yet (use http://, e.g. to a local TLS-originating sidecar)",
         'policy.yaml:5:14: upstreams.catalog.replicas[1].url: "ftp://127.0.0.1:9002": '
-        'only http:// URLs are supported, not "ftp://"',
+        'only http:// and unix:// URLs are supported, not "ftp://"',
         'policy.yaml:6:15: upstreams.catalog.replicas[2].url: "127.0.0.1:9003" has no scheme: '
         "write http://127.0.0.1:9003",
         'policy.yaml:7:14: upstreams.catalog.replicas[3].url: "http://127.0.0.1:9004/api": '

@@ -7,6 +7,7 @@ GET endpoints never change anything; every change is a POST.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -403,13 +404,19 @@ def routes(fender: Fender) -> list[Route]:
     ]
 
 
+def openapi_path(path: str) -> str:
+    """A Starlette route path as OpenAPI writes it: ``{replica:path}`` -> ``{replica}``."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+
+
 def build_openapi(endpoints: list[Route]) -> dict:
     """OpenAPI 3.1 for the served routes: DOCS where written, the endpoint docstring otherwise."""
     paths: dict[str, dict] = {}
     for route in endpoints:
         methods = sorted(m.lower() for m in (route.methods or {"GET"}) if m != "HEAD")
-        documented = DOCS.get(route.path, {})
-        entry = paths.setdefault(route.path, {})
+        path = openapi_path(route.path)
+        documented = DOCS.get(path, {})
+        entry = paths.setdefault(path, {})
         for method in methods:
             if method in documented:
                 entry[method] = dict(documented[method])
@@ -425,7 +432,7 @@ def build_openapi(endpoints: list[Route]) -> dict:
                 }
                 continue
             responses = {"200": _json("OK"), "400": _json("bad request", _ERROR)}
-            if "{" in route.path:
+            if "{" in path:
                 responses["404"] = _json("no such name", _ERROR)
             # Documented from the endpoint's docstring only: its module can add a DOCS entry.
             entry[method] = {"summary": doc.splitlines()[0], "responses": responses, "x-fender-generic": True}
