@@ -137,6 +137,9 @@ async def test_unix_replica_under_concurrent_load_keeps_every_body_and_the_clien
     assert len(results) == 200
     assert [(code, text) for code, text, _ in results] == [(200, want) for _, _, want in results]
     assert len(up.requests) == 200 and up.errors == []
+    # Forwarding headers describe the client side, whatever the replica's address family.
+    forwarded = {(r.header("x-forwarded-for"), r.header("x-forwarded-host")) for r in up.requests}
+    assert forwarded == {(b"127.0.0.1", host.encode())}
     assert up.connections <= 20  # kept alive and reused, never more than the client concurrency
     name = f"unix:{path}"
     assert metric_value(metrics, "fender_upstream_requests_total", replica=name, outcome="2xx") == 200
@@ -332,3 +335,33 @@ async def test_fender_run_on_uvloop_proxies_to_a_unix_replica(sockets, fender_pr
             )
     assert [(r.status_code, r.text) for r in answers] == [(200, f"/n{i} svc") for i in range(50)]
     assert len(up.requests) == 50 and up.connections <= 10
+
+
+async def test_outlier_detection_ejects_a_failing_unix_replica(sockets, start_fender) -> None:
+    bad_path, good_path = sockets / "bad.sock", sockets / "good.sock"
+    async with (
+        RawUpstream(status(500, b"bad"), unix_path=str(bad_path)) as bad,
+        RawUpstream(ok(b"good"), unix_path=str(good_path)),
+    ):
+        text = textwrap.dedent(
+            f"""\
+            listen: 127.0.0.1:0
+            admin: 127.0.0.1:0
+            upstreams:
+              app:
+                replicas: [{{url: 'unix://{bad_path}'}}, {{url: 'unix://{good_path}'}}]
+                outlier_detection: {{consecutive_failures: 2, ejection_time: 60s}}
+            routes:
+              - {{name: all, upstream: app}}
+            """
+        )
+        fender = await start_fender(text)
+        async with httpx.AsyncClient(base_url=fender.url) as client:
+            # Round robin: the bad replica answers every other request until its second 500 ejects it.
+            first = [(await client.get("/")).text for _ in range(4)]
+            after = [(await client.get("/")).text for _ in range(6)]
+            view = (await client.get(fender.admin_url + "/admin/upstreams")).json()
+    assert first.count("bad") == 2 and after == ["good"] * 6
+    assert len(bad.requests) == 2
+    states = {r["name"]: r["state"] for r in view["upstreams"]["app"]["replicas"]}
+    assert states == {f"unix:{bad_path}": "ejected", f"unix:{good_path}": "healthy"}
