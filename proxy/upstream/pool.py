@@ -44,7 +44,10 @@ class UpstreamPool:
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
         self.unix_path = unix_path
-        self.address = f"{host}:{port}" if unix_path is None else f"unix:{unix_path}"
+        if unix_path is not None:
+            self.address = f"unix:{unix_path}"
+        else:
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
         # None: keep idle whatever was opened (the policy's default, see PoolOptions.max_keepalive).
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
