@@ -179,6 +179,29 @@ async def test_missing_socket_file_is_502_connect_failure_naming_the_path(socket
         await pool.close()
 
 
+async def test_a_cut_upload_aborts_the_unix_connection_and_the_next_request_opens_a_new_one(sockets) -> None:
+    """The SO_LINGER-0 abort (a request body cut short) works on a unix socket as on TCP."""
+    path = sockets / "upload.sock"
+
+    async def body_stream() -> bytes:
+        return b"u" * 65536  # endless: only the early response stops it
+
+    async def refuse(req: Request, conn: Responder) -> None:
+        await conn.send(413, (), b"no")
+        await conn.hang()  # stops reading: the client blocks on drain until the head wakes it
+
+    async with RawUpstream(refuse, stream_request_body=True, unix_path=str(path)) as up:
+        pool = UpstreamPool("", 0, unix_path=str(path))
+        try:
+            resp = await pool.request(b"POST", b"/", [(b"host", b"x")], body_stream=body_stream)
+            assert (resp.status, await resp.read()) == (413, b"no")
+            assert (pool.in_use, pool.idle, pool.pending) == (0, 0, 0)  # aborted, never pooled
+            again = await pool.request(b"GET", b"/", [(b"host", b"x")])
+            assert again.status == 413 and up.connections == 2 and pool.connections_opened == 2
+        finally:
+            await pool.close()
+
+
 APP = """
 import asyncio, sys
 import uvicorn
