@@ -407,7 +407,7 @@ def test_full_policy_loads_with_defaults_filled_in() -> None:
     assert (pool.idle_timeout, pool.max_pending) == (60.0, 1000)
     search = policy.upstreams["search"].replicas[0]
     assert (search.host, search.port, search.name) == ("::1", 9002, "[::1]:9002")
-    assert policy.upstreams["search"].pool.max_keepalive == 20
+    assert policy.upstreams["search"].pool.max_keepalive == 100  # follows max_connections
 
     read, search_route, fallback = policy.routes
     assert read.match.path_prefix == "/catalog"
@@ -755,7 +755,7 @@ def test_bad_url_schemes() -> None:
         'policy.yaml:4:14: upstreams.catalog.replicas[0].url: "https://127.0.0.1:9001": '
         "TLS to upstreams is not supported yet (use http://, e.g. to a local TLS-originating sidecar)",
         'policy.yaml:5:14: upstreams.catalog.replicas[1].url: "ftp://127.0.0.1:9002": '
-        'only http:// URLs are supported, not "ftp://"',
+        'only http:// and unix:// URLs are supported, not "ftp://"',
         'policy.yaml:6:15: upstreams.catalog.replicas[2].url: "127.0.0.1:9003" has no scheme: '
         "write http://127.0.0.1:9003",
         'policy.yaml:7:14: upstreams.catalog.replicas[3].url: "http://127.0.0.1:9004/api": '

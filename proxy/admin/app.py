@@ -56,7 +56,7 @@ class Readiness:
     async def _upstream(upstream) -> dict:
         timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
         replicas = upstream.replicas
-        ok = await asyncio.gather(*(tcp_reachable(r.host, r.port, timeout) for r in replicas))
+        ok = await asyncio.gather(*(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in replicas))
         return {
             "reachable": any(ok),
             "replicas": {

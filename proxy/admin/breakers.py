@@ -36,9 +36,9 @@ def routes(fender: Fender) -> list[Route]:
         for breaker in breakers(fender.dataplane.runtime):
             if breaker.name == name:
                 if action == "reset":
-                    breaker.reset()
+                    breaker.reset(by="admin API")
                 else:
-                    breaker.force("open" if action == "open" else "closed")
+                    breaker.force("open" if action == "open" else "closed", by="admin API")
                 return JSONResponse(breaker.snapshot())
         return JSONResponse({"error": f"no breaker named {name!r}"}, status_code=404)
 

@@ -7,6 +7,7 @@ GET endpoints never change anything; every change is a POST.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.ops.auth import token_matches
+from proxy.ops.auth import WRONG_TOKEN, token_problem
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -346,11 +347,14 @@ class AdminTokenMiddleware:
                 if name == b"authorization":
                     header = value.decode("latin-1")
                     break
-            if not token_matches(header, token):
+            problem = token_problem(header, token)
+            if problem is not None:
+                # RFC 6750: a token was sent and refused -> error="invalid_token"; none sent -> no error code.
+                challenge = 'Bearer realm="fender-admin"'
+                if problem is WRONG_TOKEN:
+                    challenge += ', error="invalid_token"'
                 response = JSONResponse(
-                    {"error": "admin token required (Authorization: Bearer <token>)"},
-                    status_code=401,
-                    headers={"www-authenticate": 'Bearer realm="fender-admin"'},
+                    {"error": problem}, status_code=401, headers={"www-authenticate": challenge}
                 )
                 await response(scope, receive, send)
                 return
@@ -400,20 +404,35 @@ def routes(fender: Fender) -> list[Route]:
     ]
 
 
+def openapi_path(path: str) -> str:
+    """A Starlette route path as OpenAPI writes it: ``{replica:path}`` -> ``{replica}``."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+
+
 def build_openapi(endpoints: list[Route]) -> dict:
     """OpenAPI 3.1 for the served routes: DOCS where written, the endpoint docstring otherwise."""
     paths: dict[str, dict] = {}
     for route in endpoints:
         methods = sorted(m.lower() for m in (route.methods or {"GET"}) if m != "HEAD")
-        documented = DOCS.get(route.path, {})
-        entry = paths.setdefault(route.path, {})
+        path = openapi_path(route.path)
+        documented = DOCS.get(path, {})
+        entry = paths.setdefault(path, {})
         for method in methods:
             if method in documented:
                 entry[method] = dict(documented[method])
                 continue
             doc = inspect.getdoc(route.endpoint) or route.name.replace("_", " ")
+            media = getattr(route.endpoint, "media_type", None)
+            if media is not None:
+                # A page or asset (the status page is text/html), not a JSON endpoint.
+                content = {media.partition(";")[0]: {"schema": {"type": "string"}}}
+                entry[method] = {
+                    "summary": doc.splitlines()[0],
+                    "responses": {"200": {"description": doc, "content": content}},
+                }
+                continue
             responses = {"200": _json("OK"), "400": _json("bad request", _ERROR)}
-            if "{" in route.path:
+            if "{" in path:
                 responses["404"] = _json("no such name", _ERROR)
             # Documented from the endpoint's docstring only: its module can add a DOCS entry.
             entry[method] = {"summary": doc.splitlines()[0], "responses": responses, "x-fender-generic": True}

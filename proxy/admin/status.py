@@ -139,6 +139,7 @@ def routes(fender: Fender) -> list[Route]:
             return Response(body, media_type=media, headers=_HEADERS)
 
         serve.__doc__ = "The status page." if path == "/" else f"Status page asset {path}."
+        serve.media_type = media  # what the OpenAPI document says this path answers
         return serve
 
     async def status(request: Request) -> Response:

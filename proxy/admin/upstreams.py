@@ -44,8 +44,10 @@ def drain_routes(fender: Fender) -> list[Route]:
         return JSONResponse(picker.snapshot())
 
     return [
+        # {replica:path}: a unix-socket replica's name (unix:/run/app.sock) has slashes, and the
+        # server decodes %2F before routing.
         Route(
-            "/admin/upstreams/{upstream}/replicas/{replica}/{action}",
+            "/admin/upstreams/{upstream}/replicas/{replica:path}/{action}",
             drain_replica,
             methods=["POST"],
         )

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     Field,
+    PlainValidator,
     PrivateAttr,
     Strict,
     WithJsonSchema,
@@ -297,10 +298,48 @@ class ServerOptions(PolicyModel):
 # --------------------------------------------------------------------------- upstreams
 
 _URL_HINT = "write it like http://127.0.0.1:9001"
+_UNIX_HINT = "write it like unix:///run/app/gunicorn.sock"
+# sun_path holds 108 bytes on Linux, the terminating NUL included (104 on the BSDs and macOS).
+UNIX_PATH_MAX = 107
 
 
-def _parse_replica_url(url: str) -> tuple[str, int]:
-    """Check a replica URL and return ``(host, port)``; the host has no brackets."""
+def _parse_unix_url(url: str) -> str:
+    """Check a ``unix:///absolute/path`` replica URL and return the socket path."""
+    rest = url[len("unix:") :]
+    if not rest.startswith("//"):
+        path = rest.lstrip("/")
+        raise policy_error(
+            f"{describe_value(url)}: a unix socket URL starts with unix:// and an absolute path "
+            f"(write unix:///{path or 'run/app/gunicorn.sock'})"
+        )
+    path = rest[2:]
+    if "?" in path or "#" in path:
+        raise policy_error(f"{describe_value(url)}: a unix socket URL cannot have a query or fragment")
+    if path in ("", "/"):
+        raise policy_error(f"{describe_value(url)} has no socket path ({_UNIX_HINT})")
+    if not path.startswith("/"):
+        raise policy_error(
+            f"{describe_value(url)}: the socket path {path!r} is relative; give an absolute path after "
+            f"unix:// (three slashes in all: unix:///{path})"
+        )
+    if path.endswith("/"):
+        raise policy_error(f"{describe_value(url)}: {path!r} names a directory, not a socket file")
+    if "\x00" in path or any(c.isspace() for c in path):
+        raise policy_error(f"{describe_value(url)}: the socket path cannot contain spaces or NUL bytes")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise policy_error(
+            f"{describe_value(url)}: the socket path is {len(path.encode())} bytes long; the system allows "
+            f"at most {UNIX_PATH_MAX}"
+        )
+    return path
+
+
+def _parse_replica_url(url: str) -> tuple[str, int, str | None]:
+    """Check a replica URL and return ``(host, port, unix_path)``; the host has no brackets.
+
+    A ``unix://`` URL gives ``("", 0, path)``; an ``http://`` one ``(host, port, None)``."""
+    if url[:5].lower() == "unix:":
+        return "", 0, _parse_unix_url(url)
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise policy_error(f"{describe_value(url)} has no scheme: write http://{url.lstrip('/')}")
@@ -311,7 +350,9 @@ def _parse_replica_url(url: str) -> tuple[str, int]:
             "(use http://, e.g. to a local TLS-originating sidecar)"
         )
     if scheme != "http":
-        raise policy_error(f'{describe_value(url)}: only http:// URLs are supported, not "{scheme}://"')
+        raise policy_error(
+            f'{describe_value(url)}: only http:// and unix:// URLs are supported, not "{scheme}://"'
+        )
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -348,10 +389,56 @@ def _parse_replica_url(url: str) -> tuple[str, int]:
     if port_text is None or port_text == "":
         if port_text == "":
             raise policy_error(f"{describe_value(url)}: the port is empty ({_URL_HINT})")
-        return host, 80
+        return host, 80, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise policy_error(f"{describe_value(url)}: the port must be a number from 1 to 65535")
-    return host, int(port_text)
+    return host, int(port_text), None
+
+
+def _check_rewrite_host(value: Any) -> bool | str:
+    """``true``/``false``, or a Host value: ``name``, ``name:port``, ``1.2.3.4[:port]``, ``[v6][:port]``."""
+    if isinstance(value, bool):
+        return value
+    hint = "true, false, or a host like app.internal or app.internal:8000"
+    if not isinstance(value, str):
+        raise policy_error(f"expected {hint}, got {describe_value(value)}")
+    if value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        raise policy_error(f"{describe_value(value)} is text here: write true or false without quotes")
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise policy_error(f"{describe_value(value)} is not a host name (expected {hint})") from None
+        if not sep or (rest and not rest.startswith(":")):
+            raise policy_error(f"{describe_value(value)} is not a host name (expected {hint})")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, None
+        try:
+            _check_host(host, "app.internal")
+        except ValueError as exc:
+            raise policy_error(f"{exc} (expected {hint})") from None
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise policy_error(f"{describe_value(value)}: the port must be a number from 1 to 65535")
+    return value.lower()
+
+
+RewriteHost = Annotated[
+    bool | str,
+    PlainValidator(_check_rewrite_host),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "boolean"},
+                {"type": "string", "examples": ["app.internal", "app.internal:8000"]},
+            ]
+        }
+    ),
+]
+"""``rewrite_host``: a flag, or the Host value to send."""
 
 
 class PoolOptions(PolicyModel):
@@ -366,11 +453,13 @@ class PoolOptions(PolicyModel):
         ),
     )
     max_keepalive: Count = Field(
-        default=20,
+        default=100,
         ge=0,
         description=(
-            "Most idle connections kept open to one replica for reuse; extra idle ones are closed. "
-            "0 disables reuse. Must not exceed max_connections (the default 20 shrinks to it when it is lower)."
+            "Most idle connections kept open to one replica for reuse; extra idle ones are closed. Defaults to "
+            "max_connections (as Envoy does): every connection a burst opened stays for reuse until idle_timeout "
+            "closes it, so steady concurrency never pays for reconnects. 0 disables reuse. Cannot exceed "
+            "max_connections."
         ),
     )
     connect_timeout: Annotated[Duration, Field(gt=0)] = Field(
@@ -399,11 +488,11 @@ class PoolOptions(PolicyModel):
     @model_validator(mode="before")
     @classmethod
     def _default_keepalive(cls, data: Any) -> Any:
-        # The default of 20 idle connections must not trip the check below when
-        # only max_connections was lowered: it then follows max_connections.
+        # Not written: keep idle every connection max_connections allows (the schema's default of 100 is
+        # max_connections' default). Only two values the user wrote can conflict.
         if isinstance(data, dict) and data.get("max_keepalive") is None:
             limit = data.get("max_connections")
-            if isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit < 20:
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
                 return {**data, "max_keepalive": limit}
         return data
 
@@ -422,12 +511,17 @@ class Replica(PolicyModel):
 
     url: Text = Field(
         description=(
-            "Where the replica listens: http://HOST:PORT (port 80 if left out). No path, query or user info; "
-            "https is not supported yet."
+            "Where the replica listens: http://HOST:PORT (port 80 if left out), or unix:///PATH for a unix "
+            "socket (gunicorn, uwsgi; an absolute path). No path, query or user info; https is not supported "
+            "yet."
         ),
         json_schema_extra={
-            "pattern": "^http://",
-            "examples": ["http://127.0.0.1:9001", "http://catalog.internal:8080"],
+            "pattern": "^(http|unix)://",
+            "examples": [
+                "http://127.0.0.1:9001",
+                "http://catalog.internal:8080",
+                "unix:///run/app/gunicorn.sock",
+            ],
         },
     )
     priority: Count = Field(
@@ -447,6 +541,7 @@ class Replica(PolicyModel):
 
     _host: str = PrivateAttr(default="")
     _port: int = PrivateAttr(default=0)
+    _unix_path: str | None = PrivateAttr(default=None)
 
     @field_validator("url")
     @classmethod
@@ -455,23 +550,38 @@ class Replica(PolicyModel):
         return url
 
     def model_post_init(self, context: Any, /) -> None:
-        self._host, self._port = _parse_replica_url(self.url)
+        self._host, self._port, self._unix_path = _parse_replica_url(self.url)
 
     @property
     def host(self) -> str:
-        """Host to connect to (IPv6 without brackets, names lower-cased)."""
+        """Host to connect to (IPv6 without brackets, names lower-cased); "" for a unix socket."""
         return self._host
 
     @property
     def port(self) -> int:
-        """TCP port to connect to."""
+        """TCP port to connect to; 0 for a unix socket."""
         return self._port
 
     @property
+    def unix_path(self) -> str | None:
+        """The socket file of a ``unix://`` replica, else None."""
+        return self._unix_path
+
+    @property
     def name(self) -> str:
-        """``host:port`` (IPv6 in brackets); also the Host value when a route rewrites it."""
+        """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket.
+
+        The replica's name in metrics, logs, traces and the admin API."""
+        if self._unix_path is not None:
+            return f"unix:{self._unix_path}"
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{host}:{self._port}"
+
+    @property
+    def authority(self) -> str:
+        """The Host value a route with ``rewrite_host: true`` sends: ``host:port``, or ``localhost``
+        for a unix socket (it has no host name; curl --unix-socket sends the same)."""
+        return "localhost" if self._unix_path is not None else self.name
 
 
 class Upstream(PolicyModel):
@@ -743,11 +853,12 @@ class Route(PolicyModel):
         default="1MiB",
         description="Largest request body accepted; larger ones get 413. 0B means no limit. 1MiB suits JSON APIs.",
     )
-    rewrite_host: Flag = Field(
+    rewrite_host: RewriteHost = Field(
         default=False,
         description=(
             "false passes the client's Host header unchanged; true replaces it with the chosen replica's "
-            "host:port (for upstreams that route on Host)."
+            "host:port (localhost for a unix-socket replica); a name (app.internal, or app.internal:8000) is "
+            "sent as the Host to every replica (for upstreams that route on Host)."
         ),
     )
 

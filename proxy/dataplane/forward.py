@@ -28,18 +28,20 @@ class RequestBodyTimeout(Exception):
 
 
 class ReplicaRuntime:
-    __slots__ = ("name", "host", "port", "priority", "weight", "pool", "authority")
+    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
 
     def __init__(self, replica, pool_options, pool_class: type[UpstreamPool] = UpstreamPool) -> None:
         self.host = replica.host
         self.port = replica.port
-        self.name = f"{replica.host}:{replica.port}"
-        self.authority = self.name.encode()
+        self.unix_path = replica.unix_path
+        self.name = replica.name  # host:port, or unix:PATH
+        self.authority = replica.authority.encode()
         self.priority = replica.priority
         self.weight = replica.weight
         self.pool = pool_class(
             replica.host,
             replica.port,
+            unix_path=replica.unix_path,
             max_connections=pool_options.max_connections,
             max_keepalive=pool_options.max_keepalive,
             connect_timeout=pool_options.connect_timeout,
@@ -179,12 +181,15 @@ def _dump(options) -> dict | None:
 class Forwarder:
     """Terminal layer: one try against one replica; faults become local replies."""
 
-    __slots__ = ("upstream", "idle_timeout", "rewrite_host", "_metrics", "_clock", "_propagate")
+    __slots__ = ("upstream", "idle_timeout", "rewrite_host", "_host", "_metrics", "_clock", "_propagate")
 
     def __init__(self, upstream: UpstreamRuntime, route, clock: Clock = SYSTEM_CLOCK) -> None:
         self.upstream = upstream
         self.idle_timeout = route.idle_timeout
-        self.rewrite_host = route.rewrite_host
+        # true: the replica's host:port; a name: that Host for every replica (a unix socket has none).
+        rewrite = route.rewrite_host
+        self.rewrite_host = rewrite is not False
+        self._host = rewrite.encode() if isinstance(rewrite, str) else None
         self._metrics = upstream.metrics
         self._clock = clock
         self._propagate = getattr(route, "propagate_deadline", False)
@@ -203,7 +208,7 @@ class Forwarder:
         ex.upstream_name = upstream.name
         ex.replica_name = replica.name
         ex.tried.append(replica.name)
-        host = replica.authority if (self.rewrite_host or ex.host is None) else ex.host
+        host = self._host or (replica.authority if (self.rewrite_host or ex.host is None) else ex.host)
         headers = [(b"host", host), *ex.headers]
         if self._propagate and head_timeout < 1e9:
             # Deadline propagation: how long this try will wait, so the upstream can give up with us.

@@ -52,11 +52,23 @@ def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | 
     return token
 
 
-def token_matches(header: str | None, token: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer <token>`` header."""
-    if not header:
-        return False
-    scheme, _, value = header.partition(" ")
+# Why a request to /admin/* was refused: the three cases a client fixes differently. None of them
+# says anything about the token itself (its length, a matching prefix), only what was sent.
+MISSING_TOKEN = "admin token required: send Authorization: Bearer <token>"
+NOT_BEARER = "the Authorization header is not a bearer token: send Authorization: Bearer <token>"
+WRONG_TOKEN = "admin token not accepted: the bearer token sent is not the configured admin token"
+
+
+def token_problem(header: str | None, token: str) -> str | None:
+    """None when ``Authorization: Bearer <token>`` carries the token (compared in constant time),
+    else which of MISSING_TOKEN, NOT_BEARER, WRONG_TOKEN applies."""
+    if not header or not header.strip():
+        return MISSING_TOKEN
+    scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+        return NOT_BEARER
+    if not value.strip():
+        return MISSING_TOKEN
+    if hmac.compare_digest(value.strip().encode(), token.encode()):
+        return None
+    return WRONG_TOKEN

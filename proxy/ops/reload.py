@@ -270,7 +270,7 @@ class Reloader:
                 upstream = runtime.upstreams[name]
                 timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
                 results = await asyncio.gather(
-                    *(tcp_reachable(r.host, r.port, timeout) for r in upstream.replicas)
+                    *(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in upstream.replicas)
                 )
                 if any(results):
                     unreached.discard(name)

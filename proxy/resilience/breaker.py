@@ -432,14 +432,15 @@ class CircuitBreaker:
             return True
         return self._slow_after is not None and slow > 0 and slow >= self._slow_rate * calls
 
-    def _trip(self) -> None:
+    def _trip(self, cause: str | None = None) -> None:
         self.open_until = self.clock.now() + self.open_for
         self.trips += 1
-        self._transition(OPEN)
+        self._transition(OPEN, cause)
 
     # -- transitions ---------------------------------------------------------
 
-    def _transition(self, to: int) -> None:
+    def _transition(self, to: int, cause: str | None = None) -> None:
+        """Move to state ``to``; ``cause`` names a move no traffic made (an operator, a checkpoint)."""
         came = self.state
         self.state = to
         self.epoch += 1
@@ -459,34 +460,41 @@ class CircuitBreaker:
                     self.name, STATE_NAMES[came], STATE_NAMES[to]
                 )
             child.inc()
+        # A move traffic made and one an operator made must not read alike in the log.
+        because = "" if cause is None else f" ({cause})"
         if to == OPEN:
             log.warning(
-                "breaker %s: %s -> open for %s",
+                "breaker %s: %s -> open for %s%s",
                 self.name,
                 STATE_NAMES[came],
                 format_duration(round(self.open_for, 3)),
+                because,
             )
         else:
-            log.info("breaker %s: %s -> %s", self.name, STATE_NAMES[came], STATE_NAMES[to])
+            log.info("breaker %s: %s -> %s%s", self.name, STATE_NAMES[came], STATE_NAMES[to], because)
 
     # -- operator controls (admin API) --------------------------------------
 
-    def force(self, state: str) -> None:
-        """Force open (for open_for), half-open or closed; reset closes and restores open_for."""
+    def force(self, state: str, by: str = "admin API") -> None:
+        """Force open (for open_for) or closed (which restores open_for); ``by`` names who, for the log."""
         if state == "open":
-            self._trip()
+            self._trip(f"forced open by {by}")
         elif state == "closed":
-            self.open_for = self.options.open_for
-            if self.state != CLOSED:
-                self._transition(CLOSED)
-            else:
-                self.window.reset()
-                self.consecutive = 0
+            self._close(f"forced closed by {by}")
 
-    def reset(self) -> None:
+    def reset(self, by: str = "admin API") -> None:
         """Operator reset: closed, empty window, open_for back to its setting, trip count zero."""
-        self.force("closed")
+        self._close(f"reset by {by}")
         self.trips = 0
+
+    def _close(self, cause: str) -> None:
+        self.open_for = self.options.open_for
+        if self.state != CLOSED:
+            self._transition(CLOSED, cause)
+        else:
+            self.window.reset()
+            self.consecutive = 0
+            log.info("breaker %s: closed, window cleared (%s)", self.name, cause)
 
     # -- checkpoint (proxy.ops.checkpoint) -------------------------------------
 
@@ -518,7 +526,7 @@ class CircuitBreaker:
         self.trips = int(data.get("trips", 0))
         # Never longer than the breaker could have been open: a bad clock must not lock it out.
         self.open_until = self.clock.now() + min(max(left, 0.0), self.open_for)
-        self._transition(OPEN)
+        self._transition(OPEN, "restored from checkpoint")
 
     def snapshot(self) -> dict:
         self.window.expire(self.clock.now())

@@ -158,6 +158,7 @@ class HealthChecker:
             UpstreamPool(
                 state.replica.host,
                 state.replica.port,
+                unix_path=state.replica.unix_path,
                 max_connections=1,
                 max_keepalive=1,
                 connect_timeout=options.timeout,

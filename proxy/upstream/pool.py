@@ -1,4 +1,4 @@
-"""Keep-alive connection pool for one upstream replica (host:port).
+"""Keep-alive connection pool for one upstream replica (host:port, or a unix socket path).
 
 Accounting: ``in_use`` counts connections checked out by a request plus slots
 reserved for connects in progress; ``idle`` is the stack of reusable
@@ -39,16 +39,25 @@ class UpstreamPool:
         port: int,
         *,
         max_connections: int = 100,
-        max_keepalive: int = 20,
+        max_keepalive: int | None = None,
         connect_timeout: float = 1.0,
         keepalive_idle_timeout: float = 60.0,
         max_pending: int = 1000,
         max_response_head: int = 65536,
+        unix_path: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        # A unix-socket replica: connect to this file instead of host:port (same protocol and
+        # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
+        self.unix_path = unix_path
+        if unix_path is not None:
+            self.address = f"unix:{unix_path}"
+        else:
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
-        self.max_keepalive = max_keepalive
+        # None: keep idle whatever was opened (the policy's default, see PoolOptions.max_keepalive).
+        self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.connect_timeout = connect_timeout
         self.keepalive_idle_timeout = keepalive_idle_timeout
         self.max_pending = max_pending
@@ -64,7 +73,7 @@ class UpstreamPool:
 
     def __repr__(self) -> str:
         return (
-            f"<UpstreamPool {self.host}:{self.port} in_use={self._in_use} "
+            f"<UpstreamPool {self.address} in_use={self._in_use} "
             f"idle={len(self._idle)} pending={self._pending}>"
         )
 
@@ -281,19 +290,24 @@ class UpstreamPool:
         loop = self._loop
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: Connection(self, loop), self.host, self.port)
+                if self.unix_path is None:
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(self, loop), self.host, self.port
+                    )
+                else:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: Connection(self, loop), self.unix_path
+                    )
         except BaseException as exc:
             self._in_use -= 1
             self._wake_for_slot()
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(
-                    f"connect to {self.host}:{self.port} timed out",
+                    f"connect to {self.address} timed out",
                     cause=f"no connection within {self.connect_timeout:g}s",
                 ) from None
             if isinstance(exc, OSError):
-                raise ConnectFailure(
-                    f"connect to {self.host}:{self.port} failed: {exc}", cause=os_words(exc)
-                ) from exc
+                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
             raise
         self.connections_opened += 1
         conn.checked_out = True
@@ -301,7 +315,7 @@ class UpstreamPool:
             # Accepted and closed before we could write anything.
             self._release(conn, False)
             raise ConnectFailure(
-                f"{self.host}:{self.port} closed the connection before the request",
+                f"{self.address} closed the connection before the request",
                 cause="closed by the upstream before the request",
             )
         return conn

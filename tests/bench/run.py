@@ -205,7 +205,6 @@ def policy_head(port: int, admin: int, upstream_ports: tuple[int, int], health_i
         upstreams:
           origin:
             replicas: [{{url: http://127.0.0.1:{one}}}]
-            pool: {{max_connections: 256, max_keepalive: 128}}
           pair:
             replicas: [{{url: http://127.0.0.1:{one}}}, {{url: http://127.0.0.1:{two}}}]
             pool: {{max_connections: 256, max_keepalive: 128}}

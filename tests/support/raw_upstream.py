@@ -1,6 +1,6 @@
 """A scriptable raw HTTP/1.1 upstream for tests.
 
-Start one on 127.0.0.1 with an ephemeral port::
+Start one on 127.0.0.1 with an ephemeral port (or on a unix socket: ``unix_path=``)::
 
     async with RawUpstream(ok(b"hello")) as up:
         ...  # talk to 127.0.0.1:up.port
@@ -325,11 +325,17 @@ class RawUpstream:
     """Scriptable HTTP/1.1 server on 127.0.0.1 (see the module docstring)."""
 
     def __init__(
-        self, handler: Handler, *, stream_request_body: bool = False, host: str = "127.0.0.1"
+        self,
+        handler: Handler,
+        *,
+        stream_request_body: bool = False,
+        host: str = "127.0.0.1",
+        unix_path: str | None = None,
     ) -> None:
         self.handler = handler
         self.stream_request_body = stream_request_body
         self.host = host
+        self.unix_path = unix_path  # listen on this unix socket file instead of host:port
         self.port = 0
         self.connections = 0
         self.disconnects = 0
@@ -340,10 +346,12 @@ class RawUpstream:
         self._watchers: list[asyncio.Future] = []
 
     async def __aenter__(self) -> RawUpstream:
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _ServerProtocol(self), self.host, 0
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        if self.unix_path is not None:
+            self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), self.unix_path)
+        else:
+            self._server = await loop.create_server(lambda: _ServerProtocol(self), self.host, 0)
+            self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
