@@ -26,8 +26,10 @@ T = TypeVar("T")
 # (method, host without port, lower-case; normalised path; raw header pairs) -> bool
 Matcher = Callable[[str, bytes, bytes, list], bool]
 
-# From this many routes on, build_router indexes them; below, the plain scan costs less
-# (measured with timeit: a scan is cheaper up to a few routes, whatever their kind).
+# From this many routes on, build_router indexes them. Measured with timeit: a request to the first
+# route costs the scan ~0.14 us and the index ~0.24 us whatever the count; the scan's mean over the
+# routes passes the index's (~0.18 us) at 3-4 routes. Below 6 the scan is kept: its worst case stays
+# under half a microsecond and a policy's first routes (often its busiest) stay cheapest.
 INDEX_FROM_ROUTES = 6
 # An index holds, per key, the routes that may match under it: a bound on the total (pointers,
 # 8 bytes each) so a pathological policy (thousands of nested conditional prefixes) gets the scan.
@@ -213,16 +215,19 @@ class IndexedRouter(Generic[T]):
         keys = sorted(keyed_routes)
         parents: list[int] = []
         for position, key in enumerate(keys):
-            parent = position - 1  # the longest proper prefix of a key sorts before it
+            # The longest proper prefix of a key sorts before it, on the previous key's chain; the
+            # keys walked past are on no later chain, so building this is linear in the key count.
+            parent = position - 1
             while parent >= 0 and not key.startswith(keys[parent]):
                 parent = parents[parent]
             parents.append(parent)
         self._keys = keys
         self._parents = tuple(parents)
 
-        budget = [max_cells]
+        budget = max_cells
 
         def table(own: list[int], position: int) -> tuple:
+            nonlocal budget
             indices = list(own)
             while position >= 0:
                 indices.extend(keyed_routes[keys[position]])
@@ -233,8 +238,8 @@ class IndexedRouter(Generic[T]):
                 chosen.append(cells[index])
                 if cells[index][0] is None:  # this route always matches here: nothing after it can
                     break
-            budget[0] -= len(chosen)
-            if budget[0] < 0:
+            budget -= len(chosen)
+            if budget < 0:
                 raise IndexTooLarge
             return tuple(chosen)
 
