@@ -140,7 +140,7 @@ def check_agrees(matches: list[RouteMatch], requests: list, extra_paths: list[st
     return checked
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     matches=st.lists(route_matches(), min_size=1, max_size=24),
     requests=st.lists(requests_, min_size=1, max_size=4),
