@@ -115,9 +115,7 @@ async def test_request_body_pieces_reach_the_upstream_while_the_client_holds_the
 
 def _two_piece_cacheable(release: asyncio.Event):
     async def handler(req: Request, conn: Responder) -> None:
-        await conn.send_head(
-            200, [(b"transfer-encoding", b"chunked"), (b"cache-control", b"max-age=60")]
-        )
+        await conn.send_head(200, [(b"transfer-encoding", b"chunked"), (b"cache-control", b"max-age=60")])
         await conn.send_chunk(EVENT_1)
         await release.wait()
         await conn.send_chunk(EVENT_2)

@@ -48,7 +48,7 @@ from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
 from proxy.dataplane.pipeline import Handler, LayerContext, build_pipeline
-from proxy.dataplane.router import Router, compile_match
+from proxy.dataplane.router import IndexedRouter, Router, build_router, compile_match
 from proxy.metrics import Metrics, RouteMetrics, TunnelMetrics
 from proxy.ops.checkpoint import CheckpointProviders
 
@@ -293,7 +293,9 @@ class Runtime:
             RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
             for r in policy.routes
         ]
-        self.router: Router[RouteRuntime] = Router([(compile_match(r.options.match), r) for r in self.routes])
+        self.router: Router[RouteRuntime] | IndexedRouter[RouteRuntime] = build_router(
+            [(compile_match(r.options.match), r) for r in self.routes]
+        )
         self.trusted = TrustedProxies(policy.server.trusted_proxies, policy.server.trusted_hops)
         # None when off (the default): the data path then pays one truth test per request, as before.
         self.access_log = AccessLog(policy.server.access_log_format) if policy.server.access_log else None

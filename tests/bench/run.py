@@ -8,7 +8,8 @@ ratios between targets of the same run (absolute numbers from these machines
 do not compare across runs).
 
 Targets: `direct` (the upstream itself), `nginx_proxy` (when nginx is
-installed), `fender` (pass-through route), `fender_policies` (rate limit,
+installed), `fender` (pass-through route), `fender_300_routes` (the same
+route, last of a 300-route policy), `fender_policies` (rate limit,
 bulkhead, retry, breaker, failover over two replicas with health checks, cache
 on a non-cacheable response), `fender_cache_hit`, and `hello_world` (uvicorn
 raw ASGI answering directly: the ceiling of the Python server).
@@ -45,6 +46,7 @@ BODY = "x" * 128
 TARGETS = {
     "fender_vs_nginx_proxy": 0.25,
     "policies_vs_fender": 0.80,
+    "routes_300_vs_fender": 0.95,
     "cache_hit_vs_hello_world": 0.50,
 }
 
@@ -229,6 +231,31 @@ def fender_policy(
     return path
 
 
+def many_routes_policy(
+    workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int], count: int = 300
+) -> Path:
+    """`count` routes, the pass-through route last: prefixes, exact paths (some for one method only),
+    regexes and a host-bound prefix in turn, none of which takes /pass."""
+    kinds = (
+        "{{path_prefix: /svc{i}/}}",
+        "{{path: /svc{i}/health, methods: [POST]}}",
+        "{{path_regex: '/svc{i}/items/[0-9]+'}}",
+        "{{path_prefix: /api{i}, host: '*.example.com'}}",
+    )
+    routes = [
+        f"  - {{name: r{i}, match: {kinds[i % len(kinds)].format(i=i)}, upstream: origin}}\n"
+        for i in range(count - 1)
+    ]
+    path = workdir / "bench-policy-routes.yaml"
+    path.write_text(
+        policy_head(port, admin, upstream_ports)
+        + "routes:\n"
+        + "".join(routes)
+        + "  - {name: pass, match: {path_prefix: /pass}, upstream: origin}\n"
+    )
+    return path
+
+
 def run_wrk(url: str, seconds: float, connections: int) -> dict:
     cmd = [*taskset(1), "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -269,6 +296,8 @@ def _median(rows: list[dict]) -> dict:
 # much of a change against the baseline this machine's noise alone can explain.
 ROUND_RATIOS = {
     "policies_vs_fender": ("fender_policies", "fender", "rps"),
+    "routes_300_vs_fender": ("fender_300_routes", "fender", "rps"),
+    "routes_300_cpu_vs_fender_cpu": ("fender_300_routes", "fender", "cpu_us_per_request"),
     "fender_vs_nginx_proxy": ("fender", "nginx_proxy", "rps"),
     "cache_hit_vs_hello_world": ("fender_cache_hit", "hello_world", "rps"),
     "fender_cpu_vs_nginx_cpu": ("fender", "nginx_proxy", "cpu_us_per_request"),
@@ -320,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     up1, up2, nginx_port, fender_port, admin_port, hello_port, granian_port, granian_admin = (
         free_port() for _ in range(8)
     )
+    routes_port, routes_admin = free_port(), free_port()
     nginx_proxy_proc = None
     results: dict[str, list[dict]] = {}
     latency: dict[str, list[dict]] = {}
@@ -339,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         policy = fender_policy(workdir, fender_port, admin_port, (up1, up2))
         fender = procs.start(
             [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
+            cwd=ROOT,
+        )
+        routes_policy = many_routes_policy(workdir, routes_port, routes_admin, (up1, up2))
+        fender_routes = procs.start(
+            [*taskset(0), sys.executable, "-m", "proxy", "run", str(routes_policy), "--log-level", "warning"],
             cwd=ROOT,
         )
         granian = None
@@ -361,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_port(granian_port)
         wait_port(fender_port)
+        wait_port(routes_port)
         wait_port(hello_port)
         for path in ("/pass", "/all", "/cached", "/cached"):
             urllib.request.urlopen(f"http://127.0.0.1:{fender_port}{path}", timeout=5).read()
@@ -369,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         if have_nginx:
             targets["nginx_proxy"] = (f"http://127.0.0.1:{nginx_port}/", nginx_proxy_proc.pid)
         targets["fender"] = (f"http://127.0.0.1:{fender_port}/pass", fender.pid)
+        targets["fender_300_routes"] = (f"http://127.0.0.1:{routes_port}/pass", fender_routes.pid)
         if granian is not None:
             targets["fender_granian"] = (f"http://127.0.0.1:{granian_port}/pass", granian.pid)
         targets["fender_policies"] = (f"http://127.0.0.1:{fender_port}/all", fender.pid)
@@ -421,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "fender_vs_direct": rps["fender"] / rps["direct"],
         "policies_vs_fender": rps["fender_policies"] / rps["fender"],
+        "routes_300_vs_fender": rps["fender_300_routes"] / rps["fender"],
+        "routes_300_cpu_vs_fender_cpu": summary["fender_300_routes"]["cpu_us_per_request"]
+        / summary["fender"]["cpu_us_per_request"],
         "cache_hit_vs_hello_world": rps["fender_cache_hit"] / rps["hello_world"],
         "hello_world_vs_direct": rps["hello_world"] / rps["direct"],
     }
