@@ -357,14 +357,11 @@ def test_drain_waits_for_a_tunnel_then_closes_it_at_the_grace(tmp_path):
 
 async def test_an_open_tunnel_holds_its_upstream_connection_against_the_pool_limit(start_fender):
     async with WsServer() as server:
-        upstreams = (
-            """
+        upstreams = """
           echo1:
-            replicas: [{url: "http://127.0.0.1:%d"}]
+            replicas: [{url: "http://127.0.0.1:PORT"}]
             pool: {max_connections: 1, connect_timeout: 200ms}
-        """
-            % server.port
-        )
+        """.replace("PORT", str(server.port))
         routes = """
         - name: live
           upstream: echo1
