@@ -413,3 +413,20 @@ async def test_upgrade_passes_admission_and_is_not_retried_after_an_answer(start
     # the rate limit counts upgrades like any request: the third is refused before the upstream.
     assert statuses == [503, 503, 429]
     assert len(up.requests) == 2
+
+
+async def test_an_open_tunnel_counts_against_server_max_connections(start_fender):
+    async with WsServer() as server:
+        fender = await start_fender(_policy(server.port, server="max_connections: 1\n"))
+        async with asyncio.timeout(_LIMIT):
+            async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/one") as ws:
+                await ws.send("held")
+                assert await ws.recv() == "held"
+                reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+                try:
+                    writer.write(b"GET /plain/x HTTP/1.1\r\nHost: svc\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
+                finally:
+                    writer.close()
+                assert head.startswith(b"HTTP/1.1 503 ")
+                assert b"x-fender-error: connection_limit" in head.lower()
