@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
 
 from proxy import __version__
@@ -88,7 +89,9 @@ def _tune_gc() -> None:
 async def _start_demo(policy):
     import uvicorn
 
+    from proxy.config.models import ListenAddress
     from proxy.demo import DemoUpstream, demo_replicas
+    from proxy.ops.preflight import bind_listener
     from proxy.server import _Server, bind_socket
 
     servers = []
@@ -99,7 +102,8 @@ async def _start_demo(policy):
         config.load()
         server = _Server(config)
         server.lifespan = config.lifespan_class(config)
-        await server.startup(sockets=[bind_socket(host, port)])
+        address = ListenAddress(host=host, port=port)
+        await server.startup(sockets=[bind_listener(bind_socket, address, f"demo upstream {name}", ())])
         servers.append(server)
         print(f"demo upstream {name} on {host}:{port}")
     return servers
@@ -123,21 +127,47 @@ Press Ctrl-C to stop.
     )
 
 
+def _policy_file_problem(path: str) -> str | None:
+    """One line when the policy file itself is not there to read (before parsing it)."""
+    if not os.path.exists(path):
+        return f"policy file {path} not found (give the path: fender run POLICY.yaml)"
+    if os.path.isdir(path):
+        return f"policy file {path} is a directory (give the path of the YAML file: fender run POLICY.yaml)"
+    return None
+
+
 def cmd_run(args, demo: bool = False) -> int:
     _configure_logging(args.log_level)
+    problem = _policy_file_problem(args.policy)
+    if problem is not None:
+        print(f"fender: {problem}", file=sys.stderr)
+        return 2
     policy = _load_or_report(args.policy)
     if policy is None:
-        print(f"fender: not starting: {args.policy} is invalid (see above)", file=sys.stderr)
+        print(
+            f"fender: not starting: {args.policy} is invalid (the problems are listed above)", file=sys.stderr
+        )
         return 2
-    from proxy.ops.auth import AdminAuthError
+    from proxy.ops.preflight import StartupError
     from proxy.server import new_event_loop
 
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_run(policy, args.policy, demo, args.server))
-    except AdminAuthError as error:
-        print(f"fender: not starting: {error}", file=sys.stderr)
+    except StartupError as error:
+        # A configuration or environment problem: one line says what and what to do.
+        logging.getLogger("fender").debug("start-up failed", exc_info=True)
+        print(f"fender: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if args.log_level == "debug":
+            raise
+        print(
+            f"fender: not starting: unexpected {type(error).__name__}: {error} "
+            "(run with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

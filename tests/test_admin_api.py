@@ -49,7 +49,7 @@ def test_cli_reports_the_missing_token_and_exits_2(tmp_path):
         timeout=30,
     )
     assert proc.returncode == 2
-    assert "fender: not starting: the admin listener 0.0.0.0:0 is reachable beyond this host" in proc.stderr
+    assert "fender: the admin listener 0.0.0.0:0 is reachable beyond this host" in proc.stderr
 
 
 def test_token_sources_and_their_errors(tmp_path):

@@ -6,9 +6,13 @@ import hmac
 import ipaddress
 import os
 
+from proxy.ops.preflight import StartupError
 
-class AdminAuthError(Exception):
-    """The admin listener cannot start safely (the message says what to change)."""
+_MAX_TOKEN_FILE = 64 * 1024
+
+
+class AdminAuthError(StartupError):
+    """The admin token cannot be had (the message says what to change; ``at`` where it is configured)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -30,26 +34,44 @@ def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | 
             token = environ.get(auth.token_env, "").strip()
             if not token:
                 raise AdminAuthError(
-                    f"admin_auth.token_env names {auth.token_env}, but that environment variable is unset or empty"
+                    f"admin_auth.token_env names {auth.token_env}, but that environment variable is unset or "
+                    "empty (set it to the token)",
+                    ("admin_auth", "token_env"),
                 )
         else:
             try:
                 with open(auth.token_file, encoding="utf-8") as handle:
-                    token = handle.read().strip()
+                    token = handle.read(_MAX_TOKEN_FILE).strip()  # bounded: a wrong path may be /dev/zero
             except OSError as exc:
                 raise AdminAuthError(
-                    f"admin_auth.token_file {auth.token_file}: cannot read it ({exc.strerror or exc})"
+                    f"admin_auth.token_file {auth.token_file}: cannot read it ({_reason(exc)})",
+                    ("admin_auth", "token_file"),
+                ) from None
+            except UnicodeDecodeError:
+                raise AdminAuthError(
+                    f"admin_auth.token_file {auth.token_file} is not UTF-8 text", ("admin_auth", "token_file")
                 ) from None
             if not token:
-                raise AdminAuthError(f"admin_auth.token_file {auth.token_file} is empty")
+                raise AdminAuthError(
+                    f"admin_auth.token_file {auth.token_file} is empty (write the token into it)",
+                    ("admin_auth", "token_file"),
+                )
         if len(token) < 16:
-            raise AdminAuthError("the admin token is shorter than 16 characters; use a long random value")
+            where = "token_env" if auth.token_env is not None else "token_file"
+            raise AdminAuthError(
+                "the admin token is shorter than 16 characters; use a long random value",
+                ("admin_auth", where),
+            )
     if token is None and not is_loopback(policy.admin.host):
         raise AdminAuthError(
             f"the admin listener {policy.admin} is reachable beyond this host, but no admin token is "
             "configured: set admin_auth.token_env or admin_auth.token_file, or bind admin to 127.0.0.1"
         )
     return token
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 def token_matches(header: str | None, token: str) -> bool:
