@@ -700,8 +700,8 @@ def test_duplicate_route_name() -> None:
 def test_listen_and_admin_on_the_same_port() -> None:
     found = problem(
         """\
-        listen: 127.0.0.1:8080
-        admin: 0.0.0.0:8080
+        listen: 0.0.0.0:8080
+        admin: 127.0.0.1:8080
         upstreams:
           catalog:
             replicas:
@@ -711,7 +711,7 @@ def test_listen_and_admin_on_the_same_port() -> None:
             upstream: catalog
         """
     )
-    assert found.startswith("policy.yaml:2:8: admin: listen (127.0.0.1:8080) and admin (0.0.0.0:8080)")
+    assert found.startswith("policy.yaml:2:8: admin: listen (0.0.0.0:8080) and admin (127.0.0.1:8080)")
     assert "same port" in found
 
 

@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy.config.units import Duration, Percent, Size, describe_value, format_size, policy_error
+from proxy.ops.auth import is_loopback
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.bulkhead import BulkheadOptions
@@ -933,6 +934,15 @@ class Policy(PolicyModel):
                     (where,),
                     f"listen ({self.listen}) and admin ({self.admin}) would bind the same port; "
                     "give them different ports",
+                )
+            )
+
+        if self.admin_auth is None and not is_loopback(self.admin.host):
+            problems.append(
+                (
+                    ("admin",),
+                    f"the admin listener {self.admin} is reachable beyond this host, but no admin token is "
+                    "configured: add admin_auth: {token_env: NAME} (or token_file), or bind admin to 127.0.0.1",
                 )
             )
 
