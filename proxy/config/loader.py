@@ -46,6 +46,7 @@ from ruamel.yaml.scalarint import ScalarInt
 
 from proxy.config.envrefs import expand, is_secret_name
 from proxy.config.models import Policy, dump_policy
+from proxy.config.redact import redact_text
 from proxy.config.units import (
     DURATION_PATTERN,
     PERCENT_PATTERN,
@@ -203,6 +204,7 @@ def read_policy(
         return PolicyDocument(None, source, converter.warnings, index=index)
     from proxy.config.lint import policy_warnings  # the checks read the models; imported late
 
+    policy._env_secrets = frozenset(converter.secrets)
     document = PolicyDocument(policy, source, list(converter.warnings), index=index)
     document.warnings += [scrub(document.issue(at, message)) for at, message in policy_warnings(policy)]
     return document
@@ -354,8 +356,8 @@ class _Converter:
         self.issues.append(PolicyIssue(self.source, pos[0], pos[1], format_path(loc), message))
 
     def scrub(self, issue: PolicyIssue) -> PolicyIssue:
-        """The issue with every secret value from the environment replaced by ***."""
-        message = issue.message
+        """The issue with every secret value from the environment, and URL passwords, replaced by ***."""
+        message = redact_text(issue.message)
         for secret in sorted(self.secrets, key=len, reverse=True):
             message = message.replace(secret, "***")
         if message == issue.message:

@@ -891,6 +891,14 @@ class Policy(PolicyModel):
         ),
     )
 
+    # Values read from environment variables that hold secrets (by the variable's or the key's name);
+    # set by the loader, so the admin output can show them as *** wherever they ended up.
+    _env_secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def env_secrets(self) -> frozenset[str]:
+        return self._env_secrets
+
     @model_validator(mode="after")
     def _global_limits_need_redis(self) -> Policy:
         if self.state.backend == "redis":
