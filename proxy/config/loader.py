@@ -207,6 +207,7 @@ def read_policy(
     policy._env_secrets = frozenset(converter.secrets)
     document = PolicyDocument(policy, source, list(converter.warnings), index=index)
     document.warnings += [scrub(document.issue(at, message)) for at, message in policy_warnings(policy)]
+    document.warnings.sort(key=lambda issue: (issue.line, issue.col))
     return document
 
 
