@@ -19,8 +19,9 @@ earlier regex is taken to match only the exact paths it fullmatches, and a
 regex route is covered only by an earlier route matching every path ("/"
 prefix) or the same regex; so with regexes the check may miss a shadowed
 route but never reports a reachable one. The enumeration is bounded
-(:data:`MAX_COMBINATIONS` per route); beyond it only single earlier routes that
-cover the whole route are found.
+(:data:`MAX_COMBINATIONS` requests per route, :data:`MAX_WORK` request-route
+tests for the whole policy, so a reload of a large policy stays fast); beyond
+it only single earlier routes that cover the whole route are found.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-__all__ = ["shadowed_routes", "MAX_COMBINATIONS"]
+__all__ = ["shadowed_routes", "MAX_COMBINATIONS", "MAX_WORK"]
 
 MAX_COMBINATIONS = 4096
+MAX_WORK = 1_000_000
 
 # A character no path, host, method or header value in a policy contains (the policy refuses
 # "#" in paths and hosts; header values are compared whole): appending it leaves a literal's class.
@@ -40,6 +42,7 @@ _FRESH = "#"
 def shadowed_routes(routes: Sequence) -> list[tuple[int, list[int]]]:
     """``(index, [indexes of the earlier routes that take its requests])`` for each shadowed route."""
     out = []
+    budget = [MAX_WORK]  # request-route tests left for the enumeration, shared by all routes
     for index, route in enumerate(routes):
         match = route.match
         earlier = [i for i in range(index) if _overlaps(routes[i].match, match)]
@@ -49,7 +52,7 @@ def shadowed_routes(routes: Sequence) -> list[tuple[int, list[int]]]:
         if covering is not None:
             out.append((index, [covering]))
             continue
-        takers = _taken_by(match, [(i, routes[i].match) for i in earlier])
+        takers = _taken_by(match, [(i, routes[i].match) for i in earlier], budget)
         if takers is not None:
             out.append((index, takers))
     return out
@@ -180,12 +183,19 @@ def _methods(route, others) -> list[str]:
     return sorted({_FRESH, *(method for m in others for method in m.methods)})
 
 
-def _header_choices(route, others) -> list[tuple[str, list[frozenset[str]]]]:
-    """Per header name the others test: the sets of its tested values a request may carry."""
+def _header_choices(route, others) -> list[tuple[str, list[frozenset[str]]]] | None:
+    """Per header name the others test: the sets of its tested values a request may carry.
+
+    None when there are too many to try (2**values per name, bounded before they are built).
+    """
     names = sorted({name for m in others for name in m.headers})
     choices = []
+    total = 1
     for name in names:
         values = sorted({m.headers[name] for m in (route, *others) if name in m.headers})
+        total *= 2 ** len(values)
+        if total > MAX_COMBINATIONS:
+            return None
         subsets = [
             frozenset(combo)
             for size in range(len(values) + 1)
@@ -207,10 +217,12 @@ def _matches(match, path: _Path, host: str, method: str, headers: dict[str, froz
     return all(value in headers.get(name, ()) for name, value in match.headers.items())
 
 
-def _taken_by(route, earlier: list[tuple[int, object]]) -> list[int] | None:
+def _taken_by(route, earlier: list[tuple[int, object]], budget: list[int]) -> list[int] | None:
     """The earlier routes that together take every request ``route`` matches, or None."""
     others = [m for _, m in earlier]
     header_choices = _header_choices(route, others)
+    if header_choices is None:
+        return None
     dimensions = [_paths(route, others), _hosts(route, others), _methods(route, others)]
     dimensions += [values for _, values in header_choices]
     total = 1
@@ -218,6 +230,9 @@ def _taken_by(route, earlier: list[tuple[int, object]]) -> list[int] | None:
         total *= len(dimension)
         if total > MAX_COMBINATIONS:
             return None
+    if total * len(earlier) > budget[0]:
+        return None
+    budget[0] -= total * len(earlier)
     names = [name for name, _ in header_choices]
     takers: set[int] = set()
     for path, host, method, *values in itertools.product(*dimensions):
