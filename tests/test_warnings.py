@@ -201,6 +201,24 @@ def test_limits_made_unreachable_by_another_limit():
     ]
 
 
+def test_a_rate_limit_made_redundant_by_a_stricter_one():
+    found = warnings_of(
+        """\
+        - name: limited
+          upstream: u
+          rate_limit:
+            - {key: route, rate: 100/s}
+            - {key: client_ip, rate: 200/s, burst: 300}
+            - {key: client_ip, rate: 50/s, name: per-client}
+            - {key: header:X-Team, rate: 10/s, shadow: true}
+        """
+    )
+    assert found == [
+        'p.yaml:9:9: warning: routes[0].rate_limit[1]: rate limit "client_ip" (200/s, burst 300) can never '
+        'refuse first: rate limit "route" (100/s, burst 100) counts every request it counts and is no looser'
+    ]
+
+
 SHADOWED = """\
 listen: 127.0.0.1:0
 admin: 127.0.0.1:0

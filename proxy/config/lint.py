@@ -8,7 +8,12 @@ the user means), but says where it does not do what it seems to:
   threshold or a queue wait not shorter than the route's timeout (the route's
   deadline always ends first); a replay buffer above the route's ``max_body``
   (larger bodies are refused before they could be kept); a bulkhead above what
-  the upstream's pools admit at once (the pools refuse first).
+  the upstream's pools admit at once (the pools refuse first); a rate limit of
+  a route that another of its limits makes redundant: both local and enforced,
+  the other counting every request this one counts (same key, or key: route)
+  with a rate and a burst no larger. Admission is all-or-nothing (a request
+  consumes from every bucket or from none), so whatever the stricter bucket
+  admits conforms to the looser one, which therefore never refuses first.
 
 Only values the user wrote are judged: a default that another value makes
 moot is not worth a warning. Each warning is ``(location, message)``; the
@@ -17,8 +22,10 @@ loader turns it into ``FILE:LINE:COL``.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from proxy.config.shadow import shadowed_routes
-from proxy.config.units import format_duration, format_size
+from proxy.config.units import format_duration, format_rate, format_size
 
 __all__ = ["policy_warnings"]
 
@@ -42,6 +49,7 @@ def policy_warnings(policy) -> list[tuple[Loc, str]]:
         )
     for index, route in enumerate(routes):
         out += _route_limits(policy, index, route)
+        out += _rate_limits(index, route)
     return out
 
 
@@ -97,6 +105,41 @@ def _route_limits(policy, index: int, route) -> list[tuple[Loc, str]]:
                 )
             )
     return out
+
+
+def _rate_limits(index: int, route) -> list[tuple[Loc, str]]:
+    limits = route.rate_limit or ()
+    out: list[tuple[Loc, str]] = []
+    for j, looser in enumerate(limits):
+        for i, stricter in enumerate(limits):
+            if i != j and _dominates(stricter, looser) and (not _dominates(looser, stricter) or i < j):
+                out.append(
+                    (
+                        ("routes", index, "rate_limit", j),
+                        f'rate limit "{looser.name}" ({format_rate(looser.rate)}, burst {looser.burst}) can '
+                        f'never refuse first: rate limit "{stricter.name}" ({format_rate(stricter.rate)}, '
+                        f"burst {stricter.burst}) counts every request it counts and is no looser",
+                    )
+                )
+                break
+    return out
+
+
+def _per_second(limit) -> Fraction:
+    return Fraction(limit.rate.count) / Fraction(repr(limit.rate.per_seconds))
+
+
+def _dominates(stricter, looser) -> bool:
+    """Does ``stricter`` refuse whenever ``looser`` would (so ``looser`` never decides)?"""
+    return (
+        not stricter.shadow
+        and not looser.shadow
+        and stricter.scope == "local"  # a global bucket's own fallbacks (Redis down) may admit all
+        and looser.scope == "local"
+        and (stricter.key == "route" or stricter.key == looser.key)
+        and _per_second(stricter) <= _per_second(looser)
+        and stricter.burst <= looser.burst
+    )
 
 
 def _section_name(route, section) -> str:
