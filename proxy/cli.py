@@ -61,6 +61,10 @@ def _summary(path: str, policy) -> str:
 
 
 def cmd_validate(args) -> int:
+    problem = _policy_file_problem(args.policy, "validate")
+    if problem is not None:
+        print(f"fender: {problem}", file=sys.stderr)
+        return 1
     # Without --env an unset ${VAR} is only a warning: a CI job lacks the deployment's environment.
     document = _load_or_report(args.policy, unset_env="error" if args.env else "warn")
     if document is None:
@@ -168,12 +172,12 @@ Press Ctrl-C to stop.
     )
 
 
-def _policy_file_problem(path: str) -> str | None:
+def _policy_file_problem(path: str, command: str = "run") -> str | None:
     """One line when the policy file itself is not there to read (before parsing it)."""
     if not os.path.exists(path):
-        return f"policy file {path} not found (give the path: fender run POLICY.yaml)"
+        return f"policy file {path} not found (give the path: fender {command} POLICY.yaml)"
     if os.path.isdir(path):
-        return f"policy file {path} is a directory (give the path of the YAML file: fender run POLICY.yaml)"
+        return f"policy file {path} is a directory (give the path of the YAML file: fender {command} POLICY.yaml)"
     return None
 
 

@@ -300,3 +300,18 @@ def test_missing_optional_package_is_refused_by_validate_env_and_run(monkeypatch
     [problem] = preflight.missing_packages(policy)
     assert str(problem) == "state.backend: redis needs the redis package (pip install 'fender[redis]')"
     assert problem.at == ("state", "backend")
+
+
+def test_validate_of_a_missing_file_says_not_found(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "validate", str(missing)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"fender: policy file {missing} not found (give the path: fender validate POLICY.yaml)"
+    ]
