@@ -6,21 +6,50 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
 
 from proxy import __version__
-from proxy.config import PolicyError, load_policy, schema_text
+from proxy.config import PolicyError, PolicyIssue, schema_text
+from proxy.config.loader import PolicyDocument, read_policy_file
 
 DEFAULT_POLICY = "policies/example.yaml"
 
 
-def _load_or_report(path: str):
+def _load_or_report(path: str, unset_env: str = "error") -> PolicyDocument | None:
+    """The policy document, or None after printing each problem (FILE:LINE:COL) on stderr."""
     try:
-        return load_policy(path)
+        document = read_policy_file(path, unset_env=unset_env)
     except PolicyError as error:
         for issue in error.issues:
             print(issue, file=sys.stderr)
         return None
+    return document
+
+
+def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
+    """What `run` would meet on this machine (the same calls it makes), located in the policy."""
+    from proxy.ops.auth import resolve_admin_token
+    from proxy.ops.preflight import StartupError, check_listener, missing_packages
+    from proxy.server import bind_socket
+
+    policy = document.policy
+    problems: list[StartupError] = list(missing_packages(policy))
+    try:
+        resolve_admin_token(policy)
+    except StartupError as error:
+        problems.append(error)
+    for address, label, at in (
+        (policy.listen, "proxy listener", "listen"),
+        (policy.admin, "admin listener", "admin"),
+    ):
+        try:
+            check_listener(bind_socket, address, label, (at,))
+        except StartupError as error:
+            problems.append(error)
+    # The messages name what they are about: no path before them.
+    issues = [document.issue(error.at, str(error)) for error in problems]
+    return [PolicyIssue(i.source, i.line, i.col, "", i.message) for i in issues]
 
 
 def _summary(path: str, policy) -> str:
@@ -32,10 +61,26 @@ def _summary(path: str, policy) -> str:
 
 
 def cmd_validate(args) -> int:
-    policy = _load_or_report(args.policy)
-    if policy is None:
+    problem = _policy_file_problem(args.policy, "validate")
+    if problem is not None:
+        print(f"fender: {problem}", file=sys.stderr)
         return 1
-    print(_summary(args.policy, policy))
+    # Without --env an unset ${VAR} is only a warning: a CI job lacks the deployment's environment.
+    document = _load_or_report(args.policy, unset_env="error" if args.env else "warn")
+    if document is None:
+        return 1
+    for warning in document.warnings:
+        print(warning.as_warning(), file=sys.stderr)
+    if document.policy is None:
+        print(f"{args.policy}: ok as far as it can be checked without the environment variables above")
+        return 0
+    if args.env:
+        issues = _machine_issues(document)
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        if issues:
+            return 1
+    print(_summary(args.policy, document.policy))
     return 0
 
 
@@ -50,13 +95,14 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _run(policy, source: str, demo: bool, engine: str | None = None) -> None:
+async def _run(policy, source: str, demo: bool, engine: str | None = None, warnings=()) -> None:
     from proxy.server import Fender
 
     demo_servers = []
     if demo:
         demo_servers = await _start_demo(policy)
     fender = Fender(policy, source, engine=engine)
+    fender.reloader.current.warnings = list(warnings)  # shown by /admin/config/status
     fender.install_signal_handlers()  # before the listeners accept: a supervisor may signal at once
     await fender.start()
     _tune_gc()
@@ -88,7 +134,9 @@ def _tune_gc() -> None:
 async def _start_demo(policy):
     import uvicorn
 
+    from proxy.config.models import ListenAddress
     from proxy.demo import DemoUpstream, demo_replicas
+    from proxy.ops.preflight import bind_listener
     from proxy.server import _Server, bind_socket
 
     servers = []
@@ -99,7 +147,8 @@ async def _start_demo(policy):
         config.load()
         server = _Server(config)
         server.lifespan = config.lifespan_class(config)
-        await server.startup(sockets=[bind_socket(host, port)])
+        address = ListenAddress(host=host, port=port)
+        await server.startup(sockets=[bind_listener(bind_socket, address, f"demo upstream {name}", ())])
         servers.append(server)
         print(f"demo upstream {name} on {host}:{port}")
     return servers
@@ -123,21 +172,53 @@ Press Ctrl-C to stop.
     )
 
 
+def _policy_file_problem(path: str, command: str = "run") -> str | None:
+    """One line when the policy file itself is not there to read (before parsing it)."""
+    if not os.path.exists(path):
+        return f"policy file {path} not found (give the path: fender {command} POLICY.yaml)"
+    if os.path.isdir(path):
+        return f"policy file {path} is a directory (give the path of the YAML file: fender {command} POLICY.yaml)"
+    return None
+
+
 def cmd_run(args, demo: bool = False) -> int:
     _configure_logging(args.log_level)
-    policy = _load_or_report(args.policy)
-    if policy is None:
-        print(f"fender: not starting: {args.policy} is invalid (see above)", file=sys.stderr)
+    problem = _policy_file_problem(args.policy)
+    if problem is not None:
+        print(f"fender: {problem}", file=sys.stderr)
         return 2
-    from proxy.ops.auth import AdminAuthError
+    document = _load_or_report(args.policy)
+    if document is None:
+        print(
+            f"fender: not starting: {args.policy} is invalid (the problems are listed above)", file=sys.stderr
+        )
+        return 2
+    from proxy.ops.preflight import StartupError, missing_packages
     from proxy.server import new_event_loop
 
+    policy = document.policy
+    warnings = [issue.as_warning() for issue in document.warnings]
+    for warning in warnings:
+        logging.getLogger("fender").warning("%s", warning)
     try:
+        for problem in missing_packages(policy):
+            raise problem
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(_run(policy, args.policy, demo, args.server))
-    except AdminAuthError as error:
-        print(f"fender: not starting: {error}", file=sys.stderr)
+            runner.run(_run(policy, args.policy, demo, args.server, warnings))
+    except StartupError as error:
+        # A configuration or environment problem: one line says what and what to do.
+        logging.getLogger("fender").debug("start-up failed", exc_info=True)
+        print(f"fender: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if args.log_level == "debug":
+            raise
+        print(
+            f"fender: not starting: unexpected {type(error).__name__}: {error} "
+            "(run with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -171,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a policy file; print FILE:LINE:COL errors")
     validate.add_argument("policy")
+    validate.add_argument(
+        "--env",
+        action="store_true",
+        help="also check this machine: environment variables referred to, token files, free ports, packages",
+    )
     validate.set_defaults(func=cmd_validate)
 
     schema = sub.add_parser("schema", help="print the policy JSON Schema (for editor completion)")

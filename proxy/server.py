@@ -24,6 +24,7 @@ from proxy.metrics import Metrics
 from proxy.ops.auth import resolve_admin_token
 from proxy.ops.checkpoint import Checkpointer
 from proxy.ops.history import TrafficHistory
+from proxy.ops.preflight import bind_listener
 from proxy.ops.reload import Reloader, file_sha256
 
 log = logging.getLogger("fender")
@@ -226,15 +227,20 @@ class Fender:
     ) -> None:
         """Bind (unless sockets are given), start both listeners, return once they accept.
 
-        Raises :class:`~proxy.ops.auth.AdminAuthError` before binding anything
-        when the admin listener would be reachable beyond loopback without a token.
+        Raises :class:`~proxy.ops.preflight.StartupError` (one line saying what failed) when the
+        admin token cannot be read (before binding anything) or a listener cannot bind.
         """
         policy = self.policy
         self.admin_token = resolve_admin_token(policy)
         if self.checkpointer is not None:
             self.checkpointer.restore(self.runtime)
-        data_sock = data_sock or bind_socket(policy.listen.host, policy.listen.port)
-        admin_sock = admin_sock or bind_socket(policy.admin.host, policy.admin.port)
+        data_sock = data_sock or bind_listener(bind_socket, policy.listen, "proxy listener", ("listen",))
+        if admin_sock is None:
+            try:
+                admin_sock = bind_listener(bind_socket, policy.admin, "admin listener", ("admin",))
+            except Exception:
+                data_sock.close()  # nothing is left bound when start fails
+                raise
         await self.runtime.start()
         self.data_port = data_sock.getsockname()[1]
         self.admin_port = admin_sock.getsockname()[1]

@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from proxy.admin.ops import openapi_path
-from proxy.config import parse_policy
+from proxy.config import PolicyError, parse_policy
 from proxy.ops.auth import AdminAuthError, resolve_admin_token
-from proxy.server import Fender
 from tests.conftest import ROOT
 
 TOKEN = "s3cret-token-of-32-characters-xx"
@@ -32,11 +31,9 @@ def admin_policy(upstream_port: int, admin: str = "127.0.0.1:0", auth: str = "")
     ) + (f"admin_auth: {auth}\n" if auth else "")
 
 
-async def test_admin_beyond_loopback_without_token_refuses_to_start(echo_upstream):
-    fender = Fender(parse_policy(admin_policy(echo_upstream.port, admin="0.0.0.0:0")), "")
-    with pytest.raises(AdminAuthError, match="reachable beyond this host, but no admin token is configured"):
-        await fender.start()  # refuses before binding anything
-    await fender.runtime.close()
+def test_admin_beyond_loopback_without_token_is_an_invalid_policy():
+    with pytest.raises(PolicyError, match="reachable beyond this host, but no admin token is configured"):
+        parse_policy(admin_policy(9, admin="0.0.0.0:0"))
 
 
 def test_cli_reports_the_missing_token_and_exits_2(tmp_path):
@@ -50,7 +47,7 @@ def test_cli_reports_the_missing_token_and_exits_2(tmp_path):
         timeout=30,
     )
     assert proc.returncode == 2
-    assert "fender: not starting: the admin listener 0.0.0.0:0 is reachable beyond this host" in proc.stderr
+    assert f"{path}:2:8: admin: the admin listener 0.0.0.0:0 is reachable beyond this host" in proc.stderr
 
 
 def test_token_sources_and_their_errors(tmp_path):

@@ -700,8 +700,8 @@ def test_duplicate_route_name() -> None:
 def test_listen_and_admin_on_the_same_port() -> None:
     found = problem(
         """\
-        listen: 127.0.0.1:8080
-        admin: 0.0.0.0:8080
+        listen: 0.0.0.0:8080
+        admin: 127.0.0.1:8080
         upstreams:
           catalog:
             replicas:
@@ -711,7 +711,7 @@ def test_listen_and_admin_on_the_same_port() -> None:
             upstream: catalog
         """
     )
-    assert found.startswith("policy.yaml:2:8: admin: listen (127.0.0.1:8080) and admin (0.0.0.0:8080)")
+    assert found.startswith("policy.yaml:2:8: admin: listen (0.0.0.0:8080) and admin (127.0.0.1:8080)")
     assert "same port" in found
 
 
@@ -1282,4 +1282,122 @@ def test_dates_are_not_durations() -> None:
     assert (
         found
         == "policy.yaml:1:29: server.keepalive_timeout: expected a duration like 250ms, 2s or 1m, got a date"
+    )
+
+
+# --------------------------------------------------------------------------- defaults give way
+
+# (where the section goes, the value written alone, the other key, what that key becomes, both written
+# in conflict, the message). The section text is indented under an upstream, a route, or the top level.
+GIVE_WAY = [
+    (
+        "upstream",
+        "health_check: {interval: 500ms}",
+        lambda p: p.upstreams["catalog"].health_check.timeout,
+        0.5,
+        "health_check: {interval: 500ms, timeout: 2s}",
+        "timeout (2s) cannot exceed interval (500ms)",
+    ),
+    (
+        "upstream",
+        "health_check: {timeout: 5s}",
+        lambda p: p.upstreams["catalog"].health_check.interval,
+        5.0,
+        "health_check: {interval: 1s, timeout: 2s}",
+        "timeout (2s) cannot exceed interval (1s)",
+    ),
+    (
+        "upstream",
+        "outlier_detection: {ejection_time: 10m}",
+        lambda p: p.upstreams["catalog"].outlier_detection.max_ejection_time,
+        600.0,
+        "outlier_detection: {ejection_time: 10m, max_ejection_time: 1m}",
+        "max_ejection_time (1m) cannot be shorter than ejection_time (10m)",
+    ),
+    (
+        "route",
+        "circuit_breaker: {open_for: 10m}",
+        lambda p: p.routes[0].circuit_breaker.max_open_for,
+        600.0,
+        "circuit_breaker: {open_for: 10m, max_open_for: 1m}",
+        "max_open_for (1m) cannot be shorter than open_for (10m)",
+    ),
+    (
+        "route",
+        "retry: {backoff: {initial: 2s}}",
+        lambda p: p.routes[0].retry.backoff.max,
+        2.0,
+        "retry: {backoff: {initial: 2s, max: 1s}}",
+        "max (1s) cannot be shorter than initial (2s)",
+    ),
+    (
+        "route",
+        "retry: {backoff: {max: 10ms}}",
+        lambda p: p.routes[0].retry.backoff.initial,
+        0.01,
+        "retry: {backoff: {initial: 20ms, max: 10ms}}",
+        "max (10ms) cannot be shorter than initial (20ms)",
+    ),
+    (
+        "top",
+        "cache: {max_size: 4MiB}",
+        lambda p: p.cache.max_object_size,
+        4 * 1024 * 1024,
+        "cache: {max_size: 4MiB, max_object_size: 8MiB}",
+        "cache.max_object_size (8MiB) cannot be larger than cache.max_size (4MiB)",
+    ),
+    (
+        "top",
+        "server: {max_header_bytes: 4KiB}",
+        lambda p: p.server.max_request_line,
+        4096,
+        "server: {max_header_bytes: 32KiB, max_request_line: 64KiB}",
+        "max_request_line (64KiB) cannot exceed max_header_bytes (32KiB)",
+    ),
+]
+
+
+def _with_section(where: str, section: str) -> str:
+    upstream = f"\n    {section}" if where == "upstream" else ""
+    route = f"\n    {section}" if where == "route" else ""
+    top = f"{section}\n" if where == "top" else ""
+    return (
+        f"{top}upstreams:\n  catalog:\n    replicas: [{{url: http://127.0.0.1:9001}}]{upstream}\n"
+        f"routes:\n  - name: catalog\n    upstream: catalog{route}\n"
+    )
+
+
+@pytest.mark.parametrize(("where", "alone", "derived", "value", "both", "message"), GIVE_WAY)
+def test_a_default_gives_way_to_what_the_user_wrote(where, alone, derived, value, both, message) -> None:
+    policy = parse_policy(_with_section(where, alone), "policy.yaml")
+    assert derived(policy) == pytest.approx(value)
+    # The effective policy, dumped and read again, is the same policy (the derived value written out).
+    assert parse_policy(dump_policy_yaml(policy)) == policy
+    # Only two values the user wrote can conflict; the error is at one of them and names both.
+    found = problem(_with_section(where, both))
+    assert message in found
+    line = 1 if where == "top" else (4 if where == "upstream" else 7)
+    assert found.startswith(f"policy.yaml:{line}:")
+
+
+def test_a_memory_bound_is_never_raised_to_fit_a_written_value() -> None:
+    found = problem(_with_section("top", "cache: {max_object_size: 100MiB}"))
+    assert found == (
+        "policy.yaml:1:26: cache.max_object_size: cache.max_object_size (100MiB) cannot be larger than "
+        "cache.max_size (64MiB)"
+    )
+
+
+def test_max_request_line_above_max_header_bytes_names_both() -> None:
+    found = problem(
+        MINIMAL
+        + """\
+server:
+  max_request_line: 64KiB
+"""
+    )
+    assert found == (
+        "policy.yaml:9:21: server.max_request_line: max_request_line (64KiB) cannot exceed "
+        "max_header_bytes (32KiB): the request line is part of the head, so a longer one would be cut by "
+        "max_header_bytes (raise max_header_bytes as well)"
     )

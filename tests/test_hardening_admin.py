@@ -15,7 +15,7 @@ import textwrap
 import httpx
 import pytest
 
-from proxy.config import parse_policy
+from proxy.config import PolicyError, parse_policy
 from proxy.ops.auth import AdminAuthError, is_loopback, resolve_admin_token
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.server import Fender
@@ -93,8 +93,8 @@ def test_admin_listens_on_loopback_by_default():
 )
 def test_admin_beyond_loopback_is_refused_without_a_token(admin):
     text = policy(9, admin=admin, auth=False)
-    with pytest.raises(AdminAuthError, match="no admin token is configured"):
-        resolve_admin_token(parse_policy(text), {})
+    with pytest.raises(PolicyError, match="no admin token is configured"):
+        parse_policy(text)  # refused by validation: `fender validate` says so as `run` does
     # ... and accepted once a token is configured
     with_token = parse_policy(policy(9, admin=admin))
     assert resolve_admin_token(with_token, {ENV: TOKEN}) == TOKEN
@@ -105,9 +105,10 @@ def test_loopback_spellings_need_no_token(admin):
     assert resolve_admin_token(parse_policy(policy(9, admin=admin, auth=False)), {}) is None
 
 
-async def test_refused_start_binds_nothing(upstream):
+async def test_refused_start_binds_nothing(upstream, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)  # the token's variable is unset: start must refuse
     leak = LeakCheck()
-    fender = Fender(parse_policy(policy(upstream.port, admin="0.0.0.0:0", auth=False)), "")
+    fender = Fender(parse_policy(policy(upstream.port, admin="0.0.0.0:0")), "")
     with pytest.raises(AdminAuthError):
         await fender.start()  # no sockets given: it would bind 0.0.0.0 if it did not refuse first
     await fender.runtime.close()

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from proxy.admin import admission, breakers, cache, ops, status, upstreams
 from proxy.config import dump_policy
+from proxy.config.redact import redact
 from proxy.upstream.reachable import tcp_reachable
 
 if TYPE_CHECKING:
@@ -84,7 +85,11 @@ def build_admin_app(fender: Fender) -> Starlette:
 
     async def config(request: Request) -> Response:
         runtime = fender.dataplane.runtime
-        return JSONResponse({"source": runtime.source, "policy": dump_policy(runtime.policy)})
+        # Secrets (URL passwords, values under keys like password or X-Api-Key) are shown as ***.
+        policy = runtime.policy
+        return JSONResponse(
+            {"source": runtime.source, "policy": redact(dump_policy(policy), policy.env_secrets)}
+        )
 
     async def routes(request: Request) -> Response:
         runtime = fender.dataplane.runtime
@@ -94,7 +99,10 @@ def build_admin_app(fender: Fender) -> Starlette:
             out.append(
                 {
                     "name": route.name,
-                    "match": options.match.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+                    "match": redact(
+                        options.match.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+                        runtime.policy.env_secrets,
+                    ),
                     "upstream": options.upstream,
                     "replicas": [
                         {

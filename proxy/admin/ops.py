@@ -54,6 +54,12 @@ _CONFIG_STATUS = {
         },
         "rollback_available": {"type": "integer", "description": "previous good policies kept"},
         "pending_restart": {"type": "array", "items": {"type": "string"}},
+        "warnings": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "FILE:LINE:COL: warning: ... lines about the running policy (routes that can never "
+            "match, limits another limit makes unreachable)",
+        },
         "last_attempt": {"type": ["object", "null"]},
         "last_failure": {"type": ["object", "null"]},
     },

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.config.redact import redact
 from proxy.resilience.breaker import breakers
 from proxy.resilience.cache.layer import STORE_KEY
 
@@ -115,18 +116,21 @@ def gather(fender: Fender) -> dict:
         snapshot = upstream.picker.snapshot()
         snapshot["name"] = name
         upstreams.append(snapshot)
-    return {
-        "fender_version": __version__,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "poll_seconds": POLL_SECONDS,
-        "draining": fender.draining,
-        "history_interval_seconds": fender.history.interval,
-        "policy": fender.reloader.status(),
-        "routes": routes,
-        "upstreams": upstreams,
-        "breakers": [_breaker(b.snapshot()) for b in breakers(runtime)],
-        "cache": _cache(fender),
-    }
+    return redact(
+        {
+            "fender_version": __version__,
+            "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "poll_seconds": POLL_SECONDS,
+            "draining": fender.draining,
+            "history_interval_seconds": fender.history.interval,
+            "policy": fender.reloader.status(),
+            "routes": routes,
+            "upstreams": upstreams,
+            "breakers": [_breaker(b.snapshot()) for b in breakers(runtime)],
+            "cache": _cache(fender),
+        },
+        runtime.policy.env_secrets,
+    )  # nothing on the page shows a secret (a URL password in an error message, say)
 
 
 def routes(fender: Fender) -> list[Route]:

@@ -23,7 +23,7 @@ from pydantic import (
 
 from proxy.config.units import describe_value, policy_error
 
-__all__ = ["PolicyModel", "Name", "Count", "Flag", "Text", "IpNetwork", "NAME_PATTERN"]
+__all__ = ["PolicyModel", "Name", "Count", "Flag", "Text", "IpNetwork", "NAME_PATTERN", "keep_ordered"]
 
 
 class PolicyModel(BaseModel):
@@ -34,6 +34,32 @@ class PolicyModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def keep_ordered(
+    model: PolicyModel, low: str, high: str, message: str, at: str, raise_high: bool = True
+) -> None:
+    """Keep ``model.low <= model.high`` where one bounds the other (a timeout within an interval...).
+
+    A default gives way to what the user wrote: when only one of the two was written and the
+    other's default contradicts it, the default takes the written value (``health_check:
+    {interval: 500ms}`` gets a 500ms timeout instead of an error about a key nobody wrote). Only
+    two written values can conflict; then ``message`` is raised at the field ``at``.
+    ``raise_high=False`` is for memory bounds: a written ``low`` above the default ``high`` is then
+    an error too (``max_request_line: 64KiB`` never silently grows ``max_header_bytes``), while a
+    written ``high`` below the default ``low`` still lowers it. Call it from an ``after`` model
+    validator (it writes the derived default through the frozen model once).
+    """
+    low_value, high_value = getattr(model, low), getattr(model, high)
+    if low_value is None or high_value is None or low_value <= high_value:
+        return
+    written = model.model_fields_set
+    if low not in written:
+        object.__setattr__(model, low, high_value)
+    elif high not in written and raise_high:
+        object.__setattr__(model, high, low_value)
+    else:
+        raise policy_error(message, at)
 
 
 # --------------------------------------------------------------------------- small types

@@ -11,6 +11,14 @@ the pydantic models, and each pydantic error is mapped back to a position:
 
 Errors are raised as :class:`PolicyError`, whose ``issues`` are
 :class:`PolicyIssue` values printing as ``FILE:LINE:COL: PATH: MESSAGE``.
+
+String values may refer to the environment (``${NAME}``, ``${NAME:-default}``,
+``$$``; see proxy/config/envrefs.py). They are expanded here, while the
+positions are known: an unset variable is an error at its value (or, for a
+check without the deployment's environment, a warning, and the errors that
+value then causes are not reported). Values of variables that hold secrets
+never appear in a message. :func:`read_policy` also returns the warnings of
+a valid policy (proxy/config/lint.py), located like errors.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Union
 
@@ -36,7 +44,9 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 from ruamel.yaml.scalarfloat import ScalarFloat
 from ruamel.yaml.scalarint import ScalarInt
 
+from proxy.config.envrefs import expand, is_secret_name
 from proxy.config.models import Policy, dump_policy
+from proxy.config.redact import redact_text
 from proxy.config.units import (
     DURATION_PATTERN,
     PERCENT_PATTERN,
@@ -50,8 +60,11 @@ from proxy.config.units import (
 __all__ = [
     "PolicyIssue",
     "PolicyError",
+    "PolicyDocument",
     "load_policy",
     "parse_policy",
+    "read_policy",
+    "read_policy_file",
     "dump_policy_yaml",
     "format_path",
 ]
@@ -80,6 +93,12 @@ class PolicyIssue:
         what = f"{self.path}: {self.message}" if self.path else self.message
         return f"{where}: {what}"
 
+    def as_warning(self) -> str:
+        """``FILE:LINE:COL: warning: PATH: MESSAGE``."""
+        where = f"{self.source}:{self.line}:{self.col}" if self.line > 0 else self.source
+        what = f"{self.path}: {self.message}" if self.path else self.message
+        return f"{where}: warning: {what}"
+
 
 class PolicyError(Exception):
     """A policy could not be loaded; ``issues`` lists every problem found, in file order."""
@@ -92,6 +111,27 @@ class PolicyError(Exception):
         return "\n".join(str(issue) for issue in self.issues)
 
 
+@dataclass(slots=True)
+class PolicyDocument:
+    """A read policy with what the loader learnt on the way.
+
+    ``policy`` is None only when environment references were not required
+    (``unset_env="warn"``) and the policy cannot be checked without them;
+    ``warnings`` then says which. ``issue`` locates a problem found later
+    (e.g. on this machine, by `fender validate --env`) at the line it comes from.
+    """
+
+    policy: Policy | None
+    source: str
+    warnings: list[PolicyIssue] = field(default_factory=list)
+    sha256: str | None = None
+    index: dict[Loc, _Place] = field(default_factory=dict, repr=False)
+
+    def issue(self, at: Sequence[str | int], message: str) -> PolicyIssue:
+        line, col = _position(tuple(at), "", self.index)
+        return PolicyIssue(self.source, line, col, format_path(at), message)
+
+
 # --------------------------------------------------------------------------- public functions
 
 
@@ -102,6 +142,15 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 def load_policy_and_digest(path: str | os.PathLike[str]) -> tuple[Policy, str]:
     """Like :func:`load_policy`, plus the sha256 of the file's bytes (reload compares it with the file)."""
+    document = read_policy_file(path)
+    assert document.policy is not None and document.sha256 is not None
+    return document.policy, document.sha256
+
+
+def read_policy_file(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, unset_env: str = "error"
+) -> PolicyDocument:
+    """Read and validate a policy file into a :class:`PolicyDocument` (see :func:`read_policy`)."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
@@ -117,16 +166,49 @@ def load_policy_and_digest(path: str | os.PathLike[str]) -> tuple[Policy, str]:
         raise PolicyError(
             [PolicyIssue(source, line, col, "", "the policy file is not valid UTF-8 text")]
         ) from None
-    return parse_policy(text, source), hashlib.sha256(raw).hexdigest()
+    document = read_policy(text, source, environ, unset_env)
+    document.sha256 = hashlib.sha256(raw).hexdigest()
+    return document
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
+def parse_policy(text: str, source: str = "<string>", environ: Mapping[str, str] | None = None) -> Policy:
     """Validate a policy given as YAML text; ``source`` names it in error messages."""
-    data, index = _read_yaml(text.removeprefix("\ufeff"), source)
+    policy = read_policy(text, source, environ).policy
+    assert policy is not None  # environment references are required here
+    return policy
+
+
+def read_policy(
+    text: str, source: str = "<string>", environ: Mapping[str, str] | None = None, unset_env: str = "error"
+) -> PolicyDocument:
+    """Validate a policy given as YAML text, with its warnings; raise :class:`PolicyError` on a problem.
+
+    ``environ`` (default ``os.environ``) answers ``${NAME}`` references. ``unset_env="error"`` makes
+    an unset variable without default an error at its value (run, reload, `validate --env`);
+    ``"warn"`` makes it a warning, and errors located at such a value are left out (they depend on
+    the missing variable), so a check without the deployment's environment can still pass.
+    """
+    converter = _Converter(source, {}, os.environ if environ is None else environ, unset_env == "warn")
+    data, index = _read_yaml(text.removeprefix("\ufeff"), source, converter)
+    scrub = converter.scrub
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_issues_from(exc, index, source)) from None
+        issues = [
+            issue
+            for issue in _issues_from(exc, index, source)
+            if (issue.line, issue.col) not in converter.unresolved
+        ]
+        if issues:
+            raise PolicyError([scrub(issue) for issue in issues]) from None
+        return PolicyDocument(None, source, converter.warnings, index=index)
+    from proxy.config.lint import policy_warnings  # the checks read the models; imported late
+
+    policy._env_secrets = frozenset(converter.secrets)
+    document = PolicyDocument(policy, source, list(converter.warnings), index=index)
+    document.warnings += [scrub(document.issue(at, message)) for at, message in policy_warnings(policy)]
+    document.warnings.sort(key=lambda issue: (issue.line, issue.col))
+    return document
 
 
 def dump_policy_yaml(policy: Policy) -> str:
@@ -166,7 +248,10 @@ class _Place:
     value: tuple[int, int]
 
 
-def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, _Place]]:
+def _read_yaml(
+    text: str, source: str, converter: _Converter | None = None
+) -> tuple[dict[str, Any], dict[Loc, _Place]]:
+    converter = converter or _Converter(source, {}, os.environ)
     yaml = YAML(typ="rt")
     try:
         document = yaml.load(text)
@@ -202,12 +287,11 @@ def _read_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, _Place
                 )
             ]
         )
-    index: dict[Loc, _Place] = {}
-    converter = _Converter(source, index)
     data = converter.convert(document, (), (1, 1), (1, 1))
     if converter.issues:
-        raise PolicyError(sorted(converter.issues, key=lambda issue: (issue.line, issue.col)))
-    return data, index
+        issues = sorted(converter.issues, key=lambda issue: (issue.line, issue.col))
+        raise PolicyError([converter.scrub(issue) for issue in issues])
+    return data, converter.index
 
 
 def _node_start(node: Any) -> tuple[int, int]:
@@ -255,15 +339,53 @@ _MAX_NODES = 200_000
 class _Converter:
     """Convert ruamel's round-trip nodes to plain Python, recording positions in ``index``."""
 
-    def __init__(self, source: str, index: dict[Loc, _Place]) -> None:
+    def __init__(
+        self, source: str, index: dict[Loc, _Place], environ: Mapping[str, str], unset_warns: bool = False
+    ) -> None:
         self.source = source
         self.index = index
         self.issues: list[PolicyIssue] = []
         self.nodes = 0
         self.active: set[int] = set()  # containers being converted (to spot recursive aliases)
+        self.environ = environ
+        self.unset_warns = unset_warns
+        self.warnings: list[PolicyIssue] = []
+        self.unresolved: set[tuple[int, int]] = set()  # positions of values missing a variable
+        self.secrets: set[str] = set()  # values from the environment that messages must not show
 
     def problem(self, loc: Loc, pos: tuple[int, int], message: str) -> None:
         self.issues.append(PolicyIssue(self.source, pos[0], pos[1], format_path(loc), message))
+
+    def scrub(self, issue: PolicyIssue) -> PolicyIssue:
+        """The issue with every secret value from the environment, and URL passwords, replaced by ***."""
+        message = redact_text(issue.message)
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            message = message.replace(secret, "***")
+        if message == issue.message:
+            return issue
+        return PolicyIssue(issue.source, issue.line, issue.col, issue.path, message)
+
+    def expand(self, text: str, loc: Loc, pos: tuple[int, int]) -> str | None:
+        """``text`` with its environment references replaced (None: a malformed reference)."""
+        result = expand(text, self.environ)
+        if result.error is not None:
+            self.problem(loc, pos, result.error)
+            return None
+        key = next((part for part in reversed(loc) if isinstance(part, str)), "")
+        for name, value in result.used.items():
+            if value and (is_secret_name(name) or is_secret_name(key)):
+                self.secrets.add(value)
+        for name in result.missing:
+            message = (
+                f"environment variable {name} is not set (set it, or give a default: ${{{name}:-default}})"
+            )
+            if self.unset_warns:
+                issue = PolicyIssue(self.source, pos[0], pos[1], format_path(loc), message)
+                self.warnings.append(issue)
+                self.unresolved.add(pos)
+            else:
+                self.problem(loc, pos, message)
+        return result.text
 
     def convert(self, node: Any, loc: Loc, key_pos: tuple[int, int], value_pos: tuple[int, int]) -> Any:
         self.index[loc] = _Place(key_pos, value_pos)
@@ -278,6 +400,8 @@ class _Converter:
             if isinstance(node, str) and _not_unicode(node):
                 self.problem(loc, value_pos, _SURROGATE)
                 return None
+            if isinstance(node, str) and "$" in node:
+                return self.expand(str(node), loc, value_pos)
             return _plain_scalar(node)
         if id(node) in self.active:
             self.problem(

@@ -33,7 +33,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.config.units import Duration, Percent, Size, describe_value, policy_error
+from proxy.config.units import Duration, Percent, Size, describe_value, format_size, policy_error
+from proxy.ops.auth import is_loopback
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.resilience.breaker import BreakerOptions
 from proxy.resilience.bulkhead import BulkheadOptions
@@ -73,6 +74,7 @@ from proxy.config.base import (  # noqa: E402  (re-exported: the models' buildin
     Text,
     _check_host,
     _valid_hostname,
+    keep_ordered,
 )
 from proxy.resilience.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 from proxy.state.options import StateOptions  # noqa: E402
@@ -245,12 +247,28 @@ class ServerOptions(PolicyModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _request_line_within_head(self) -> ServerOptions:
+        keep_ordered(
+            self,
+            "max_request_line",
+            "max_header_bytes",
+            f"max_request_line ({format_size(self.max_request_line)}) cannot exceed max_header_bytes "
+            f"({format_size(self.max_header_bytes)}): the request line is part of the head, so a longer "
+            "one would be cut by max_header_bytes (raise max_header_bytes as well)",
+            "max_request_line",
+            raise_high=False,  # a memory bound per connection is never raised behind the user's back
+        )
+        return self
+
     # Hardening (issue 9): request-head and connection limits enforced by FenderHttpProtocol.
     max_request_line: Annotated[Size, Field(gt=0)] = Field(
         default="8KiB",
         description=(
             "Longest request target (the URL in the request line) a client may send; longer ones get 414 and "
-            "the connection closes. 8KiB is NGINX's limit and fits every sane URL."
+            "the connection closes. 8KiB is NGINX's limit and fits every sane URL. Must not exceed "
+            "max_header_bytes (the line is part of the head); a max_header_bytes written below 8KiB lowers "
+            "this default to it."
         ),
     )
     header_timeout: Annotated[Duration, Field(gt=0)] = Field(
@@ -1038,6 +1056,14 @@ class Policy(PolicyModel):
         ),
     )
 
+    # Values read from environment variables that hold secrets (by the variable's or the key's name);
+    # set by the loader, so the admin output can show them as *** wherever they ended up.
+    _env_secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def env_secrets(self) -> frozenset[str]:
+        return self._env_secrets
+
     @model_validator(mode="after")
     def _global_limits_need_redis(self) -> Policy:
         if self.state.backend == "redis":
@@ -1081,6 +1107,15 @@ class Policy(PolicyModel):
                     (where,),
                     f"listen ({self.listen}) and admin ({self.admin}) would bind the same port; "
                     "give them different ports",
+                )
+            )
+
+        if self.admin_auth is None and not is_loopback(self.admin.host):
+            problems.append(
+                (
+                    ("admin",),
+                    f"the admin listener {self.admin} is reachable beyond this host, but no admin token is "
+                    "configured: add admin_auth: {token_env: NAME} (or token_file), or bind admin to 127.0.0.1",
                 )
             )
 

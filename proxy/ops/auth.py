@@ -6,9 +6,13 @@ import hmac
 import ipaddress
 import os
 
+from proxy.ops.preflight import StartupError
 
-class AdminAuthError(Exception):
-    """The admin listener cannot start safely (the message says what to change)."""
+_MAX_TOKEN_FILE = 64 * 1024
+
+
+class AdminAuthError(StartupError):
+    """The admin token cannot be had (the message says what to change; ``at`` where it is configured)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -21,7 +25,10 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | None:
-    """The token /admin/* requires, or None (allowed only on a loopback admin listener)."""
+    """The token /admin/* requires, or None (the policy has no admin_auth: its admin listener is loopback).
+
+    Raises :class:`AdminAuthError` when the token cannot be had on this machine.
+    """
     environ = os.environ if environ is None else environ
     auth = policy.admin_auth
     token: str | None = None
@@ -30,26 +37,41 @@ def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | 
             token = environ.get(auth.token_env, "").strip()
             if not token:
                 raise AdminAuthError(
-                    f"admin_auth.token_env names {auth.token_env}, but that environment variable is unset or empty"
+                    f"admin_auth.token_env names {auth.token_env}, but that environment variable is unset or "
+                    "empty (set it to the token)",
+                    ("admin_auth", "token_env"),
                 )
         else:
             try:
                 with open(auth.token_file, encoding="utf-8") as handle:
-                    token = handle.read().strip()
+                    token = handle.read(_MAX_TOKEN_FILE).strip()  # bounded: a wrong path may be /dev/zero
             except OSError as exc:
                 raise AdminAuthError(
-                    f"admin_auth.token_file {auth.token_file}: cannot read it ({exc.strerror or exc})"
+                    f"admin_auth.token_file {auth.token_file}: cannot read it ({_reason(exc)})",
+                    ("admin_auth", "token_file"),
+                ) from None
+            except UnicodeDecodeError:
+                raise AdminAuthError(
+                    f"admin_auth.token_file {auth.token_file} is not UTF-8 text", ("admin_auth", "token_file")
                 ) from None
             if not token:
-                raise AdminAuthError(f"admin_auth.token_file {auth.token_file} is empty")
+                raise AdminAuthError(
+                    f"admin_auth.token_file {auth.token_file} is empty (write the token into it)",
+                    ("admin_auth", "token_file"),
+                )
         if len(token) < 16:
-            raise AdminAuthError("the admin token is shorter than 16 characters; use a long random value")
-    if token is None and not is_loopback(policy.admin.host):
-        raise AdminAuthError(
-            f"the admin listener {policy.admin} is reachable beyond this host, but no admin token is "
-            "configured: set admin_auth.token_env or admin_auth.token_file, or bind admin to 127.0.0.1"
-        )
+            where = "token_env" if auth.token_env is not None else "token_file"
+            raise AdminAuthError(
+                "the admin token is shorter than 16 characters; use a long random value",
+                ("admin_auth", where),
+            )
+    # A policy without admin_auth has a loopback admin listener: the policy validation refuses the
+    # rest (proxy/config/models.py, Policy._cross_checks), for `fender validate` and `run` alike.
     return token
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 # Why a request to /admin/* was refused: the three cases a client fixes differently. None of them

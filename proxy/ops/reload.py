@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.clock import SYSTEM_CLOCK
 from proxy.config import PolicyError
-from proxy.config.loader import load_policy_and_digest
+from proxy.config.loader import read_policy_file as read_policy_document
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
 from proxy.upstream.reachable import tcp_reachable
@@ -56,6 +56,7 @@ class Loaded:
     file_sha256: str | None  # of the file text it was read from (None: not from the file)
     loaded_at: float  # unix time it was applied
     trigger: str  # start, file, signal, api, rollback, auto_rollback
+    warnings: list[str] = field(default_factory=list)  # FILE:LINE:COL: warning: ... (proxy/config/lint.py)
 
 
 @dataclass
@@ -73,9 +74,10 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def read_policy_file(path: str) -> tuple[Any, str]:
-    """Parse the file; returns (policy, sha256 of its bytes) or raises PolicyError."""
-    return load_policy_and_digest(path)
+def read_policy_file(path: str) -> tuple[Any, str, list[str]]:
+    """Parse the file; returns (policy, sha256 of its bytes, warnings) or raises PolicyError."""
+    document = read_policy_document(path)
+    return document.policy, document.sha256, [issue.as_warning() for issue in document.warnings]
 
 
 def file_sha256(path: str) -> str | None:
@@ -135,7 +137,7 @@ class Reloader:
         if not self.path:
             return self._fail(trigger, ["this Fender was started without a policy file; nothing to reload"])
         try:
-            policy, sha = await asyncio.to_thread(read_policy_file, self.path)
+            policy, sha, warnings = await asyncio.to_thread(read_policy_file, self.path)
         except PolicyError as exc:
             self._failed_sha = file_sha256(self.path)
             return self._fail(trigger, [str(issue) for issue in exc.issues])
@@ -145,7 +147,7 @@ class Reloader:
             attempt = self._record(trigger, "unchanged")
             log.info("policy %s reloaded (%s): unchanged", self.path, trigger)
             return attempt
-        attempt = await self._apply(policy, sha, trigger)
+        attempt = await self._apply(policy, sha, trigger, warnings=warnings)
         if attempt.result == "failed":
             self._failed_sha = sha
         else:
@@ -159,7 +161,9 @@ class Reloader:
                 return None
             previous = self.history.pop()
             trigger = "rollback" if reason == "manual" else "auto_rollback"
-            attempt = await self._apply(previous.policy, previous.file_sha256, trigger, remember=False)
+            attempt = await self._apply(
+                previous.policy, previous.file_sha256, trigger, remember=False, warnings=previous.warnings
+            )
             if attempt.result == "applied":
                 self.metrics.config_rollbacks.labels(reason).inc()
             else:
@@ -168,7 +172,9 @@ class Reloader:
 
     # -- applying ------------------------------------------------------------------
 
-    async def _apply(self, policy, sha: str | None, trigger: str, remember: bool = True) -> Attempt:
+    async def _apply(
+        self, policy, sha: str | None, trigger: str, remember: bool = True, warnings: list[str] | None = None
+    ) -> Attempt:
         fender = self.fender
         old = fender.runtime
         new = None
@@ -184,17 +190,18 @@ class Reloader:
         if remember:
             self.history.append(self.current)
         self.pending_restart = restart_required(fender.started_policy, policy)
-        self.current = Loaded(policy, sha, time.time(), trigger)
+        self.current = Loaded(policy, sha, time.time(), trigger, list(warnings or ()))
         self.metrics.config_loaded_timestamp.set(self.current.loaded_at)
         attempt = self._record(trigger, "applied")
         log.info(
-            "policy %s applied (%s): %d routes, %d upstreams, %d stateful objects carried over%s",
+            "policy %s applied (%s): %d routes, %d upstreams, %d stateful objects carried over%s%s",
             self.path or "-",
             trigger,
             len(policy.routes),
             len(policy.upstreams),
             new.kept_objects,
             f"; needs a restart to change {', '.join(self.pending_restart)}" if self.pending_restart else "",
+            _warnings_suffix(self.current.warnings),
         )
         self._spawn(self._retire(old))
         if self._guard_task is not None:
@@ -352,6 +359,7 @@ class Reloader:
             "matches_file": self.matches_file(),
             "rollback_available": len(self.history),
             "pending_restart": self.pending_restart,
+            "warnings": self.current.warnings,
             "last_attempt": None
             if last is None
             else {"at": _iso(last.at), "trigger": last.trigger, "result": last.result},
@@ -359,6 +367,12 @@ class Reloader:
             if failure is None
             else {"at": _iso(failure.at), "trigger": failure.trigger, "error": failure.error},
         }
+
+
+def _warnings_suffix(warnings: list[str]) -> str:
+    if not warnings:
+        return ""
+    return f"; {len(warnings)} warning{'s' if len(warnings) > 1 else ''}:\n" + "\n".join(warnings)
 
 
 def _stat(path: str) -> tuple[int, int, int, int] | None:

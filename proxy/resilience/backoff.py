@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, Strict, model_validator
 
-from proxy.config.base import PolicyModel
-from proxy.config.units import Duration, policy_error
+from proxy.config.base import PolicyModel, keep_ordered
+from proxy.config.units import Duration, format_duration
 
 JITTER_MODES = ("full", "equal", "decorrelated", "none")
 
@@ -50,8 +50,13 @@ class BackoffOptions(PolicyModel):
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> BackoffOptions:
-        if self.max < self.initial:
-            raise policy_error(f"max ({self.max}s) cannot be shorter than initial ({self.initial}s)", "max")
+        keep_ordered(
+            self,
+            "initial",
+            "max",
+            f"max ({format_duration(self.max)}) cannot be shorter than initial ({format_duration(self.initial)})",
+            "max",
+        )
         return self
 
 

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema, field_validator
+from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
 from proxy.clock import Clock
-from proxy.config.base import Count, PolicyModel, Text
+from proxy.config.base import Count, PolicyModel, Text, keep_ordered
 from proxy.config.units import (
     DURATION_PATTERN,
     Duration,
@@ -213,13 +213,17 @@ class BreakerOptions(PolicyModel):
         description="Answer to give while open instead of Fender's 503 breaker_open (a fresh-enough cached answer wins when the route has a cache).",
     )
 
-    @field_validator("max_open_for")
-    @classmethod
-    def _max_open(cls, value: float, info) -> float:
-        open_for = info.data.get("open_for")
-        if open_for is not None and value < open_for:
-            raise policy_error(f"max_open_for ({format_duration(value)}) cannot be shorter than open_for")
-        return value
+    @model_validator(mode="after")
+    def _max_open(self) -> BreakerOptions:
+        keep_ordered(
+            self,
+            "open_for",
+            "max_open_for",
+            f"max_open_for ({format_duration(self.max_open_for)}) cannot be shorter than open_for "
+            f"({format_duration(self.open_for)})",
+            "max_open_for",
+        )
+        return self
 
 
 # --------------------------------------------------------------------------- windows

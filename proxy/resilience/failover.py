@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, model_validator
 
 from proxy.clock import Clock
-from proxy.config.base import Count, PolicyModel
-from proxy.config.units import Duration, Percent, policy_error
+from proxy.config.base import Count, PolicyModel, keep_ordered
+from proxy.config.units import Duration, Percent, format_duration
 from proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -95,12 +95,14 @@ class OutlierDetectionOptions(PolicyModel):
 
     @model_validator(mode="after")
     def _ejection_bounds(self) -> OutlierDetectionOptions:
-        if self.max_ejection_time < self.ejection_time:
-            raise policy_error(
-                f"max_ejection_time ({self.max_ejection_time:g}s) cannot be shorter than "
-                f"ejection_time ({self.ejection_time:g}s)",
-                "max_ejection_time",
-            )
+        keep_ordered(
+            self,
+            "ejection_time",
+            "max_ejection_time",
+            f"max_ejection_time ({format_duration(self.max_ejection_time)}) cannot be shorter than "
+            f"ejection_time ({format_duration(self.ejection_time)})",
+            "max_ejection_time",
+        )
         return self
 
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from proxy.clock import Clock
-from proxy.config.base import Count, PolicyModel, Text
-from proxy.config.units import Duration, Percent, describe_value, policy_error
+from proxy.config.base import Count, PolicyModel, Text, keep_ordered
+from proxy.config.units import Duration, Percent, describe_value, format_duration, policy_error
 from proxy.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
@@ -80,7 +80,9 @@ class HealthCheckOptions(PolicyModel):
         default="1s",
         description=(
             "A probe with no complete response head within this long fails (connect included); this is "
-            "what catches a black hole that accepts connections but never answers. Must not exceed interval."
+            "what catches a black hole that accepts connections but never answers. Must not exceed interval; "
+            "when only interval is written and it is shorter than 1s, the timeout defaults to it (and a "
+            "written timeout above the default interval raises the interval to it)."
         ),
     )
     jitter: Percent = Field(
@@ -123,12 +125,14 @@ class HealthCheckOptions(PolicyModel):
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> HealthCheckOptions:
-        if self.timeout > self.interval:
-            raise policy_error(
-                f"timeout ({self.timeout:g}s) cannot exceed interval ({self.interval:g}s): "
-                "probes of one replica would overlap",
-                "timeout",
-            )
+        keep_ordered(
+            self,
+            "timeout",
+            "interval",
+            f"timeout ({format_duration(self.timeout)}) cannot exceed interval "
+            f"({format_duration(self.interval)}): probes of one replica would overlap",
+            "timeout",
+        )
         return self
 
 

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from proxy.config.base import Flag, PolicyModel, Text
-from proxy.config.units import Duration, Size, policy_error
+from proxy.config.base import Flag, PolicyModel, Text, keep_ordered
+from proxy.config.units import Duration, Size, format_size
 
 
 class CacheKeyOptions(PolicyModel):
@@ -107,6 +107,13 @@ class CacheStoreOptions(PolicyModel):
 
     @model_validator(mode="after")
     def _object_fits(self) -> CacheStoreOptions:
-        if self.max_object_size > self.max_size:
-            raise policy_error("cache.max_object_size cannot be larger than cache.max_size")
+        keep_ordered(
+            self,
+            "max_object_size",
+            "max_size",
+            f"cache.max_object_size ({format_size(self.max_object_size)}) cannot be larger than "
+            f"cache.max_size ({format_size(self.max_size)})",
+            "max_object_size",
+            raise_high=False,  # the store's memory is never raised behind the user's back
+        )
         return self
