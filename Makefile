@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean soak bench bench-instructions bench-streams
+.PHONY: run test lint schema install clean soak bench bench-instructions bench-streams docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,12 +32,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy tests
 	$(BIN)/ruff format --check proxy tests
 
-## Regenerate policies/schema.json and the README policy reference from the policy models.
+## Regenerate policies/schema.json, docs/reference.md (from the policy models) and docs/index.md (from the README).
 schema: $(STAMP)
 	$(BIN)/python -m proxy.docs --write
 
+## The documentation site (MkDocs, material theme) into site/; --strict fails on broken links and pages.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache
 
 ## Data-path benchmark: Fender vs direct vs nginx vs the Python server's ceiling, in one
 ## interleaved run (wrk and nginx when installed, bundled fallbacks otherwise). Prints a table

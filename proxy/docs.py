@@ -1,4 +1,5 @@
-"""The README's policy reference and policies/schema.json, generated from the models.
+"""Generated documentation: the policy reference (docs/reference.md), policies/schema.json, and the
+site's home page (docs/index.md, the README with its links made relative to docs/).
 
 The models' field descriptions are the documentation; this renders them as
 one table per section of the policy. ``python -m proxy.docs --write`` (run by
@@ -16,6 +17,8 @@ from proxy.config import policy_json_schema, schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+REFERENCE = ROOT / "docs" / "reference.md"
+INDEX = ROOT / "docs" / "index.md"
 SCHEMA = ROOT / "policies" / "schema.json"
 START = "<!-- policy-reference:start -->"
 END = "<!-- policy-reference:end -->"
@@ -103,19 +106,28 @@ def readme_with_reference(readme: str, reference: str) -> str:
     return f"{head}{START}\n{reference}{END}{tail}"
 
 
+def site_index(readme: str) -> str:
+    """docs/index.md: the README, whose links into docs/ become links between pages of the site."""
+    text = readme.replace("](docs/", "](")
+    return "<!-- generated from README.md by `make schema`: edit the README -->\n" + text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--write", action="store_true", help="rewrite README.md's reference and policies/schema.json"
+        "--write",
+        action="store_true",
+        help="rewrite docs/reference.md, docs/index.md and policies/schema.json",
     )
     args = parser.parse_args(argv)
     reference = render_reference()
     if not args.write:
         sys.stdout.write(reference)
         return 0
-    README.write_text(readme_with_reference(README.read_text(), reference))
+    REFERENCE.write_text(readme_with_reference(REFERENCE.read_text(), reference))
+    INDEX.write_text(site_index(README.read_text()))
     SCHEMA.write_text(schema_text())
-    print(f"wrote {SCHEMA.relative_to(ROOT)} and the policy reference in {README.name}")
+    print(f"wrote {SCHEMA.relative_to(ROOT)}, {REFERENCE.relative_to(ROOT)} and {INDEX.relative_to(ROOT)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Write the README's status page screenshot: ``python -m tests.status_screenshot [PATH]``.
+"""Write the status page screenshot of docs/admin.md: ``python -m tests.status_screenshot [PATH]``.
 
 Runs the browser test's scenario (tests/support/status_browser.py) against an
 in-process Fender and writes the laptop-width screenshot to PATH

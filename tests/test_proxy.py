@@ -385,7 +385,7 @@ def test_json_of_every_local_reason_is_documented():
 
     from proxy.dataplane.exchange import LOCAL_STATUS
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "requests.md").read_text()
     for reason, status in LOCAL_STATUS.items():
         if reason == "reset_mid_body":
             assert "`reset_mid_body`" in readme

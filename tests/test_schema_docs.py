@@ -1,10 +1,10 @@
-"""The published schema and the README's policy reference must match the models."""
+"""The published schema, docs/reference.md and docs/index.md must match what generates them."""
 
 import json
 from pathlib import Path
 
 from proxy.config import schema_text
-from proxy.docs import END, START, render_reference
+from proxy.docs import END, START, render_reference, site_index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,10 +14,15 @@ def test_schema_file_is_current():
     assert stored == schema_text(), "policies/schema.json is stale: run `make schema`"
 
 
-def test_readme_policy_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(START, 1)[1].split(END, 1)[0]
-    assert section == "\n" + render_reference(), "README policy reference is stale: run `make schema`"
+def test_policy_reference_is_current():
+    page = (ROOT / "docs" / "reference.md").read_text()
+    section = page.split(START, 1)[1].split(END, 1)[0]
+    assert section == "\n" + render_reference(), "docs/reference.md is stale: run `make schema`"
+
+
+def test_site_index_is_the_readme():
+    index = (ROOT / "docs" / "index.md").read_text()
+    assert index == site_index((ROOT / "README.md").read_text()), "docs/index.md is stale: run `make schema`"
 
 
 def test_reference_documents_every_field():

@@ -3,7 +3,7 @@
 The root is :class:`Policy`.  Every model derives from :class:`PolicyModel`
 (unknown keys refused, immutable, defaults validated), and every field carries
 a ``description=`` that is the user documentation: it flows into the JSON
-Schema (``policies/schema.json``) and the README's policy reference.
+Schema (``policies/schema.json``) and the policy reference (docs/reference.md).
 
 Adding a section to a route later (``rate_limit``, ``retry``, ...) is one
 optional field on :class:`Route` whose type is another :class:`PolicyModel`;

@@ -2,7 +2,7 @@
 
 Built once per policy load only when ``server.access_log`` is on (the runtime holds None
 otherwise), so a request pays for this module only when someone asked for the log.
-Field names are part of the interface (README, "Access log"): add fields, never rename them.
+Field names are part of the interface (docs/observability.md, "Access log"): add fields, never rename them.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ class FallbackOptions(PolicyModel):
 
 
 class BreakerOptions(PolicyModel):
-    """Circuit breaker settings (Resilience4j's model; see the README)."""
+    """Circuit breaker settings (Resilience4j's model; see docs/policies.md)."""
 
     consecutive_failures: Count = Field(
         default=5,

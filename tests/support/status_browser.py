@@ -1,7 +1,7 @@
 """Drive the real status page in headless Chromium (Debian's ``chromium``) with Playwright.
 
 Used by tests/test_status_page.py and by ``python -m tests.status_screenshot``, which
-writes the README's screenshot (docs/status-page.png) through the very same steps.
+writes the documentation's screenshot (docs/status-page.png) through the very same steps.
 
 The scenario: Fender (admin token on) in front of two in-process replicas of one
 upstream, ``primary`` (priority 0) and ``standby`` (priority 1), with 200 ms
