@@ -52,14 +52,19 @@ def _chunked_with_trailers(trailers):
     return handler
 
 
-async def test_trailers_reach_a_client_that_sent_te_trailers(start_fender):
-    async with RawUpstream(_chunked_with_trailers([(b"X-Checksum", b"abc123"), (b"X-Count", b"2")])) as up:
+_TE_REQUEST = b"GET /t HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+
+
+async def _through_fender(start_fender, trailers, until: bytes, request: bytes = _TE_REQUEST):
+    """What a client gets for ``request`` when the upstream sends a chunked body with ``trailers``."""
+    async with RawUpstream(_chunked_with_trailers(trailers)) as up:
         fender = await start_fender(policy_text(up.port))
-        out = await _exchange(
-            fender.data_port,
-            b"GET /t HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-            b"x-count: 2\r\n\r\n",
-        )
+        return await _exchange(fender.data_port, request, until), up
+
+
+async def test_trailers_reach_a_client_that_sent_te_trailers(start_fender):
+    trailers = [(b"X-Checksum", b"abc123"), (b"X-Count", b"2")]
+    out, up = await _through_fender(start_fender, trailers, b"x-count: 2\r\n\r\n")
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"\ntrailer: x-checksum, x-count" in head.lower()
@@ -71,11 +76,12 @@ async def test_trailers_reach_a_client_that_sent_te_trailers(start_fender):
 
 
 async def test_trailers_are_dropped_for_a_client_without_te_trailers(start_fender):
-    async with RawUpstream(_chunked_with_trailers([(b"X-Checksum", b"abc123")])) as up:
-        fender = await start_fender(policy_text(up.port))
-        out = await _exchange(
-            fender.data_port, b"GET /t HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n", b"\r\n0\r\n\r\n"
-        )
+    out, up = await _through_fender(
+        start_fender,
+        [(b"X-Checksum", b"abc123")],
+        b"\r\n0\r\n\r\n",
+        b"GET /t HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+    )
     assert out.endswith(b"\r\n0\r\n\r\n")
     assert b"abc123" not in out
     assert up.requests[0].header("te") is None
@@ -88,26 +94,14 @@ async def test_forbidden_trailer_fields_are_never_relayed(start_fender):
         (b"Transfer-Encoding", b"gzip"),
         (b"X-Ok", b"1"),
     ]
-    async with RawUpstream(_chunked_with_trailers(trailers)) as up:
-        fender = await start_fender(policy_text(up.port))
-        out = await _exchange(
-            fender.data_port,
-            b"GET /t HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-            b"x-ok: 1\r\n\r\n",
-        )
+    out, up = await _through_fender(start_fender, trailers, b"x-ok: 1\r\n\r\n")
     assert out.endswith(b"0\r\nx-ok: 1\r\n\r\n")
     assert b"evil" not in out and b"Bearer" not in out and b"gzip" not in out
 
 
 @pytest.mark.parametrize("bad", [b"Content-Length: 9", b"X-Nul: a\x00b"])
 async def test_a_trailer_section_llhttp_refuses_cuts_the_response(start_fender, bad):
-    async with RawUpstream(_chunked_with_trailers([tuple(bad.split(b": "))])) as up:
-        fender = await start_fender(policy_text(up.port))
-        out = await _exchange(
-            fender.data_port,
-            b"GET /t HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-            b"never-there",
-        )
+    out, up = await _through_fender(start_fender, [tuple(bad.split(b": "))], b"never-there")
     assert out.startswith(b"HTTP/1.1 200 ")
     assert not out.endswith(b"\r\n\r\n")  # no terminating chunk: the client sees a cut response
     assert bad.split(b": ")[1] not in out.split(b"\r\n\r\n", 1)[1]
@@ -115,13 +109,7 @@ async def test_a_trailer_section_llhttp_refuses_cuts_the_response(start_fender, 
 
 async def test_trailers_over_the_head_limit_are_a_bad_response(start_fender):
     big = [(b"X-Big-%d" % i, b"v" * 1000) for i in range(80)]  # 80 KB of trailers > 64 KiB limit
-    async with RawUpstream(_chunked_with_trailers(big)) as up:
-        fender = await start_fender(policy_text(up.port))
-        out = await _exchange(
-            fender.data_port,
-            b"GET /t HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-            b"never-there",
-        )
+    out, up = await _through_fender(start_fender, big, b"never-there")
     # The head was sent already: the body is cut (no terminating chunk), never completed.
     assert out.startswith(b"HTTP/1.1 200 ")
     assert not out.endswith(b"0\r\n\r\n")

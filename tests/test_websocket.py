@@ -81,6 +81,23 @@ def _policy(port: int, routes: str = "", server: str = "") -> str:
     )
 
 
+_HANDSHAKE = (
+    b"GET /ws/x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+
+
+async def _response_head(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a new connection and return the response head (the connection is closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(_LIMIT):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
 async def _metrics(fender) -> str:
     async with httpx.AsyncClient() as client:
         return (await client.get(fender.admin_url + "/metrics")).text
@@ -239,38 +256,23 @@ async def test_route_without_upgrades_refuses_with_403_and_never_forwards(start_
 
 async def test_h2c_upgrade_is_ignored_and_served_as_http11(start_fender, echo_upstream):
     fender = await start_fender(policy_text(echo_upstream.port))
-    reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
-    try:
-        writer.write(
-            b"GET /h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-        )
-        async with asyncio.timeout(_LIMIT):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ")
-        sent = echo_upstream.requests[-1]
-        names = {name.lower() for name, _ in sent["headers"]}
-        assert "upgrade" not in names and "http2-settings" not in names
-    finally:
-        writer.close()
+    head = await _response_head(
+        fender.data_port,
+        b"GET /h2c HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200 ")
+    names = {name.lower() for name, _ in echo_upstream.requests[-1]["headers"]}
+    assert "upgrade" not in names and "http2-settings" not in names
 
 
 async def test_upstream_declining_the_upgrade_is_relayed_as_a_normal_response(start_fender, echo_upstream):
     """An HTTP server that ignores Upgrade answers 200: the client gets that answer, no tunnel."""
     fender = await start_fender(_policy(echo_upstream.port))
-    reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
-    try:
-        writer.write(
-            b"GET /ws/x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        async with asyncio.timeout(_LIMIT):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ")
-        sent = {name.lower(): value for name, value in echo_upstream.requests[-1]["headers"]}
-        assert sent["upgrade"] == "websocket" and "upgrade" in sent["connection"].lower()
-    finally:
-        writer.close()
+    head = await _response_head(fender.data_port, _HANDSHAKE)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    sent = {name.lower(): value for name, value in echo_upstream.requests[-1]["headers"]}
+    assert sent["upgrade"] == "websocket" and "upgrade" in sent["connection"].lower()
     text = await _metrics(fender)
     assert _metric(text, "fender_upgrades_total", route="live", protocol="websocket", outcome="declined") == 1
     with pytest.raises(AssertionError):
@@ -395,20 +397,10 @@ async def test_upgrade_passes_admission_and_is_not_retried_after_an_answer(start
           rate_limit: {rate: 1/s, burst: 2, key: route}
         """
         fender = await start_fender(policy_text(up.port, routes))
-        handshake = (
-            b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
         statuses = []
         for _ in range(3):
-            reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
-            try:
-                writer.write(handshake)
-                async with asyncio.timeout(_LIMIT):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                statuses.append(int(head.split(b" ", 2)[1]))
-            finally:
-                writer.close()
+            head = await _response_head(fender.data_port, _HANDSHAKE)
+            statuses.append(int(head.split(b" ", 2)[1]))
     # The upstream's 503 is relayed without a retry (an upgrade is retried only before an answer);
     # the rate limit counts upgrades like any request: the third is refused before the upstream.
     assert statuses == [503, 503, 429]
@@ -422,11 +414,6 @@ async def test_an_open_tunnel_counts_against_server_max_connections(start_fender
             async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/one") as ws:
                 await ws.send("held")
                 assert await ws.recv() == "held"
-                reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
-                try:
-                    writer.write(b"GET /plain/x HTTP/1.1\r\nHost: svc\r\n\r\n")
-                    head = await reader.readuntil(b"\r\n\r\n")
-                finally:
-                    writer.close()
+                head = await _response_head(fender.data_port, b"GET /plain/x HTTP/1.1\r\nHost: svc\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 503 ")
                 assert b"x-fender-error: connection_limit" in head.lower()
