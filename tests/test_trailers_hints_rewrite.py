@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from tests.conftest import policy_text
@@ -231,3 +232,32 @@ def test_rewrite_prefix_without_path_prefix_is_refused_at_its_line():
     line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "rewrite_prefix" in text_line)
     assert f"p.yaml:{line}:" in message
     assert "path_prefix" in message
+
+
+async def test_a_rewritten_request_is_cached_under_the_client_path(start_fender):
+    """The cache key keeps the client's path: a purge of /svc-a/ drops what /svc-a/x stored,
+    though the upstream saw /x."""
+
+    async def cacheable(req: Request, conn: Responder) -> None:
+        await conn.send(200, [(b"cache-control", b"max-age=60")], b"v%d" % len(up.requests))
+
+    routes = """
+    - name: a
+      match: {path_prefix: /svc-a/}
+      upstream: echo
+      rewrite_prefix: /
+      cache: {}
+    """
+    async with RawUpstream(cacheable) as up:
+        fender = await start_fender(policy_text(up.port, routes))
+        request = b"GET /svc-a/x HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+        first = await _exchange(fender.data_port, request, b"v1")
+        hit = await _exchange(fender.data_port, request, b"v1")
+        assert up.requests[0].target == b"/x" and len(up.requests) == 1
+        assert b"cache-status: fender; hit" in hit.lower()
+        async with httpx.AsyncClient() as client:
+            purged = await client.post(fender.admin_url + "/admin/cache/purge", json={"prefix": "/svc-a/"})
+        assert purged.json()["purged"] == 1
+        after = await _exchange(fender.data_port, request, b"v2")
+    assert first.endswith(b"v1") and after.endswith(b"v2")
+    assert len(up.requests) == 2

@@ -417,3 +417,42 @@ async def test_an_open_tunnel_counts_against_server_max_connections(start_fender
                 head = await _response_head(fender.data_port, b"GET /plain/x HTTP/1.1\r\nHost: svc\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 503 ")
                 assert b"x-fender-error: connection_limit" in head.lower()
+
+
+async def test_half_close_is_passed_on_through_a_tunnel(start_fender):
+    """The client shuts its sending half; the upstream sees EOF yet can still answer, and the client reads it."""
+    saw_eof = asyncio.Event()
+
+    async def upgrading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")
+        received = await reader.read()  # up to EOF: the client's half-close, passed on by Fender
+        saw_eof.set()
+        writer.write(b"got " + received)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upgrading, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        routes = """
+        - name: t
+          upstream: echo
+          upgrades: [test]
+        """
+        fender = await start_fender(policy_text(port, routes))
+        reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+        try:
+            writer.write(b"GET /t HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n")
+            async with asyncio.timeout(_LIMIT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 ")
+                writer.write(b"hello")
+                writer.write_eof()
+                await saw_eof.wait()
+                assert await reader.read() == b"got hello"
+        finally:
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
