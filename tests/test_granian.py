@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.need import need_module
 from tests.test_proxy import (  # noqa: F401  (collected again here, on granian)
     test_body_limits_413,
     test_connect_failure_is_502_and_counted,
@@ -23,13 +24,12 @@ from tests.test_proxy import (  # noqa: F401  (collected again here, on granian)
     test_upstream_closing_before_response_is_502,
     test_upstream_dying_mid_body_cuts_only_that_response,
 )
-
 from tests.test_streaming import (  # noqa: F401  (collected again here, on granian)
     test_each_event_reaches_the_client_while_the_upstream_holds_the_next,
     test_request_body_pieces_reach_the_upstream_while_the_client_holds_the_next,
 )
 
-pytest.importorskip("granian", reason="granian not installed: pip install 'fender[granian]'")
+need_module("granian", "pip install 'fender[granian]'")
 
 
 @pytest.fixture(autouse=True)

@@ -76,7 +76,10 @@ MUTATIONS = (
         "proxy/resilience/retry.py",
         "reply.error is not None and not reply.error.request_sent",
         "reply.error is not None",
-        ("tests/test_retry.py",),
+        (
+            "tests/test_retry.py",
+            "tests/test_hardening_policies.py::test_post_without_idempotency_key_is_not_retried_once_bytes_were_sent",
+        ),
     ),
     Mutation(
         "budget-deposits",
