@@ -340,6 +340,10 @@ class FenderProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc:
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
