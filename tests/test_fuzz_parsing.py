@@ -455,6 +455,7 @@ async def _build(policy) -> None:
     await runtime.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(doc=policies_with_sections())
 def test_policies_with_every_section_load_and_build_or_fail_cleanly(doc):
