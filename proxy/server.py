@@ -106,8 +106,9 @@ class _Server(uvicorn.Server):
 
     uvicorn notices ``should_exit`` on a 0.1 s tick and its shutdown sleeps 0.1 s before it
     looks at what is still open, so every stop paid up to 0.2 s per listener. Here the main
-    loop wakes as soon as ``should_exit`` is set, and a shutdown with no connection and no
-    request left closes at once; with work in flight it is uvicorn's graceful shutdown.
+    loop wakes as soon as ``should_exit`` is set, and a shutdown with no request in flight
+    closes its idle connections and stops at once; with work in flight it is uvicorn's
+    graceful shutdown.
     """
 
     def __init__(self, config: uvicorn.Config) -> None:
@@ -141,11 +142,20 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         state = self.server_state
+        for server in self.servers:
+            server.close()
+        if state.connections and not state.tasks:
+            # Only idle keep-alive connections: asked to shut down they close at once, which
+            # takes a loop turn or two (bounded here), not uvicorn's 0.1 s.
+            for connection in list(state.connections):
+                connection.shutdown()
+            for _ in range(10):
+                if not state.connections:
+                    break
+                await asyncio.sleep(0)
         if state.connections or state.tasks:
             await super().shutdown(sockets)
             return
-        for server in self.servers:
-            server.close()
         for sock in sockets or []:
             sock.close()
         for server in self.servers:
