@@ -397,8 +397,11 @@ class RawUpstream:
         tasks = [p.task for p in protocols if p.task is not None and not p.task.done()]
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        # Aborted transports close their sockets in connection_lost, a loop turn later: wait for
+        # it, or a test's loop may close first and leave the sockets to the garbage collector.
+        waiting = tasks + [p.responder.closed for p in protocols if not p.responder.closed.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=5)
         await self._server.wait_closed()
         self._server = None
 
