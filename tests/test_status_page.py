@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from proxy.config import parse_policy
 from proxy.server import Fender, bind_socket
@@ -33,6 +34,7 @@ def _need_browser():
         missing(why)
 
 
+@pytest.mark.slow
 async def test_page_shows_failover_and_an_open_breaker(start_fender, tmp_path):
     _need_browser()
     shot = tmp_path / "status-page.png"
@@ -55,6 +57,7 @@ async def _start_on(text: str, admin_port: int) -> Fender:
     return fender
 
 
+@pytest.mark.slow
 async def test_banner_while_the_proxy_restarts_and_actions_from_the_page(echo_upstream, tmp_path):
     _need_browser()
     from playwright.async_api import async_playwright
