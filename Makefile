@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint schema install clean soak bench bench-instructions bench-streams docs
+.PHONY: run test lint schema install clean soak bench bench-instructions bench-streams docs mutate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 ## Shorter: make soak MINUTES=2
 soak: $(STAMP)
 	$(BIN)/python tests/soak/run.py $(if $(MINUTES),--minutes $(MINUTES))
+
+## Mutation check: breaks each rule in tests/mutate/run.py's list (in a throwaway copy of the tree)
+## and runs the test files that should catch it; prints caught/missed. Not part of `make test`.
+## Some: make mutate MUTATIONS="vary-ignored budget-deposits"; the list: make mutate MUTATIONS=--list
+mutate: $(STAMP)
+	$(BIN)/python tests/mutate/run.py $(MUTATIONS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests

@@ -7,6 +7,7 @@ fixture that started it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import signal
@@ -15,9 +16,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import httptools
 import pytest
 import uvicorn
 
@@ -25,6 +28,59 @@ from proxy.server import Fender, _Server, bind_socket
 from tests.support.launch import launch_fender
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_unretrieved_task_exceptions(request):
+    """Every coroutine test fails when it leaves a task whose exception nobody retrieved."""
+    if asyncio.iscoroutinefunction(request.function):
+        request.getfixturevalue("_task_exception_guard")
+
+
+@pytest.fixture
+async def _task_exception_guard():
+    """Watch this test's loop for tasks whose exception is never retrieved (a failure nobody saw).
+
+    Two ways a task ends up so: freed, its ``__del__`` reports "Task exception was never
+    retrieved" to the loop's exception handler (caught here); or still alive in a garbage
+    cycle, not collected yet (found among the tasks the loop created, done with an exception
+    never asked for). Runs before and ends after the test's other fixtures.
+    """
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    created: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()
+    previous_factory = loop.get_task_factory()
+    previous_handler = loop.get_exception_handler()
+
+    def factory(loop, coro, **kwargs):
+        if previous_factory is not None:
+            task = previous_factory(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        created.add(task)
+        return task
+
+    def handler(loop, context):
+        if "exception was never retrieved" in context.get("message", ""):
+            reported.append(context)
+        if previous_handler is not None:
+            previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_task_factory(factory)
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_task_factory(previous_factory)
+        # _log_traceback: asyncio's own flag for "exception set, never retrieved" (what __del__ reports).
+        unretrieved = [t for t in list(created) if t.done() and not t.cancelled() and t._log_traceback]
+        found = [f"{t!r}: {t.exception()!r}" for t in unretrieved]  # exception() marks them retrieved
+        found += [f"{c.get('task', c.get('future'))!r}: {c.get('exception')!r}" for c in reported]
+        loop.set_exception_handler(previous_handler)
+    if found:
+        pytest.fail("task exception(s) never retrieved:\n  " + "\n  ".join(found), pytrace=False)
 
 
 def pattern_bytes(size: int, offset: int = 0) -> bytes:
@@ -120,14 +176,32 @@ async def start_asgi(app) -> tuple[_Server, int]:
     return server, sock.getsockname()[1]
 
 
+async def stop_asgi(server: _Server) -> None:
+    """Stop a test server from start_asgi at once: the test is over, so nothing is drained.
+
+    Its connections are aborted and its request tasks cancelled, then it closes (no wait
+    for idle keep-alive connections, no fixed sleep).
+    """
+    state = server.server_state
+    for connection in list(state.connections):
+        connection.transport.abort()
+    for task in list(state.tasks):
+        task.cancel()
+    server.should_exit = True
+    for _ in range(100):  # bounded: aborted transports report connection_lost within a few loop turns
+        if not state.connections and not state.tasks:
+            break
+        await asyncio.sleep(0)
+    await server.shutdown()
+
+
 @pytest.fixture
 async def echo_upstream():
     app = EchoUpstream()
     server, port = await start_asgi(app)
     app.port = port
     yield app
-    server.should_exit = True
-    await server.shutdown()
+    await stop_asgi(server)
 
 
 def policy_text(upstream_port: int, routes: str = "", upstreams: str = "", server: str = "") -> str:
@@ -170,23 +244,56 @@ async def start_fender():
         await fender.stop()
 
 
-async def raw_request(port: int, data: bytes | list[bytes], timeout: float = 5.0) -> bytes:
-    """Send hand-written bytes, return everything the server sends until it closes or goes quiet."""
+class _FirstResponse:
+    """Feeds a response stream to httptools and tells when the first final (non-1xx) response ended."""
+
+    def __init__(self, head_only: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_only = head_only  # a response to HEAD has no body, whatever its Content-Length says
+        self.done = False
+
+    def _final(self) -> bool:
+        status = self.parser.get_status_code()
+        return status >= 200 or status == 101
+
+    def on_headers_complete(self) -> None:
+        if self.head_only and self._final():
+            self.done = True
+
+    def on_message_complete(self) -> None:
+        if self._final():
+            self.done = True
+
+
+async def raw_request(
+    port: int, data: bytes | list[bytes], timeout: float = 5.0, *, until_close: bool = False
+) -> bytes:
+    """Send hand-written bytes; return the first response as it arrived, read as far as its framing
+    says (status line and headers, then a Content-Length or chunked body; a body without framing
+    runs to the close). ``until_close=True`` returns everything until the server closes instead.
+
+    Bounded by ``timeout``: whatever arrived by then (an incomplete answer fails the caller's checks).
+    """
+    first = data if isinstance(data, bytes) else data[0]
+    response = _FirstResponse(head_only=first.startswith(b"HEAD "))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = b""
     try:
         for part in [data] if isinstance(data, bytes) else data:
             writer.write(part)
             await writer.drain()
-        out = b""
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(reader.read(65536), 0.5 if out else timeout)
-                except TimeoutError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while not response.done:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    out += chunk
+                    if not until_close:
+                        try:
+                            response.parser.feed_data(chunk)
+                        except httptools.HttpParserError:
+                            break  # not HTTP: the caller sees the bytes
         return out
     finally:
         writer.close()
@@ -233,6 +340,10 @@ class FenderProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc:
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

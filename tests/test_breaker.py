@@ -213,6 +213,25 @@ def test_failed_trials_reopen_with_doubling_open_for_capped_then_reset_on_close(
     assert breaker.retry_after() == pytest.approx(10)
 
 
+def test_half_open_closes_when_its_trial_failure_rate_is_below_the_thresholds():
+    clock = ManualClock()
+    breaker = tripped(clock, half_open_calls=3, slow_call_duration="1s", slow_call_rate="50%")
+    clock.advance(10)
+    trials = [breaker.acquire() for _ in range(3)]
+    breaker.record(trials[0], True, 0.01)  # 1 of 3 failed (33% < 50%)
+    breaker.record(trials[1], False, 2.0)  # 1 of 3 slow (33% < 50%)
+    breaker.record(trials[2], False, 0.01)
+    assert breaker.state == CLOSED and breaker.open_for == 10
+    # The same trials with two failures of three (67% >= 50%) reopen it.
+    call(breaker, True)
+    call(breaker, True)
+    clock.advance(10)
+    trials = [breaker.acquire() for _ in range(3)]
+    for token, failed in zip(trials, (True, True, False), strict=True):
+        breaker.record(token, failed, 0.01)
+    assert breaker.state == OPEN
+
+
 def test_released_permit_is_given_back_and_stale_outcomes_are_ignored():
     clock = ManualClock()
     breaker = tripped(clock)

@@ -681,3 +681,59 @@ async def test_uncacheable_url_is_not_serialised_behind_one_request(start_fender
     assert [r.status_code for r in responses] == [200] * 5
     assert metric(fender, "fender_cache_coalesced_total") == 0
     assert metric(fender, "fender_cache_uncacheable_keys") == 1
+
+
+# --------------------------------------------------------------------------- rules no other test holds
+
+
+async def test_a_5xx_with_max_age_never_replaces_a_stored_good_response(start_fender, origin, clock):
+    origin.script["/m"] = (200, [("cache-control", "max-age=10")], b"good")
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        assert (await client.get("/m")).text == "good"
+        clock.advance(20)  # stale: the next request revalidates upstream
+        origin.script["/m"] = (503, [("cache-control", "max-age=60")], b"maintenance")
+        down = await client.get("/m")
+        assert (down.status_code, down.text) == (503, "maintenance")
+        assert "stored" not in down.headers["cache-status"]
+        origin.script["/m"] = (200, [("cache-control", "max-age=60")], b"back")
+        back = await client.get("/m")  # the 503 (max-age=60) was not stored: this one asks upstream
+    assert (back.status_code, back.text) == (200, "back")
+    assert len(origin.calls("/m")) == 3
+
+
+async def test_every_field_of_a_two_field_vary_selects_the_variant(start_fender, origin, clock):
+    origin.script["/v2"] = lambda req: (
+        200,
+        [("cache-control", "max-age=60"), ("vary", "Accept-Language, Accept-Encoding")],
+        b"%s/%s" % (req.header("accept-language"), req.header("accept-encoding")),
+    )
+    fender = await cached_fender(start_fender, origin, clock)
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        gzip = await client.get("/v2", headers={"accept-language": "en", "accept-encoding": "gzip"})
+        # Same first field, different second one: another variant, not a hit on the first.
+        br = await client.get("/v2", headers={"accept-language": "en", "accept-encoding": "br"})
+        gzip2 = await client.get("/v2", headers={"accept-language": "en", "accept-encoding": "gzip"})
+        br2 = await client.get("/v2", headers={"accept-language": "en", "accept-encoding": "br"})
+    assert (gzip.text, br.text, gzip2.text, br2.text) == ("en/gzip", "en/br", "en/gzip", "en/br")
+    assert br.headers["cache-status"].startswith("fender; fwd=vary-miss")
+    assert gzip2.headers["cache-status"].startswith("fender; hit")
+    assert br2.headers["cache-status"].startswith("fender; hit")
+    assert len(origin.calls("/v2")) == 2
+
+
+async def test_every_one_of_two_key_headers_selects_the_stored_response(start_fender, origin, clock):
+    origin.script["/k2"] = lambda req: (
+        200,
+        [("cache-control", "max-age=60")],
+        b"%s/%s" % (req.header("x-tenant"), req.header("x-region")),
+    )
+    fender = await cached_fender(start_fender, origin, clock, "key: {headers: [X-Tenant, X-Region]}")
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        eu = await client.get("/k2", headers={"x-tenant": "t1", "x-region": "eu"})
+        us = await client.get("/k2", headers={"x-tenant": "t1", "x-region": "us"})
+        eu2 = await client.get("/k2", headers={"x-tenant": "t1", "x-region": "eu"})
+    assert (eu.text, us.text, eu2.text) == ("t1/eu", "t1/us", "t1/eu")
+    assert us.headers["cache-status"].startswith("fender; fwd=vary-miss")
+    assert eu2.headers["cache-status"].startswith("fender; hit")
+    assert len(origin.calls("/k2")) == 2

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, free_port, pattern_bytes, wait_port
 
@@ -62,6 +63,7 @@ def test_schema_command_prints_json_schema():
     assert schema["title"] and "routes" in schema["properties"]
 
 
+@pytest.mark.slow
 def test_process_streams_large_bodies_in_bounded_memory(fender_process, tmp_path):
     """256 MiB each way through a Fender process whose peak RSS must stay far below that."""
     upstream_port, port, admin = free_port(), free_port(), free_port()

@@ -10,6 +10,7 @@ import socket
 import textwrap
 
 import httpx
+import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
@@ -95,6 +96,7 @@ async def test_drain_keeps_serving_for_the_delay_then_finishes_in_flight():
             await fender.stop()
 
 
+@pytest.mark.slow
 async def test_sigterm_finishes_in_flight_requests_and_exits_0(fender_process, tmp_path):
     handler, arrived, gate = gated_upstream()
     state = tmp_path / "state.json"

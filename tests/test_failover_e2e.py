@@ -18,10 +18,6 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_port
 
-pytest.importorskip(
-    "proxy.resilience.retry", reason="needs the retry module (issue 5); runs once both are merged"
-)
-
 # A replica that answers every request (including the health check) with its own name.
 REPLICA_SCRIPT = """
 import sys, uvicorn

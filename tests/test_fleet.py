@@ -339,6 +339,7 @@ def redis_time(server) -> float:
     return int(reply[2]) + int(reply[4]) / 1e6
 
 
+@pytest.mark.slow
 async def test_global_rate_over_a_real_time_window_is_within_five_percent(
     redis_server, echo_upstream, start_fender
 ):

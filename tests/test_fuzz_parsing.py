@@ -127,6 +127,29 @@ def first_status(port: int, data: bytes) -> tuple[int, bytes]:
         return (parser.get_status_code() if head.done else 0), received
 
 
+class _HeadEnd:
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def must_be_answered(data: bytes) -> bool:
+    """Whether ``data`` holds a whole request head or bytes no request can start with (llhttp, as Fender
+    parses): either way Fender owes an answer, where a head still incomplete may just time out."""
+    end = _HeadEnd()
+    parser = httptools.HttpRequestParser(end)
+    parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        return True
+    except httptools.HttpParserError:
+        return True
+    return end.complete
+
+
 TOKENS = [b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE", b"PATCH"]
 NAMES = [
     b"Host",
@@ -208,7 +231,10 @@ def test_any_request_bytes_get_a_clean_answer(threaded_fender, data):
     before = len(threaded_fender.upstream.requests)
     status, received = first_status(threaded_fender.fender.data_port, data)
     # an empty answer is allowed only when nothing complete was sent and the peer timed out quietly
-    assert status in ALLOWED or (status == 0 and received == b""), (data, received[:200])
+    assert status in ALLOWED or (status == 0 and received == b"" and not must_be_answered(data)), (
+        data,
+        received[:200],
+    )
     assert threaded_fender.errors.records == [], [r.getMessage() for r in threaded_fender.errors.records]
     for request in threaded_fender.upstream.requests[before:]:
         head = request.raw.split(b"\r\n\r\n", 1)[0]
@@ -429,6 +455,7 @@ async def _build(policy) -> None:
     await runtime.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(doc=policies_with_sections())
 def test_policies_with_every_section_load_and_build_or_fail_cleanly(doc):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.need import need_module
 from tests.test_proxy import (  # noqa: F401  (collected again here, on granian)
     test_body_limits_413,
     test_connect_failure_is_502_and_counted,
@@ -28,7 +29,7 @@ from tests.test_streaming import (  # noqa: F401  (collected again here, on gran
     test_request_body_pieces_reach_the_upstream_while_the_client_holds_the_next,
 )
 
-pytest.importorskip("granian", reason="granian not installed: pip install 'fender[granian]'")
+need_module("granian", "pip install 'fender[granian]'")
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,8 @@ async def test_pool_overflow_sheds_with_503_while_the_upstream_is_still_busy(che
                 finished, _ = await asyncio.wait(set(tasks) - done, return_when=asyncio.FIRST_COMPLETED)
                 done |= finished
         shed = [t.result() for t in done]
-        assert not release.is_set()
+        # the upstream is still busy: it has the one request, and the three admitted ones are all pending
+        assert len(up.requests) == 1 and not any(t.done() for t in set(tasks) - done)
         assert len(shed) == 7 and {r.status for r in shed} == {503}
         assert {r.headers[b"x-fender-error"] for r in shed} == {b"pool_overflow"}
         release.set()
@@ -60,19 +61,30 @@ async def test_a_connection_flood_beyond_the_cap_is_refused_and_normal_traffic_r
         fender = await checked_fender(
             policy_text(up.port, server="max_connections: 20\nheader_timeout: 500ms\n")
         )
-        flood = [RawClient(fender.data_port) for _ in range(60)]
-        for client in flood:
-            await client.__aenter__()
+        # 20 idle connections fill the cap (held until the header timeout); 40 more flood in with requests
+        held = [RawClient(fender.data_port) for _ in range(20)]
+        flood = [RawClient(fender.data_port) for _ in range(40)]
         try:
-            # idle connections hold their slot until the header timeout; the admin port stays up
+            for client in held + flood:
+                await client.__aenter__()
+            accepted = fender._servers[0].server_state.connections
+            await procs.wait_until(lambda: len(accepted) == 60, what=lambda: f"{len(accepted)} accepted")
+            for client in flood:
+                await client.send(GET)
+            # the admin port stays up meanwhile
             async with httpx.AsyncClient(timeout=5) as admin:
                 assert (await admin.get(fender.admin_url + "/healthz")).status_code == 200
-            answers = await asyncio.gather(*(c.response(timeout=5) for c in flood), return_exceptions=True)
+            refused = await asyncio.gather(*(c.response(timeout=5) for c in flood))
+            cut = await asyncio.gather(*(c.response(timeout=5) for c in held))
         finally:
-            for client in flood:
+            for client in held + flood:
                 client.close()
-        statuses = [a.status for a in answers if not isinstance(a, BaseException)]
-        assert statuses and set(statuses) <= {408, 503}
+        # every request beyond the cap was refused (the cap acted), every idle one cut by the header timeout
+        assert [(r.status, r.headers.get(b"x-fender-error")) for r in refused] == [
+            (503, b"connection_limit")
+        ] * 40
+        assert [r.status for r in cut] == [408] * 20
+        assert up.requests == []
         # after the flood: a steady client gets everything
         load = await run_load(fender.url, rate=50, seconds=0.6, connections=2)
         assert load.client_visible_errors() == 0, load

@@ -184,6 +184,7 @@ async def proxied():
         yield up, fp
 
 
+@pytest.mark.slow
 async def test_fault_proxy_latency_bandwidth_slicer_keep_bodies_intact(checked_fender, proxied):
     up, fp = proxied
     fender = await checked_fender(policy_text(fp.port, "- name: all\n  upstream: echo\n  timeout: 5s\n"))

@@ -8,6 +8,8 @@ import asyncio
 import gc
 import socket
 
+import pytest
+
 from proxy.http_protocol import _Exchange
 from tests.conftest import policy_text
 from tests.support import procs
@@ -19,6 +21,7 @@ checked_fender = procs.checked_fender
 H = b"Host: svc\r\n"
 
 
+@pytest.mark.slow
 async def test_proxied_requests_leave_no_reference_cycles(checked_fender):
     # A reference cycle per request (an upstream response and its parser once made one)
     # wakes the garbage collector every few thousand requests, to walk every young object.

@@ -173,7 +173,7 @@ routes:
 
 @pytest.fixture
 async def two_echoes():
-    from tests.conftest import EchoUpstream, start_asgi
+    from tests.conftest import EchoUpstream, start_asgi, stop_asgi
 
     servers = []
     apps = []
@@ -185,8 +185,7 @@ async def two_echoes():
         apps.append(app)
     yield apps
     for server in servers:
-        server.should_exit = True
-        await server.shutdown()
+        await stop_asgi(server)
 
 
 async def test_status_document_gathers_upstreams_breakers_cache_policy(start_fender, two_echoes):

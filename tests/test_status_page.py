@@ -10,7 +10,6 @@ docs/status-page.png is made by the same code: ``python -m tests.status_screensh
 from __future__ import annotations
 
 import asyncio
-import os
 
 import httpx
 import pytest
@@ -18,24 +17,24 @@ import pytest
 from proxy.config import parse_policy
 from proxy.server import Fender, bind_socket
 from tests.conftest import policy_text
+from tests.support.need import missing
 from tests.support.status_browser import CHROMIUM_ARGS, FEW_POLLS_SECONDS, chromium_path, scenario
 
 
 def _need_browser():
-    missing = None
+    why = None
     if chromium_path() is None:
-        missing = "chromium not installed: apt-get install chromium"
+        why = "chromium not installed: apt-get install chromium"
     else:
         try:
             import playwright.async_api  # noqa: F401
         except ImportError:
-            missing = "playwright not installed: pip install 'playwright>=1.40' (never `playwright install`)"
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
+            why = "playwright not installed: pip install 'playwright>=1.40' (never `playwright install`)"
+    if why is not None:
+        missing(why)
 
 
+@pytest.mark.slow
 async def test_page_shows_failover_and_an_open_breaker(start_fender, tmp_path):
     _need_browser()
     shot = tmp_path / "status-page.png"
@@ -58,6 +57,7 @@ async def _start_on(text: str, admin_port: int) -> Fender:
     return fender
 
 
+@pytest.mark.slow
 async def test_banner_while_the_proxy_restarts_and_actions_from_the_page(echo_upstream, tmp_path):
     _need_browser()
     from playwright.async_api import async_playwright

@@ -174,7 +174,12 @@ class RedisState:
             task.cancel()
         try:
             async with asyncio.timeout(1.0):
-                await self.client.aclose()
+                # Let the cancelled writes give their connections back before the pool is closed
+                # (else those connections are left open: a ResourceWarning when they are collected).
+                await asyncio.gather(*self._writes, return_exceptions=True)
+                # The client was given its pool, so it would not close it by itself (redis-py's
+                # auto_close_connection_pool is off then): without this its sockets stayed open.
+                await self.client.aclose(close_connection_pool=True)
         except (TimeoutError, *self._errors):  # pragma: no cover - closing a dead connection
             pass
 

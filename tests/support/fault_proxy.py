@@ -98,12 +98,12 @@ class FaultProxy:
         if down is not None and down != self.down:
             self.down = down
             if down:
-                if self._relisten is not None:
-                    self._relisten.cancel()  # an "up" not yet carried out must not reopen the port
+                # An "up" not yet carried out must not reopen the port: _listen sees self.down (it is
+                # not cancelled: that could leave its half-opened listening socket behind).
                 self._stop_listening()
                 for conn in list(self._conns):
                     self._kill(conn)
-            else:
+            elif self._relisten is None or self._relisten.done():
                 self._relisten = asyncio.get_running_loop().create_task(self._listen())
 
     def clear(self) -> None:
@@ -126,8 +126,17 @@ class FaultProxy:
         await self.close()
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        # Bound but not listening until down is known to be still off: switching down -> up -> down
+        # within a loop tick never lets a connection in, and leaves no socket behind.
+        server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, reuse_address=True, start_serving=False
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        if self.down:
+            server.close()
+            return
+        self._server = server
+        await server.start_serving()
 
     def _stop_listening(self) -> None:
         if self._server is not None:
@@ -143,8 +152,12 @@ class FaultProxy:
         for conn in conns:
             self._kill(conn)
         tasks = [t for c in conns for t in c.tasks if not t.done()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        writers = [c.client[1] for c in conns] + [c.upstream[1] for c in conns if c.upstream is not None]
+        async with asyncio.timeout(5):
+            if tasks:
+                await asyncio.wait(tasks)
+            # aborted transports close their sockets in connection_lost, a loop turn later
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
 
     def _kill(self, conn: _Conn) -> None:
         conn.client[1].transport.abort()
@@ -159,6 +172,7 @@ class FaultProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = _Conn((reader, writer))
+        conn.tasks.append(asyncio.current_task())  # killing the connection ends this handler too
         self._conns.add(conn)
         try:
             try:

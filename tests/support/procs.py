@@ -1,8 +1,9 @@
 """Process facts from /proc and leak checks for the hardening tests.
 
 ``open_fds(pid)`` and ``rss_kib(pid)`` read /proc; :func:`wait_until` re-checks a
-condition a bounded number of times (for facts outside this process, such as a
-kernel closing a socket, there is no event to wait on). :class:`LeakCheck`
+condition a bounded number of times and fails the test when it never holds (for
+facts outside this process, such as a kernel closing a socket, there is no event
+to wait on). :class:`LeakCheck`
 records this process's open fds and asyncio tasks and asserts they return to
 that baseline; :func:`start_fender_process` runs Fender as a subprocess on a
 policy text (tests.conftest.FenderProcess) and returns it with its ports.
@@ -45,14 +46,22 @@ def fd_targets(pid: int | str = "self") -> list[str]:
     return sorted(out)
 
 
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0, step: float = 0.02) -> bool:
-    """Re-check ``predicate`` every ``step`` seconds, at most ``within`` seconds; its final value."""
+async def wait_until(
+    predicate: Callable[[], bool],
+    within: float = 5.0,
+    step: float = 0.02,
+    what: str | Callable[[], str] = "",
+) -> None:
+    """Re-check ``predicate`` every ``step`` seconds; AssertionError when it still fails after ``within``
+    seconds (``what`` says what was awaited; a callable is asked at that moment, for current numbers)."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() >= deadline:
-            return predicate()
+            if predicate():
+                return
+            said = what() if callable(what) else what
+            raise AssertionError(f"not reached within {within}s: {said or predicate}")
         await asyncio.sleep(step)
-    return True
 
 
 class LeakCheck:
@@ -64,12 +73,18 @@ class LeakCheck:
         self.tasks = len(asyncio.all_tasks())
 
     async def assert_back(self, within: float = 5.0, fd_slack: int = 0) -> None:
-        fds_ok = await wait_until(lambda: open_fds() <= self.fds + fd_slack, within)
-        assert fds_ok, (
-            f"fds {open_fds()} > baseline {self.fds}: new {sorted(set(fd_targets()) - set(self.targets))}"
+        await wait_until(
+            lambda: open_fds() <= self.fds + fd_slack,
+            within,
+            what=lambda: (
+                f"fds {open_fds()} > baseline {self.fds}: new {sorted(set(fd_targets()) - set(self.targets))}"
+            ),
         )
-        tasks_ok = await wait_until(lambda: len(asyncio.all_tasks()) <= self.tasks, within)
-        assert tasks_ok, f"tasks {len(asyncio.all_tasks())} > baseline {self.tasks}: {asyncio.all_tasks()}"
+        await wait_until(
+            lambda: len(asyncio.all_tasks()) <= self.tasks,
+            within,
+            what=lambda: f"tasks {len(asyncio.all_tasks())} > baseline {self.tasks}: {asyncio.all_tasks()}",
+        )
 
 
 async def assert_fender_alive(fender) -> None:
@@ -142,10 +157,13 @@ class FenderSubprocess:
         assert self.proc.proc.poll() is None, "fender exited"
         async with httpx.AsyncClient(timeout=5) as client:
             assert (await client.get(self.admin_url + "/healthz")).status_code == 200
-        back = await wait_until(lambda: self.fds() - upstream_connections() <= self.base_fds, within)
-        assert back, (
-            f"fender fds {self.fds()} (upstream conns {upstream_connections()}) > baseline {self.base_fds}: "
-            f"{fd_targets(self.pid)}"
+        await wait_until(
+            lambda: self.fds() - upstream_connections() <= self.base_fds,
+            within,
+            what=lambda: (
+                f"fender fds {self.fds()} (upstream conns {upstream_connections()}) > baseline "
+                f"{self.base_fds}: {fd_targets(self.pid)}"
+            ),
         )
 
 

@@ -25,8 +25,11 @@ responses and huge uploads.
 
 ``up.requests`` records every request; ``up.connections`` / ``up.disconnects``
 count accepted / closed connections; ``await up.wait_until(predicate)`` waits
-(bounded) until a condition on those holds; handler exceptions are collected in
-``up.errors`` (the connection is closed).
+(bounded) until a condition on those holds; handler exceptions and unparsable
+requests are collected in ``up.errors`` (the connection is closed), and leaving
+the ``async with`` (or :meth:`RawUpstream.close`) raises :class:`UpstreamErrors`
+when any were recorded, so a broken handler cannot hide behind Fender's retries.
+A test that provokes them on purpose says so: ``RawUpstream(..., expect_errors=True)``.
 
 Ready-made handlers: :func:`ok`, :func:`status`, :data:`echo`, :func:`raw`,
 :data:`hang`, :data:`reset`, :data:`close`, :func:`delayed`, :func:`sequence`.
@@ -38,6 +41,7 @@ import asyncio
 import json
 import socket
 import struct
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 
 import httptools
@@ -313,12 +317,16 @@ class _ServerProtocol(asyncio.Protocol):
                 return
             try:
                 await self.server.handler(req, self.responder)
-            except Exception as exc:  # surfaced through up.errors
+            except Exception as exc:  # recorded; raised when the upstream closes (see UpstreamErrors)
                 self.server.errors.append(exc)
                 self.transport.abort()
                 return
             if req.header(b"connection") == b"close" and not self.transport.is_closing():
                 self.transport.close()
+
+
+class UpstreamErrors(AssertionError):
+    """A RawUpstream recorded errors (handler exceptions, unparsable requests) the test did not expect."""
 
 
 class RawUpstream:
@@ -331,16 +339,19 @@ class RawUpstream:
         stream_request_body: bool = False,
         host: str = "127.0.0.1",
         unix_path: str | None = None,
+        expect_errors: bool = False,
     ) -> None:
         self.handler = handler
         self.stream_request_body = stream_request_body
         self.host = host
         self.unix_path = unix_path  # listen on this unix socket file instead of host:port
+        self.expect_errors = expect_errors  # errors are part of the test: do not raise them on exit
         self.port = 0
         self.connections = 0
         self.disconnects = 0
         self.requests: list[Request] = []
         self.errors: list[BaseException] = []
+        self._reported = False
         self._server: asyncio.Server | None = None
         self._protocols: set[_ServerProtocol] = set()
         self._watchers: list[asyncio.Future] = []
@@ -354,11 +365,35 @@ class RawUpstream:
             self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self._stop()
+        if exc is None:
+            self._raise_errors()
+        elif self.errors and not self.expect_errors:
+            exc.add_note(self._describe_errors())  # the test failed already: keep its error, add ours
 
     async def close(self) -> None:
-        """Stop listening, abort every connection and stop the handlers."""
+        """Stop listening, abort every connection and stop the handlers; then raise
+        :class:`UpstreamErrors` if errors were recorded (unless ``expect_errors``)."""
+        await self._stop()
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        if self.errors and not self.expect_errors and not self._reported:
+            self._reported = True
+            raise UpstreamErrors(self._describe_errors())
+
+    def _describe_errors(self) -> str:
+        shown = "".join(
+            "".join(traceback.format_exception(error)) if error.__traceback__ else f"{error!r}\n"
+            for error in self.errors[:3]
+        )
+        return (
+            f"RawUpstream on port {self.port} recorded {len(self.errors)} error(s) "
+            f"(a test provoking them passes expect_errors=True):\n{shown}"
+        )
+
+    async def _stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
@@ -368,8 +403,11 @@ class RawUpstream:
         tasks = [p.task for p in protocols if p.task is not None and not p.task.done()]
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        # Aborted transports close their sockets in connection_lost, a loop turn later: wait for
+        # it, or a test's loop may close first and leave the sockets to the garbage collector.
+        waiting = tasks + [p.responder.closed for p in protocols if not p.responder.closed.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=5)
         await self._server.wait_closed()
         self._server = None
 

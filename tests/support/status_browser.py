@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from proxy.ops.history import TrafficHistory
-from tests.conftest import start_asgi
+from tests.conftest import start_asgi, stop_asgi
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -84,8 +84,7 @@ class Replica:
     async def stop(self) -> None:
         if self.server is not None:
             server, self.server = self.server, None
-            server.should_exit = True
-            await server.shutdown()
+            await stop_asgi(server)
 
 
 def policy(primary: Replica, standby: Replica) -> str:
