@@ -17,6 +17,7 @@ import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
 from proxy.resilience.cache import policy as rfc
+from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.store import Entry, Variants
 from proxy.state import codec
 from proxy.state.redis import STATE_KEY
@@ -555,3 +556,6 @@ async def test_the_fleet_tier_keeps_the_new_decisions(redis_server, origin, star
     assert via_b.headers["set-cookie"] == "shared=1" and via_b.headers["cache-control"].startswith("no-store")
     assert "x-token" not in via_b.headers and "fender-cache-control" not in via_b.headers
     assert len(origin.calls("/f")) == 1
+    # B's copy came from Redis and still holds the no-cache="x-token" field for after a revalidation.
+    (entry,) = b_.runtime.shared[STORE_KEY].get(b"catalog.svc/f").entries
+    assert entry.held == [(b"x-token", b"t")]
