@@ -24,7 +24,7 @@ from proxy.state.redis import STATE_KEY
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from tests.test_cache import Origin, cached_fender, clock, origin  # noqa: F401  (fixtures)
+from tests.test_cache import Origin, cached_fender, clock, metric, origin  # noqa: F401  (fixtures)
 from tests.test_cache_policy import NOW, analyse
 
 
@@ -343,6 +343,8 @@ async def test_a_304_that_changes_the_etag_updates_nothing_and_is_fetched_again(
     calls = origin.calls("/e")
     assert [c.header("if-none-match") for c in calls] == [None, b'"v1"', None]
     assert later.text == "v2" and later.headers["cache-status"].startswith("fender; hit")
+    assert metric(fender, "fender_cache_revalidations_total", route="cached", result="unselected") == 1
+    assert metric(fender, "fender_cache_revalidations_total", route="cached", result="not_modified") == 0
 
 
 async def test_a_304_with_the_same_etag_replaces_every_field(start_fender, origin, clock):
@@ -421,6 +423,7 @@ async def test_head_freshens_a_stored_get(start_fender, head_origin, clock):
     assert get.headers["cache-status"].startswith("fender; hit") and get.headers["x-version"] == "2"
     assert get.content == b"0123456789"
     assert [c.method for c in head_origin.calls("/h")] == [b"GET", b"HEAD"]
+    assert metric(fender, "fender_cache_revalidations_total", route="cached", result="head_updated") == 1
 
 
 async def test_a_head_with_another_etag_makes_the_stored_get_stale(start_fender, head_origin, clock):
@@ -439,6 +442,7 @@ async def test_a_head_with_another_etag_makes_the_stored_get_stale(start_fender,
     # "otherwise, the cache SHOULD consider the stored response to be stale" (4.3.5)
     assert get.text == "v2" and get.headers["cache-status"].startswith("fender; fwd=stale")
     assert [c.method for c in head_origin.calls("/h2")] == [b"GET", b"HEAD", b"GET"]
+    assert metric(fender, "fender_cache_revalidations_total", route="cached", result="head_stale") == 1
 
 
 @pytest.mark.parametrize("ages", [["0, 0"], ["-1"], ["3", "3"], ["10s"]])

@@ -30,7 +30,7 @@ log = logging.getLogger("fender.cache")
 STORE_KEY = "cache.store"
 RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "coalesced", "only_if_cached")
 STALE_REASONS = ("stale_while_revalidate", "stale_if_error", "max_stale")
-REVALIDATION_RESULTS = ("not_modified", "modified", "failed")
+REVALIDATION_RESULTS = ("not_modified", "modified", "unselected", "failed", "head_updated", "head_stale")
 
 # Request fields the layer reads; everything else is skipped in the one scan.
 _INTEREST = frozenset(
@@ -851,7 +851,7 @@ class CacheLayer:
         if served is None:
             # RFC 9111 4.3.4: a 304 that selects no stored response (e.g. a new strong ETag) updates
             # nothing and cannot answer this request: ask again, unconditionally.
-            self.m_reval["modified"].inc()
+            self.m_reval["unselected"].inc()
             if count:
                 self.m_result["miss"].inc()
             ex.headers = [(n, v) for n, v in ex.headers if n not in _CONDITIONALS]
@@ -895,6 +895,9 @@ class CacheLayer:
                 new = copy.copy(e)
                 new.fresh_until = min(e.fresh_until, now)
                 new.stale_while_revalidate_until = min(e.stale_while_revalidate_until, now)
+                self.m_reval["head_stale"].inc()
+            else:
+                self.m_reval["head_updated"].inc()
             self._put(key, new)
 
     def _refresh_in_background(self, ex: Exchange, key: bytes, entry: Entry) -> None:
