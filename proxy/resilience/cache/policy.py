@@ -8,7 +8,9 @@ values are the injected clock's seconds. The layer converts once per entry
 References: RFC 9111 (HTTP Caching) sections 3 (storing), 4 (constructing
 responses from caches), 5.2 (Cache-Control); RFC 9110 sections 8.8 and 13
 (validators, conditional requests), 15.1 (heuristically cacheable status
-codes); RFC 5861 (stale-while-revalidate, stale-if-error).
+codes); RFC 5861 (stale-while-revalidate, stale-if-error, both directions);
+RFC 9213 (targeted cache-control fields) and the W3C Edge Architecture's
+Surrogate-Control, which decide Fender's own storing before Cache-Control.
 """
 
 from __future__ import annotations
