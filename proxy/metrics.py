@@ -333,7 +333,8 @@ class Metrics:
         self.cache_revalidations = Counter(
             "fender_cache_revalidations_total",
             "Requests the cache sent upstream for a stored stale response, by result "
-            "(not_modified, modified, failed).",
+            "(not_modified, modified, unselected: a 304 matching no stored response, failed), and "
+            "stored GET responses a HEAD 200 updated (head_updated) or made stale (head_stale).",
             ["route", "result"],
             registry=r,
         )

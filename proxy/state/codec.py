@@ -48,6 +48,8 @@ def encode(variants: Variants, offset: float) -> bytes:
                 "sie": e.stale_if_error_until + offset,
                 "mv": e.must_validate,
                 "ns": e.no_stale,
+                # no-cache="..." fields (absent in older blobs: none held)
+                "hd": [[n.decode(_L1), v.decode(_L1)] for n, v in e.held],
             }
         )
         bodies.append(e.body)
@@ -106,6 +108,7 @@ def _entry(m: dict, body: bytes, offset: float) -> Entry:
         sie=0.0,
         must_validate=bool(m["mv"]),
         no_stale=bool(m["ns"]),
+        held=[(n.encode(_L1), v.encode(_L1)) for n, v in m.get("hd", ())],
     )
     if len(entry.vary) != len(entry.selection):
         raise ValueError("vary and selection differ in length")

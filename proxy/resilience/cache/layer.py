@@ -12,6 +12,7 @@ they stream to the client, up to max_object_size.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -29,7 +30,7 @@ log = logging.getLogger("fender.cache")
 STORE_KEY = "cache.store"
 RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "coalesced", "only_if_cached")
 STALE_REASONS = ("stale_while_revalidate", "stale_if_error", "max_stale")
-REVALIDATION_RESULTS = ("not_modified", "modified", "failed")
+REVALIDATION_RESULTS = ("not_modified", "modified", "unselected", "failed", "head_updated", "head_stale")
 
 # Request fields the layer reads; everything else is skipped in the one scan.
 _INTEREST = frozenset(
@@ -57,8 +58,7 @@ _MAX_UNCACHEABLE_KEYS = 10_000
 _CACHE_RELEVANT = frozenset({b"cache-control", b"expires", b"last-modified", b"etag", b"vary", b"pragma"})
 
 
-def _nothing_to_cache(headers: list[tuple[bytes, bytes]]) -> bool:
-    relevant = _CACHE_RELEVANT
+def _nothing_to_cache(headers: list[tuple[bytes, bytes]], relevant: frozenset[bytes]) -> bool:
     for name, _ in headers:
         if name in relevant:
             return False
@@ -289,6 +289,13 @@ class CacheLayer:
         self._uncacheable: OrderedDict[bytes, float] = OrderedDict()
         # True when only the response itself could make it reusable (no route default TTL or stale windows).
         self._quick_pass = not (self.default_ttl > 0 or self.sie > 0 or self.swr > 0)
+        self.max_request_sie = options.max_request_stale_if_error
+        self.store_set_cookie = options.set_cookie == "store"
+        # Targeted cache-control fields (RFC 9213), obeyed before Cache-Control in this order; the
+        # ones meant for Fender alone are removed from every response of this route.
+        self.targets = tuple(n.encode() for n in options.targeted_fields)
+        self._consumed = rfc.FOR_FENDER_ONLY.intersection(self.targets)
+        self._relevant = _CACHE_RELEVANT.union(self.targets)
         self._refreshing: set[bytes] = set()
         self._tasks: set[asyncio.Task] = set()
         m = ctx.metrics
@@ -328,6 +335,8 @@ class CacheLayer:
             # If-Match / If-Unmodified-Since / Range: only the origin can answer these correctly.
             self.m_result["bypass"].inc()
             reply = await self.next(ex)
+            if not isinstance(reply, LocalReply):
+                self._strip(reply)
             ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
             return reply
         directives = req.directives
@@ -381,7 +390,12 @@ class CacheLayer:
         if method == "HEAD" or (entry is None and directives is not None and directives.no_store):
             # Not coalesced, not stored: the client's request goes upstream as it is.
             self.m_result["miss"].inc()
+            request_time = self.clock.now()
             reply = await self.next(ex)
+            if not isinstance(reply, LocalReply):
+                if method == "HEAD" and variants is not None and reply.status == 200:
+                    self._freshen_from_head(ex, key, req, reply, request_time)
+                self._strip(reply)
             ex.response_headers.append((b"cache-status", _STATUS_MISS))
             return reply
         if entry is not None:
@@ -398,7 +412,9 @@ class CacheLayer:
         for entry in variants.entries:
             if not entry.vary:
                 return entry
-            if all(rfc.combined(headers, n) == v for n, v in zip(entry.vary, entry.selection, strict=True)):
+            if all(
+                rfc.selecting_value(headers, n) == v for n, v in zip(entry.vary, entry.selection, strict=True)
+            ):
                 return entry
         return None
 
@@ -619,7 +635,7 @@ class CacheLayer:
             self._quick_pass
             and not isinstance(reply, LocalReply)
             and reply.status < 500
-            and _nothing_to_cache(reply.headers)
+            and _nothing_to_cache(reply.headers, self._relevant)
         ):
             now = self.clock.now()
             if until - now < self._uncacheable_refresh:
@@ -636,7 +652,7 @@ class CacheLayer:
         if stale is not None:
             if failed:
                 self.m_reval["failed"].inc()
-                if now < stale.stale_if_error_until:
+                if now < stale.stale_if_error_until or self._client_accepts_stale(req, stale, now):
                     release()
                     reply.close()
                     if count:
@@ -645,31 +661,7 @@ class CacheLayer:
                     status = b"fender; fwd=stale; fwd-status=%d; detail=stale-if-error" % reply.status
                     return self._serve(ex, stale, req, now, status)
             elif reply.status == 304:
-                fresh_headers = reply.headers
-                reply.close()
-                self.m_reval["not_modified"].inc()
-                if count:
-                    self.m_result["revalidated"].inc()
-                entry = self._entry_from(
-                    stale.status,
-                    rfc.merge_304(stale.headers, fresh_headers),
-                    stale.body,
-                    ex,
-                    req,
-                    request_time,
-                    now,
-                )
-                if entry is not None:
-                    self._put(key, entry)
-                else:
-                    entry = stale
-                release()
-                served = self._serve(ex, entry, req, now, b"fender; fwd=stale; fwd-status=304")
-                cookies = [h for h in fresh_headers if h[0] == b"set-cookie" or h[0] == b"set-cookie2"]
-                if cookies:
-                    # The 304 answered this client's request: its cookies are for this client only.
-                    served.headers = served.headers + cookies
-                return served
+                return await self._not_modified(ex, key, stale, req, release, fwd, count, reply, request_time)
             else:
                 self.m_reval["modified"].inc()
             if count:
@@ -677,11 +669,13 @@ class CacheLayer:
         if failed and (stale is not None or isinstance(reply, LocalReply)):
             # Fender's own fault replies are never stored, nor does an upstream error replace a stored response.
             release()
+            if not isinstance(reply, LocalReply):
+                self._strip(reply)
             ex.response_headers.append(
                 (b"cache-status", b"fender; fwd=%s; fwd-status=%d" % (fwd, reply.status))
             )
             return reply
-        if self._quick_pass and not failed and _nothing_to_cache(reply.headers):
+        if self._quick_pass and not failed and _nothing_to_cache(reply.headers, self._relevant):
             # No freshness, validators or Vary, and the route grants no default TTL or stale
             # window: nothing here could be reused, so skip the full RFC 9111 analysis.
             release()
@@ -699,7 +693,10 @@ class CacheLayer:
             request_time=request_time + self.offset,
             response_time=now + self.offset,
             default_ttl=self.default_ttl,
+            store_set_cookie=self.store_set_cookie,
+            targets=self.targets,
         )
+        self._strip(reply)
         if (
             not analysis.storable
             or not rfc.worth_storing(analysis, self.sie, self.swr)
@@ -794,6 +791,115 @@ class CacheLayer:
 
     # ------------------------------------------------------------------ revalidation
 
+    def _strip(self, reply) -> None:
+        """Remove the fields addressed to Fender alone (Surrogate-Control, Fender-Cache-Control)."""
+        consumed = self._consumed
+        if consumed:
+            for name, _ in reply.headers:
+                if name in consumed:
+                    reply.headers = [h for h in reply.headers if h[0] not in consumed]
+                    return
+
+    def _client_accepts_stale(self, req: _Request, stale: Entry, now: float) -> bool:
+        """The request's own stale-if-error (RFC 5861 4), bounded by max_request_stale_if_error."""
+        d = req.directives
+        if d is None or not d.stale_if_error or stale.no_stale:
+            return False
+        return now - stale.fresh_until <= min(d.stale_if_error, self.max_request_sie)
+
+    def _update_fields(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The fields of a 304 or HEAD response that go into a stored response (3.2).
+
+        Without set_cookie: store, its Set-Cookie is for the client that asked, never stored.
+        """
+        if self.store_set_cookie:
+            return headers
+        return [h for h in headers if h[0] not in rfc.SET_COOKIE]
+
+    async def _not_modified(self, ex, key, stale: Entry, req, release, fwd, count, reply, request_time):
+        """A 304 to the cache's own conditional request: update the stored response(s) it selects."""
+        fresh_headers = reply.headers
+        reply.close()
+        now = self.clock.now()
+        variants = self.store.get(key)
+        entries = list(variants.entries) if variants is not None else []
+        if not any(e is stale for e in entries):
+            entries.insert(0, stale)
+        etag = rfc.header_values(fresh_headers, b"etag")
+        last_modified = rfc.header_values(fresh_headers, b"last-modified")
+        if etag or last_modified:
+            chosen = rfc.select_for_update(
+                [(e.etag, e.last_modified) for e in entries],
+                etag[0] if etag else None,
+                last_modified[0] if last_modified else None,
+            )
+        else:
+            # No validator at all: the 304 answers the conditional request sent for this entry.
+            chosen = [next(i for i, e in enumerate(entries) if e is stale)]
+        update = self._update_fields(fresh_headers)
+        ages = [h for h in fresh_headers if h[0] == b"age"]  # for the new entry's age (4.2.3)
+        served = None
+        for i in chosen:
+            e = entries[i]
+            merged = rfc.merge_304(e.headers + e.held, update) + ages
+            like = None if e is stale else e
+            new = self._entry_from(e.status, merged, e.body, ex, req, request_time, now, like)
+            if new is not None:
+                self._put(key, new)
+            if e is stale:
+                served = new if new is not None else stale
+        if served is None:
+            # RFC 9111 4.3.4: a 304 that selects no stored response (e.g. a new strong ETag) updates
+            # nothing and cannot answer this request: ask again, unconditionally.
+            self.m_reval["unselected"].inc()
+            if count:
+                self.m_result["miss"].inc()
+            ex.headers = [(n, v) for n, v in ex.headers if n not in _CONDITIONALS]
+            request_time = self.clock.now()
+            reply = await self.next(ex)
+            return await self._answer(ex, key, None, req, release, fwd, False, reply, request_time)
+        self.m_reval["not_modified"].inc()
+        if count:
+            self.m_result["revalidated"].inc()
+        release()
+        reply = self._serve(ex, served, req, now, b"fender; fwd=stale; fwd-status=304")
+        if served.held:
+            # Just revalidated: the no-cache="..." fields may go to this client (RFC 9111 5.2.2.4).
+            full = served.validated_headers()
+            reply.headers = rfc.not_modified_headers(full) if reply.status == 304 else full
+        if not self.store_set_cookie:
+            cookies = [h for h in fresh_headers if h[0] in rfc.SET_COOKIE]
+            if cookies:
+                # The 304 answered this client's request: its cookies are for this client only.
+                reply.headers = reply.headers + cookies
+        return reply
+
+    def _freshen_from_head(self, ex: Exchange, key: bytes, req: _Request, reply, request_time: float) -> None:
+        """RFC 9111 4.3.5: a HEAD 200 updates each stored GET response this request could have
+        chosen when the validators (and Content-Length) match, and makes it stale otherwise."""
+        variants = self.store.get(key)
+        if variants is None:
+            return
+        now = self.clock.now()
+        headers = reply.headers
+        update = self._update_fields(headers)
+        ages = [h for h in headers if h[0] == b"age"]
+        for e in list(variants.entries):
+            if self._select(Variants([e]), ex.request_headers) is None:
+                continue
+            new = None
+            if rfc.head_matches(e.etag, e.last_modified, len(e.body), headers):
+                merged = rfc.merge_304(e.headers + e.held, update) + ages
+                new = self._entry_from(e.status, merged, e.body, ex, req, request_time, now)
+            if new is None:
+                new = copy.copy(e)
+                new.fresh_until = min(e.fresh_until, now)
+                new.stale_while_revalidate_until = min(e.stale_while_revalidate_until, now)
+                self.m_reval["head_stale"].inc()
+            else:
+                self.m_reval["head_updated"].inc()
+            self._put(key, new)
+
     def _refresh_in_background(self, ex: Exchange, key: bytes, entry: Entry) -> None:
         """stale-while-revalidate: one refresh per key at a time."""
         if key in self._refreshing:
@@ -841,9 +947,20 @@ class CacheLayer:
         names = self.key_headers + (analysis.vary or ())
         return tuple(dict.fromkeys(names))
 
-    def _entry(self, status: int, analysis: rfc.Analysis, body: bytes, ex: Exchange, now: float) -> Entry:
+    def _entry(
+        self, status: int, analysis: rfc.Analysis, body: bytes, ex: Exchange, now: float, like=None
+    ) -> Entry | None:
+        """The entry to store; ``like``: the stored variant it updates, when not this request's own
+        (keeps that variant's selection; None if the update changed its Vary)."""
         vary = self._vary_of(analysis)
+        if like is None:
+            selection = tuple(rfc.selecting_value(ex.request_headers, n) for n in vary)
+        elif vary == like.vary:
+            selection = like.selection
+        else:
+            return None
         allow_stale = not analysis.no_stale
+        route_swr = 0.0 if analysis.bad_age else self.swr  # unknown age: never served unvalidated
         return Entry(
             status,
             analysis.headers,
@@ -852,18 +969,19 @@ class CacheLayer:
             last_modified=analysis.last_modified,
             date=analysis.date,
             vary=vary,
-            selection=tuple(rfc.combined(ex.request_headers, n) for n in vary),
+            selection=selection,
             response_time=now,
             initial_age=analysis.initial_age,
             lifetime=analysis.lifetime,
-            swr=max(analysis.swr, self.swr) if allow_stale else 0.0,
+            swr=max(analysis.swr, route_swr) if allow_stale else 0.0,
             sie=max(analysis.sie, self.sie) if allow_stale else 0.0,
             must_validate=analysis.must_validate,
             no_stale=analysis.no_stale,
+            held=analysis.held,
         )
 
     def _entry_from(
-        self, status, headers, body, ex, req: _Request, request_time: float, now: float
+        self, status, headers, body, ex, req: _Request, request_time: float, now: float, like=None
     ) -> Entry | None:
         analysis = rfc.analyse(
             status,
@@ -873,10 +991,12 @@ class CacheLayer:
             request_time=request_time + self.offset,
             response_time=now + self.offset,
             default_ttl=self.default_ttl,
+            store_set_cookie=self.store_set_cookie,
+            targets=self.targets,
         )
         if not analysis.storable:
             return None
-        return self._entry(status, analysis, body, ex, now)
+        return self._entry(status, analysis, body, ex, now, like)
 
     def _put(self, key: bytes, entry: Entry) -> None:
         variants = self.store.get(key)
@@ -894,6 +1014,8 @@ class CacheLayer:
     async def _other_method(self, ex: Exchange):
         reply = await self.next(ex)
         ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
+        if not isinstance(reply, LocalReply):
+            self._strip(reply)
         self.m_result["bypass"].inc()
         if (
             ex.method not in rfc.SAFE_METHODS

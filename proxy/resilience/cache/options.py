@@ -38,6 +38,16 @@ class CacheKeyOptions(PolicyModel):
 class CacheOptions(PolicyModel):
     """A shared HTTP cache (RFC 9111) in front of this route's upstream."""
 
+    @field_validator("targeted_fields")
+    @classmethod
+    def _targets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(n.lower() for n in names))
+        if "cache-control" in names:
+            raise policy_error(
+                "cache.targeted_fields lists fields obeyed before Cache-Control: cache-control cannot be one"
+            )
+        return names
+
     enabled: Flag = Field(
         default=True,
         description="false turns the cache off for this route while keeping its settings in the file.",
@@ -76,6 +86,37 @@ class CacheOptions(PolicyModel):
             "Concurrent misses for one URL wait for the first one's upstream response this long at most "
             "(like nginx proxy_cache_lock_timeout 5s); after it, each goes to the upstream itself."
         ),
+    )
+    max_request_stale_if_error: Duration = Field(
+        default="10m",
+        description=(
+            "A client's own `Cache-Control: stale-if-error=N` (RFC 5861, request direction) lets that "
+            "request have a stale response up to N past its freshness when the upstream fails, but never "
+            "more than this. Never for responses marked must-revalidate, no-cache and friends. 0s ignores "
+            "the request directive (the response's and the route's stale_if_error still apply)."
+        ),
+    )
+    set_cookie: Literal["pass", "store"] = Field(
+        default="pass",
+        description=(
+            "A response carrying Set-Cookie: `pass` (default, like nginx and Varnish) is not stored and "
+            "reaches its client whole, so one client's cookie is never served to another; `store` stores "
+            "it with its Set-Cookie and serves that to every client (only for upstreams whose cookies are "
+            'the same for everyone). A response saying `private="Set-Cookie"` is stored without the '
+            "cookie either way (RFC 9111 5.2.2.7)."
+        ),
+    )
+    targeted_fields: tuple[Annotated[Text, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")], ...] = (
+        Field(
+            default=("fender-cache-control", "surrogate-control", "cdn-cache-control"),
+            description=(
+                "Response fields that control Fender's own storing decision before Cache-Control (RFC 9213 "
+                "targeted fields, W3C Surrogate-Control), in order: the first present with a value wins and "
+                "Cache-Control and Expires are then ignored by Fender (the client still gets Cache-Control "
+                "unchanged). Surrogate-Control and Fender-Cache-Control, when listed, are removed from "
+                "responses leaving Fender. Empty: Cache-Control only."
+            ),
+        )
     )
     uncacheable_ttl: Duration = Field(
         default="60s",

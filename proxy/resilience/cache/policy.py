@@ -8,7 +8,9 @@ values are the injected clock's seconds. The layer converts once per entry
 References: RFC 9111 (HTTP Caching) sections 3 (storing), 4 (constructing
 responses from caches), 5.2 (Cache-Control); RFC 9110 sections 8.8 and 13
 (validators, conditional requests), 15.1 (heuristically cacheable status
-codes); RFC 5861 (stale-while-revalidate, stale-if-error).
+codes); RFC 5861 (stale-while-revalidate, stale-if-error, both directions);
+RFC 9213 (targeted cache-control fields) and the W3C Edge Architecture's
+Surrogate-Control, which decide Fender's own storing before Cache-Control.
 """
 
 from __future__ import annotations
@@ -34,19 +36,27 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 # Hop-by-hop fields (RFC 9111 3.1) plus the proxy-authentication ones, never stored.
 HOP_BY_HOP = _HOP_BY_HOP | {b"proxy-authenticate", b"proxy-authorization"}
-# Never kept in a stored response: per-connection, per-client or re-created when serving.
+# Never kept in a stored response: per-connection or re-created when serving.
 # (Cache-Status: an upstream cache's verdict on that one request, not on later hits.)
 _NOT_STORED = HOP_BY_HOP | {
-    b"set-cookie",
-    b"set-cookie2",
     b"content-length",
     b"age",
     b"x-request-id",
     b"via",
     b"cache-status",
 }
-# RFC 9111 3.2: header fields a 304 does not update.
-_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range"})
+# RFC 9111 3.2: besides the fields 3.1 excepts from storage, Content-Length is never updated by a 304
+# (framing), nor Content-Range (only meaningful for the partial content Fender does not store).
+_NOT_UPDATED = _NOT_STORED | {b"content-range"}
+SET_COOKIE = frozenset({b"set-cookie", b"set-cookie2"})
+# RFC 9213 / W3C Edge Architecture: the fields that target this cache, first present wins.
+DEFAULT_TARGETS = (b"fender-cache-control", b"surrogate-control", b"cdn-cache-control")
+# Of those, the ones addressed to Fender alone: consumed here, never passed on (CDN-Cache-Control
+# is for every CDN downstream too, RFC 9213 2.1, so it goes on).
+FOR_FENDER_ONLY = frozenset({b"fender-cache-control", b"surrogate-control"})
+# Request fields whose values compare case-insensitively for Vary (RFC 9110 12.5.3-12.5.5: codings,
+# charsets and language tags are case-insensitive tokens).
+_CASELESS_VARY = frozenset({b"accept-encoding", b"accept-charset", b"accept-language"})
 
 
 # --------------------------------------------------------------------------- parsing
@@ -149,13 +159,68 @@ def combined(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return b",".join(p.strip() for v in values for p in v.split(b","))
 
 
+def selecting_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """A request's value of a Vary-named field as RFC 9111 4.1 lets the cache compare it.
+
+    Field lines combined, whitespace around commas and semicolons removed, empty list elements
+    dropped; lower-cased for fields whose values are case-insensitive tokens (Accept-Encoding,
+    Accept-Charset, Accept-Language). None when the request lacks the field (not the same as empty).
+    """
+    values = [v for n, v in headers if n == name]
+    if not values:
+        return None
+    parts = [p.strip() for v in values for p in v.split(b",")]
+    if name in _CASELESS_VARY:
+        parts = [b";".join(q.strip() for q in p.split(b";")).lower() for p in parts]
+    return b",".join(p for p in parts if p)
+
+
+def strict_age(values: list[bytes]) -> int | None:
+    """The Age of a response when it is exactly one field line holding one non-negative integer.
+
+    0 when there is no Age; None for anything else (negative, fractional, non-numeric, a suffix or
+    parameter, a list, two field lines): the caller treats the response as stale on arrival.
+    """
+    if not values:
+        return 0
+    if len(values) != 1:
+        return None
+    return delta_seconds(values[0].decode("latin-1").strip(" \t"))
+
+
+def directives_for_fender(
+    headers: list[tuple[bytes, bytes]], targets: tuple[bytes, ...]
+) -> tuple[dict[str, str | None], bytes | None]:
+    """The directives Fender stores by and the targeted field they came from (None: Cache-Control).
+
+    RFC 9213 2.2: the first field of the target list present with a non-empty value wins, and
+    Cache-Control (and Expires) are then ignored for this cache's own decision.
+    """
+    if targets:
+        for target in targets:
+            values = header_values(headers, target)
+            if values:
+                cc = parse_cache_control(values)
+                if cc:
+                    return cc, target
+    return parse_cache_control(header_values(headers, b"cache-control")), None
+
+
 # --------------------------------------------------------------------------- request side
 
 
 class RequestDirectives:
     """What the client's Cache-Control (RFC 9111 5.2.1) asks of the cache."""
 
-    __slots__ = ("no_cache", "no_store", "max_age", "max_stale", "min_fresh", "only_if_cached")
+    __slots__ = (
+        "no_cache",
+        "no_store",
+        "max_age",
+        "max_stale",
+        "min_fresh",
+        "only_if_cached",
+        "stale_if_error",
+    )
 
     def __init__(self, cc: dict[str, str | None] | None, pragma_no_cache: bool = False) -> None:
         cc = cc or {}
@@ -171,6 +236,8 @@ class RequestDirectives:
             self.max_stale = None
         self.min_fresh = delta_seconds(cc.get("min-fresh")) or 0 if "min-fresh" in cc else 0
         self.only_if_cached = "only-if-cached" in cc
+        # RFC 5861 4: in a request, the staleness this client accepts when the upstream fails.
+        self.stale_if_error = float(delta_seconds(cc.get("stale-if-error")) or 0)
 
 
 # --------------------------------------------------------------------------- storing (section 3)
@@ -194,6 +261,9 @@ class Analysis:
         "vary",
         "date",
         "explicit",
+        "held",
+        "bad_age",
+        "targeted",
     )
 
     storable: bool
@@ -210,6 +280,9 @@ class Analysis:
     vary: tuple[bytes, ...] | None
     date: float
     explicit: bool
+    held: list[tuple[bytes, bytes]]
+    bad_age: bool
+    targeted: bytes | None
 
 
 def analyse(
@@ -221,16 +294,20 @@ def analyse(
     request_time: float,
     response_time: float,
     default_ttl: float = 0.0,
+    store_set_cookie: bool = False,
+    targets: tuple[bytes, ...] = DEFAULT_TARGETS,
 ) -> Analysis:
     """Decide storability (RFC 9111 3), freshness lifetime (4.2.1/4.2.2) and initial age (4.2.3).
 
     ``request_time``/``response_time`` are wall-clock seconds. ``headers`` are
-    the upstream's raw pairs (lower-case names).
+    the upstream's raw pairs (lower-case names). ``targets``: the targeted
+    cache-control fields (RFC 9213) Fender obeys before Cache-Control.
+    ``store_set_cookie``: a response with Set-Cookie may be stored (with it).
     """
     a = Analysis()
     a.storable = False
     a.why_not = ""
-    cc = parse_cache_control(header_values(headers, b"cache-control"))
+    cc, a.targeted = directives_for_fender(headers, targets)
     a.vary = None
     vary_value = combined(headers, b"vary")
     if vary_value is not None:
@@ -239,16 +316,18 @@ def analyse(
     # -- freshness inputs
     date = parse_http_date(_first(headers, b"date"))
     a.date = date if date is not None else response_time
-    age_value = delta_seconds(_text(_first(headers, b"age"))) or 0
+    age_value = strict_age(header_values(headers, b"age"))
+    a.bad_age = age_value is None
     apparent_age = max(0.0, response_time - a.date)
     response_delay = max(0.0, response_time - request_time)
-    a.initial_age = max(apparent_age, age_value + response_delay)
+    a.initial_age = max(apparent_age, (age_value or 0) + response_delay)
     a.etag = _first(headers, b"etag")
     a.last_modified = _first(headers, b"last-modified")
 
     s_maxage = delta_seconds(cc.get("s-maxage")) if "s-maxage" in cc else None
     max_age = delta_seconds(cc.get("max-age")) if "max-age" in cc else None
-    expires_raw = _first(headers, b"expires")
+    # A targeted field replaces Cache-Control *and* Expires for this cache (RFC 9213 2.2).
+    expires_raw = _first(headers, b"expires") if a.targeted is None else None
     explicit = True
     if s_maxage is not None:
         lifetime = float(s_maxage)
@@ -270,6 +349,10 @@ def analyse(
             lifetime = min((a.date - last_modified) * HEURISTIC_FRACTION, HEURISTIC_MAX)
         elif default_ttl > 0 and last_modified is None:
             lifetime = default_ttl
+    if a.bad_age:
+        # An Age that is not one non-negative integer: how old the response is cannot be known,
+        # so it is stale on arrival (stored for revalidation; no upstream can stretch freshness).
+        lifetime = 0.0
     a.lifetime = lifetime
     a.explicit = explicit
 
@@ -278,8 +361,22 @@ def analyse(
     a.no_stale = (
         a.must_validate or "must-revalidate" in cc or "proxy-revalidate" in cc or s_maxage is not None
     )
-    a.swr = float(delta_seconds(cc.get("stale-while-revalidate")) or 0)
+    # (No stale-while-revalidate for a response of unknown age: it would be served unvalidated.)
+    a.swr = 0.0 if a.bad_age else float(delta_seconds(cc.get("stale-while-revalidate")) or 0)
     a.sie = float(delta_seconds(cc.get("stale-if-error")) or 0)
+
+    # 5.2.2.7 private="f": f is never stored; 5.2.2.4 no-cache="f": f is stored but only sent
+    # after a successful revalidation (held back from responses served without one).
+    private_fields = field_names(cc.get("private"))
+    no_cache_fields = field_names(cc.get("no-cache")) - private_fields
+    # A Set-Cookie is one client's: by default its response is not stored at all, unless the
+    # upstream itself said private="Set-Cookie" (then the rest is stored without it, 5.2.2.7).
+    cookie_blocks = False
+    if not store_set_cookie:
+        for name, _ in headers:
+            if name in SET_COOKIE and name not in private_fields:
+                cookie_blocks = True
+                break
 
     # -- may a shared cache store it? (RFC 9111 3, 3.5)
     understood = status in UNDERSTOOD_STATUSES
@@ -297,20 +394,28 @@ def analyse(
         a.why_not = "authorization"
     elif a.vary is not None and b"*" in a.vary:
         a.why_not = "vary"
+    elif cookie_blocks:
+        a.why_not = "set-cookie"
     elif not (explicit or heuristic_ok or "public" in cc):
         a.why_not = "no freshness"
     else:
         a.storable = True
 
-    # -- the headers kept (RFC 9111 3.1 hop-by-hop; 5.2.2.4/5.2.2.7 qualified no-cache/private)
-    drop = _NOT_STORED
-    qualified = field_names(cc.get("private")) | field_names(cc.get("no-cache"))
+    # -- the headers kept (RFC 9111 3.1 hop-by-hop and Connection-named; the fields meant for
+    # Fender alone; qualified private and no-cache above)
+    drop = _NOT_STORED | FOR_FENDER_ONLY.intersection(targets)
     connection = combined(headers, b"connection")
     if connection:
-        qualified |= {t.strip().lower() for t in connection.split(b",")}
-    if qualified:
-        drop = drop | qualified
-    a.headers = [(n, v) for n, v in headers if n not in drop]
+        drop = drop | {t.strip().lower() for t in connection.split(b",")}
+    if private_fields:
+        drop = drop | private_fields
+    kept = [(n, v) for n, v in headers if n not in drop]
+    if no_cache_fields:
+        a.held = [(n, v) for n, v in kept if n in no_cache_fields]
+        kept = [(n, v) for n, v in kept if n not in no_cache_fields]
+    else:
+        a.held = []
+    a.headers = kept
     return a
 
 
@@ -325,13 +430,73 @@ def worth_storing(a: Analysis, route_sie: float, route_swr: float) -> bool:
 def merge_304(
     stored: list[tuple[bytes, bytes]], fresh: list[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
-    """RFC 9111 3.2 / 4.3.4: the 304's header fields replace the stored ones of the same name."""
-    update = {n for n, _ in fresh if n not in _NOT_UPDATED and n not in _NOT_STORED}
+    """RFC 9111 3.2: every header field of the 304 (or HEAD 200) replaces the stored ones of its name.
+
+    Excepted: what 3.1 never stores (hop-by-hop and Connection-named fields), Content-Length
+    (framing), Content-Range, and the fields Fender re-creates (Age, Via, ...).
+    """
+    skip = _NOT_UPDATED
+    connection = combined(fresh, b"connection")
+    if connection:
+        skip = skip | {t.strip().lower() for t in connection.split(b",")}
+    update = {n for n, _ in fresh if n not in skip}
     if not update:
         return list(stored)
     kept = [(n, v) for n, v in stored if n not in update]
     kept.extend((n, v) for n, v in fresh if n in update)
     return kept
+
+
+def _is_strong(tag: bytes | None) -> bool:
+    return tag is not None and not tag.strip().startswith(b"W/")
+
+
+def select_for_update(
+    stored: list[tuple[bytes | None, bytes | None]], etag: bytes | None, last_modified: bytes | None
+) -> list[int]:
+    """Which stored responses (their (ETag, Last-Modified), newest first) a 304 updates (RFC 9111 4.3.4).
+
+    A strong ETag in the 304 selects every stored response with that same strong ETag; else a weak
+    ETag or a Last-Modified selects the most recent stored response it matches; a 304 without any
+    validator selects the only stored response when that one has none either. No match: none.
+    """
+    if _is_strong(etag):
+        tag = etag.strip()
+        return [i for i, (e, _) in enumerate(stored) if _is_strong(e) and e.strip() == tag]
+    if etag is not None:
+        weak = _strong_or_weak(etag)
+        for i, (e, _) in enumerate(stored):
+            if e is not None and _strong_or_weak(e) == weak:
+                return [i]
+        return []
+    if last_modified is not None:
+        for i, (_, lm) in enumerate(stored):
+            if lm is not None and lm.strip() == last_modified.strip():
+                return [i]
+        return []
+    if len(stored) == 1 and stored[0] == (None, None):
+        return [0]
+    return []
+
+
+def head_matches(
+    etag: bytes | None, last_modified: bytes | None, body_length: int, head: list[tuple[bytes, bytes]]
+) -> bool:
+    """Whether a HEAD 200 may update a stored GET response (RFC 9111 4.3.5), rather than stale it.
+
+    Every validator the HEAD response carries must match the stored one, it must carry at least
+    one, and its Content-Length (if any) must equal the stored body's length.
+    """
+    head_etag = _first(head, b"etag")
+    head_lm = _first(head, b"last-modified")
+    if head_etag is None and head_lm is None:
+        return False
+    if head_etag is not None and (etag is None or head_etag.strip() != etag.strip()):
+        return False
+    if head_lm is not None and (last_modified is None or head_lm.strip() != last_modified.strip()):
+        return False
+    length = combined(head, b"content-length")
+    return length is None or length == b"%d" % body_length
 
 
 # --------------------------------------------------------------------------- conditional requests

@@ -41,6 +41,7 @@ class Entry:
         "stale_if_error_until",
         "must_validate",
         "no_stale",
+        "held",
         "size",
     )
 
@@ -62,6 +63,7 @@ class Entry:
         sie: float,
         must_validate: bool,
         no_stale: bool = False,
+        held: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
@@ -86,11 +88,20 @@ class Entry:
             self.stale_if_error_until = base + lifetime + sie
         self.must_validate = must_validate
         self.no_stale = no_stale  # must-revalidate and friends: never served stale (RFC 9111 4.2.4)
+        # Fields named by no-cache="..." (RFC 9111 5.2.2.4): sent only after a successful revalidation.
+        self.held = held or []
         self.size = (
             len(body)
             + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.served_headers)
+            + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.held)
             + ENTRY_OVERHEAD
         )
+
+    def validated_headers(self) -> list[tuple[bytes, bytes]]:
+        """What a response just revalidated with the upstream sends: the held fields too."""
+        if not self.held:
+            return self.served_headers
+        return self.headers + self.held + [(b"content-length", b"%d" % len(self.body))]
 
     def age(self, now: float) -> int:
         """current_age (RFC 9111 4.2.3) in whole seconds."""
