@@ -466,7 +466,7 @@ async def test_a_fault_after_the_response_head_is_logged_too(start_fender):
             async with httpx.AsyncClient() as client:
                 with pytest.raises(httpx.HTTPError):
                     await client.get(fender.url + "/x", headers={"x-request-id": "req-mid"})
-            assert await wait_until(lambda: len(lines.records) == 1)
+            await wait_until(lambda: len(lines.records) == 1, what="one fault line")
     record = lines.records[0]
     assert (record.upstream, record.route, record.reason) == ("echo", "orders", "reset_mid_body")
     assert "rid=req-mid" in record.getMessage()

@@ -184,7 +184,7 @@ async def test_client_close_reaches_the_server_and_frees_the_upstream_connection
             await server.closed.wait()
             pool = fender.runtime.upstreams["echo"].replicas[0].pool
             # The upstream side's close is processed a few loop turns after the server's handler ends.
-            assert await wait_until(lambda: pool.in_use == 0)
+            await wait_until(lambda: pool.in_use == 0, what="the tunnel's pool slot freed")
         assert pool.in_use == 0 and pool.idle == 0  # a tunnel's connection never returns to the pool
         text = await _metrics(fender)
         assert _metric(text, "fender_tunnels_open", route="live") == 0
@@ -380,7 +380,7 @@ async def test_an_open_tunnel_holds_its_upstream_connection_against_the_pool_lim
                 assert second.value.response.headers["x-fender-error"] == "pool_overflow"
             # Closed: the slot is free again, and a new tunnel opens.
             pool = fender.runtime.upstreams["echo1"].replicas[0].pool
-            assert await wait_until(lambda: pool.in_use == 0)
+            await wait_until(lambda: pool.in_use == 0, what="the tunnel's pool slot freed")
             async with connect(f"ws://127.0.0.1:{fender.data_port}/ws/three") as ws:
                 await ws.send("again")
                 assert await ws.recv() == "again"
