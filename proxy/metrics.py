@@ -106,7 +106,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "fender_requests_total",
-            "Requests answered, by route, method and status class (including local answers).",
+            "Requests answered, by route, method and status class (including Fender's local answers once a route "
+            "matched; requests no route takes are in fender_no_route_total).",
             ["route", "method", "status_class"],
             registry=r,
         )
