@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from proxy.config.base import Flag, PolicyModel, Text, keep_ordered
-from proxy.config.units import Duration, Size, format_size
+from proxy.config.units import Duration, Size, format_size, policy_error
 
 
 class CacheKeyOptions(PolicyModel):
