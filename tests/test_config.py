@@ -1401,3 +1401,23 @@ server:
         "max_header_bytes (32KiB): the request line is part of the head, so a longer one would be cut by "
         "max_header_bytes (raise max_header_bytes as well)"
     )
+
+
+def test_an_error_inside_a_one_limit_rate_limit_points_at_the_value_not_a_union_branch():
+    text = dedent(
+        """
+        upstreams:
+          a:
+            replicas: [{url: http://127.0.0.1:9}]
+        routes:
+          - name: r
+            upstream: a
+            rate_limit:
+              rate: 100 per second
+        """
+    )
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(text, "p.yaml")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "100 per second" in t)
+    col = text.splitlines()[line - 1].index("100") + 1
+    assert str(refused.value).splitlines()[0].startswith(f"p.yaml:{line}:{col}: routes[0].rate_limit.rate: ")

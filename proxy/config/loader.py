@@ -492,7 +492,7 @@ def _plain_scalar(value: Any) -> Any:
 def _issues_from(exc: ValidationError, index: dict[Loc, _Place], source: str) -> list[PolicyIssue]:
     issues: list[PolicyIssue] = []
     for error in exc.errors(include_url=False):
-        loc: Loc = tuple(error["loc"])
+        loc: Loc = _without_union_tags(tuple(error["loc"]), index)
         ctx = error.get("ctx") or {}
         if "fender_issues" in ctx:
             located = [((*loc, *at), message) for at, message in ctx["fender_issues"]]
@@ -507,6 +507,20 @@ def _issues_from(exc: ValidationError, index: dict[Loc, _Place], source: str) ->
     unique = list(dict.fromkeys(issues))
     unique.sort(key=lambda issue: (issue.line, issue.col))
     return unique
+
+
+def _without_union_tags(loc: Loc, index: dict[Loc, _Place]) -> Loc:
+    """pydantic puts a tagged union's branch name in the location (``rate_limit.limit.rate``); it
+    is not in the file, so drop a part the file does not have when the rest of the path is there."""
+    out: list[str | int] = []
+    for i, part in enumerate(loc):
+        here = (*out, part)
+        if isinstance(part, str) and here not in index and tuple(out) in index:
+            rest = loc[i + 1 : i + 2]
+            if rest and (*out, *rest) in index:
+                continue
+        out.append(part)
+    return tuple(out)
 
 
 def _position(loc: Loc, error_type: str, index: dict[Loc, _Place]) -> tuple[int, int]:

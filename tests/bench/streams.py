@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1000, help="SSE events measured per target and round")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each WebSocket measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sse-only", action="store_true", help="skip the WebSocket row")
     args = parser.parse_args(argv)
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-streams-"))
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             for name, port in targets.items():
                 sse.setdefault(name, []).extend(_client("sse", port, args.events)["latencies_ms"])
-                for tunnels in (1, 50):
+                for tunnels in () if args.sse_only else (1, 50):
                     rate = _client("ws", port, tunnels, args.seconds)["rate"]
                     ws.setdefault(name, {}).setdefault(tunnels, []).append(rate)
                 print(f"round {round_no + 1}: {name} done", file=sys.stderr)
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = report["ratios"]
     ratios["sse_added_p99_ms"] = report["sse"]["fender"]["added_p99_ms"]
     rates = report["ws_messages_per_second"]
-    for n in ("1", "50"):
+    for n in () if args.sse_only else ("1", "50"):
         ratios[f"ws_{n}_vs_direct"] = round(rates["fender"][n] / rates["direct"][n], 3)
         if "nginx_proxy" in rates:
             ratios[f"ws_{n}_vs_nginx"] = round(rates["fender"][n] / rates["nginx_proxy"][n], 3)
