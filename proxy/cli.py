@@ -81,6 +81,15 @@ def cmd_validate(args) -> int:
         if issues:
             return 1
     print(_summary(args.policy, document.policy))
+    if args.env:
+        policy = document.policy
+        checked = [
+            f"ports {policy.listen.host}:{policy.listen.port} and {policy.admin.host}:{policy.admin.port} free",
+            "admin token readable" if policy.admin_auth is not None else "no admin token to read",
+            "packages the policy needs installed",
+            "environment references set",
+        ]
+        print(f"{args.policy}: this machine: {', '.join(checked)}")
     return 0
 
 

@@ -315,3 +315,25 @@ def test_validate_of_a_missing_file_says_not_found(tmp_path):
     assert result.stderr.splitlines() == [
         f"fender: policy file {missing} not found (give the path: fender validate POLICY.yaml)"
     ]
+
+
+def test_validate_env_says_what_it_checked_on_this_machine(tmp_path):
+    from tests.conftest import free_port
+
+    listen, admin = free_port(), free_port()
+    path = tmp_path / "p.yaml"
+    path.write_text(policy(f"127.0.0.1:{listen}", f"127.0.0.1:{admin}"))
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "validate", "--env", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{path}: ok (1 routes")
+    assert lines[1] == (
+        f"{path}: this machine: ports 127.0.0.1:{listen} and 127.0.0.1:{admin} free, no admin token to read, "
+        "packages the policy needs installed, environment references set"
+    )
