@@ -237,7 +237,8 @@ class Tunnel:
 
 
 class TunnelSet:
-    """The open tunnels of a listener: idle checks on one shared timer, closing them all at shutdown."""
+    """The open tunnels of a listener, idle-checked on one shared timer (shutdown closes each tunnel
+    through its data-plane task, which the server cancels once the drain grace has passed)."""
 
     def __init__(self, clock: Clock, interval: float = SWEEP_INTERVAL) -> None:
         self.clock = clock
@@ -269,10 +270,3 @@ class TunnelSet:
         if self.on_sweep is not None:
             self.on_sweep()
         return len(idle)
-
-    def close_all(self) -> None:
-        for tunnel in list(self.open):
-            tunnel.close("shutdown")
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
