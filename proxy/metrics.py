@@ -422,7 +422,7 @@ class Metrics:
         # metrics: shared state (Redis fleet tier)
         self.redis_calls = Counter(
             "fender_redis_calls_total",
-            "Calls to the shared Redis by operation (ratelimit, get, set, invalidate, lock, subscribe) and "
+            "Calls to the shared Redis by operation (ratelimit, get, set, invalidate, lock, subscribe, purge) and "
             "outcome (ok, error, timeout, rejected: not attempted while the Redis breaker is open, "
             "invalid: a stored value that failed its checks, dropped: a background write skipped because "
             "too many were pending).",
@@ -449,6 +449,25 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self.cache_purges = Counter(
+            "fender_cache_purges_total",
+            "Cache purges applied by this sidecar, by kind (url, prefix, tag) and source (admin: "
+            "POST /admin/cache/purge here, fleet: published by another sidecar).",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.cache_purged = Counter(
+            "fender_cache_purged_total",
+            "Stored URLs dropped by purges, by kind (url, prefix, tag) and tier (l1: this sidecar's memory, "
+            "l2: the fleet's Redis, counted by the sidecar that received the purge on its admin API).",
+            ["kind", "tier"],
+            registry=r,
+        )
+        for kind in ("url", "prefix", "tag"):
+            for label in ("admin", "fleet"):
+                self.cache_purges.labels(kind, label)
+            for tier in ("l1", "l2"):
+                self.cache_purged.labels(kind, tier)
         self.redis_fallback = Gauge(
             "fender_redis_fallback",
             "1 while Fender works without Redis (its Redis breaker is open: cache L1 only, global rate "

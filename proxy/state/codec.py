@@ -48,6 +48,7 @@ def encode(variants: Variants, offset: float) -> bytes:
                 "sie": e.stale_if_error_until + offset,
                 "mv": e.must_validate,
                 "ns": e.no_stale,
+                "tg": [t.decode(_L1) for t in e.tags],
             }
         )
         bodies.append(e.body)
@@ -106,6 +107,8 @@ def _entry(m: dict, body: bytes, offset: float) -> Entry:
         sie=0.0,
         must_validate=bool(m["mv"]),
         no_stale=bool(m["ns"]),
+        # Absent in values stored before purge by tag existed.
+        tags=tuple(t.encode(_L1) for t in m.get("tg", ())),
     )
     if len(entry.vary) != len(entry.selection):
         raise ValueError("vary and selection differ in length")

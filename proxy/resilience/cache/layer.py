@@ -20,6 +20,7 @@ from proxy.dataplane.exchange import Exchange, LocalReply
 from proxy.metrics import FastCounter
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.options import CacheStoreOptions
+from proxy.resilience.cache.purge import tags_of
 from proxy.resilience.cache.store import Entry, MemoryStore, Variants
 from proxy.state import codec
 from proxy.state.redis import RedisUnavailable, fleet_state
@@ -282,6 +283,9 @@ class CacheLayer:
         self.swr = options.stale_while_revalidate
         self.sie = options.stale_if_error
         self.coalesce_timeout = options.coalesce_timeout
+        # Purge by tag: the header naming the response's tags (lower-case), None when off.
+        self.tag_header = options.tag_header.lower().encode() if options.tag_header else None
+        self._strip_tags = self.tag_header is not None and not options.forward_tag_header
         self._flights: dict[bytes, _Flight] = {}
         # URL keys whose last answer was not storable -> until when misses skip coalescing (hit-for-miss).
         self.uncacheable_ttl = options.uncacheable_ttl
@@ -328,6 +332,8 @@ class CacheLayer:
             # If-Match / If-Unmodified-Since / Range: only the origin can answer these correctly.
             self.m_result["bypass"].inc()
             reply = await self.next(ex)
+            if self._strip_tags:
+                self._take_tags(reply)
             ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
             return reply
         directives = req.directives
@@ -349,6 +355,8 @@ class CacheLayer:
                     self._forward_exchange(ex, None)  # else there is nothing to drop
                 reply = await self.next(ex)
                 if self._still_uncacheable(ex, key, until, reply):
+                    if self._strip_tags:
+                        self._take_tags(reply)
                     return reply
                 # Something may be storable now, or it failed: the full treatment of a miss.
                 return await self._answer(ex, key, None, req, _noop, b"miss", True, reply, now)
@@ -382,6 +390,8 @@ class CacheLayer:
             # Not coalesced, not stored: the client's request goes upstream as it is.
             self.m_result["miss"].inc()
             reply = await self.next(ex)
+            if self._strip_tags:
+                self._take_tags(reply)
             ex.response_headers.append((b"cache-status", _STATUS_MISS))
             return reply
         if entry is not None:
@@ -633,6 +643,11 @@ class CacheLayer:
         """What _fetch does with the upstream's reply: serve stale on error, merge a 304, store, answer."""
         now = self.clock.now()
         failed = isinstance(reply, LocalReply) or reply.status >= 500
+        tags = (
+            self._take_tags(reply)
+            if self.tag_header is not None and not isinstance(reply, LocalReply)
+            else ()
+        )
         if stale is not None:
             if failed:
                 self.m_reval["failed"].inc()
@@ -660,6 +675,7 @@ class CacheLayer:
                     now,
                 )
                 if entry is not None:
+                    entry.tags = tags or stale.tags  # a 304 without the tag header keeps the tags
                     self._put(key, entry)
                 else:
                     entry = stale
@@ -737,6 +753,7 @@ class CacheLayer:
             try:
                 if body is not None:
                     entry = self._entry(reply.status, analysis, body, ex, now)
+                    entry.tags = tags
                     self._put(key, entry)
             finally:
                 release()
@@ -837,6 +854,17 @@ class CacheLayer:
 
     # ------------------------------------------------------------------ storing
 
+    def _take_tags(self, reply) -> tuple[bytes, ...]:
+        """The response's cache tags; its tag header removed unless forward_tag_header."""
+        name = self.tag_header
+        headers = reply.headers
+        values = [v for n, v in headers if n == name]
+        if not values:
+            return ()
+        if self._strip_tags:
+            headers[:] = [h for h in headers if h[0] != name]
+        return tags_of(values)
+
     def _vary_of(self, analysis: rfc.Analysis) -> tuple[bytes, ...]:
         names = self.key_headers + (analysis.vary or ())
         return tuple(dict.fromkeys(names))
@@ -887,12 +915,15 @@ class CacheLayer:
             # Kept in Redis until the last stale window ends; written in the background.
             ttl = codec.expiry(value, self.clock.now())
             if ttl > 0:
-                self.l2.put_blob(key, codec.encode(value, self.offset), int(ttl * 1000) + 1)
+                tags = {t for e in value.entries for t in e.tags}
+                self.l2.put_blob(key, codec.encode(value, self.offset), int(ttl * 1000) + 1, tags)
 
     # ------------------------------------------------------------------ unsafe methods
 
     async def _other_method(self, ex: Exchange):
         reply = await self.next(ex)
+        if self._strip_tags and not isinstance(reply, LocalReply):
+            self._take_tags(reply)
         ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
         self.m_result["bypass"].inc()
         if (

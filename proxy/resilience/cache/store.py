@@ -41,6 +41,7 @@ class Entry:
         "stale_if_error_until",
         "must_validate",
         "no_stale",
+        "tags",
         "size",
     )
 
@@ -62,6 +63,7 @@ class Entry:
         sie: float,
         must_validate: bool,
         no_stale: bool = False,
+        tags: tuple[bytes, ...] = (),
     ) -> None:
         self.status = status
         self.headers = headers
@@ -86,8 +88,10 @@ class Entry:
             self.stale_if_error_until = base + lifetime + sie
         self.must_validate = must_validate
         self.no_stale = no_stale  # must-revalidate and friends: never served stale (RFC 9111 4.2.4)
+        self.tags = tags  # the upstream's cache tags (cache.tag_header), for purge by tag
         self.size = (
             len(body)
+            + sum(len(t) for t in tags)
             + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.served_headers)
             + ENTRY_OVERHEAD
         )
@@ -142,6 +146,10 @@ class MemoryStore:
         if value is not None:
             self._data.move_to_end(key)
         return value
+
+    def peek(self, key: bytes) -> Variants | None:
+        """The value without counting it as a use (purges scan the store)."""
+        return self._data.get(key)
 
     def put(self, key: bytes, value: Variants) -> bool:
         size = value.size + len(key)
