@@ -468,6 +468,19 @@ class Metrics:
                 self.cache_purges.labels(kind, label)
             for tier in ("l1", "l2"):
                 self.cache_purged.labels(kind, tier)
+        self.ratelimit_lease_renewals = Counter(
+            "fender_ratelimit_lease_renewals_total",
+            "Leases of global rate-limit tokens taken from the fleet's Redis bucket (one script call each).",
+            ["route"],
+            registry=r,
+        )
+        self.ratelimit_lease_tokens = Counter(
+            "fender_ratelimit_lease_tokens_total",
+            "Global rate-limit tokens leased by this sidecar (granted) and dropped unspent when their lease "
+            "ran out (expired).",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.redis_fallback = Gauge(
             "fender_redis_fallback",
             "1 while Fender works without Redis (its Redis breaker is open: cache L1 only, global rate "

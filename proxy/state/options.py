@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from proxy.config.base import Count, PolicyModel, Text
-from proxy.config.units import Duration, describe_value, policy_error
+from proxy.config.units import Duration, Percent, describe_value, policy_error
 
 
 class RedisOptions(PolicyModel):
@@ -70,6 +70,22 @@ class RedisOptions(PolicyModel):
             "Fleet-wide coalescing of cache misses: the first sidecar to miss a URL holds a Redis lock this "
             "long (or until it stores the response) while other sidecars wait for the stored response "
             "(at most the route's cache coalesce_timeout). 0s turns fleet-wide coalescing off."
+        ),
+    )
+
+    lease_time: Annotated[Duration, Field(gt=0)] = Field(
+        default="500ms",
+        description=(
+            "Global rate limits (not exact): how long the tokens a sidecar leases from the fleet bucket stay "
+            "spendable; unspent ones are dropped after it, so a sidecar that goes quiet or dies holds "
+            "tokens for at most this long. The batch leased is this sidecar's demand over this time."
+        ),
+    )
+    lease_share: Annotated[Percent, Field(gt=0)] = Field(
+        default="10%",
+        description=(
+            "Largest lease, as a share of the limit's burst (at least 1 token): at any instant the "
+            "fleet's leases hold at most sidecars x max(1, floor(burst x lease_share)) tokens per key."
         ),
     )
 
