@@ -233,7 +233,8 @@ class GlobalRateLimit:
 
     # ------------------------------------------------------------------ leases
 
-    async def _decide_leased(self, ex):
+    async def _decide_leased(self, ex, counted: bool = False):
+        """Admit from this sidecar's leases, renewing them as needed (``counted``: demand already noted)."""
         if self.local is not None:
             refusal = self.local.decide(ex, round(self.clock.now() * NS))
             if refusal is not None:
@@ -241,8 +242,9 @@ class GlobalRateLimit:
         limits = self.limits
         keys = [limit.key_of(ex) for limit in limits]
         leases = [limit.leases.get(key) for limit, key in zip(limits, keys, strict=True)]
-        for lease in leases:
-            lease.demand += 1
+        if not counted:
+            for lease in leases:
+                lease.demand += 1
         now = self.clock.now()
         for _ in range(MAX_RENEWALS):
             short = []
@@ -400,6 +402,8 @@ def build_global_layer(route, limits, next_handler, ctx):
     limit = GlobalRateLimit(route, limits, ctx, state)
     ctx.shared.setdefault("ratelimit", {})[route.name] = limit
     decide = limit.decide
+    if limit.leasing and limit.local is None and len(limit.limits) == 1:
+        return _single_leased_layer(limit, next_handler)
 
     async def global_rate_limit_layer(ex):
         refusal = await decide(ex)
@@ -408,3 +412,50 @@ def build_global_layer(route, limits, next_handler, ctx):
         return await next_handler(ex)
 
     return global_rate_limit_layer
+
+
+def _single_leased_layer(state: GlobalRateLimit, next_handler):
+    """The common shape, one leased global limit: a token in hand admits without a coroutine of its own.
+
+    Same outcomes, metrics and headers as ``GlobalRateLimit._decide_leased``, which takes over
+    whenever the lease is empty or expired (renewal, refusal, on_failure).
+    """
+    limit = state.limits[0]
+    key_of = limit.key_of
+    table = limit.leases
+    get = table.get
+    now = state.clock.now
+    allowed = state.allowed.inc
+    decide = state._decide_leased
+    shown = bool(state.shown)
+    policy_field = (b"ratelimit-policy", state.shown_policy_header)
+    leases = [None]
+
+    async def renewing(ex):
+        refusal = await decide(ex, True)
+        if refusal is not None:
+            return refusal
+        return await next_handler(ex)
+
+    def single_leased_layer(ex):
+        key = key_of(ex)
+        lease = get(key)
+        lease.demand += 1
+        tokens = lease.tokens
+        if tokens:
+            at = now()
+            if at < lease.expires:
+                lease.tokens = tokens - 1
+                allowed()
+                if table.low(lease):
+                    state._renew_in_background([(limit, lease, key)])
+                if shown:
+                    leases[0] = lease
+                    ex.response_headers += (
+                        policy_field,
+                        (b"ratelimit", state._lease_state(leases, at, state.shown)),
+                    )
+                return next_handler(ex)
+        return renewing(ex)
+
+    return single_leased_layer
