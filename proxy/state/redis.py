@@ -32,6 +32,7 @@ import logging
 import os
 import time
 import weakref
+from urllib.parse import unquote, urlsplit
 
 from proxy.resilience.cache.purge import drop_prefix, drop_tags, target_of
 from proxy.state.options import RedisOptions
@@ -126,19 +127,19 @@ def _load_redis():
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError(
             "state.backend: redis needs the redis package: pip install 'fender[redis]'"
         ) from exc
-    return aioredis, Retry, NoBackoff, RedisError
+    return aioredis, Retry, NoBackoff, (RedisError, RedisClusterException)
 
 
 class RedisState:
     """One Fender's connection to the fleet's Redis."""
 
     def __init__(self, options: RedisOptions, metrics, clock) -> None:
-        aioredis, Retry, NoBackoff, RedisError = _load_redis()
+        aioredis, Retry, NoBackoff, redis_errors = _load_redis()
         self.options = options
         self.clock = clock
         self.timeout = options.timeout
@@ -149,17 +150,10 @@ class RedisState:
         self.lock_ttl_ms = int(options.lock_ttl * 1000)
         # Messages carry the sender's id, so a sidecar does not count its own invalidations as received.
         self.origin = os.urandom(8).hex().encode()
-        self._errors = (RedisError, OSError)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            options.url,
-            max_connections=options.max_connections,
-            timeout=options.timeout,
-            socket_connect_timeout=options.timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self.client = aioredis.Redis(connection_pool=pool)
+        self._errors = (*redis_errors, OSError)
+        # A Cluster pipeline refuses PUBLISH (no key, no slot): messages then go as calls of their own.
+        self._publish_apart = options.mode == "cluster"
+        self.client = _client(options, aioredis, Retry, NoBackoff)
         self.metrics = metrics
         self.m_calls = {(op, out): metrics.redis_calls.labels(op, out) for op in OPS for out in OUTCOMES}
         self.m_duration = {op: metrics.redis_call_duration.labels(op) for op in OPS}
@@ -206,6 +200,7 @@ class RedisState:
             self._listener = None
         for task in list(self._writes):
             task.cancel()
+
         try:
             async with asyncio.timeout(1.0):
                 await self.client.aclose()
@@ -321,14 +316,12 @@ class RedisState:
         now_ms = int(time.time() * 1000)
         expiry_ms = now_ms + ttl_ms
         host, target = target_of(key)
-        index = self.script("index", INDEX_LUA)
         async with self.client.pipeline(transaction=False) as pipe:
             # One SET: Redis applies it whole or not at all, so no reader ever sees half a value.
             pipe.set(self.cache_key(key), blob, px=ttl_ms)
             pipe.delete(self.prefix + b"l:" + key)
-            await index(
-                keys=self.index_keys, args=[target + b" " + host, expiry_ms, now_ms, MAX_INDEXED], client=pipe
-            )
+            # EVAL (not EVALSHA) inside the pipeline: a Cluster pipeline cannot load scripts first.
+            pipe.eval(INDEX_LUA, 2, *self.index_keys, target + b" " + host, expiry_ms, now_ms, MAX_INDEXED)
             for tag in tags:
                 # A tag's set: its keys scored by expiry; the set lives as long as its longest-lived key.
                 tag_key = self.tag_key(tag)
@@ -372,10 +365,12 @@ class RedisState:
 
         async def run() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.delete(*[self.cache_key(k) for k in keys])
-                for k in keys:
-                    pipe.publish(self.channel, self.origin + b" " + k)
+                for k in keys:  # one key per DEL: in a Cluster the keys sit in different slots
+                    pipe.delete(self.cache_key(k))
+                messages = [self.origin + b" " + k for k in keys]
+                self._publish(pipe, self.channel, messages)
                 await pipe.execute()
+            await self._publish_rest(self.channel, messages)
 
         try:
             await self.call("invalidate", run)
@@ -422,18 +417,20 @@ class RedisState:
                         members.append(member)
             keys_list = sorted(keys)[:MAX_INDEXED]
             async with self.client.pipeline(transaction=False) as pipe:
-                for start in range(0, len(keys_list), _DELETE_CHUNK):
-                    pipe.delete(*[self.cache_key(k) for k in keys_list[start : start + _DELETE_CHUNK]])
+                for k in keys_list:  # one key per DEL: in a Cluster the keys sit in different slots
+                    pipe.delete(self.cache_key(k))
                 if kind == "tag":
-                    pipe.delete(*[self.tag_key(v) for v in values])
+                    for v in values:
+                        pipe.delete(self.tag_key(v))
                 for start in range(0, len(members), _DELETE_CHUNK):
                     chunk = members[start : start + _DELETE_CHUNK]
                     pipe.zrem(self.index_keys[0], *chunk)
                     pipe.zrem(self.index_keys[1], *chunk)
-                for value in values:
-                    pipe.publish(self.purge_channel, b"%s %s %s" % (self.origin, kind.encode(), value))
+                messages = [b"%s %s %s" % (self.origin, kind.encode(), value) for value in values]
+                self._publish(pipe, self.purge_channel, messages)
                 done = await pipe.execute()
-            return sum(done[: -(-len(keys_list) // _DELETE_CHUNK)]) if keys_list else 0
+            await self._publish_rest(self.purge_channel, messages)
+            return sum(done[: len(keys_list)])
 
         try:
             deleted = await self.call("purge", run, timeout=max(self.timeout, PURGE_TIMEOUT))
@@ -444,15 +441,29 @@ class RedisState:
 
     # ------------------------------------------------------------------ pub/sub
 
+    def _publish(self, pipe, channel: bytes, messages: list[bytes]) -> None:
+        if not self._publish_apart:
+            for message in messages:
+                pipe.publish(channel, message)
+
+    async def _publish_rest(self, channel: bytes, messages: list[bytes]) -> None:
+        # Cluster: plain PUBLISH reaches the subscribers on every node (the cluster bus forwards it).
+        if self._publish_apart:
+            await asyncio.gather(*(self.client.publish(channel, m) for m in messages))
+
     async def _listen(self) -> None:
         backoff = 0.05
         attempt = 0
         while not self._closed:
-            pubsub = self.client.pubsub()
+            pubsub = None
             try:
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(max(self.timeout, 1.0)):
+                        if self.options.mode == "cluster":
+                            # The cluster's slot map: commands load it themselves, a subscription does not.
+                            await self.client.initialize()
+                        pubsub = self.client.pubsub()
                         await pubsub.subscribe(self.channel, self.purge_channel)
                 except BaseException:
                     self.m_duration["subscribe"].observe(time.perf_counter() - started)
@@ -491,8 +502,9 @@ class RedisState:
             finally:
                 self.subscribed.clear()
                 try:
-                    async with asyncio.timeout(0.5):
-                        await pubsub.aclose()
+                    if pubsub is not None:
+                        async with asyncio.timeout(0.5):
+                            await pubsub.aclose()
                 except (TimeoutError, *self._errors):
                     pass
             attempt += 1
@@ -557,6 +569,67 @@ class RedisState:
             "l1_clears": self.l1_clears,
             "pending_writes": len(self._writes),
         }
+
+
+def _client(options: RedisOptions, aioredis, Retry, NoBackoff):
+    """The redis-py client for ``options.mode``: one endpoint, a Cluster, or the master Sentinel names."""
+    if options.mode == "standalone":
+        pool = aioredis.BlockingConnectionPool.from_url(
+            options.url,
+            max_connections=options.max_connections,
+            timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+            retry=Retry(NoBackoff(), 1),  # one retry at once: a pooled connection that a Redis restart broke
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        return aioredis.Redis(connection_pool=pool)
+    parts = urlsplit(options.url)
+    auth = {
+        "username": unquote(parts.username or "") or None,
+        "password": unquote(parts.password or "") or None,
+    }
+    tls = parts.scheme == "rediss"
+    if options.mode == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        # MOVED/ASK and a failover are followed by the client (its own bounded retries); Fender's
+        # timeout and breaker still bound every call.
+        return RedisCluster(
+            startup_nodes=[ClusterNode(*_host_port(n)) for n in options.nodes],
+            max_connections=options.max_connections,
+            socket_timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+            require_full_coverage=False,
+            # One retry, at once (the client reloads its slot map first): a dead node fails the call
+            # fast, so Fender's breaker opens rather than every call running into the timeout.
+            retry=Retry(NoBackoff(), 1),
+            ssl=tls,
+            **auth,
+        )
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(
+        [_host_port(n) for n in options.sentinel.sentinels],
+        socket_timeout=options.timeout,
+        socket_connect_timeout=options.timeout,
+    )
+    db = int(parts.path.lstrip("/") or 0) if parts.path.lstrip("/").isdigit() else 0
+    return sentinel.master_for(
+        options.sentinel.service_name,
+        socket_timeout=options.timeout,
+        socket_connect_timeout=options.timeout,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=options.max_connections,
+        db=db,
+        ssl=tls,
+        **auth,
+    )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def fleet_state(ctx) -> RedisState | None:
