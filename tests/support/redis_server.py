@@ -198,18 +198,6 @@ class RedisCluster:
             time.sleep(0.05)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
 
-    def wait_failover(self, victim: ClusterNodeServer, timeout: float = 30.0) -> None:
-        """Bounded wait until the cluster marked the stopped ``victim`` as failed and is ok again."""
-        deadline = time.monotonic() + timeout
-        alive = [n for n in self.nodes if n.proc is not None]
-        while time.monotonic() < deadline:
-            nodes = alive[0].command("CLUSTER", "NODES").decode()
-            failed = any(f":{victim.port}@" in line and "fail" in line.split()[2] for line in nodes.splitlines())
-            if failed and all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in alive):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"the cluster did not fail over from {victim.port}: {nodes}")
-
     def master_of(self, key: bytes) -> ClusterNodeServer:
         """The running master serving ``key``'s slot, as a running node sees the cluster."""
         node = next(n for n in self.nodes if n.proc is not None)
