@@ -424,7 +424,7 @@ class Metrics:
         # metrics: shared state (Redis fleet tier)
         self.redis_calls = Counter(
             "fender_redis_calls_total",
-            "Calls to the shared Redis by operation (ratelimit, get, set, invalidate, lock, subscribe) and "
+            "Calls to the shared Redis by operation (ratelimit, get, set, invalidate, lock, subscribe, purge) and "
             "outcome (ok, error, timeout, rejected: not attempted while the Redis breaker is open, "
             "invalid: a stored value that failed its checks, dropped: a background write skipped because "
             "too many were pending).",
@@ -449,6 +449,38 @@ class Metrics:
             "fender_cache_invalidations_total",
             "Cache invalidations published to the fleet (sent) and applied from other sidecars (received).",
             ["direction"],
+            registry=r,
+        )
+        self.cache_purges = Counter(
+            "fender_cache_purges_total",
+            "Cache purges applied by this sidecar, by kind (url, prefix, tag) and source (admin: "
+            "POST /admin/cache/purge here, fleet: published by another sidecar).",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.cache_purged = Counter(
+            "fender_cache_purged_total",
+            "Stored URLs dropped by purges, by kind (url, prefix, tag) and tier (l1: this sidecar's memory, "
+            "l2: the fleet's Redis, counted by the sidecar that received the purge on its admin API).",
+            ["kind", "tier"],
+            registry=r,
+        )
+        for kind in ("url", "prefix", "tag"):
+            for label in ("admin", "fleet"):
+                self.cache_purges.labels(kind, label)
+            for tier in ("l1", "l2"):
+                self.cache_purged.labels(kind, tier)
+        self.ratelimit_lease_renewals = Counter(
+            "fender_ratelimit_lease_renewals_total",
+            "Leases of global rate-limit tokens taken from the fleet's Redis bucket (one script call each).",
+            ["route"],
+            registry=r,
+        )
+        self.ratelimit_lease_tokens = Counter(
+            "fender_ratelimit_lease_tokens_total",
+            "Global rate-limit tokens leased by this sidecar (granted) and dropped unspent when their lease "
+            "ran out (expired).",
+            ["route", "outcome"],
             registry=r,
         )
         self.redis_fallback = Gauge(

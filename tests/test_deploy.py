@@ -64,6 +64,14 @@ def test_kubernetes_sidecar_is_complete_and_its_policy_is_valid():
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in docs["Service"]["spec"]["ports"]}
 
 
+def test_the_redis_cluster_example_policy_is_valid():
+    policy = parse_policy((DEPLOY / "redis" / "fleet-policy.yaml").read_text(), "fleet-policy.yaml")
+    redis = policy.state.redis
+    assert redis.mode == "cluster" and len(redis.nodes) == 3
+    values = yaml_documents(DEPLOY / "redis" / "redis-cluster-values.yaml")[0]
+    assert values["cluster"]["nodes"] == 6 and values["cluster"]["replicas"] == 1
+
+
 def test_dockerfile_and_systemd_unit():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", dockerfile, re.M)
@@ -111,4 +119,4 @@ def test_promtool_accepts_the_rules():
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout

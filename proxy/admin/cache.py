@@ -1,4 +1,4 @@
-"""Admin endpoints of the response cache: state and purge."""
+"""Admin endpoints of the response cache: state and purge (by URL, prefix or tag)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from starlette.routing import Route
 
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.policy import normalise_query
+from proxy.resilience.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of, target_of
 from proxy.state.redis import STATE_KEY as FLEET_KEY
 
 if TYPE_CHECKING:
     from proxy.server import Fender
 
 _HIT_RESULTS = ("hit", "stale", "revalidated", "coalesced")
+# Tags one purge request may name.
+MAX_PURGE_TAGS = 100
 
 
 def _split(text: str) -> tuple[bytes | None, bytes]:
@@ -29,9 +32,35 @@ def _split(text: str) -> tuple[bytes | None, bytes]:
     return None, text.encode("latin-1")
 
 
-def _target_of(key: bytes) -> tuple[bytes, bytes]:
-    slash = key.find(b"/")
-    return (key, b"") if slash < 0 else (key[:slash], key[slash:])
+def _purge_kind(body) -> str | None:
+    """Which purge ``body`` asks for (url, prefix or tag), None when it is not exactly one valid one."""
+    if not isinstance(body, dict):
+        return None
+    given = [k for k in ("url", "prefix", "tags") if k in body]
+    if len(given) != 1:
+        return None
+    value = body[given[0]]
+    if given[0] != "tags":
+        return given[0] if isinstance(value, str) and _latin1(value) else None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_PURGE_TAGS:
+        return None
+    for tag in value:
+        if (
+            not isinstance(tag, str)
+            or not tag
+            or not _latin1(tag)
+            or tags_of([tag.encode("latin-1")]) != (tag.encode("latin-1"),)
+        ):
+            return None
+    return "tag"
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def routes(fender: Fender) -> list[Route]:
@@ -76,40 +105,53 @@ def routes(fender: Fender) -> list[Route]:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
             return JSONResponse({"error": "body must be JSON"}, status_code=400)
-        if not isinstance(body, dict) or not (
-            isinstance(body.get("url"), str) ^ isinstance(body.get("prefix"), str)
-        ):
+        kind = _purge_kind(body)
+        if kind is None:
             return JSONResponse(
-                {"error": 'give exactly one of {"url": "http://host/path?query"} or {"prefix": "/path/"}'},
+                {
+                    "error": 'give exactly one of {"url": "http://host/path?query"}, {"prefix": "/path/"} '
+                    f'or {{"tags": ["tag", ...]}} (at most {MAX_PURGE_TAGS} tags of {MAX_TAG_LENGTH} '
+                    "bytes each, none empty or with spaces or commas)"
+                },
                 status_code=400,
             )
+        metrics = fender.metrics
+        metrics.cache_purges.labels(kind, "admin").inc()
         s = store()
-        if s is None:
-            return JSONResponse({"purged": 0})
-        purged = 0
-        # Fleet mode: purged keys are also deleted from Redis and published to every sidecar.
+        # Fleet mode: purges also reach Redis and every other sidecar.
         fleet = fender.dataplane.runtime.shared.get(FLEET_KEY)
-        dropped: set[bytes] = set()
-        if "url" in body:
+        dropped: list[bytes] = []
+        if kind == "url":
             host, target = _split(body["url"])
             wanted = {normalise_query(target, mode) for mode in ("as-is", "sorted", "ignore")}
+            if s is not None:
+                for key in s.keys():
+                    key_host, key_target = target_of(key)
+                    if key_target in wanted and (host is None or key_host == host) and s.delete(key):
+                        dropped.append(key)
+            metrics.cache_purged.labels(kind, "l1").inc(len(dropped))
+            if fleet is None:
+                return JSONResponse({"purged": len(dropped)})
+            keys = set(dropped)
             if host is not None:
-                dropped.update(host + t for t in wanted)  # in Redis even when this sidecar has none
-            for key in s.keys():
-                key_host, key_target = _target_of(key)
-                if key_target in wanted and (host is None or key_host == host) and s.delete(key):
-                    dropped.add(key)
-                    purged += 1
-        else:
+                keys.update(host + t for t in wanted)  # in Redis even when this sidecar has none
+            sent = await fleet.invalidate(sorted(keys))
+            return JSONResponse({"purged": len(dropped), "fleet": sent})
+        if kind == "prefix":
             host, prefix = _split(body["prefix"])
-            for key in s.keys():
-                key_host, key_target = _target_of(key)
-                if key_target.startswith(prefix) and (host is None or key_host == host) and s.delete(key):
-                    dropped.add(key)
-                    purged += 1
-        if fleet is not None:
-            return JSONResponse({"purged": purged, "fleet": await fleet.invalidate(sorted(dropped))})
-        return JSONResponse({"purged": purged})
+            if s is not None:
+                dropped = drop_prefix(s, host, prefix)
+            values = [(host or b"") + b" " + prefix]
+        else:
+            tags = [t.encode("latin-1") for t in body["tags"]]
+            if s is not None:
+                dropped = drop_tags(s, tags)
+            values = tags
+        metrics.cache_purged.labels(kind, "l1").inc(len(dropped))
+        if fleet is None:
+            return JSONResponse({"purged": len(dropped)})
+        l2 = await fleet.purge(kind, values)
+        return JSONResponse({"purged": len(dropped), "fleet": l2 is not None, "fleet_purged": l2 or 0})
 
     return [
         Route("/admin/cache", state, methods=["GET"]),

@@ -134,8 +134,17 @@ class RateLimitOptions(PolicyModel):
         default="local",
         description=(
             "local: each sidecar keeps its own buckets. global: one bucket per key for the whole fleet, "
-            "kept in Redis (needs state.backend: redis; one atomic script per request, Redis's clock). "
-            "While Redis is unavailable, state.redis.on_failure decides."
+            "kept in Redis (needs state.backend: redis; Redis's clock). Each sidecar leases batches of "
+            "tokens from it (see state.redis.lease_time and lease_share) unless exact is true. While Redis "
+            "is unavailable, state.redis.on_failure decides."
+        ),
+    )
+    exact: Flag = Field(
+        default=False,
+        description=(
+            "Global limits only. true: one atomic Redis script per request (no leases), for limits where "
+            "the last token matters more than a Redis round trip per request. A route with an exact or a "
+            "shadow global limit decides all its global limits this way."
         ),
     )
 

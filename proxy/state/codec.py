@@ -50,6 +50,7 @@ def encode(variants: Variants, offset: float) -> bytes:
                 "ns": e.no_stale,
                 # no-cache="..." fields (absent in older blobs: none held)
                 "hd": [[n.decode(_L1), v.decode(_L1)] for n, v in e.held],
+                "tg": [t.decode(_L1) for t in e.tags],
             }
         )
         bodies.append(e.body)
@@ -109,6 +110,8 @@ def _entry(m: dict, body: bytes, offset: float) -> Entry:
         must_validate=bool(m["mv"]),
         no_stale=bool(m["ns"]),
         held=[(n.encode(_L1), v.encode(_L1)) for n, v in m.get("hd", ())],
+        # Absent in values stored before purge by tag existed.
+        tags=tuple(t.encode(_L1) for t in m.get("tg", ())),
     )
     if len(entry.vary) != len(entry.selection):
         raise ValueError("vary and selection differ in length")

@@ -2,18 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from proxy.config.base import Count, PolicyModel, Text
-from proxy.config.units import Duration, describe_value, policy_error
+from proxy.config.units import Duration, Percent, describe_value, policy_error
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise policy_error(f"{describe_value(value)} is not host:port (write e.g. 10.0.0.1:6379)")
+    return value
+
+
+Address = Annotated[Text, AfterValidator(_check_address)]
+
+
+class SentinelOptions(PolicyModel):
+    """Redis Sentinel: where the sentinels are and which master they watch."""
+
+    sentinels: tuple[Address, ...] = Field(
+        min_length=1,
+        description="The sentinels, host:port each (26379 is Sentinel's usual port); any one answering is enough.",
+    )
+    service_name: Text = Field(
+        min_length=1,
+        description="The master's name in the sentinels' configuration (sentinel monitor <name> ...).",
+    )
 
 
 class RedisOptions(PolicyModel):
     """The Redis that a fleet of Fenders shares (cache L2, global rate limits, invalidations)."""
 
+    mode: Literal["standalone", "cluster", "sentinel"] = Field(
+        default="standalone",
+        description=(
+            "standalone: the one Redis at url. cluster: a Redis Cluster (or Valkey cluster) found from the "
+            "seed nodes; keys a script touches share one hash slot. sentinel: the master that the sentinels "
+            "name, followed through failovers. In cluster and sentinel mode url gives only credentials, "
+            "TLS (rediss://) and, for sentinel, the database."
+        ),
+    )
+    nodes: tuple[Address, ...] = Field(
+        default=(),
+        description="mode: cluster: seed nodes, host:port each; the rest of the cluster is discovered.",
+    )
+    sentinel: SentinelOptions | None = Field(
+        default=None,
+        description="mode: sentinel: the sentinels and the service (master) name.",
+    )
     url: Text = Field(
         default="redis://127.0.0.1:6379/0",
         description=(
@@ -72,6 +112,36 @@ class RedisOptions(PolicyModel):
             "(at most the route's cache coalesce_timeout). 0s turns fleet-wide coalescing off."
         ),
     )
+
+    lease_time: Annotated[Duration, Field(gt=0)] = Field(
+        default="500ms",
+        description=(
+            "Global rate limits (not exact): how long the tokens a sidecar leases from the fleet bucket stay "
+            "spendable; unspent ones are dropped after it, so a sidecar that goes quiet or dies holds "
+            "tokens for at most this long. The batch leased is this sidecar's demand over this time."
+        ),
+    )
+    lease_share: Annotated[Percent, Field(gt=0)] = Field(
+        default="10%",
+        description=(
+            "Largest lease, as a share of the limit's burst (at least 1 token): at any instant the "
+            "fleet's leases hold at most sidecars x max(1, floor(burst x lease_share)) tokens per key."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisOptions:
+        if self.mode == "cluster" and not self.nodes:
+            raise policy_error('mode: cluster needs nodes (seed nodes, e.g. ["10.0.0.1:6379"])')
+        if self.mode == "sentinel" and self.sentinel is None:
+            raise policy_error(
+                "mode: sentinel needs sentinel: {sentinels: [host:port, ...], service_name: NAME}"
+            )
+        if self.mode != "cluster" and self.nodes:
+            raise policy_error("nodes is for mode: cluster")
+        if self.mode != "sentinel" and self.sentinel is not None:
+            raise policy_error("sentinel is for mode: sentinel")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -10,7 +10,11 @@ breaker opens, and nothing after that.
 
 Invalidations travel on one pub/sub channel (``<key_prefix>inv``). A
 background task keeps the subscription; every message names a cache key,
-which is dropped from this sidecar's L1 store(s). A subscription that is
+which is dropped from this sidecar's L1 store(s). Purges by tag and by prefix
+travel on a second channel (``<key_prefix>purge``): each sidecar drops what
+its own L1 holds that matches; the purging sidecar deletes the matching L2
+values, found through two bounded indexes kept beside them (see
+:meth:`RedisState.purge`). A subscription that is
 established again after being lost clears L1 entirely: messages sent while it
 was down are gone.
 
@@ -28,13 +32,15 @@ import logging
 import os
 import time
 import weakref
+from urllib.parse import unquote, urlsplit
 
+from proxy.resilience.cache.purge import drop_prefix, drop_tags, target_of
 from proxy.state.options import RedisOptions
 
 log = logging.getLogger("fender.state")
 
 STATE_KEY = "state.redis"
-OPS = ("ratelimit", "get", "set", "invalidate", "lock", "subscribe")
+OPS = ("ratelimit", "get", "set", "invalidate", "lock", "subscribe", "purge")
 OUTCOMES = ("ok", "error", "timeout", "rejected", "invalid", "dropped")
 # Background writes (L2 stores) pending at once, by count and by bytes; beyond either a write is
 # skipped (the L1 copy stays), so a slow Redis cannot make Fender hold responses without bound.
@@ -42,6 +48,30 @@ MAX_PENDING_WRITES = 256
 MAX_PENDING_BYTES = 32 * 1024 * 1024
 # How long one get_message call waits before the listener loop checks whether it should stop.
 LISTEN_POLL = 1.0
+# The L2 indexes for purges: stored keys a tag set or the key index holds at most (the soonest to expire
+# are forgotten beyond it), and L2 values one purge deletes at most. A purge may take this long.
+MAX_INDEXED = 100_000
+PURGE_TIMEOUT = 5.0
+_DELETE_CHUNK = 1000
+
+# The key index: every L2 key by its target (a sorted set of "target host" members, all scored 0, so a
+# prefix is a ZRANGEBYLEX) and by its expiry (a sorted set scored by wall-clock ms). Both keys share a
+# hash tag: one Cluster slot. Drops up to 64 expired members per call, and the soonest to expire beyond
+# MAX_INDEXED. KEYS: by-target, by-expiry. ARGV: member, expiry ms, now ms, MAX_INDEXED.
+INDEX_LUA = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 64)
+for _, m in ipairs(old) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZREM', KEYS[2], m)
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, m in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do redis.call('ZREM', KEYS[1], m) end
+end
+return 0
+"""
 
 
 class RedisUnavailable(Exception):
@@ -97,38 +127,33 @@ def _load_redis():
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError(
             "state.backend: redis needs the redis package: pip install 'fender[redis]'"
         ) from exc
-    return aioredis, Retry, NoBackoff, RedisError
+    return aioredis, Retry, NoBackoff, (RedisError, RedisClusterException)
 
 
 class RedisState:
     """One Fender's connection to the fleet's Redis."""
 
     def __init__(self, options: RedisOptions, metrics, clock) -> None:
-        aioredis, Retry, NoBackoff, RedisError = _load_redis()
+        aioredis, Retry, NoBackoff, redis_errors = _load_redis()
         self.options = options
         self.clock = clock
         self.timeout = options.timeout
         self.prefix = options.key_prefix.encode()
         self.channel = self.prefix + b"inv"
+        self.purge_channel = self.prefix + b"purge"
+        self.index_keys = [self.prefix + b"{idx}:target", self.prefix + b"{idx}:expiry"]
         self.lock_ttl_ms = int(options.lock_ttl * 1000)
         # Messages carry the sender's id, so a sidecar does not count its own invalidations as received.
         self.origin = os.urandom(8).hex().encode()
-        self._errors = (RedisError, OSError)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            options.url,
-            max_connections=options.max_connections,
-            timeout=options.timeout,
-            socket_connect_timeout=options.timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self.client = aioredis.Redis(connection_pool=pool)
+        self._errors = (*redis_errors, OSError)
+        # A Cluster pipeline refuses PUBLISH (no key, no slot): messages then go as calls of their own.
+        self._publish_apart = options.mode == "cluster"
+        self.client = _client(options, aioredis, Retry, NoBackoff)
         self.metrics = metrics
         self.m_calls = {(op, out): metrics.redis_calls.labels(op, out) for op in OPS for out in OUTCOMES}
         self.m_duration = {op: metrics.redis_call_duration.labels(op) for op in OPS}
@@ -136,6 +161,8 @@ class RedisState:
         self.m_sent = metrics.cache_invalidations.labels("sent")
         self.m_received = metrics.cache_invalidations.labels("received")
         self.m_fallback = metrics.redis_fallback
+        self.m_purges = metrics.cache_purges
+        self.m_purged = metrics.cache_purged
         self.m_fallback.set(0)
         self.breaker = RedisBreaker(
             options.failure_threshold, options.open_for, clock, on_change=self._fallback_changed
@@ -149,6 +176,7 @@ class RedisState:
         self.subscribed = asyncio.Event()
         self.subscriptions = 0  # successful (re)subscriptions, for the admin API and tests
         self.received = 0  # invalidations applied from other sidecars
+        self.purges_received = 0  # purges by tag or prefix applied from other sidecars
         self._progress = asyncio.Condition()  # notified on (re)subscription and on received messages
         self.closed = asyncio.Event()
         self.l1_clears = 0
@@ -172,6 +200,7 @@ class RedisState:
             self._listener = None
         for task in list(self._writes):
             task.cancel()
+
         try:
             async with asyncio.timeout(1.0):
                 # Let the cancelled writes give their connections back before the pool is closed
@@ -194,14 +223,14 @@ class RedisState:
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, op: str, fn, *args, **kwargs):
+    async def call(self, op: str, fn, *args, timeout: float | None = None, **kwargs):
         """``await fn(*args)`` within the timeout and the breaker; RedisUnavailable on any failure."""
         if not self.breaker.allow():
             self.m_calls[(op, "rejected")].inc()
             raise RedisUnavailable(op)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout or self.timeout):
                 result = await fn(*args, **kwargs)
         except TimeoutError:
             self._failed(op, "timeout", started)
@@ -280,15 +309,32 @@ class RedisState:
         except RedisUnavailable:
             pass
 
-    def put_blob(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
-        """Store ``blob`` with a TTL and release this sidecar's fleet lock on the key, in the background."""
-        self.background("set", self._put, key, blob, ttl_ms, size=len(blob))
+    def tag_key(self, tag: bytes) -> bytes:
+        return self.prefix + b"t:" + tag
 
-    async def _put(self, key: bytes, blob: bytes, ttl_ms: int) -> None:
-        # One SET: Redis applies it whole or not at all, so no reader ever sees half a value.
+    def put_blob(self, key: bytes, blob: bytes, ttl_ms: int, tags=()) -> None:
+        """Store ``blob`` with a TTL and release this sidecar's fleet lock on the key, in the background."""
+        self.background("set", self._put, key, blob, ttl_ms, tags, size=len(blob))
+
+    async def _put(self, key: bytes, blob: bytes, ttl_ms: int, tags) -> None:
+        ttl_ms = max(1, ttl_ms)
+        now_ms = int(time.time() * 1000)
+        expiry_ms = now_ms + ttl_ms
+        host, target = target_of(key)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(self.cache_key(key), blob, px=max(1, ttl_ms))
+            # One SET: Redis applies it whole or not at all, so no reader ever sees half a value.
+            pipe.set(self.cache_key(key), blob, px=ttl_ms)
             pipe.delete(self.prefix + b"l:" + key)
+            # EVAL (not EVALSHA) inside the pipeline: a Cluster pipeline cannot load scripts first.
+            pipe.eval(INDEX_LUA, 2, *self.index_keys, target + b" " + host, expiry_ms, now_ms, MAX_INDEXED)
+            for tag in tags:
+                # A tag's set: its keys scored by expiry; the set lives as long as its longest-lived key.
+                tag_key = self.tag_key(tag)
+                pipe.zremrangebyscore(tag_key, "-inf", now_ms)
+                pipe.zadd(tag_key, {key: expiry_ms})
+                pipe.zremrangebyrank(tag_key, 0, -MAX_INDEXED - 1)
+                pipe.pexpireat(tag_key, expiry_ms, nx=True)
+                pipe.pexpireat(tag_key, expiry_ms, gt=True)
             await pipe.execute()
 
     async def try_lock(self, key: bytes) -> bool:
@@ -324,10 +370,12 @@ class RedisState:
 
         async def run() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.delete(*[self.cache_key(k) for k in keys])
-                for k in keys:
-                    pipe.publish(self.channel, self.origin + b" " + k)
+                for k in keys:  # one key per DEL: in a Cluster the keys sit in different slots
+                    pipe.delete(self.cache_key(k))
+                messages = [self.origin + b" " + k for k in keys]
+                self._publish(pipe, self.channel, messages)
                 await pipe.execute()
+            await self._publish_rest(self.channel, messages)
 
         try:
             await self.call("invalidate", run)
@@ -336,18 +384,92 @@ class RedisState:
         self.m_sent.inc(len(keys))
         return True
 
+    async def purge(self, kind: str, values: list[bytes]) -> int | None:
+        """Drop what matches from L2 and publish the purge to every sidecar; the L2 values deleted.
+
+        ``kind`` tag: ``values`` are tags, the L2 keys come from each tag's set. ``kind`` prefix:
+        ``values`` are ``host + b" " + prefix`` (host empty: any host), the keys come from the key
+        index (a range of targets). None when Redis failed (only this sidecar's L1 was purged).
+        """
+        now_ms = int(time.time() * 1000)
+
+        async def run() -> int:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for value in values:
+                    if kind == "tag":
+                        pipe.zrangebyscore(self.tag_key(value), now_ms, "+inf", start=0, num=MAX_INDEXED)
+                    else:
+                        prefix = value.partition(b" ")[2]
+                        pipe.zrangebylex(
+                            self.index_keys[0],
+                            b"[" + prefix,
+                            b"(" + prefix + b"\xff",
+                            start=0,
+                            num=MAX_INDEXED,
+                        )
+                found = await pipe.execute()
+            keys: set[bytes] = set()
+            members: list[bytes] = []
+            for value, listed in zip(values, found, strict=True):
+                if kind == "tag":
+                    keys.update(listed)
+                    continue
+                host = value.partition(b" ")[0]
+                for member in listed:
+                    key_target, _, key_host = member.rpartition(b" ")
+                    if not host or key_host == host:
+                        keys.add(key_host + key_target)
+                        members.append(member)
+            keys_list = sorted(keys)[:MAX_INDEXED]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k in keys_list:  # one key per DEL: in a Cluster the keys sit in different slots
+                    pipe.delete(self.cache_key(k))
+                if kind == "tag":
+                    for v in values:
+                        pipe.delete(self.tag_key(v))
+                for start in range(0, len(members), _DELETE_CHUNK):
+                    chunk = members[start : start + _DELETE_CHUNK]
+                    pipe.zrem(self.index_keys[0], *chunk)
+                    pipe.zrem(self.index_keys[1], *chunk)
+                messages = [b"%s %s %s" % (self.origin, kind.encode(), value) for value in values]
+                self._publish(pipe, self.purge_channel, messages)
+                done = await pipe.execute()
+            await self._publish_rest(self.purge_channel, messages)
+            return sum(done[: len(keys_list)])
+
+        try:
+            deleted = await self.call("purge", run, timeout=max(self.timeout, PURGE_TIMEOUT))
+        except RedisUnavailable:
+            return None
+        self.m_purged.labels(kind, "l2").inc(deleted)
+        return deleted
+
     # ------------------------------------------------------------------ pub/sub
+
+    def _publish(self, pipe, channel: bytes, messages: list[bytes]) -> None:
+        if not self._publish_apart:
+            for message in messages:
+                pipe.publish(channel, message)
+
+    async def _publish_rest(self, channel: bytes, messages: list[bytes]) -> None:
+        # Cluster: plain PUBLISH reaches the subscribers on every node (the cluster bus forwards it).
+        if self._publish_apart:
+            await asyncio.gather(*(self.client.publish(channel, m) for m in messages))
 
     async def _listen(self) -> None:
         backoff = 0.05
         attempt = 0
         while not self._closed:
-            pubsub = self.client.pubsub()
+            pubsub = None
             try:
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(max(self.timeout, 1.0)):
-                        await pubsub.subscribe(self.channel)
+                        if self.options.mode == "cluster":
+                            # The cluster's slot map: commands load it themselves, a subscription does not.
+                            await self.client.initialize()
+                        pubsub = self.client.pubsub()
+                        await pubsub.subscribe(self.channel, self.purge_channel)
                 except BaseException:
                     self.m_duration["subscribe"].observe(time.perf_counter() - started)
                     self.m_calls[("subscribe", "error")].inc()
@@ -368,7 +490,11 @@ class RedisState:
                     if (
                         message is not None
                         and message.get("type") == "message"
-                        and self._on_message(message["data"])
+                        and (
+                            self._on_purge(message["data"])
+                            if message.get("channel") == self.purge_channel
+                            else self._on_message(message["data"])
+                        )
                     ):
                         async with self._progress:
                             self._progress.notify_all()
@@ -381,8 +507,9 @@ class RedisState:
             finally:
                 self.subscribed.clear()
                 try:
-                    async with asyncio.timeout(0.5):
-                        await pubsub.aclose()
+                    if pubsub is not None:
+                        async with asyncio.timeout(0.5):
+                            await pubsub.aclose()
                 except (TimeoutError, *self._errors):
                     pass
             attempt += 1
@@ -409,6 +536,29 @@ class RedisState:
             store.delete(key)
         return True
 
+    async def wait_purges(self, count: int) -> None:
+        """Wait until ``count`` purges from other sidecars were applied (callers bound the wait)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.purges_received >= count)
+
+    def _on_purge(self, data: bytes) -> bool:
+        origin, _, rest = data.partition(b" ")
+        kind, _, value = rest.partition(b" ")
+        if origin == self.origin or kind not in (b"tag", b"prefix"):
+            return False
+        dropped = 0
+        for store in list(self._stores):
+            if kind == b"tag":
+                dropped += len(drop_tags(store, (value,)))
+            else:
+                host, _, prefix = value.partition(b" ")
+                dropped += len(drop_prefix(store, host or None, prefix))
+        label = kind.decode()
+        self.m_purges.labels(label, "fleet").inc()
+        self.m_purged.labels(label, "l1").inc(dropped)
+        self.purges_received += 1
+        return True
+
     def _clear_l1(self) -> None:
         self.l1_clears += 1
         for store in list(self._stores):
@@ -424,6 +574,67 @@ class RedisState:
             "l1_clears": self.l1_clears,
             "pending_writes": len(self._writes),
         }
+
+
+def _client(options: RedisOptions, aioredis, Retry, NoBackoff):
+    """The redis-py client for ``options.mode``: one endpoint, a Cluster, or the master Sentinel names."""
+    if options.mode == "standalone":
+        pool = aioredis.BlockingConnectionPool.from_url(
+            options.url,
+            max_connections=options.max_connections,
+            timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+            retry=Retry(NoBackoff(), 1),  # one retry at once: a pooled connection that a Redis restart broke
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        return aioredis.Redis(connection_pool=pool)
+    parts = urlsplit(options.url)
+    auth = {
+        "username": unquote(parts.username or "") or None,
+        "password": unquote(parts.password or "") or None,
+    }
+    tls = parts.scheme == "rediss"
+    if options.mode == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        # MOVED/ASK and a failover are followed by the client (its own bounded retries); Fender's
+        # timeout and breaker still bound every call.
+        return RedisCluster(
+            startup_nodes=[ClusterNode(*_host_port(n)) for n in options.nodes],
+            max_connections=options.max_connections,
+            socket_timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+            require_full_coverage=False,
+            # One retry, at once (the client reloads its slot map first): a dead node fails the call
+            # fast, so Fender's breaker opens rather than every call running into the timeout.
+            retry=Retry(NoBackoff(), 1),
+            ssl=tls,
+            **auth,
+        )
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(
+        [_host_port(n) for n in options.sentinel.sentinels],
+        socket_timeout=options.timeout,
+        socket_connect_timeout=options.timeout,
+    )
+    db = int(parts.path.lstrip("/") or 0) if parts.path.lstrip("/").isdigit() else 0
+    return sentinel.master_for(
+        options.sentinel.service_name,
+        socket_timeout=options.timeout,
+        socket_connect_timeout=options.timeout,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=options.max_connections,
+        db=db,
+        ssl=tls,
+        **auth,
+    )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def fleet_state(ctx) -> RedisState | None:

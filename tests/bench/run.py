@@ -12,7 +12,11 @@ installed), `fender` (pass-through route), `fender_300_routes` (the same
 route, last of a 300-route policy), `fender_policies` (rate limit,
 bulkhead, retry, breaker, failover over two replicas with health checks, cache
 on a non-cacheable response), `fender_cache_hit`, and `hello_world` (uvicorn
-raw ASGI answering directly: the ceiling of the Python server).
+raw ASGI answering directly: the ceiling of the Python server). With
+redis-server installed, a second Fender in fleet mode (a private redis-server
+on core 1) gives `fender_local_limit` and `fender_global_limit`: the same
+route with a rate limit of scope local and of scope global (leased), never
+refusing. `--only NAME,...` measures only those targets.
 
 Upstream: nginx when installed, else a bundled raw asyncio server. Load: wrk
 when installed, else the bundled client (tests/bench/load.py). Everything
@@ -48,7 +52,10 @@ TARGETS = {
     "policies_vs_fender": 0.80,
     "routes_300_vs_fender": 0.95,
     "cache_hit_vs_hello_world": 0.50,
+    "global_limit_vs_local_limit": 0.85,
 }
+# The fleet rows' limit: high enough never to refuse, so the rows compare admission cost alone.
+FLEET_LIMIT = "{rate: 10000000/s, burst: 1000000, key: route%s}"
 
 
 def free_port() -> int:
@@ -256,6 +263,22 @@ def many_routes_policy(
     return path
 
 
+def fleet_policy(
+    workdir: Path, port: int, admin: int, upstream_ports: tuple[int, int], redis_port: int
+) -> Path:
+    """Fleet mode on a private Redis: one route with a local limit, one with a global (leased) limit."""
+    path = workdir / "bench-policy-fleet.yaml"
+    path.write_text(
+        policy_head(port, admin, upstream_ports)
+        + "routes:\n"
+        + f"  - {{name: local, match: {{path_prefix: /local}}, upstream: origin, rate_limit: {FLEET_LIMIT % ''}}}\n"
+        + f"  - {{name: global, match: {{path_prefix: /global}}, upstream: origin, "
+        f"rate_limit: {FLEET_LIMIT % ', scope: global'}}}\n"
+        + f"state: {{backend: redis, redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}}}\n"
+    )
+    return path
+
+
 def run_wrk(url: str, seconds: float, connections: int) -> dict:
     cmd = [*taskset(1), "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -302,6 +325,7 @@ ROUND_RATIOS = {
     "cache_hit_vs_hello_world": ("fender_cache_hit", "hello_world", "rps"),
     "fender_cpu_vs_nginx_cpu": ("fender", "nginx_proxy", "cpu_us_per_request"),
     "granian_cpu_vs_nginx_cpu": ("fender_granian", "nginx_proxy", "cpu_us_per_request"),
+    "global_limit_vs_local_limit": ("fender_global_limit", "fender_local_limit", "rps"),
 }
 
 
@@ -332,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--million", action="store_true", help="also send a million requests and report RSS after"
     )
+    parser.add_argument("--only", default="", help="comma-separated targets to measure (default: all)")
     parser.add_argument(
         "--json", default=str(ROOT / "tests" / "bench" / "last.json"), help="where to write results"
     )
@@ -350,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         free_port() for _ in range(8)
     )
     routes_port, routes_admin = free_port(), free_port()
+    redis_port, fleet_port, fleet_admin = (free_port() for _ in range(3))
+    have_redis = shutil.which("redis-server") is not None
+    only = {name for name in args.only.split(",") if name}
     nginx_proxy_proc = None
     results: dict[str, list[dict]] = {}
     latency: dict[str, list[dict]] = {}
@@ -395,6 +423,18 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=ROOT,
             )
             wait_port(granian_port)
+        fleet = None
+        if have_redis:
+            procs.start(
+                [*taskset(1), "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
+            )
+            wait_port(redis_port)
+            fpolicy = fleet_policy(workdir, fleet_port, fleet_admin, (up1, up2), redis_port)
+            fleet = procs.start(
+                [*taskset(0), sys.executable, "-m", "proxy", "run", str(fpolicy), "--log-level", "warning"],
+                cwd=ROOT,
+            )
+            wait_port(fleet_port)
         wait_port(fender_port)
         wait_port(routes_port)
         wait_port(hello_port)
@@ -411,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         targets["fender_policies"] = (f"http://127.0.0.1:{fender_port}/all", fender.pid)
         targets["fender_cache_hit"] = (f"http://127.0.0.1:{fender_port}/cached", fender.pid)
         targets["hello_world"] = (f"http://127.0.0.1:{hello_port}/", hello.pid)
+        if fleet is not None:
+            targets["fender_local_limit"] = (f"http://127.0.0.1:{fleet_port}/local", fleet.pid)
+            targets["fender_global_limit"] = (f"http://127.0.0.1:{fleet_port}/global", fleet.pid)
+        if only:
+            targets = {name: target for name, target in targets.items() if name in only}
         for url, _ in targets.values():  # warm-up
             load(url, 1.0, args.connections)
         for round_no in range(args.rounds):
@@ -423,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(name, []).append(result)
                 print(f"round {round_no + 1}: {name:18s} {result['rps']:10.0f} req/s", file=sys.stderr)
         # Added latency at a moderate fixed rate (open loop, so stalls are not hidden).
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if not only else 0):
             for name in ("direct", "fender", "fender_policies"):
                 latency.setdefault(name, []).append(
                     run_python_load(targets[name][0], args.seconds, 10, args.rate)
@@ -451,20 +496,23 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {name: _median(rows) for name, rows in results.items()}
     fixed = {name: _median(rows) for name, rows in latency.items()}
-    for name in ("fender", "fender_policies"):
+    for name in ("fender", "fender_policies") if fixed else ():
         fixed[f"{name}_added_p50_ms"] = round(fixed[name]["p50_ms"] - fixed["direct"]["p50_ms"], 3)
         fixed[f"{name}_added_p99_ms"] = round(fixed[name]["p99_ms"] - fixed["direct"]["p99_ms"], 3)
     rps = {name: row["rps"] for name, row in summary.items()}
     ratios = {
-        "fender_vs_direct": rps["fender"] / rps["direct"],
-        "policies_vs_fender": rps["fender_policies"] / rps["fender"],
-        "routes_300_vs_fender": rps["fender_300_routes"] / rps["fender"],
-        "routes_300_cpu_vs_fender_cpu": summary["fender_300_routes"]["cpu_us_per_request"]
-        / summary["fender"]["cpu_us_per_request"],
-        "cache_hit_vs_hello_world": rps["fender_cache_hit"] / rps["hello_world"],
-        "hello_world_vs_direct": rps["hello_world"] / rps["direct"],
+        name: rps[top] / rps[bottom]
+        for name, (top, bottom) in {
+            "fender_vs_direct": ("fender", "direct"),
+            "policies_vs_fender": ("fender_policies", "fender"),
+            "cache_hit_vs_hello_world": ("fender_cache_hit", "hello_world"),
+            "hello_world_vs_direct": ("hello_world", "direct"),
+            "global_limit_vs_local_limit": ("fender_global_limit", "fender_local_limit"),
+            "routes_300_vs_fender": ("fender_300_routes", "fender"),
+        }.items()
+        if top in rps and bottom in rps
     }
-    if "nginx_proxy" in rps:
+    if "nginx_proxy" in rps and "fender" in rps:
         ratios["fender_vs_nginx_proxy"] = rps["fender"] / rps["nginx_proxy"]
         ratios["nginx_proxy_vs_direct"] = rps["nginx_proxy"] / rps["direct"]
         nginx_cpu = summary["nginx_proxy"].get("cpu_us_per_request")
@@ -476,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
     if "fender_granian" in rps:
         ratios["fender_granian_vs_fender"] = rps["fender_granian"] / rps["fender"]
+    if "fender_300_routes" in summary and "fender" in summary:
+        ratios["routes_300_cpu_vs_fender_cpu"] = (
+            summary["fender_300_routes"]["cpu_us_per_request"] / summary["fender"]["cpu_us_per_request"]
+        )
     report = {
         "load_tool": "wrk" if have_wrk else "bundled",
         "upstream": "nginx" if have_nginx else "bundled",
@@ -514,7 +566,7 @@ def print_report(report: dict, baseline: dict | None) -> None:
         )
     fixed = report["fixed_rate"]
     print(f"at a fixed {fixed['rate']:.0f} req/s (10 connections, open loop):")
-    for name in ("direct", "fender", "fender_policies"):
+    for name in ("direct", "fender", "fender_policies") if "direct" in fixed else ():
         row = fixed[name]
         extra = ""
         if name != "direct":

@@ -7,6 +7,7 @@ fails. Tests never connect to any other Redis.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,8 @@ class RedisServer:
         self.binary = binary
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
+        self.args: list[str] = []  # before the options (a sentinel's config file)
+        self.extra: list[str] = []  # after them
 
     @property
     def url(self) -> str:
@@ -50,6 +53,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
+                *self.args,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -60,6 +64,7 @@ class RedisServer:
                 "no",
                 "--protected-mode",
                 "yes",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -105,3 +110,169 @@ def redis_server_fixture():
     server.start()
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- Cluster and Sentinel
+
+
+def redis_cli() -> str | None:
+    return shutil.which("redis-cli")
+
+
+def _need(binary: str | None, hint: str) -> str:
+    if binary is None:
+        missing(hint)  # skips with the hint; fails under CI=true
+    return binary
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too (bounded tries)."""
+    for _ in range(200):
+        port = _free_port()
+        if port + 10000 < 65536:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterNodeServer(RedisServer):
+    """One redis-server of a Cluster: cluster mode on, its nodes file in ``workdir``."""
+
+    def __init__(self, binary: str, workdir: str, node_timeout_ms: int) -> None:
+        super().__init__(binary)
+        self.port = _cluster_port()
+        self.workdir = workdir
+        self.node_timeout_ms = node_timeout_ms
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            os.path.join(self.workdir, f"nodes-{self.port}.conf"),
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            "--dir",
+            self.workdir,
+        ]
+        super().start(timeout)
+
+
+class RedisCluster:
+    """``masters`` masters with one replica each, joined with redis-cli --cluster create."""
+
+    def __init__(
+        self, binary: str, cli: str, workdir: str, masters: int = 3, node_timeout_ms: int = 1000
+    ) -> None:
+        self.cli = cli
+        self.nodes = [ClusterNodeServer(binary, workdir, node_timeout_ms) for _ in range(masters * 2)]
+
+    @property
+    def seeds(self) -> list[str]:
+        return [f"127.0.0.1:{n.port}" for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [self.cli, "--cluster", "create", *self.seeds, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Bounded wait until every running node says cluster_state:ok."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = [n for n in self.nodes if n.proc is not None]
+            if all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in alive):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def master_of(self, key: bytes) -> ClusterNodeServer:
+        """The running master serving ``key``'s slot, as a running node sees the cluster."""
+        node = next(n for n in self.nodes if n.proc is not None)
+        slot = int(node.command("CLUSTER", "KEYSLOT", key)[1:-2])
+        for line in node.command("CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if len(fields) < 9 or "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no master serves {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class SentinelSetup:
+    """One master, one replica, three sentinels watching them as ``service``."""
+
+    def __init__(self, binary: str, workdir: str, service: str = "fender") -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.service = service
+        self.master = RedisServer(binary)
+        self.replica = RedisServer(binary)
+        self.sentinels = [RedisServer(binary) for _ in range(3)]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{s.port}" for s in self.sentinels]
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.replica.start()
+        for sentinel in self.sentinels:
+            conf = os.path.join(self.workdir, f"sentinel-{sentinel.port}.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    f"port {sentinel.port}\nbind 127.0.0.1\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.service} 500\n"
+                    f"sentinel failover-timeout {self.service} 5000\n"
+                )
+            sentinel.args = [conf, "--sentinel"]
+            sentinel.start()
+
+    def master_port(self) -> int:
+        reply = self.sentinels[0].command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(reply.split(b"\r\n")[4])
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.stop()
+
+
+@pytest.fixture(name="redis_cluster")
+def redis_cluster_fixture(tmp_path):
+    binary = _need(redis_binary(), INSTALL_HINT)
+    cli = _need(redis_cli(), "redis-cli not installed: apt-get install redis-tools")
+    cluster = RedisCluster(binary, cli, str(tmp_path))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(name="redis_sentinel")
+def redis_sentinel_fixture(tmp_path):
+    setup = SentinelSetup(_need(redis_binary(), INSTALL_HINT), str(tmp_path))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()

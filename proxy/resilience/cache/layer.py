@@ -21,6 +21,7 @@ from proxy.dataplane.exchange import Exchange, LocalReply
 from proxy.metrics import FastCounter
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.options import CacheStoreOptions
+from proxy.resilience.cache.purge import tags_of
 from proxy.resilience.cache.store import Entry, MemoryStore, Variants
 from proxy.state import codec
 from proxy.state.redis import RedisUnavailable, fleet_state
@@ -282,6 +283,9 @@ class CacheLayer:
         self.swr = options.stale_while_revalidate
         self.sie = options.stale_if_error
         self.coalesce_timeout = options.coalesce_timeout
+        # Purge by tag: the header naming the response's tags (lower-case), None when off.
+        self.tag_header = options.tag_header.lower().encode() if options.tag_header else None
+        self._strip_tags = self.tag_header is not None and not options.forward_tag_header
         self._flights: dict[bytes, _Flight] = {}
         # URL keys whose last answer was not storable -> until when misses skip coalescing (hit-for-miss).
         self.uncacheable_ttl = options.uncacheable_ttl
@@ -337,6 +341,8 @@ class CacheLayer:
             reply = await self.next(ex)
             if not isinstance(reply, LocalReply):
                 self._strip(reply)
+            if self._strip_tags:
+                self._take_tags(reply)
             ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
             return reply
         directives = req.directives
@@ -358,6 +364,8 @@ class CacheLayer:
                     self._forward_exchange(ex, None)  # else there is nothing to drop
                 reply = await self.next(ex)
                 if self._still_uncacheable(ex, key, until, reply):
+                    if self._strip_tags:
+                        self._take_tags(reply)
                     return reply
                 # Something may be storable now, or it failed: the full treatment of a miss.
                 return await self._answer(ex, key, None, req, _noop, b"miss", True, reply, now)
@@ -396,6 +404,8 @@ class CacheLayer:
                 if method == "HEAD" and variants is not None and reply.status == 200:
                     self._freshen_from_head(ex, key, req, reply, request_time)
                 self._strip(reply)
+            if self._strip_tags:
+                self._take_tags(reply)
             ex.response_headers.append((b"cache-status", _STATUS_MISS))
             return reply
         if entry is not None:
@@ -649,6 +659,11 @@ class CacheLayer:
         """What _fetch does with the upstream's reply: serve stale on error, merge a 304, store, answer."""
         now = self.clock.now()
         failed = isinstance(reply, LocalReply) or reply.status >= 500
+        tags = (
+            self._take_tags(reply)
+            if self.tag_header is not None and not isinstance(reply, LocalReply)
+            else ()
+        )
         if stale is not None:
             if failed:
                 self.m_reval["failed"].inc()
@@ -661,7 +676,9 @@ class CacheLayer:
                     status = b"fender; fwd=stale; fwd-status=%d; detail=stale-if-error" % reply.status
                     return self._serve(ex, stale, req, now, status)
             elif reply.status == 304:
-                return await self._not_modified(ex, key, stale, req, release, fwd, count, reply, request_time)
+                return await self._not_modified(
+                    ex, key, stale, req, release, fwd, count, reply, request_time, tags
+                )
             else:
                 self.m_reval["modified"].inc()
             if count:
@@ -734,6 +751,7 @@ class CacheLayer:
             try:
                 if body is not None:
                     entry = self._entry(reply.status, analysis, body, ex, now)
+                    entry.tags = tags
                     self._put(key, entry)
             finally:
                 release()
@@ -816,7 +834,9 @@ class CacheLayer:
             return headers
         return [h for h in headers if h[0] not in rfc.SET_COOKIE]
 
-    async def _not_modified(self, ex, key, stale: Entry, req, release, fwd, count, reply, request_time):
+    async def _not_modified(
+        self, ex, key, stale: Entry, req, release, fwd, count, reply, request_time, tags=()
+    ):
         """A 304 to the cache's own conditional request: update the stored response(s) it selects."""
         fresh_headers = reply.headers
         reply.close()
@@ -845,6 +865,7 @@ class CacheLayer:
             like = None if e is stale else e
             new = self._entry_from(e.status, merged, e.body, ex, req, request_time, now, like)
             if new is not None:
+                new.tags = tags or e.tags  # a 304 without the tag header keeps the entry's tags
                 self._put(key, new)
             if e is stale:
                 served = new if new is not None else stale
@@ -943,6 +964,17 @@ class CacheLayer:
 
     # ------------------------------------------------------------------ storing
 
+    def _take_tags(self, reply) -> tuple[bytes, ...]:
+        """The response's cache tags; its tag header removed unless forward_tag_header."""
+        name = self.tag_header
+        headers = reply.headers
+        values = [v for n, v in headers if n == name]
+        if not values:
+            return ()
+        if self._strip_tags:
+            headers[:] = [h for h in headers if h[0] != name]
+        return tags_of(values)
+
     def _vary_of(self, analysis: rfc.Analysis) -> tuple[bytes, ...]:
         names = self.key_headers + (analysis.vary or ())
         return tuple(dict.fromkeys(names))
@@ -1007,12 +1039,15 @@ class CacheLayer:
             # Kept in Redis until the last stale window ends; written in the background.
             ttl = codec.expiry(value, self.clock.now())
             if ttl > 0:
-                self.l2.put_blob(key, codec.encode(value, self.offset), int(ttl * 1000) + 1)
+                tags = {t for e in value.entries for t in e.tags}
+                self.l2.put_blob(key, codec.encode(value, self.offset), int(ttl * 1000) + 1, tags)
 
     # ------------------------------------------------------------------ unsafe methods
 
     async def _other_method(self, ex: Exchange):
         reply = await self.next(ex)
+        if self._strip_tags and not isinstance(reply, LocalReply):
+            self._take_tags(reply)
         ex.response_headers.append((b"cache-status", _STATUS_BYPASS))
         if not isinstance(reply, LocalReply):
             self._strip(reply)

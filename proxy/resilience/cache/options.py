@@ -118,6 +118,22 @@ class CacheOptions(PolicyModel):
             ),
         )
     )
+    tag_header: Annotated[Text, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = Field(
+        default="Cache-Tag",
+        description=(
+            "Response header whose values tag the stored response (comma- or space-separated, like "
+            "Cloudflare's Cache-Tag or Fastly's Surrogate-Key), so POST /admin/cache/purge "
+            '{"tags": [...]} can drop every response with a tag. At most 32 tags of 128 bytes each per '
+            "response are kept. null: no tags."
+        ),
+    )
+    forward_tag_header: Flag = Field(
+        default=False,
+        description=(
+            "false: the tag header is removed before the response reaches the client (and is not stored "
+            "with it); true: it is passed on."
+        ),
+    )
     uncacheable_ttl: Duration = Field(
         default="60s",
         description=(

@@ -42,6 +42,7 @@ class Entry:
         "must_validate",
         "no_stale",
         "held",
+        "tags",
         "size",
     )
 
@@ -64,6 +65,7 @@ class Entry:
         must_validate: bool,
         no_stale: bool = False,
         held: list[tuple[bytes, bytes]] | None = None,
+        tags: tuple[bytes, ...] = (),
     ) -> None:
         self.status = status
         self.headers = headers
@@ -90,8 +92,10 @@ class Entry:
         self.no_stale = no_stale  # must-revalidate and friends: never served stale (RFC 9111 4.2.4)
         # Fields named by no-cache="..." (RFC 9111 5.2.2.4): sent only after a successful revalidation.
         self.held = held or []
+        self.tags = tags  # the upstream's cache tags (cache.tag_header), for purge by tag
         self.size = (
             len(body)
+            + sum(len(t) for t in tags)
             + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.served_headers)
             + sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in self.held)
             + ENTRY_OVERHEAD
@@ -153,6 +157,10 @@ class MemoryStore:
         if value is not None:
             self._data.move_to_end(key)
         return value
+
+    def peek(self, key: bytes) -> Variants | None:
+        """The value without counting it as a use (purges scan the store)."""
+        return self._data.get(key)
 
     def put(self, key: bytes, value: Variants) -> bool:
         size = value.size + len(key)

@@ -1,0 +1,55 @@
+"""Purges of this sidecar's cache (L1): by URL prefix and by tag; and the tags of a response.
+
+The admin API (proxy/admin/cache.py) runs these for a purge it receives; in
+fleet mode the Redis client (proxy/state/redis.py) runs them for a purge
+another sidecar published. Both scan the store once: a purge is rare, a
+per-tag index in memory would cost on every store.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Bounds on what one response can tag itself with (more are ignored), so a response cannot make
+# Fender or Redis hold an unbounded tag set.
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 128
+_SEPARATORS = re.compile(rb"[,\s]+")
+
+
+def tags_of(values: list[bytes]) -> tuple[bytes, ...]:
+    """The tags in the tag header's field lines: comma- or space-separated, duplicates once."""
+    tags: dict[bytes, None] = {}
+    for value in values:
+        for tag in _SEPARATORS.split(value):
+            if tag and len(tag) <= MAX_TAG_LENGTH and len(tags) < MAX_TAGS:
+                tags[tag] = None
+    return tuple(tags)
+
+
+def target_of(key: bytes) -> tuple[bytes, bytes]:
+    """A cache key (host + normalised target) split into (host, target)."""
+    slash = key.find(b"/")
+    return (key, b"") if slash < 0 else (key[:slash], key[slash:])
+
+
+def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:
+    """Delete every key whose target starts with ``prefix`` (on ``host``, or any host): the keys."""
+    dropped = []
+    for key in store.keys():
+        key_host, key_target = target_of(key)
+        if key_target.startswith(prefix) and (host is None or key_host == host) and store.delete(key):
+            dropped.append(key)
+    return dropped
+
+
+def drop_tags(store, tags) -> list[bytes]:
+    """Delete every key one of whose stored variants carries one of ``tags``: the keys."""
+    wanted = set(tags)
+    dropped = []
+    for key in store.keys():
+        variants = store.peek(key)
+        if variants is not None and any(not wanted.isdisjoint(e.tags) for e in variants.entries):
+            if store.delete(key):
+                dropped.append(key)
+    return dropped
