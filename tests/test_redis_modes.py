@@ -121,7 +121,7 @@ async def _shares_and_survives(fleet, client, kill, wait_recovered) -> None:
 
 
 @pytest.mark.redis_cluster
-async def test_a_fleet_on_redis_cluster_shares_state_and_survives_a_master_failover(
+async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_purges(
     redis_cluster, echo_upstream, start_fender
 ):
     fleet = await start_fleet(start_fender, mode_policy(echo_upstream.port, cluster_yaml(redis_cluster)), n=2)

@@ -208,7 +208,7 @@ class RedisState:
                 await asyncio.gather(*self._writes, return_exceptions=True)
                 # The client was given its pool, so it would not close it by itself (redis-py's
                 # auto_close_connection_pool is off then): without this its sockets stayed open.
-                await self.client.aclose(close_connection_pool=True)
+                await _close_client(self.client)
         except (TimeoutError, *self._errors):  # pragma: no cover - closing a dead connection
             pass
 
@@ -630,6 +630,20 @@ def _client(options: RedisOptions, aioredis, Retry, NoBackoff):
         ssl=tls,
         **auth,
     )
+
+
+async def _close_client(client) -> None:
+    """Close a client and every socket it holds, whatever the mode."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        await client.aclose()  # closes the connections of every node
+        return
+    await client.aclose(close_connection_pool=True)
+    # Sentinel mode: the pool asks the sentinels for the master through clients of its own.
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose(close_connection_pool=True)
 
 
 def _host_port(address: str) -> tuple[str, int]:
