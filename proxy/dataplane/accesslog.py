@@ -67,6 +67,8 @@ class AccessLog:
         cache = cache_result(ex.response_headers) if ex.response_headers else None
         duration_ms = (time.perf_counter() - started) * 1000
         target = ex.target.decode("latin-1")[:_MAX_TARGET]
+        tracing = getattr(ex, "tracing", None)  # set on routes of a policy with tracing:
+        trace_id = tracing.trace_id.hex() if tracing is not None else None
         if self.format == "json":
             now = time.time()
             record = {
@@ -84,10 +86,12 @@ class AccessLog:
                 "request_id": ex.request_id.decode("latin-1"),
                 "duration_ms": round(duration_ms, 1),
             }
+            if trace_id is not None:
+                record["trace_id"] = trace_id
             log.info("%s", json.dumps(record, separators=(",", ":")))
             return
         log.info(
-            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms',
+            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms%s',
             client or "-",
             method,
             target,
@@ -100,6 +104,7 @@ class AccessLog:
             error or "-",
             ex.request_id.decode("latin-1"),
             duration_ms,
+            "" if trace_id is None else f" trace={trace_id}",
         )
 
 

@@ -56,6 +56,7 @@ class Exchange:
         "upgrade",
         "upstream_target",
         "interim",
+        "tracing",  # proxy.tracing.tracer.RequestTrace; set (and read) only by the tracing layers
     )
 
     def __init__(

@@ -1,0 +1,225 @@
+"""Spans for one request and its tries, as two pipeline layers built only when tracing is on.
+
+``ServerSpanLayer`` wraps a route's whole pipeline: it continues the client's
+trace (or starts one, sampled at ``tracing.sample``), and once the pipeline has
+a reply it fills the server span from what the layers decided. ``ClientSpanLayer``
+wraps the forwarder: one client span per try, and the ``traceparent`` the
+upstream receives names that try's span as its parent. A route of a policy
+without ``tracing:`` gets neither layer, so it pays nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from prometheus_client.samples import Exemplar
+
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.dataplane.accesslog import cache_result
+from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.tracing.context import format_traceparent, incoming_context
+from proxy.tracing.export import SpanExporter
+from proxy.tracing.options import TracingOptions, resolve_headers
+from proxy.tracing.spans import CLIENT, SERVER, Span
+
+_BULKHEAD_REASONS = ("bulkhead_full", "bulkhead_timeout")
+
+
+class Tracer:
+    """Sampling, ids and the exporter of one policy's tracing section (kept across reloads if unchanged)."""
+
+    def __init__(
+        self,
+        options: TracingOptions,
+        metrics,
+        clock: Clock = SYSTEM_CLOCK,
+        sampler: random.Random | None = None,
+    ):
+        self.options = options
+        self.rate = options.sample
+        # The sampling draws and the ids come from separate sources, so a seeded sampler
+        # gives the same decisions whatever else asks for random numbers.
+        self._draw = (sampler or random.Random(options.sample_seed)).random
+        self._bits = (
+            random.SystemRandom().getrandbits if options.sample_seed is None else random.Random().getrandbits
+        )
+        self.metrics = metrics
+        self.exporter = SpanExporter(
+            options.traces_url,
+            resolve_headers(options.headers),
+            options.service_name,
+            options.queue_size,
+            metrics,
+            clock,
+        )
+
+    def new_trace_id(self) -> bytes:
+        return (self._bits(128) or 1).to_bytes(16, "big")
+
+    def new_span_id(self) -> bytes:
+        return (self._bits(64) or 1).to_bytes(8, "big")
+
+    def sample_root(self) -> bool:
+        return self._draw() < self.rate
+
+    def start(self) -> None:
+        self.exporter.start()
+
+    async def close(self) -> None:
+        await self.exporter.close()
+
+
+class RequestTrace:
+    """What the layers of one request share: its trace, its server span and the tries so far."""
+
+    __slots__ = ("trace_id", "sampled", "span", "headers", "tries", "last_end")
+
+    def __init__(self, trace_id: bytes, sampled: bool, span: Span | None, headers) -> None:
+        self.trace_id = trace_id
+        self.sampled = sampled
+        self.span = span
+        self.headers = headers  # the forwarded headers without the client's traceparent
+        self.tries = 0
+        self.last_end = 0  # when the previous try ended (ns), for the backoff before the next
+
+
+class ServerSpanLayer:
+    __slots__ = ("next", "tracer", "route", "upstream", "histogram", "has_rate_limit", "has_bulkhead")
+
+    def __init__(self, next_handler, tracer: Tracer, route, metrics) -> None:
+        self.next = next_handler
+        self.tracer = tracer
+        self.route = route.name
+        self.upstream = route.upstream
+        self.histogram = metrics.request_duration.labels(route.name)
+        self.has_rate_limit = bool(getattr(route, "rate_limit", None))
+        self.has_bulkhead = getattr(route, "bulkhead", None) is not None
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        tracer = self.tracer
+        parent = incoming_context(ex.request_headers)
+        if parent is None:
+            trace_id, parent_id, sampled = tracer.new_trace_id(), b"", tracer.sample_root()
+        else:
+            trace_id, parent_id, sampled = parent
+        span = None
+        if sampled:
+            span = Span(
+                trace_id, tracer.new_span_id(), parent_id, f"{ex.method} {self.route}", SERVER, time.time_ns()
+            )
+            if parent is not None:
+                for name, value in ex.request_headers:
+                    if name == b"tracestate":
+                        span.trace_state = value.decode("latin-1")[:512]
+                        break
+        headers = [h for h in ex.headers if h[0] != b"traceparent"]
+        state = RequestTrace(trace_id, sampled, span, headers)
+        ex.tracing = state
+        if ex.trace is not None:
+            ex.note(f"trace {trace_id.hex()}")
+        try:
+            reply = await self.next(ex)
+        except BaseException as error:
+            if span is not None:
+                span.error = type(error).__name__
+                self._finish(span, ex, 499, None)
+            raise
+        if span is not None:
+            self._finish(span, ex, reply.status, reply)
+        return reply
+
+    def _finish(self, span: Span, ex: Exchange, status: int, reply) -> None:
+        span.end_ns = end = time.time_ns()
+        a = span.attributes
+        a["http.request.method"] = ex.method
+        target = ex.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        a["url.path"] = path
+        if query:
+            a["url.query"] = query
+        if ex.host is not None:
+            a["server.address"] = ex.host.decode("latin-1")
+        if ex.client:
+            a["client.address"] = ex.client
+        a["http.response.status_code"] = status
+        a["fender.route"] = self.route
+        a["fender.upstream"] = self.upstream
+        a["fender.request_id"] = ex.request_id.decode("latin-1")
+        a["fender.tries"] = len(ex.tried)
+        reason = reply.reason if isinstance(reply, LocalReply) else None
+        if reason is not None:
+            a["fender.local_reason"] = reason
+            a["error.type"] = reason
+        cache = cache_result(ex.response_headers) if ex.response_headers else None
+        if cache is not None:
+            a["fender.cache_status"] = cache
+        if self.has_rate_limit:
+            a["fender.rate_limit"] = "limited" if reason == "rate_limited" else "allowed"
+        if self.has_bulkhead and ex.tracing.tries or reason in _BULKHEAD_REASONS:
+            a["fender.bulkhead"] = reason if reason in _BULKHEAD_REASONS else "admitted"
+        if reason == "breaker_open":
+            span.events.append((end, "breaker_open", {"fender.upstream": self.upstream}))
+        if status >= 500:
+            span.error = reason or f"HTTP {status}"
+        self.tracer.exporter.add(span)
+        # The exemplar: this trace, on the request-duration bucket its duration falls in.
+        seconds = time.perf_counter() - ex.started
+        child = self.histogram
+        for index, bound in enumerate(child._upper_bounds):
+            if seconds <= bound:
+                child._buckets[index].set_exemplar(
+                    Exemplar({"trace_id": span.trace_id.hex()}, seconds, end / 1e9)
+                )
+                break
+
+
+class ClientSpanLayer:
+    """Around the forwarder: the traceparent for this try, and its client span when sampled."""
+
+    __slots__ = ("next", "tracer", "upstream")
+
+    def __init__(self, next_handler, tracer: Tracer, upstream_name: str) -> None:
+        self.next = next_handler
+        self.tracer = tracer
+        self.upstream = upstream_name
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        state: RequestTrace = ex.tracing
+        span_id = self.tracer.new_span_id()
+        state.tries += 1
+        # Set, then the forwarder copies ex.headers before its first await: concurrent tries
+        # (hedges) each send their own traceparent.
+        ex.headers = state.headers + [
+            (b"traceparent", format_traceparent(state.trace_id, span_id, state.sampled))
+        ]
+        server = state.span
+        if server is None:
+            return await self.next(ex)
+        start = time.time_ns()
+        span = Span(state.trace_id, span_id, server.span_id, ex.method, CLIENT, start)
+        attempt = state.tries
+        backoff = (start - state.last_end) / 1e6 if attempt > 1 and state.last_end else 0.0
+        reply = await self.next(ex)
+        span.end_ns = state.last_end = time.time_ns()
+        a = span.attributes
+        a["http.request.method"] = ex.method
+        a["fender.upstream"] = self.upstream
+        if ex.replica_name is not None:
+            a["fender.replica"] = ex.replica_name
+            host, _, port = ex.replica_name.rpartition(":")
+            if port.isdigit():
+                a["server.address"] = host
+                a["server.port"] = int(port)
+        a["fender.attempt"] = attempt
+        if attempt > 1:
+            a["http.request.resend_count"] = attempt - 1
+        a["fender.backoff_ms"] = round(backoff, 3)
+        a["http.response.status_code"] = reply.status
+        if isinstance(reply, LocalReply):
+            a["error.type"] = a["fender.fault"] = reply.reason
+            span.error = reply.reason
+        elif reply.status >= 500:
+            span.error = f"HTTP {reply.status}"
+        self.tracer.exporter.add(span)
+        return reply
