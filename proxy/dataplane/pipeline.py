@@ -79,7 +79,7 @@ def build_pipeline(route, ctx: LayerContext) -> Handler:
     if tracer is not None:
         from proxy.tracing.tracer import ClientSpanLayer
 
-        handler = _fast_callable(ClientSpanLayer(handler, tracer, ctx.upstream.name))
+        handler = _fast_callable(ClientSpanLayer(handler, tracer, ctx.upstream))
     for build_layer in reversed(_layer_builders()):
         wrapped = build_layer(route, handler, ctx)
         if wrapped is not None:

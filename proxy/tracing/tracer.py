@@ -10,15 +10,17 @@ without ``tracing:`` gets neither layer, so it pays nothing.
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from bisect import bisect_left
 
 from prometheus_client.samples import Exemplar
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.accesslog import cache_result
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
-from proxy.tracing.context import format_traceparent, incoming_context
+from proxy.tracing.context import incoming_context
 from proxy.tracing.export import SpanExporter
 from proxy.tracing.options import TracingOptions, resolve_headers
 from proxy.tracing.spans import CLIENT, SERVER, Span
@@ -41,9 +43,9 @@ class Tracer:
         # The sampling draws and the ids come from separate sources, so a seeded sampler
         # gives the same decisions whatever else asks for random numbers.
         self._draw = (sampler or random.Random(options.sample_seed)).random
-        self._bits = (
-            random.SystemRandom().getrandbits if options.sample_seed is None else random.Random().getrandbits
-        )
+        # Ids need to be unique, not secret (as in the OpenTelemetry SDK): a Mersenne Twister seeded
+        # from the OS, where SystemRandom would cost a system call per id.
+        self._bits = random.Random(os.urandom(32)).getrandbits
         self.metrics = metrics
         self.exporter = SpanExporter(
             options.traces_url,
@@ -73,7 +75,7 @@ class Tracer:
 class RequestTrace:
     """What the layers of one request share: its trace, its server span and the tries so far."""
 
-    __slots__ = ("trace_id", "sampled", "span", "headers", "tries", "last_end")
+    __slots__ = ("trace_id", "sampled", "span", "headers", "tries", "last_end", "prefix", "suffix")
 
     def __init__(self, trace_id: bytes, sampled: bool, span: Span | None, headers) -> None:
         self.trace_id = trace_id
@@ -82,6 +84,9 @@ class RequestTrace:
         self.headers = headers  # the forwarded headers without the client's traceparent
         self.tries = 0
         self.last_end = 0  # when the previous try ended (ns), for the backoff before the next
+        # traceparent around each try's span id (format_traceparent, in two halves made once)
+        self.prefix = b"00-" + trace_id.hex().encode() + b"-"
+        self.suffix = b"-01" if sampled else b"-00"
 
 
 class ServerSpanLayer:
@@ -166,23 +171,24 @@ class ServerSpanLayer:
         # The exemplar: this trace, on the request-duration bucket its duration falls in.
         seconds = time.perf_counter() - ex.started
         child = self.histogram
-        for index, bound in enumerate(child._upper_bounds):
-            if seconds <= bound:
-                child._buckets[index].set_exemplar(
-                    Exemplar({"trace_id": span.trace_id.hex()}, seconds, end / 1e9)
-                )
-                break
+        index = bisect_left(child._upper_bounds, seconds)  # the bucket observe() counts it in (+Inf last)
+        if index < len(child._buckets):
+            child._buckets[index].set_exemplar(
+                Exemplar({"trace_id": span.trace_id.hex()}, seconds, end / 1e9)
+            )
 
 
 class ClientSpanLayer:
     """Around the forwarder: the traceparent for this try, and its client span when sampled."""
 
-    __slots__ = ("next", "tracer", "upstream")
+    __slots__ = ("next", "tracer", "upstream", "_peers")
 
-    def __init__(self, next_handler, tracer: Tracer, upstream_name: str) -> None:
+    def __init__(self, next_handler, tracer: Tracer, upstream) -> None:
         self.next = next_handler
         self.tracer = tracer
-        self.upstream = upstream_name
+        self.upstream = upstream.name
+        # The attributes naming each replica, made once (the names come from the policy).
+        self._peers = {r.name: _peer_attributes(r) for r in upstream.replicas}
 
     async def __call__(self, ex: Exchange) -> Reply:
         state: RequestTrace = ex.tracing
@@ -190,9 +196,7 @@ class ClientSpanLayer:
         state.tries += 1
         # Set, then the forwarder copies ex.headers before its first await: concurrent tries
         # (hedges) each send their own traceparent.
-        ex.headers = state.headers + [
-            (b"traceparent", format_traceparent(state.trace_id, span_id, state.sampled))
-        ]
+        ex.headers = state.headers + [(b"traceparent", state.prefix + span_id.hex().encode() + state.suffix)]
         server = state.span
         if server is None:
             return await self.next(ex)
@@ -202,15 +206,10 @@ class ClientSpanLayer:
         backoff = (start - state.last_end) / 1e6 if attempt > 1 and state.last_end else 0.0
         reply = await self.next(ex)
         span.end_ns = state.last_end = time.time_ns()
-        a = span.attributes
-        a["http.request.method"] = ex.method
-        a["fender.upstream"] = self.upstream
-        if ex.replica_name is not None:
-            a["fender.replica"] = ex.replica_name
-            host, _, port = ex.replica_name.rpartition(":")
-            if port.isdigit():
-                a["server.address"] = host
-                a["server.port"] = int(port)
+        a = span.attributes = {"http.request.method": ex.method, "fender.upstream": self.upstream}
+        peer = self._peers.get(ex.replica_name)  # None when no replica could take the try
+        if peer is not None:
+            a.update(peer)
         a["fender.attempt"] = attempt
         if attempt > 1:
             a["http.request.resend_count"] = attempt - 1
@@ -223,3 +222,13 @@ class ClientSpanLayer:
             span.error = f"HTTP {reply.status}"
         self.tracer.exporter.add(span)
         return reply
+
+
+def _peer_attributes(replica) -> dict:
+    if replica.unix_path is not None:
+        return {
+            "fender.replica": replica.name,
+            "network.transport": "unix",
+            "network.peer.address": replica.unix_path,
+        }
+    return {"fender.replica": replica.name, "server.address": replica.host, "server.port": replica.port}
