@@ -67,7 +67,7 @@ class AccessLog:
         cache = cache_result(ex.response_headers) if ex.response_headers else None
         duration_ms = (time.perf_counter() - started) * 1000
         target = ex.target.decode("latin-1")[:_MAX_TARGET]
-        tracing = getattr(ex, "tracing", None)  # set on routes of a policy with tracing:
+        tracing = ex.tracing
         trace_id = tracing.trace_id.hex() if tracing is not None else None
         if self.format == "json":
             now = time.time()

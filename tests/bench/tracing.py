@@ -8,6 +8,12 @@ interleaved; the report gives the median requests/s and CPU per request and
 the ratios to pass-through (targets, issue 25: 1% within 3%, 100% at least
 70%). Also reports the spans the receiver got and the spans Fender dropped.
 Usage: python tests/bench/tracing.py [--seconds 5] [--rounds 3]
+
+Requests/s on a shared machine move by more than the 1% variant's cost;
+``--instructions`` instead counts instructions per request of each variant
+under callgrind (tests/bench/instructions.py's method; needs valgrind). The
+export's work counts where it falls inside the counted requests (all but the
+last second's batch).
 """
 
 from __future__ import annotations
@@ -90,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--json", default=str(ROOT / "tests" / "bench" / "last-tracing.json"))
+    parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
+    parser.add_argument("--requests", type=int, default=2000, help="with --instructions: requests counted")
+    parser.add_argument("--only", nargs="+", help="measure only these variants (fender is always measured)")
     args = parser.parse_args(argv)
+    if args.instructions:
+        return count_instructions(args)
     load = run_wrk if shutil.which("wrk") else run_python_load
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-tracing-"))
@@ -103,11 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_port(upstream)
         wait_port(receiver)
         endpoint = f"http://127.0.0.1:{receiver}"
-        for name, tracing in (
-            ("fender", ""),
-            ("tracing_1pct", f"tracing: {{otlp_endpoint: '{endpoint}', sample: 1%}}\n"),
-            ("tracing_100pct", f"tracing: {{otlp_endpoint: '{endpoint}', sample: 100%}}\n"),
-        ):
+        for name, tracing in variants(endpoint).items():
+            if name == "tracing_0pct":
+                continue  # a row of --instructions only: below the noise of requests/s
             port, admin = free_port(), free_port()
             path = policy(workdir, name, port, admin, upstream, tracing)
             cmd = [*taskset(0), sys.executable, "-m", "proxy", "run", str(path), "--log-level", "warning"]
@@ -154,6 +163,55 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {"summary": summary, "ratios": ratios, "cpu_ratios": cpu, "targets": TARGETS, "spans": spans}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def variants(endpoint: str) -> dict[str, str]:
+    return {
+        "fender": "",
+        # 0%: the request path's own cost with tracing on (context read, traceparent written, no spans)
+        "tracing_0pct": f"tracing: {{otlp_endpoint: '{endpoint}', sample: 0%}}\n",
+        "tracing_1pct": f"tracing: {{otlp_endpoint: '{endpoint}', sample: 1%}}\n",
+        "tracing_100pct": f"tracing: {{otlp_endpoint: '{endpoint}', sample: 100%}}\n",
+    }
+
+
+def count_instructions(args) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import instructions  # the callgrind measurement of make bench-instructions
+
+    procs = Procs()
+    workdir = Path(tempfile.mkdtemp(prefix="fender-bench-tracing-"))
+    upstream, receiver = free_port(), free_port()
+    per_request = {}
+    try:
+        procs.start([*taskset(1), sys.executable, "-c", RAW_UPSTREAM, str(upstream)])
+        procs.start([*taskset(1), sys.executable, "-c", RECEIVER, str(receiver)])
+        wait_port(upstream)
+        wait_port(receiver)
+        for name, tracing in variants(f"http://127.0.0.1:{receiver}").items():
+            if args.only and name != "fender" and name not in args.only:
+                continue
+            instructions.policy = lambda wd, n, port, admin, *_, t=tracing: policy(
+                wd, n, port, admin, upstream, t
+            )
+            instructions.PATHS[name] = "/"
+            per_request[name] = instructions.measure(workdir, name, upstream, upstream, args.requests, procs)
+            print(f"{name:16s} {per_request[name]:10.0f} instructions/request", file=sys.stderr)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    base = per_request["fender"]
+    report = {
+        "instructions_per_request": {k: round(v) for k, v in per_request.items()},
+        # As throughput at equal CPU: pass-through's instructions / this variant's.
+        "ratios": {f"{k}_vs_fender": round(base / v, 3) for k, v in per_request.items() if k != "fender"},
+        "targets": TARGETS,
+    }
+    Path(args.json).with_name("last-tracing-instructions.json").write_text(
+        json.dumps(report, indent=2) + "\n"
+    )
     print(json.dumps(report, indent=2))
     return 0
 

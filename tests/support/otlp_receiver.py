@@ -28,6 +28,7 @@ class OtlpReceiver:
         self.hold.set()
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
         self.port = 0
 
     @property
@@ -42,6 +43,9 @@ class OtlpReceiver:
     async def __aexit__(self, *exc) -> None:
         self.hold.set()
         self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
         await self._server.wait_closed()
 
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:
@@ -50,6 +54,8 @@ class OtlpReceiver:
                 await self._changed.wait_for(lambda: predicate(self.spans))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -77,9 +83,10 @@ class OtlpReceiver:
                     % (len(reply), reply)
                 )
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the exporter closed its connection, or the test ended
         finally:
+            self._connections.discard(task)
             writer.close()
 
 
