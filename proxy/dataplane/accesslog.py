@@ -68,7 +68,14 @@ class AccessLog:
         duration_ms = (time.perf_counter() - started) * 1000
         target = ex.target.decode("latin-1")[:_MAX_TARGET]
         tracing = ex.tracing
-        trace_id = tracing.trace_id.hex() if tracing is not None else None
+        # A sampled request's RequestTrace, or an unsampled one's traceparent (00-<trace id>-...).
+        trace_id = (
+            None
+            if tracing is None
+            else tracing[3:35].decode()
+            if type(tracing) is bytes
+            else tracing.trace_id.hex()
+        )
         if self.format == "json":
             now = time.time()
             record = {
