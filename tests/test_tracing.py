@@ -125,9 +125,11 @@ async def test_a_sampled_parent_is_continued_and_the_upstream_sees_fenders_span(
     assert any(f"trace={TRACE}" in r.getMessage() for r in caplog.records if r.name == "fender.access")
 
 
-async def test_an_unsampled_parent_is_not_recorded_but_still_propagated(start_fender):
+async def test_an_unsampled_parent_is_not_recorded_but_still_propagated(start_fender, caplog):
+    caplog.set_level(logging.INFO, "fender.access")
     async with OtlpReceiver() as collector, RawUpstream(ok()) as up:
-        fender = await start_fender(traced(collector.url, up.port, sample="100%"))
+        text = traced(collector.url, up.port, sample="100%")
+        fender = await start_fender(text.replace("listen:", "server: {access_log: true}\nlisten:", 1))
         async with httpx.AsyncClient() as client:
             unsampled = {"traceparent": f"00-{TRACE}-{PARENT}-00"}
             assert (await client.get(fender.url + "/", headers=unsampled)).status_code == 200
@@ -140,6 +142,8 @@ async def test_an_unsampled_parent_is_not_recorded_but_still_propagated(start_fe
     trace_id, span_id, flag = upstream_traceparent(up, 0)
     assert (trace_id.hex(), flag) == (TRACE, False)
     assert span_id.hex() != PARENT  # Fender is the upstream's parent even when not recording
+    lines = [r.getMessage() for r in caplog.records if r.name == "fender.access"]
+    assert f"trace={TRACE}" in lines[0]
 
 
 async def test_new_roots_are_sampled_at_the_configured_rate_with_a_seeded_sampler(start_fender):
