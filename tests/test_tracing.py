@@ -344,3 +344,44 @@ async def test_exemplars_link_the_duration_histogram_to_traces_in_openmetrics(st
     assert any(f'# {{trace_id="{TRACE}"}}' in line and 'route="all"' in line for line in lines)
     assert om.text.rstrip().endswith("# EOF")
     assert "trace_id" not in plain.text  # the Prometheus text format has no exemplars
+
+
+# --------------------------------------------------------------------------- reload
+
+
+async def test_a_reload_turns_tracing_on_keeps_the_tracer_when_unchanged_and_turns_it_off(tmp_path):
+    from proxy.config import load_policy
+    from proxy.dataplane.pipeline import TRACER_KEY
+    from proxy.server import Fender, bind_socket
+
+    async with OtlpReceiver() as collector, RawUpstream(ok()) as up:
+        plain = "reload: {watch: false}\n" + policy_text(up.port)
+        path = tmp_path / "policy.yaml"
+        path.write_text(plain)
+        fender = Fender(load_policy(path), str(path))
+        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{fender.data_port}/"
+        sent = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+        try:
+            async with httpx.AsyncClient() as client:
+                await client.get(url, headers=sent)
+                assert up.requests[-1].header(b"traceparent") == sent["traceparent"].encode()
+                path.write_text(tracing(collector.url) + plain)
+                assert (await fender.reloader.reload("api")).result == "applied"
+                tracer = fender.runtime.shared[TRACER_KEY]
+                await client.get(url, headers=sent)
+                await collector.wait_for(lambda spans: len(of_trace(spans, TRACE)) == 2)
+                assert upstream_traceparent(up)[1] != bytes.fromhex(PARENT)
+                # A reload that leaves tracing: as it was keeps the tracer (its queue and export task).
+                other = plain.replace("listen:", "server: {access_log: true}\nlisten:", 1)
+                path.write_text(tracing(collector.url) + other)
+                assert (await fender.reloader.reload("api")).result == "applied"
+                assert fender.runtime.policy.server.access_log  # a new runtime ...
+                assert fender.runtime.shared[TRACER_KEY] is tracer  # ... with the same tracer
+                path.write_text(plain)
+                assert (await fender.reloader.reload("api")).result == "applied"
+                assert TRACER_KEY not in fender.runtime.shared
+                await client.get(url, headers=sent)
+                assert up.requests[-1].header(b"traceparent") == sent["traceparent"].encode()
+        finally:
+            await fender.stop()
