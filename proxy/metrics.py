@@ -519,6 +519,19 @@ class Metrics:
             buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 21600),
             registry=r,
         )
+        # Distributed tracing (proxy/tracing/), present only with a tracing: section in use.
+        self.trace_spans_exported = Counter(
+            "fender_trace_spans_exported_total",
+            "Spans the OTLP collector accepted.",
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            "fender_trace_spans_dropped_total",
+            "Spans never exported, by reason: queue_full (the export queue was at tracing.queue_size) or "
+            "export_failed (the collector refused or could not be reached, after retries).",
+            ["reason"],
+            registry=r,
+        )
 
     def active_count(self, route: str) -> ActiveCount:
         """The in-flight counter of a route (created once per route name, exported by a gauge function)."""

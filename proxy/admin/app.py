@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -80,6 +81,10 @@ def build_admin_app(fender: Fender) -> Starlette:
         for upstream in fender.dataplane.runtime.upstreams.values():
             upstream.export_pool_gauges()
         # Rendering many series takes milliseconds; a worker thread keeps the event loop serving.
+        if "application/openmetrics-text" in request.headers.get("accept", ""):
+            # OpenMetrics when the scraper asks for it: the exposition that carries exemplars (trace ids).
+            body = await run_in_threadpool(openmetrics.generate_latest, fender.metrics.registry)
+            return Response(body, media_type=openmetrics.CONTENT_TYPE_LATEST)
         body = await run_in_threadpool(generate_latest, fender.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

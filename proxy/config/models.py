@@ -78,6 +78,7 @@ from proxy.config.base import (  # noqa: E402  (re-exported: the models' buildin
 )
 from proxy.resilience.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 from proxy.state.options import StateOptions  # noqa: E402
+from proxy.tracing.options import TracingOptions  # noqa: E402
 
 # --------------------------------------------------------------------------- listen addresses
 
@@ -1053,6 +1054,15 @@ class Policy(PolicyModel):
         description=(
             "Where state shared by a fleet of sidecars lives: memory (each sidecar alone, the default) or "
             "redis (a shared cache tier, fleet-wide invalidations, rate limits with scope: global)."
+        ),
+    )
+
+    # section: tracing
+    tracing: TracingOptions | None = Field(
+        default=None,
+        description=(
+            "Distributed tracing: continue W3C Trace Context, export a span per request and per try over "
+            "OTLP/HTTP. Off when absent (traceparent then passes through untouched)."
         ),
     )
 

@@ -67,6 +67,15 @@ class AccessLog:
         cache = cache_result(ex.response_headers) if ex.response_headers else None
         duration_ms = (time.perf_counter() - started) * 1000
         target = ex.target.decode("latin-1")[:_MAX_TARGET]
+        tracing = ex.tracing
+        # A sampled request's RequestTrace, or an unsampled one's traceparent (00-<trace id>-...).
+        trace_id = (
+            None
+            if tracing is None
+            else tracing[3:35].decode()
+            if type(tracing) is bytes
+            else tracing.trace_id.hex()
+        )
         if self.format == "json":
             now = time.time()
             record = {
@@ -84,10 +93,12 @@ class AccessLog:
                 "request_id": ex.request_id.decode("latin-1"),
                 "duration_ms": round(duration_ms, 1),
             }
+            if trace_id is not None:
+                record["trace_id"] = trace_id
             log.info("%s", json.dumps(record, separators=(",", ":")))
             return
         log.info(
-            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms',
+            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms%s',
             client or "-",
             method,
             target,
@@ -100,6 +111,7 @@ class AccessLog:
             error or "-",
             ex.request_id.decode("latin-1"),
             duration_ms,
+            "" if trace_id is None else f" trace={trace_id}",
         )
 
 

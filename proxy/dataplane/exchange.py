@@ -56,6 +56,7 @@ class Exchange:
         "upgrade",
         "upstream_target",
         "interim",
+        "tracing",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class Exchange:
         self.upstream_target: bytes | None = None
         # The ASGI send when the server relays informational answers (fender.response.interim).
         self.interim = None
+        # This request's trace (proxy.tracing.tracer.RequestTrace) on routes of a policy with tracing:.
+        self.tracing = None
 
     def relay_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Pass a 103 Early Hints (or other 1xx) from the upstream to the client as it arrives.

@@ -69,10 +69,23 @@ def _fast_callable(handler: Handler) -> Handler:
     return handler.__call__  # type: ignore[return-value]
 
 
+# Key of the policy's proxy.tracing.tracer.Tracer in ``ctx.shared``; absent without ``tracing:``.
+TRACER_KEY = "fender.tracer"
+
+
 def build_pipeline(route, ctx: LayerContext) -> Handler:
     handler: Handler = _fast_callable(Forwarder(ctx.upstream, route, ctx.clock))
+    tracer = ctx.shared.get(TRACER_KEY)
+    if tracer is not None:
+        from proxy.tracing.tracer import ClientSpanLayer
+
+        handler = _fast_callable(ClientSpanLayer(handler, tracer, ctx.upstream))
     for build_layer in reversed(_layer_builders()):
         wrapped = build_layer(route, handler, ctx)
         if wrapped is not None:
             handler = _fast_callable(wrapped)
+    if tracer is not None:
+        from proxy.tracing.tracer import ServerSpanLayer
+
+        handler = _fast_callable(ServerSpanLayer(handler, tracer, route, ctx.metrics))
     return handler

@@ -47,7 +47,7 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
-from proxy.dataplane.pipeline import Handler, LayerContext, build_pipeline
+from proxy.dataplane.pipeline import TRACER_KEY, Handler, LayerContext, build_pipeline
 from proxy.dataplane.router import IndexedRouter, Router, build_router, compile_match
 from proxy.metrics import Metrics, RouteMetrics, TunnelMetrics
 from proxy.ops.checkpoint import CheckpointProviders
@@ -61,7 +61,7 @@ BUFFER_BODY_LIMIT = 64 * 1024
 # Reserved keys in ``Runtime.shared`` (module keys are module names, so they never clash).
 HANDOVER_KEY = "fender.handover"
 CHECKPOINTS_KEY = "fender.checkpoints"
-_RESERVED = (HANDOVER_KEY, CHECKPOINTS_KEY)
+_RESERVED = (HANDOVER_KEY, CHECKPOINTS_KEY, TRACER_KEY)
 
 T = TypeVar("T")
 
@@ -289,6 +289,12 @@ class Runtime:
             self.checkpoints.register(
                 f"upstream/{name}", upstream.checkpoint_snapshot, upstream.checkpoint_restore
             )
+        tracing = getattr(policy, "tracing", None)
+        if tracing is not None:
+            # One tracer (sampler and exporter) per tracing section; a reload that keeps it keeps the queue.
+            self.shared[TRACER_KEY] = self.handover.keep(
+                ("tracing",), tracing, lambda: _tracer(tracing, metrics, clock)
+            )
         self.routes = [
             RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
             for r in policy.routes
@@ -386,6 +392,12 @@ class Runtime:
 
     async def close(self) -> None:
         await self.retire(set())
+
+
+def _tracer(options, metrics: Metrics, clock: Clock):
+    from proxy.tracing.tracer import Tracer  # imported only by policies that trace
+
+    return Tracer(options, metrics, clock)
 
 
 async def _call_if_present(obj: Any, name: str) -> None:
