@@ -30,7 +30,25 @@ from proxy.ops.reload import Reloader, file_sha256
 log = logging.getLogger("fender")
 
 
-class _GranianServer:
+class _ExitFlag:
+    """``should_exit`` (the flag uvicorn's Server and Fender use) backed by an event, so a loop
+    waiting for it wakes at once instead of polling."""
+
+    _exit: asyncio.Event
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+        else:
+            self._exit.clear()
+
+
+class _GranianServer(_ExitFlag):
     """The data listener on granian's embedded server, behind the interface Fender uses for uvicorn.
 
     granian runs the HTTP/1.1 protocol in Rust and calls the same ASGI
@@ -81,15 +99,6 @@ class _GranianServer:
             writer.close()
             return
 
-    @property
-    def should_exit(self) -> bool:
-        return self._exit.is_set()
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        if value:
-            self._exit.set()
-
     async def main_loop(self) -> None:
         await self._exit.wait()
 
@@ -102,7 +111,7 @@ class _GranianServer:
                 self._task.cancel()
 
 
-class _Server(uvicorn.Server):
+class _Server(_ExitFlag, uvicorn.Server):
     """uvicorn's server, stopped on an event instead of its fixed waits.
 
     uvicorn notices ``should_exit`` on a 0.1 s tick and its shutdown sleeps 0.1 s before it
@@ -119,17 +128,6 @@ class _Server(uvicorn.Server):
     # Signals are handled once for both listeners by Fender, not by each server.
     def capture_signals(self):
         return contextlib.nullcontext()
-
-    @property
-    def should_exit(self) -> bool:
-        return self._exit.is_set()
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        if value:
-            self._exit.set()
-        else:
-            self._exit.clear()
 
     async def main_loop(self) -> None:
         counter = 0

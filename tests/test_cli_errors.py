@@ -57,26 +57,15 @@ def assert_one_line(result: subprocess.CompletedProcess, line: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_proxy_port_in_use_is_one_line_naming_the_listener(tmp_path):
+@pytest.mark.parametrize("listener", ["proxy listener", "admin listener"])
+def test_a_port_in_use_is_one_line_naming_the_listener(tmp_path, listener):
     with held_port() as held:
         port = held.getsockname()[1]
+        taken, free = f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"
         path = tmp_path / "policy.yaml"
-        path.write_text(policy(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+        path.write_text(policy(taken, free) if listener == "proxy listener" else policy(free, taken))
         result = run_fender(str(path), "--log-level", "info")
-    assert_one_line(
-        result, f"fender: cannot listen on 127.0.0.1:{port} (proxy listener): address already in use"
-    )
-
-
-def test_admin_port_in_use_is_one_line_naming_the_listener(tmp_path):
-    with held_port() as held:
-        port = held.getsockname()[1]
-        path = tmp_path / "policy.yaml"
-        path.write_text(policy(f"127.0.0.1:{free_port()}", f"127.0.0.1:{port}"))
-        result = run_fender(str(path))
-    assert_one_line(
-        result, f"fender: cannot listen on 127.0.0.1:{port} (admin listener): address already in use"
-    )
+    assert_one_line(result, f"fender: cannot listen on {taken} ({listener}): address already in use")
 
 
 def test_debug_log_level_shows_the_traceback(tmp_path):
