@@ -25,30 +25,28 @@ from proxy.config import load_policy
 from proxy.server import Fender, bind_socket
 from tests.conftest import ROOT, free_port, policy_text, wait_port
 from tests.support.procs import wait_until
+from tests.support.raw_upstream import RawUpstream, status
 
 _LIMIT = 10.0  # bound on every wait in this file; the pass case takes milliseconds
 
 
 class WsServer:
-    """A websockets echo server on 127.0.0.1; ``close_after`` ends connections from the server side."""
+    """A websockets echo server on 127.0.0.1; the message "close-please" makes it close with code 4000."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.closed = asyncio.Event()
-        self.server_close_after: int | None = None
         self.handlers: list = []
 
     async def handler(self, ws) -> None:
         self.connections += 1
         self.handlers.append(ws)
         try:
-            count = 0
             async for message in ws:
                 if message == "close-please":
                     await ws.close(code=4000, reason="server says bye")
                     return
                 await ws.send(message)
-                count += 1
         except ConnectionClosed:
             pass
         finally:
@@ -387,8 +385,6 @@ async def test_an_open_tunnel_holds_its_upstream_connection_against_the_pool_lim
 
 
 async def test_upgrade_passes_admission_and_is_not_retried_after_an_answer(start_fender):
-    from tests.support.raw_upstream import RawUpstream, status
-
     async with RawUpstream(status(503, b"busy")) as up:
         routes = """
         - name: live
@@ -456,3 +452,20 @@ async def test_half_close_is_passed_on_through_a_tunnel(start_fender):
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_upgrade_protocols_compare_case_insensitively_and_bad_tokens_are_refused_at_their_line():
+    from proxy.config import PolicyError, parse_policy
+
+    routes = """
+    - name: live
+      upstream: echo
+      upgrades: [WebSocket]
+    """
+    policy = parse_policy(policy_text(1, routes), "p.yaml")
+    assert policy.routes[0].upgrades == ("websocket",)
+    text = policy_text(1, routes.replace("[WebSocket]", '["web socket"]'))
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(text, "p.yaml")
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "web socket" in t)
+    assert f"p.yaml:{line}:" in str(refused.value) and "upgrades" in str(refused.value)

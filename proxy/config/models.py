@@ -753,7 +753,9 @@ def _check_match_host(value: str | None) -> str | None:
 # A protocol token of the Upgrade field (RFC 9110 7.8), without a version, lowercase.
 UpgradeProtocol = Annotated[
     str,
-    Field(pattern=r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$", json_schema_extra={"examples": ["websocket"]}),
+    # Tokens compare case-insensitively (RFC 9110 7.8): "WebSocket" is accepted and kept as "websocket".
+    AfterValidator(str.lower),
+    Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$", json_schema_extra={"examples": ["websocket"]}),
 ]
 
 
