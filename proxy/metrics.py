@@ -232,6 +232,34 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: hedged requests
+        self.hedges_sent = Counter(
+            "fender_hedges_sent_total",
+            "Hedges sent: extra tries of a request whose try had not answered after the route's hedge delay.",
+            ["route"],
+            registry=r,
+        )
+        self.hedge_winners = Counter(
+            "fender_hedge_winners_total",
+            "Hedged tries decided, by which try's answer won: first (the hedge lost) or hedge.",
+            ["route", "winner"],
+            registry=r,
+        )
+        self.hedges_skipped = Counter(
+            "fender_hedges_skipped_total",
+            "Hedges not sent, by reason: budget (the hedge budget), retry_budget, deadline, not_idempotent, "
+            "not_replayable (counted once per try when the request may not be hedged at all).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.hedge_delay = Gauge(
+            "fender_hedge_delay_seconds",
+            "The delay after which a slow try gets a hedge (the observed percentile or the fixed duration); "
+            "0 before enough tries were seen.",
+            ["route"],
+            registry=r,
+        )
+
         # metrics: circuit breakers
         self.breaker_state = Gauge(
             "fender_breaker_state",

@@ -102,10 +102,13 @@ def gather(fender: AdminHost) -> dict:
     for tunnel in fender.dataplane.tunnels.open:
         tunnels[tunnel.route_name] = tunnels.get(tunnel.route_name, 0) + 1
     routes = []
+    hedgers = runtime.exposed.get("hedge", {})
     for route in runtime.routes:
         entry = {"name": route.name, "upstream": route.options.upstream}
         entry.update(traffic[route.name])
         entry["open_tunnels"] = tunnels.get(route.name, 0)
+        hedger = hedgers.get(route.name)
+        entry["hedge"] = hedger.snapshot() if hedger is not None else None
         routes.append(entry)
     upstreams = []
     for name, upstream in runtime.upstreams.items():

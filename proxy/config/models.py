@@ -39,7 +39,7 @@ from proxy.options.units import Duration, Percent, Size, describe_value, format_
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.bulkhead.options import BulkheadOptions
 from proxy.policies.ratelimit.options import RateLimits
-from proxy.policies.retry.options import RetryOptions
+from proxy.policies.retry.options import HedgeOptions, RetryOptions
 
 __all__ = [
     "PolicyModel",
@@ -944,6 +944,17 @@ class Route(PolicyModel):
     retry: RetryOptions | None = Field(
         default=None,
         description="Retry failed tries with backoff, within the route's timeout and a retry budget. Absent: no retries.",
+    )
+
+    # section: hedge
+    hedge: HedgeOptions | None = Field(
+        default=None,
+        description=(
+            "Hedged requests: when a try has not answered after the route's observed p95 (or a fixed delay), "
+            "send one more to another replica; the first answer wins and the other is cancelled. Only for "
+            "requests a retry could resend (idempotent or with an Idempotency-Key, replayable body), within "
+            "a hedge budget, the retry budget and the deadline. Absent: off."
+        ),
     )
 
     # section: circuit_breaker

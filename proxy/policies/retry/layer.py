@@ -17,8 +17,10 @@ Otherwise the last answer goes back as it is. Layers never write to the
 client, so a retry can only ever replace an answer nobody has seen yet; the
 upstream response it replaces is closed first (its connection is dropped).
 
-A retry goes to another replica when one is eligible: the forwarder records
-each replica tried in ``ex.tried`` and the replica picker avoids them.
+Each try gets its own view of the exchange (``Exchange.for_attempt``) carrying its per-try
+timeout and the replica it went to. A retry goes to another replica when one is eligible: the
+forwarder records each replica tried in the request's ``tried`` (shared by the views) and the
+replica picker avoids them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
 from proxy.metrics import FastCounter
 from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
-from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
+from proxy.policies.retry.hedge import Hedger
+from proxy.policies.retry.options import STATUS_CLASSES, HedgeOptions, RetryOptions
+from proxy.policies.retry.race import HedgeMetrics, HedgedTry
 
 
 # Forwarder fault reasons (LocalReply.reason) that retry_on may name.
@@ -142,11 +146,13 @@ class RetryLayer:
         started = clock.now()
         budget.request(started)
         nxt = self.next
-        ex.try_timeout = self.per_try_timeout
+        per_try_timeout = self.per_try_timeout
         tried = 1
         previous_wait = self.backoff.initial
         while True:
-            reply = await nxt(ex)
+            attempt = ex.for_attempt(per_try_timeout)
+            reply = await nxt(attempt)
+            ex.settle(attempt)
             condition = self._condition(reply)
             if condition is None or tried >= self.attempts:
                 return reply
@@ -191,6 +197,20 @@ class RetryLayer:
 
 def build_layer(route, next_handler, ctx) -> RetryLayer | None:
     options: RetryOptions | None = getattr(route, "retry", None)
-    if options is None or options.attempts <= 1:
+    hedge: HedgeOptions | None = getattr(route, "hedge", None)
+    if hedge is not None and options is None:
+        options = RetryOptions(attempts=1)  # hedges without retries: the default budget and methods
+    if options is None or (options.attempts <= 1 and hedge is None):
         return None
-    return RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
+    layer = RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
+    if hedge is not None:
+        _hedge(layer, route, hedge, ctx)
+    return layer
+
+
+def _hedge(layer: RetryLayer, route, options: HedgeOptions, ctx) -> None:
+    """Put a HedgedTry between the retry layer and its next handler (the forwarder's side)."""
+    # Kept across reloads with equal settings: the latency estimate is what the route learnt.
+    hedger = ctx.keep(("hedge", route.name), options, lambda: Hedger(route.name, options, ctx.clock))
+    ctx.expose("hedge", route.name, hedger)
+    layer.next = HedgedTry(layer, layer.next, hedger, HedgeMetrics(ctx.metrics, route.name, hedger)).__call__
