@@ -9,7 +9,7 @@ from proxy.clock import Clock
 from proxy.config.models import Route
 from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import UPSTREAM_FAULTS
-from proxy.policies.breaker.machine import CLOSED, STATE_NAMES, CircuitBreaker, log
+from proxy.policies.breaker.machine import STATE_NAMES, CircuitBreaker, log
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.context import LayerContext
 
@@ -47,19 +47,13 @@ class BreakerLayer:
         wait = max(1, math.ceil(self.breaker.retry_after()))
         extra = [(b"retry-after", str(wait).encode())]
         if self._fallback is None:
-            return LocalReply(
-                "breaker_open", f"circuit {self.breaker.name} is open", status=503, headers=extra
-            )
+            return LocalReply("breaker_open", f"circuit {self.breaker.name}", headers=extra)
         status, body, content_type = self._fallback
-        reply = LocalReply("breaker_open", status=status, headers=extra)
-        reply.body = body
-        reply.headers[0] = (b"content-type", content_type)
-        reply.headers[1] = (b"content-length", str(len(body)).encode())
-        return reply
+        return LocalReply("breaker_open", status=status, headers=extra, body=body, content_type=content_type)
 
     async def __call__(self, ex: Exchange) -> Reply:
         breaker = self.breaker
-        token = breaker.epoch if breaker.state == CLOSED else breaker.acquire()
+        token = breaker.acquire()
         if token < 0:
             if ex.trace is not None:
                 ex.note(self._note + STATE_NAMES[breaker.state] + " rejected")
@@ -79,9 +73,8 @@ class BreakerLayer:
             elif reason in UPSTREAM_FAULTS:
                 breaker.record(token, False, self.clock.now() - started)
             else:
-                breaker.release(
-                    token
-                )  # Fender's own answer (bulkhead, limits): says nothing about the upstream
+                # Fender's own answer (bulkhead, limits): says nothing about the upstream.
+                breaker.release(token)
         else:
             now = self.clock.now()
             breaker.record(token, reply.status in self._statuses, now - started, now)
