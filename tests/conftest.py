@@ -413,4 +413,3 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.e2e)
         if name in EXTERNAL_FILES:
             item.add_marker(pytest.mark.external)
-
