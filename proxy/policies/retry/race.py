@@ -34,7 +34,7 @@ class RetryRules(Protocol):
     budget: RetryBudget
     methods: frozenset[str]
     max_replay: int
-    _statuses: dict[int, str]
+    _statuses: frozenset[int]
 
 
 class HedgeMetrics:
