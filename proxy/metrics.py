@@ -232,6 +232,21 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: slow start
+        self.replica_slow_starts = Counter(
+            "fender_replica_slow_starts_total",
+            "Slow starts begun: a replica came back into rotation (un-ejected, healthy again, undrained, new "
+            "in a reload) on an upstream with slow_start.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+        self.replica_slow_start_share = Gauge(
+            "fender_replica_slow_start_share",
+            "Share of its picks a replica keeps now: from 0.1 when it comes back to 1 at the end of slow_start.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+
         # metrics: hedged requests
         self.hedges_sent = Counter(
             "fender_hedges_sent_total",

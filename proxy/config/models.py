@@ -33,7 +33,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.cluster.options import Balance, HealthCheckOptions, OutlierDetectionOptions
+from proxy.cluster.options import (
+    SLOW_START_DESCRIPTION,
+    Balance,
+    HealthCheckOptions,
+    OutlierDetectionOptions,
+)
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
 from proxy.policies.breaker.options import BreakerOptions
@@ -625,6 +630,9 @@ class Upstream(PolicyModel):
             "round_robin (smooth weighted), least_request (the less loaded of two random picks, Envoy's "
             "power of two choices) or random."
         ),
+    )
+    slow_start: Annotated[Duration | None, Field(gt=0, le=3600)] = Field(
+        default=None, description=SLOW_START_DESCRIPTION
     )
     health_check: HealthCheckOptions | None = Field(
         default=None,

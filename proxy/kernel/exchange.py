@@ -141,8 +141,9 @@ class Exchange:
         shares the request itself and what is the request's across its tries: ``tried`` (every
         replica any try chose, so the next one picks another), ``response_headers``, ``trace``
         and ``tracing``. The layer that made the view calls :meth:`settle` with the try whose
-        answer it keeps. One allocation of slot copies, no dict; a route without a retry or
-        hedge layer makes none (its forwarder writes the exchange, its only try).
+        answer it keeps. One allocation of slot copies, no dict (measured: ~6k instructions of
+        ~300k per request when every try made one), so the first try runs on the exchange itself
+        and only a retry or a hedge gets a view.
         """
         view = _new_exchange(Exchange)
         view.method = self.method

@@ -280,6 +280,9 @@
           cell("Health", el("span", { class: "health" }, health)),
           cell("Traffic", el("span", { class: "serving" }, serving)),
           cell("In flight", String(r.in_flight), "num"),
+          cell("Slow start", r.slow_start_share === null || r.slow_start_share === undefined
+            ? (u.slow_start_seconds ? "full share" : "\u2013")
+            : badge("warn", `${Math.round(r.slow_start_share * 100)}% share`), "num"),
           cell("Last check", u.health_checks ? check : "no active checks"),
           cell("Action", el("div", { class: "actions" }, button)),
         );
@@ -288,7 +291,7 @@
         "div",
         { class: "upstream", "data-upstream": u.name },
         el("h3", {}, el("code", {}, u.name), " ", level),
-        table(["Replica", "Priority", "Health", "Traffic", "In flight", "Last check", "Action"], rows, "No replicas."),
+        table(["Replica", "Priority", "Health", "Traffic", "In flight", "Slow start", "Last check", "Action"], rows, "No replicas."),
       );
     });
   }

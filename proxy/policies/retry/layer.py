@@ -17,8 +17,9 @@ Otherwise the last answer goes back as it is. Layers never write to the
 client, so a retry can only ever replace an answer nobody has seen yet; the
 upstream response it replaces is closed first (its connection is dropped).
 
-Each try gets its own view of the exchange (``Exchange.for_attempt``) carrying its per-try
-timeout and the replica it went to. A retry goes to another replica when one is eligible: the
+The first try runs on the exchange itself; each retry gets its own view of it
+(``Exchange.for_attempt``) carrying its per-try timeout and the replica it went to, and so does
+each hedge (proxy.policies.retry.race). A retry goes to another replica when one is eligible: the
 forwarder records each replica tried in the request's ``tried`` (shared by the views) and the
 replica picker avoids them.
 """
@@ -139,12 +140,16 @@ class RetryLayer:
         budget.request(started)
         nxt = self.next
         per_try_timeout = self.per_try_timeout
+        # The first try runs on the exchange itself (nothing runs beside it: no copy on the path
+        # most requests take); each retry gets its own view (Exchange.for_attempt).
+        attempt = ex
+        ex.try_timeout = per_try_timeout
         tried = 1
         previous_wait = self.backoff.initial
         while True:
-            attempt = ex.for_attempt(per_try_timeout)
             reply = await nxt(attempt)
-            ex.settle(attempt)
+            if attempt is not ex:
+                ex.settle(attempt)
             condition = self._condition(reply)
             if condition is None or tried >= self.attempts:
                 return reply
@@ -184,6 +189,7 @@ class RetryLayer:
                 ex.note(f"retry {tried} after {condition}, backoff {wait * 1000:.1f}ms")
             previous_wait = wait
             tried += 1
+            attempt = ex.for_attempt(per_try_timeout)
             started = clock.now()
 
 
