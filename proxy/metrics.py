@@ -232,6 +232,27 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: adaptive concurrency
+        self.adaptive_limit = Gauge(
+            "fender_adaptive_concurrency_limit",
+            "A route's adaptive concurrency limit now (requests in flight it admits).",
+            ["route"],
+            registry=r,
+        )
+        self.adaptive_in_flight = Gauge(
+            "fender_adaptive_concurrency_in_flight",
+            "Requests in flight under a route's adaptive concurrency limit.",
+            ["route"],
+            registry=r,
+        )
+        self.adaptive_shed = Counter(
+            "fender_adaptive_concurrency_shed_total",
+            "Requests answered 503 concurrency_limited, by reason: queue_full (shed as the oldest waiter) "
+            "or queue_timeout.",
+            ["route", "reason"],
+            registry=r,
+        )
+
         # metrics: slow start
         self.replica_slow_starts = Counter(
             "fender_replica_slow_starts_total",

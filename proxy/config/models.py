@@ -41,6 +41,7 @@ from proxy.cluster.options import (
 )
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
+from proxy.policies.adaptive.options import AdaptiveConcurrencyOptions
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.bulkhead.options import BulkheadOptions
 from proxy.policies.ratelimit.options import RateLimits
@@ -945,6 +946,16 @@ class Route(PolicyModel):
         description=(
             "Caps the requests of this route in flight upstream, with a bounded FIFO queue; beyond it requests "
             "get 503 at once, without touching the upstream. Off when absent."
+        ),
+    )
+
+    # section: adaptive_concurrency
+    adaptive_concurrency: AdaptiveConcurrencyOptions | None = Field(
+        default=None,
+        description=(
+            "A concurrency limit that follows the upstream's latency (a gradient, as Netflix's Gradient2), "
+            "with a short LIFO queue beyond it; a request that gets no slot in time is answered 503 "
+            "concurrency_limited. Off when absent."
         ),
     )
 

@@ -233,13 +233,14 @@
         cell("Rate-limited", String(r.rate_limited), "num"),
         cell("Bulkhead-rejected", String(r.bulkhead_rejected), "num"),
         cell("Retries", String(r.retries), "num"),
+        cell("Limit", r.adaptive_concurrency ? `${r.adaptive_concurrency.in_flight}/${r.adaptive_concurrency.limit} (${r.adaptive_concurrency.shed} shed)` : "\u2014", "num"),
         cell("Hedges", r.hedge ? `${r.hedge.sent} (${r.hedge.won} won) after ${r.hedge.delay_seconds === null ? "warming up" : fmtLatency(r.hedge.delay_seconds)}` : "\u2014", "num"),
         cell("Tunnels", String(r.open_tunnels || 0), "num"),
         cell("Last 5 min", sparkline(hist.rate_per_second, hist.error_rate)),
       );
     });
     return table(
-      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Hedges", "Tunnels", "Last 5 min"],
+      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Limit", "Hedges", "Tunnels", "Last 5 min"],
       rows,
       "No routes.",
     );
