@@ -179,7 +179,7 @@ class GradientLimit:
         limit = new
         self.limit = min(max(limit, float(options.min)), float(options.max))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         return {
             "limit": int(self.limit),
             "in_flight": self.in_flight,

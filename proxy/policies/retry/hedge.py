@@ -107,9 +107,10 @@ class Hedger:
         self.fixed: float | None = None if quantile is not None else float(options.after)
         self.estimate = LatencyEstimate(quantile) if quantile is not None else None
         # Requests deposit, hedges withdraw: hedges <= budget x requests over the window.
-        self.budget = RetryBudget(
-            BudgetOptions(ratio=f"{options.budget * 100:g}%", min_per_second=0, window="10s"), clock
+        budget = BudgetOptions.model_validate(
+            {"ratio": f"{options.budget * 100:g}%", "min_per_second": 0, "window": "10s"}
         )
+        self.budget = RetryBudget(budget, clock)
         self.sent = 0
         self.won = 0  # races a hedge won (the rest the first try won)
         self.skipped = 0
@@ -125,7 +126,7 @@ class Hedger:
         if self.estimate is not None:
             self.estimate.observe(seconds)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         """What the status page shows of this route's hedging."""
         delay = self.delay()
         return {

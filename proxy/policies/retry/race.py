@@ -19,7 +19,8 @@ delay. Fender-Trace (and the span's events when tracing) says when a hedge went 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol, cast
 
 from proxy.clock import Clock
 from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
@@ -119,9 +120,9 @@ class HedgedTry:
             fired = True
             poke()
 
-        task = loop.create_task(nxt(first))
+        task: asyncio.Future[Reply] = loop.create_task(cast(Coroutine[Any, Any, Reply], nxt(first)))
         task.add_done_callback(poke)
-        tries: dict[asyncio.Future, tuple[Exchange, float, int]] = {task: (first, started, 1)}
+        tries: dict[asyncio.Future[Reply], tuple[Exchange, float, int]] = {task: (first, started, 1)}
         launched = 1
         timer = clock.call_later(delay, ring)  # type: ignore[attr-defined]
         fallback: Reply | None = None
@@ -141,7 +142,7 @@ class HedgedTry:
                         launched += 1
                         attempt = first.for_attempt(first.try_timeout)
                         attempt.interim = None  # 1xx answers are relayed from the first try only
-                        task = loop.create_task(nxt(attempt))
+                        task = loop.create_task(cast(Coroutine[Any, Any, Reply], nxt(attempt)))
                         task.add_done_callback(poke)
                         tries[task] = (attempt, now, launched)
                         hedger.sent += 1
@@ -204,7 +205,7 @@ class HedgedTry:
         first.note(f"hedge race won by {which} ({winner.replica_name or '-'})")
 
 
-def _discard(task: asyncio.Future) -> None:
+def _discard(task: asyncio.Future[Reply]) -> None:
     """A losing try: cancel it mid-flight, or close its answer if its head had arrived too."""
     if not task.done():
         task.cancel()
