@@ -12,7 +12,7 @@ from proxy.config import parse_policy
 from proxy.dataplane.exchange import Exchange, LocalReply
 from proxy.dataplane.pipeline import LayerContext
 from proxy.metrics import Metrics
-from proxy.resilience.cache import policy as rfc
+from proxy.resilience.cache import rfc9111 as rfc
 from proxy.resilience.cache.layer import CacheLayer, shared_store
 from proxy.resilience.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
 
