@@ -16,10 +16,10 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config.loader import PolicyError, load_policy, parse_policy
+from proxy.resilience.cache import codec
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.store import Entry, Variants
 from proxy.server import Fender, bind_socket
-from proxy.resilience.cache import codec
 from proxy.state.redis import STATE_KEY, RedisBreaker
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream, delayed, status

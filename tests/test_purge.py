@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
+from proxy.resilience.cache import codec
 from proxy.resilience.cache.layer import STORE_KEY
 from proxy.resilience.cache.purge import MAX_TAGS, tags_of
 from proxy.resilience.cache.store import Entry, Variants
-from proxy.resilience.cache import codec
 from proxy.state.redis import STATE_KEY
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream

@@ -11,8 +11,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.resilience.cache.layer import STORE_KEY
-from proxy.resilience.cache.rfc9111 import normalise_query
 from proxy.resilience.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of, target_of
+from proxy.resilience.cache.rfc9111 import normalise_query
 from proxy.state.redis import STATE_KEY as FLEET_KEY
 
 if TYPE_CHECKING:

@@ -93,7 +93,9 @@ class HitForMiss:
             table.popitem(last=False)
 
 
-def coalesced(variants: Variants | None, headers: list[tuple[bytes, bytes]], req: Request, now: float) -> Entry | None:
+def coalesced(
+    variants: Variants | None, headers: list[tuple[bytes, bytes]], req: Request, now: float
+) -> Entry | None:
     """The entry a coalesced miss may be served, once the leader's outcome is stored: fresh and
     below 500 (an error is never fanned out, even when stored), and fresh enough for the client."""
     entry = variants.select(headers) if variants is not None else None

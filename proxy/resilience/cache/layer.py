@@ -110,7 +110,12 @@ class CacheLayer(RouteCache):
             self.m_result["miss"].inc()
             request_time = self.clock.now()
             reply = await self.next(ex)
-            if method == "HEAD" and variants is not None and not isinstance(reply, LocalReply) and reply.status == 200:
+            if (
+                method == "HEAD"
+                and variants is not None
+                and not isinstance(reply, LocalReply)
+                and reply.status == 200
+            ):
                 freshen_from_head(self, ex, key, req, reply, request_time)
             self.strip_fender_only(reply)
             ex.response_headers.append((b"cache-status", STATUS_MISS))
@@ -150,9 +155,17 @@ class CacheLayer(RouteCache):
                 return reply
         # Something may be storable now, or it failed: the full treatment of a miss.
         return await answer(
-            self, ex, reply, key=key, stale=None, req=req, release=no_release, fwd=b"miss", count=True,
+            self,
+            ex,
+            reply,
+            key=key,
+            stale=None,
+            req=req,
+            release=no_release,
+            fwd=b"miss",
+            count=True,
             request_time=now,
-        )  # fmt: skip
+        )
 
     async def _miss(self, ex: Exchange, key: bytes, req: Request, stale: Entry | None, fwd: bytes) -> Any:
         """Upstream, one request per key: wait for a miss already in flight (here, or in the fleet)

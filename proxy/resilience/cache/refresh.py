@@ -49,7 +49,14 @@ def _refresh_exchange(ex: Exchange, deadline: float) -> Exchange:
 async def _refresh(c: RouteCache, ex: Exchange, key: bytes, entry: Entry) -> None:
     try:
         reply = await fetch(
-            c, ex, key=key, stale=entry, req=Request(ex.request_headers), release=no_release, fwd=b"stale", count=False
+            c,
+            ex,
+            key=key,
+            stale=entry,
+            req=Request(ex.request_headers),
+            release=no_release,
+            fwd=b"stale",
+            count=False,
         )
         # Drain the answer like a client would, so a StoringReply stores it.
         try:

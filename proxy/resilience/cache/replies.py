@@ -16,7 +16,7 @@ from typing import Any
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.resilience.cache import rfc9111 as rfc
 from proxy.resilience.cache.purge import tags_of
-from proxy.resilience.cache.request import CONDITIONALS, Request, forwarded_headers
+from proxy.resilience.cache.request import Request, forwarded_headers
 from proxy.resilience.cache.revalidate import not_modified
 from proxy.resilience.cache.route import CONSUMED, RELEVANT, RouteCache
 from proxy.resilience.cache.store import Entry
@@ -165,7 +165,9 @@ def serve(ex: Exchange, entry: Entry, req: Request, now: float, status: bytes) -
     if (
         req.conditional
         and 200 <= entry.status < 300
-        and rfc.not_modified(req.if_none_match, req.if_modified_since, entry.etag, entry.last_modified, entry.date)
+        and rfc.not_modified(
+            req.if_none_match, req.if_modified_since, entry.etag, entry.last_modified, entry.date
+        )
     ):
         return CachedReply(304, rfc.not_modified_headers(entry.headers), b"")
     if ex.method == "HEAD":
@@ -197,7 +199,16 @@ async def fetch(
     ex.headers = forwarded_headers(ex.headers, stale)
     reply = await c.next(ex)
     return await answer(
-        c, ex, reply, key=key, stale=stale, req=req, release=release, fwd=fwd, count=count, request_time=request_time
+        c,
+        ex,
+        reply,
+        key=key,
+        stale=stale,
+        req=req,
+        release=release,
+        fwd=fwd,
+        count=count,
+        request_time=request_time,
     )
 
 
@@ -254,9 +265,18 @@ async def answer(
                 return serve(ex, stale, req, now, status)
         elif reply.status == 304:
             return await _not_modified(
-                c, ex, reply, key=key, stale=stale, req=req, release=release, fwd=fwd, count=count,
-                request_time=request_time, tags=tags,
-            )  # fmt: skip
+                c,
+                ex,
+                reply,
+                key=key,
+                stale=stale,
+                req=req,
+                release=release,
+                fwd=fwd,
+                count=count,
+                request_time=request_time,
+                tags=tags,
+            )
         else:
             c.m_reval["modified"].inc()
         if count:
@@ -289,7 +309,11 @@ async def answer(
     )
     if found & CONSUMED:
         c.strip_consumed(reply)
-    if not analysis.storable or not rfc.worth_storing(analysis, c.sie, c.swr) or (failed and not analysis.explicit):
+    if (
+        not analysis.storable
+        or not rfc.worth_storing(analysis, c.sie, c.swr)
+        or (failed and not analysis.explicit)
+    ):
         # (A 5xx is stored only when the upstream gave it explicit freshness.)
         release()
         if not failed and c.uncacheable_ttl > 0:
@@ -329,7 +353,9 @@ async def answer(
         return _whole(reply.status, reply.headers, b"", req, analysis)
     if req.conditional:
         # Read the body here: the client may get a 304 built from it.
-        return await _read_then_answer(c, ex, reply, req=req, analysis=analysis, store=store, status_value=status_value)
+        return await _read_then_answer(
+            c, ex, reply, req=req, analysis=analysis, store=store, status_value=status_value
+        )
     ex.response_headers.append((b"cache-status", status_value))
     return StoringReply(reply, c.max_object_size, store)
 
@@ -402,18 +428,29 @@ async def _not_modified(
     fresh_headers = reply.headers
     reply.close()
     now = c.clock.now()
-    served = not_modified(c, ex, fresh_headers, key=key, stale=stale, req=req, request_time=request_time, tags=tags, now=now)
+    served = not_modified(
+        c, ex, fresh_headers, key=key, stale=stale, req=req, request_time=request_time, tags=tags, now=now
+    )
     if served is None:
         # RFC 9111 4.3.4: a 304 that selects no stored response (e.g. a new strong ETag) updates
         # nothing and cannot answer this request: ask again, unconditionally.
         c.m_reval["unselected"].inc()
         if count:
             c.m_result["miss"].inc()
-        ex.headers = [(n, v) for n, v in ex.headers if n not in CONDITIONALS]
+        ex.headers = forwarded_headers(ex.headers, None)
         request_time = c.clock.now()
         reply = await c.next(ex)
         return await answer(
-            c, ex, reply, key=key, stale=None, req=req, release=release, fwd=fwd, count=False, request_time=request_time
+            c,
+            ex,
+            reply,
+            key=key,
+            stale=None,
+            req=req,
+            release=release,
+            fwd=fwd,
+            count=False,
+            request_time=request_time,
         )
     c.m_reval["not_modified"].inc()
     if count:

@@ -87,9 +87,7 @@ def request_of(headers: list[tuple[bytes, bytes]]) -> Request:
     return PLAIN_REQUEST
 
 
-def forwarded_headers(
-    headers: list[tuple[bytes, bytes]], stale: Entry | None
-) -> list[tuple[bytes, bytes]]:
+def forwarded_headers(headers: list[tuple[bytes, bytes]], stale: Entry | None) -> list[tuple[bytes, bytes]]:
     """The headers of the cache's own upstream request: the client's conditionals dropped (the
     cache wants a full response), ``stale``'s validators added; ``headers`` itself when that
     changes nothing (the usual miss)."""

@@ -58,7 +58,9 @@ def not_modified(
     return served
 
 
-def freshen_from_head(c: RouteCache, ex: Exchange, key: bytes, req: Request, reply: Any, request_time: float) -> None:
+def freshen_from_head(
+    c: RouteCache, ex: Exchange, key: bytes, req: Request, reply: Any, request_time: float
+) -> None:
     """RFC 9111 4.3.5: a HEAD 200 updates each stored GET response this request could have
     chosen when the validators (and Content-Length) match, and makes it stale otherwise."""
     variants = c.store.get(key)

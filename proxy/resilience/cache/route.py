@@ -96,7 +96,9 @@ class RouteCache:
         # else what its name is anyway (a tag header named like a relevant or consumed field).
         self._tag_found = 0
         if tag is not None and not self._strip_tags:
-            self._tag_found = (RELEVANT if tag in self._relevant else 0) | (CONSUMED if tag in consumed else 0)
+            self._tag_found = (RELEVANT if tag in self._relevant else 0) | (
+                CONSUMED if tag in consumed else 0
+            )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.refreshing: set[bytes] = set()  # keys with a background refresh running
         m = ctx.metrics
