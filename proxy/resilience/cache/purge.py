@@ -9,12 +9,31 @@ per-tag index in memory would cost on every store.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 # Bounds on what one response can tag itself with (more are ignored), so a response cannot make
 # Fender or Redis hold an unbounded tag set.
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 128
 _SEPARATORS = re.compile(rb"[,\s]+")
+
+
+class _Tagged(Protocol):
+    tags: tuple[bytes, ...]
+
+
+class _Stored(Protocol):
+    @property
+    def entries(self) -> Sequence[_Tagged]: ...
+
+
+class Purgeable(Protocol):
+    """What a purge needs of a store (the in-memory store, store.py)."""
+
+    def keys(self) -> Iterator[bytes]: ...
+    def peek(self, key: bytes) -> _Stored | None: ...
+    def delete(self, key: bytes) -> bool: ...
 
 
 def tags_of(values: list[bytes]) -> tuple[bytes, ...]:
@@ -33,7 +52,7 @@ def target_of(key: bytes) -> tuple[bytes, bytes]:
     return (key, b"") if slash < 0 else (key[:slash], key[slash:])
 
 
-def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:
+def drop_prefix(store: Purgeable, host: bytes | None, prefix: bytes) -> list[bytes]:
     """Delete every key whose target starts with ``prefix`` (on ``host``, or any host): the keys."""
     dropped = []
     for key in store.keys():
@@ -43,7 +62,7 @@ def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:
     return dropped
 
 
-def drop_tags(store, tags) -> list[bytes]:
+def drop_tags(store: Purgeable, tags: Iterable[bytes]) -> list[bytes]:
     """Delete every key one of whose stored variants carries one of ``tags``: the keys."""
     wanted = set(tags)
     dropped = []
