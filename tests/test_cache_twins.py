@@ -13,11 +13,11 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
-from proxy.dataplane.exchange import Exchange, LocalReply
-from proxy.dataplane.pipeline import LayerContext
+from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
-from proxy.resilience.cache.layer import CacheLayer, shared_store
-from proxy.resilience.cache.request import request_of
+from proxy.policies.cache.layer import CacheLayer, shared_store
+from proxy.policies.cache.request import request_of
+from proxy.policies.context import LayerContext
 
 POLICY = """
 upstreams: {a: {replicas: [{url: http://127.0.0.1:9}]}}
