@@ -54,6 +54,7 @@ class RouteCache:
         l2: RedisState | None = None,
     ) -> None:
         options = route.cache
+        assert options is not None  # build_layer builds a cache only for a route with one
         self.next = next_handler
         self.route_name: str = route.name
         self.route_timeout: float = route.timeout
