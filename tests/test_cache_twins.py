@@ -19,6 +19,8 @@ from proxy.policies.cache.layer import CacheLayer, shared_store
 from proxy.policies.cache.request import request_of
 from proxy.policies.context import LayerContext
 
+pytestmark = pytest.mark.unit
+
 POLICY = """
 upstreams: {a: {replicas: [{url: http://127.0.0.1:9}]}}
 routes:
