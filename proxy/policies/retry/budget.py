@@ -28,6 +28,7 @@ class BudgetOptions(PolicyModel):
 
     ratio: Percent = Field(
         default="20%",
+        validate_default=True,
         description=(
             "Retries allowed as a share of requests over the window: 20% means at most one retry per five "
             "requests (Linkerd's and Envoy's default)."
@@ -39,6 +40,7 @@ class BudgetOptions(PolicyModel):
     )
     window: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
+        validate_default=True,
         description="How long requests and retries count against the budget (Linkerd's ttl, 10s).",
     )
 
