@@ -41,9 +41,13 @@ class Reply(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
 
-    complete: bool  # the whole body has been received (nothing more to wait for)
-    # Trailer fields that followed the body (once read to the end), or None.
-    trailers: list[tuple[bytes, bytes]] | None
+    @property
+    def complete(self) -> bool:
+        """The whole body has been received (nothing more to wait for)."""
+
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
+        """Trailer fields that followed the body (once read to the end), or None."""
 
     def has_body(self) -> bool: ...
     async def read(self) -> bytes: ...
@@ -191,7 +195,7 @@ class LocalReply:
         self._sent = False
 
     complete = True  # the whole body is here (see UpstreamResponse.complete)
-    trailers = None
+    trailers: list[tuple[bytes, bytes]] | None = None
 
     def has_body(self) -> bool:
         return True
