@@ -14,7 +14,7 @@ from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.context import LayerContext
 
 
-def _classifier(options: BreakerOptions):
+def _classifier(options: BreakerOptions) -> tuple[frozenset[int], frozenset[str]]:
     statuses: set[int] = set()
     reasons: set[str] = set()
     for item in options.failure_on:
@@ -32,13 +32,13 @@ def _classifier(options: BreakerOptions):
 class BreakerLayer:
     __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_fallback", "_note")
 
-    def __init__(self, breaker: CircuitBreaker, next_handler, clock: Clock) -> None:
+    def __init__(self, breaker: CircuitBreaker, next_handler: Handler, clock: Clock) -> None:
         self.breaker = breaker
         self.next = next_handler
         self.clock = clock
         self._statuses, self._reasons = _classifier(breaker.options)
         fallback = breaker.options.fallback
-        self._fallback = None
+        self._fallback: tuple[int, bytes, bytes] | None = None
         if fallback is not None:
             self._fallback = (fallback.status, fallback.body.encode(), fallback.content_type.encode())
         self._note = f"breaker {breaker.name} "

@@ -12,7 +12,7 @@ Over any one window: ``retries <= ratio * requests + min_per_second * window``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, Strict
 
@@ -110,6 +110,6 @@ class RetryBudget:
         self._ret_sum += 1
         return True
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         self._roll()
         return {"requests": self._req_sum, "retries": self._ret_sum}
