@@ -45,7 +45,8 @@ class LineLimiter:
         self.interval = interval
         self.max_keys = max_keys
         self._clock = clock
-        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()  # key -> [last line at, lines held back since]
+        # key -> [last line at, lines held back since]
+        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)

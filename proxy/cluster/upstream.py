@@ -26,7 +26,10 @@ class ReplicaRuntime:
     __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
 
     def __init__(
-        self, replica: ReplicaOptions, pool_options: PoolOptions, pool_class: type[UpstreamPool] = UpstreamPool
+        self,
+        replica: ReplicaOptions,
+        pool_options: PoolOptions,
+        pool_class: type[UpstreamPool] = UpstreamPool,
     ) -> None:
         self.host: str = replica.host
         self.port: int = replica.port

@@ -47,7 +47,9 @@ STATE_NAMES = ("closed", "open", "half_open")
 class CircuitBreaker:
     """The breaker's state; shared by every route in its scope. Works on the injected clock."""
 
-    def __init__(self, name: str, options: BreakerOptions, clock: Clock, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, name: str, options: BreakerOptions, clock: Clock, metrics: Metrics | None = None
+    ) -> None:
         self.name = name
         self.options = options
         self.clock = clock

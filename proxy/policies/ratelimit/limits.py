@@ -19,7 +19,6 @@ from proxy.policies.context import LayerContext
 from proxy.policies.ratelimit.gcra import MAX_KEY_BYTES, MISSING, Limiter
 from proxy.policies.ratelimit.options import RateLimitOptions, period_of
 
-
 # What a request is counted by: the client's address, a header's value (or its digest), the route.
 Key = str | bytes
 KeyOf = Callable[[Exchange], Key]

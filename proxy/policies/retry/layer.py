@@ -30,9 +30,9 @@ from proxy.config.models import Route
 from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
 from proxy.metrics import FastCounter, Metrics
+from proxy.policies.context import LayerContext
 from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
-from proxy.policies.context import LayerContext
 from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
 
 
@@ -78,7 +78,9 @@ class RetryLayer:
         "_by_status",
     )
 
-    def __init__(self, options: RetryOptions, next_handler: Handler, clock: Clock, metrics: RetryMetrics) -> None:
+    def __init__(
+        self, options: RetryOptions, next_handler: Handler, clock: Clock, metrics: RetryMetrics
+    ) -> None:
         self.next = next_handler
         self.clock = clock
         self.attempts = options.attempts
