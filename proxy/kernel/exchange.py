@@ -176,15 +176,20 @@ class LocalReply:
         close: bool = False,
         error: UpstreamError | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        body: bytes | None = None,
+        content_type: bytes = b"text/plain; charset=utf-8",
     ) -> None:
         self.reason = reason
         # The upstream fault behind this reply, if any (a retry layer checks error.request_sent).
         self.error = error
         self.status = status if status is not None else LOCAL_STATUS[reason]
-        text = REASON_TEXT.get(reason, reason)
-        self.body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
+        if body is None:  # the reason's one-line text; a configured answer (a fallback) brings its own
+            text = REASON_TEXT.get(reason, reason)
+            body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
+        self.body = body
         self.headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(self.body)).encode()),
             (b"x-fender-error", reason.encode()),
         ]

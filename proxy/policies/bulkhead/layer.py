@@ -37,10 +37,7 @@ class RouteBulkhead:
     def reject(self, reason: str, ex: Exchange) -> LocalReply:
         self.rejected[reason].inc()
         ex.note(reason)
-        detail = (
-            "too many requests of this route in flight" if reason == "bulkhead_full" else "no slot in time"
-        )
-        return LocalReply(reason, detail, status=503, headers=[(b"retry-after", self.retry_after)])
+        return LocalReply(reason, headers=[(b"retry-after", self.retry_after)])
 
     def snapshot(self) -> dict[str, Any]:
         b = self.bulkhead
