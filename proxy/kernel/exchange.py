@@ -163,6 +163,14 @@ class Exchange:
             self.trace.append(text)
 
 
+async def wait_disconnect(receive: Receive) -> None:
+    """Return when the client has gone (the ASGI ``http.disconnect`` message); other messages are skipped."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 class LocalReply:
     """A response Fender generates itself, with a reason header and short text body."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.clock import Clock
 from proxy.config.models import Route
-from proxy.kernel.exchange import ClientGone, Exchange, Handler, LocalReply, Receive, Reply
+from proxy.kernel.exchange import ClientGone, Exchange, Handler, LocalReply, Reply, wait_disconnect
 from proxy.metrics import Metrics
 from proxy.policies.bulkhead.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
 from proxy.policies.bulkhead.options import BulkheadOptions
@@ -68,7 +68,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     async def bulkhead_layer(ex: Exchange) -> Reply:
         if not bulkhead.try_acquire():
             receive = getattr(ex, "receive", None)
-            disconnect = None if receive is None else (lambda: _wait_disconnect(receive))
+            disconnect = None if receive is None else (lambda: wait_disconnect(receive))
             try:
                 waited = await bulkhead.acquire(ex.deadline - clock.now(), disconnect)
             except Rejected as rejected:
@@ -106,10 +106,3 @@ def _keep_bulkhead(
         ref = weakref.ref(state.bulkhead)
         ctx.metrics.bulkhead_in_flight.labels(route_name).set_function(lambda: _read(ref, "in_flight"))
         ctx.metrics.bulkhead_queued.labels(route_name).set_function(lambda: _read(ref, "queued"))
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
