@@ -178,7 +178,10 @@ async def test_real_sockets_beyond_the_limit_requests_get_503_concurrency_limite
     assert refused.headers["x-fender-error"] == "concurrency_limited"
     assert "concurrency_limited: queue_timeout" in refused.headers["fender-trace"]
     assert [a.status_code for a in answers] == [200, 200]
-    assert metric_value(metrics, "fender_adaptive_concurrency_shed_total", route="r", reason="queue_timeout") == 1
+    assert (
+        metric_value(metrics, "fender_adaptive_concurrency_shed_total", route="r", reason="queue_timeout")
+        == 1
+    )
     assert metric_value(metrics, "fender_adaptive_concurrency_limit", route="r") == 2
     route = next(r for r in status["routes"] if r["name"] == "r")
     assert route["adaptive_concurrency"]["limit"] == 2 and route["adaptive_concurrency"]["in_flight"] == 2

@@ -24,7 +24,9 @@ from tests.support.raw_upstream import RawUpstream
 from tests.test_proxy import get_metrics, metric_value
 
 
-def exchange(method: str = "GET", deadline: float = float("inf"), headers=None, body: bytes = b"") -> Exchange:
+def exchange(
+    method: str = "GET", deadline: float = float("inf"), headers=None, body: bytes = b""
+) -> Exchange:
     return Exchange(
         method, b"/", [], b"h", body, None, None, b"rid", "r", 0.0, request_headers=headers, deadline=deadline
     )
@@ -60,7 +62,7 @@ def test_latency_estimate_follows_the_percentile_within_a_bucket_and_adapts():
     rng = random.Random(24)
     estimate = LatencyEstimate(0.95)
     samples = []
-    for i in range(MIN_SAMPLES - 1):
+    for _ in range(MIN_SAMPLES - 1):
         estimate.observe(0.01)
         samples.append(0.01)
     assert estimate.value is None  # too few tries seen
@@ -94,9 +96,7 @@ def test_hedge_options_validation():
 
 
 def test_a_bad_hedge_is_refused_with_file_line_and_column():
-    text = policy_text(
-        1, routes="- name: r\n  upstream: echo\n  hedge:\n    after: p40\n"
-    )
+    text = policy_text(1, routes="- name: r\n  upstream: echo\n  hedge:\n    after: p40\n")
     with pytest.raises(PolicyError) as caught:
         parse_policy(text, "p.yaml")
     assert "p.yaml:" in str(caught.value) and "percentile" in str(caught.value)

@@ -64,8 +64,7 @@ async def test_without_slow_start_a_returning_replica_gets_its_full_share_at_onc
 
 async def test_undrain_and_passing_health_checks_start_a_slow_start_too():
     up, clock = build(
-        TWO
-        + "health_check: {path: /h, interval: 1s, healthy_threshold: 2, unhealthy_threshold: 1}\n"
+        TWO + "health_check: {path: /h, interval: 1s, healthy_threshold: 2, unhealthy_threshold: 1}\n"
     )
     picker = up.picker
     picker.set_drained("127.0.0.1:9001", True)
@@ -92,7 +91,13 @@ async def test_undrain_and_passing_health_checks_start_a_slow_start_too():
 async def test_a_replica_new_in_a_reload_starts_slowly_and_the_others_keep_their_share():
     clock = ManualClock()
     old, _ = build(TWO, clock=clock)
-    new, _ = build(TWO.replace("  - {url: http://127.0.0.1:9002}\n", "  - {url: http://127.0.0.1:9002}\n  - {url: http://127.0.0.1:9003}\n"), clock=clock)
+    new, _ = build(
+        TWO.replace(
+            "  - {url: http://127.0.0.1:9002}\n",
+            "  - {url: http://127.0.0.1:9002}\n  - {url: http://127.0.0.1:9003}\n",
+        ),
+        clock=clock,
+    )
     new.carry_over(old)
     shares = {s.name: new.picker.share_of(s) for s in new.picker.states}
     assert shares == {"127.0.0.1:9001": 1.0, "127.0.0.1:9002": 1.0, "127.0.0.1:9003": SLOW_START_FLOOR}

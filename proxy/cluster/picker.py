@@ -30,6 +30,7 @@ replica's state changes (or a timed ejection/pass-over runs out).
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from bisect import bisect_right
@@ -120,7 +121,7 @@ class ReplicaState:
         self.health_word = "healthy"  # last state seen by _rebuild, for "time since last change"
         self.changed_at = 0.0
         self.warming_since = 0.0  # when slow start began (0: at full share)
-        self.slow_starts_counter = None
+        self.slow_starts_counter: Counter | None = None
 
     @property
     def health(self) -> str:
@@ -251,7 +252,7 @@ class ReplicaPicker:
                 state.slow_starts_counter = metrics.replica_slow_starts.labels(up, state.name)
                 # The share in force, computed at scrape time (nothing per request).
                 metrics.replica_slow_start_share.labels(up, state.name).set_function(
-                    lambda state=state: self.share_of(state)
+                    functools.partial(self.share_of, state)
                 )
             if self.health_thresholds is not None:
                 state.check_counters = {
@@ -652,7 +653,9 @@ class ReplicaPicker:
                     "state": state,
                     "state_for_seconds": round(now - s.changed_at, 3),
                     "drained": s.drained,
-                    "slow_start_share": None if self.share_of(s, now) >= 1.0 else round(self.share_of(s, now), 3),
+                    "slow_start_share": None
+                    if self.share_of(s, now) >= 1.0
+                    else round(self.share_of(s, now), 3),
                     "serving": any(r is s for r in self._plan.replicas),
                     "in_flight": s.in_flight,
                     "last_check": None

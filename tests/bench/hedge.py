@@ -19,7 +19,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -112,7 +111,9 @@ def metric(admin: int, name: str, **labels) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second, both variants")
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = measure(port, args.requests, args.connections, args.rate)
             results[name]["hedges_sent"] = metric(admin, "fender_hedges_sent_total")
             results[name]["hedges_won"] = metric(admin, "fender_hedge_winners_total", winner="hedge")
-            print(f"{name:7s} p50 {results[name]['p50_ms']:8.2f}ms  p99 {results[name]['p99_ms']:8.2f}ms", file=sys.stderr)
+            print(
+                f"{name:7s} p50 {results[name]['p50_ms']:8.2f}ms  p99 {results[name]['p99_ms']:8.2f}ms",
+                file=sys.stderr,
+            )
             proc.terminate()
             proc.wait(timeout=15)
     finally:
@@ -145,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "results": results,
-        "ratios": {"hedged_p99_vs_plain_p99": round(results["hedged"]["p99_ms"] / results["plain"]["p99_ms"], 3)},
+        "ratios": {
+            "hedged_p99_vs_plain_p99": round(results["hedged"]["p99_ms"] / results["plain"]["p99_ms"], 3)
+        },
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

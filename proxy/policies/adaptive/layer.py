@@ -39,7 +39,9 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
                 limiter.shed += 1
                 shed[refused.reason].inc()
                 ex.note(f"concurrency_limited: {refused.reason} (limit {int(limiter.limit)})")
-                return LocalReply("concurrency_limited", refused.reason.replace("_", " "), headers=retry_after)
+                return LocalReply(
+                    "concurrency_limited", refused.reason.replace("_", " "), headers=retry_after
+                )
             ex.note(f"adaptive limit {int(limiter.limit)}: queued {waited * 1000:.1f}ms")
         started = clock.now()
         try:

@@ -20,7 +20,8 @@ class AdaptiveConcurrencyOptions(PolicyModel):
         default=1000, description="The limit never goes above this many requests in flight."
     )
     initial: Annotated[Count | None, Field(ge=1, le=100_000)] = Field(
-        default=None, description="The limit at start (and after a reload that changes these settings). Unset: 20, within min and max."
+        default=None,
+        description="The limit at start (and after a reload that changes these settings). Unset: 20, within min and max.",
     )
     target_latency: Annotated[Duration | None, Field(gt=0)] = Field(
         default=None,
@@ -34,14 +35,18 @@ class AdaptiveConcurrencyOptions(PolicyModel):
         description="With target_latency unset: how much slower than the no-load latency answers may get before the limit falls.",
     )
     interval: Annotated[Duration, Field(gt=0, le=60)] = Field(
-        default="1s", description="How often the limit is recomputed from the answers of the last interval."
+        default="1s",
+        validate_default=True,
+        description="How often the limit is recomputed from the answers of the last interval.",
     )
     max_queued: Annotated[Count, Field(ge=0, le=100_000)] = Field(
         default=50,
         description="Requests that may wait for a slot beyond the limit (newest served first, LIFO); when full the oldest is shed.",
     )
     queue_timeout: Annotated[Duration, Field(ge=0)] = Field(
-        default="100ms", description="Longest wait for a slot; then 503 concurrency_limited."
+        default="100ms",
+        validate_default=True,
+        description="Longest wait for a slot; then 503 concurrency_limited.",
     )
 
     @model_validator(mode="after")

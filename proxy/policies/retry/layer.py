@@ -39,7 +39,7 @@ from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
 from proxy.policies.retry.hedge import Hedger
 from proxy.policies.retry.options import STATUS_CLASSES, HedgeOptions, RetryOptions
-from proxy.policies.retry.race import HedgeMetrics, HedgedTry
+from proxy.policies.retry.race import HedgedTry, HedgeMetrics
 
 
 # Forwarder fault reasons (LocalReply.reason) that retry_on may name.
@@ -210,7 +210,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Retry
     return layer
 
 
-def _hedge(layer: RetryLayer, route, options: HedgeOptions, ctx) -> None:
+def _hedge(layer: RetryLayer, route: Route, options: HedgeOptions, ctx: LayerContext) -> None:
     """Put a HedgedTry between the retry layer and its next handler (the forwarder's side)."""
     # Kept across reloads with equal settings: the latency estimate is what the route learnt.
     hedger = ctx.keep(("hedge", route.name), options, lambda: Hedger(route.name, options, ctx.clock))

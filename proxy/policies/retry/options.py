@@ -164,6 +164,7 @@ class HedgeOptions(PolicyModel):
     )
     budget: Annotated[Percent, Field(gt=0)] = Field(
         default="5%",
+        validate_default=True,
         description=(
             "Share of this route's requests that may be hedged, over a 10s window: under a slow upstream "
             "hedging adds at most this much load. Hedges also take from the retry budget and stop when it is spent."

@@ -58,7 +58,9 @@ class HedgedTry:
 
     __slots__ = ("next", "hedger", "clock", "_layer", "_metrics")
 
-    def __init__(self, layer: RetryRules, next_handler: Handler, hedger: Hedger, metrics: HedgeMetrics) -> None:
+    def __init__(
+        self, layer: RetryRules, next_handler: Handler, hedger: Hedger, metrics: HedgeMetrics
+    ) -> None:
         self.next = next_handler
         self.hedger = hedger
         self.clock = layer.clock
@@ -190,7 +192,12 @@ class HedgedTry:
         return None
 
     def _won(
-        self, first: Exchange, winner: Exchange, number: int, losers: dict[Any, tuple[Exchange, float, int]], now: float
+        self,
+        first: Exchange,
+        winner: Exchange,
+        number: int,
+        losers: dict[Any, tuple[Exchange, float, int]],
+        now: float,
     ) -> None:
         hedger = self.hedger
         if number == 1:
