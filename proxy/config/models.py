@@ -38,6 +38,7 @@ from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions,
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.bulkhead.options import BulkheadOptions
+from proxy.policies.fault.options import FaultOptions
 from proxy.policies.ratelimit.options import RateLimits
 from proxy.policies.retry.options import RetryOptions
 
@@ -67,6 +68,7 @@ from proxy.options.base import (  # noqa: E402  (re-exported: the models' buildi
     NAME_PATTERN,
     Count,
     Flag,
+    HeaderName,
     IpNetwork,
     Name,
     PolicyModel,
@@ -695,19 +697,6 @@ Method = Annotated[
 ]
 
 
-def _check_header_name(value: str) -> str:
-    if not _TOKEN_RE.fullmatch(value):
-        raise policy_error(f"{describe_value(value)} is not a valid header name")
-    return value.lower()
-
-
-HeaderName = Annotated[
-    str,
-    Strict(),
-    AfterValidator(_check_header_name),
-    WithJsonSchema({"type": "string", "pattern": r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}),
-]
-
 _PATH_FIELDS = ("path_prefix", "path", "path_regex")
 
 
@@ -958,6 +947,16 @@ class Route(PolicyModel):
         description=(
             "Shared HTTP cache (RFC 9111) for GET/HEAD: serves fresh stored responses, revalidates stale ones, "
             "coalesces concurrent misses, serves stale on upstream failure when allowed. Absent: no caching."
+        ),
+    )
+
+    # section: fault
+    fault: FaultOptions | None = Field(
+        default=None,
+        description=(
+            "Fault injection for chaos drills: delay or abort some of this route's tries in the upstream's place, "
+            "so retries, the breaker and the cache meet them as real faults; switchable through "
+            "`POST /admin/routes/NAME/fault`. Absent: off."
         ),
     )
 
