@@ -114,7 +114,10 @@ class FaultInjector:
             "route": self.route,
             "enabled": self.enabled,
             "delay": (
-                {"fixed": format_duration(options.delay.fixed), "percent": format_percent(options.delay.percent)}
+                {
+                    "fixed": format_duration(options.delay.fixed),
+                    "percent": format_percent(options.delay.percent),
+                }
                 if options.delay is not None
                 else None
             ),
