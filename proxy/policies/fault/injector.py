@@ -15,6 +15,7 @@ The running settings start as the policy file's and may be replaced through the 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from proxy.options.units import format_duration, format_percent
 from proxy.policies.fault.options import FaultOptions
@@ -107,7 +108,7 @@ class FaultInjector:
             return NOTHING
         return delay, status
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """The running state, for the admin API and the status page."""
         options = self.options
         return {

@@ -36,7 +36,7 @@ class FaultReply:
     __slots__ = ("status", "headers", "body", "_sent")
 
     complete = True
-    trailers = None
+    trailers: list[tuple[bytes, bytes]] | None = None
 
     def __init__(self, status: int, route: str) -> None:
         self.status = status
