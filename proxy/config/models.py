@@ -1151,6 +1151,23 @@ class Policy(PolicyModel):
                     )
                 )
 
+        # A retry budget shared per upstream has one set of settings: the routes sharing it agree.
+        shared_budget: dict[str, tuple[int, Any]] = {}
+        for index, route in enumerate(self.routes):
+            budget = route.retry.budget if route.retry is not None else None
+            if budget is None or budget.scope != "upstream":
+                continue
+            first, settings = shared_budget.setdefault(route.upstream, (index, budget))
+            if settings != budget:
+                problems.append(
+                    (
+                        ("routes", index, "retry", "budget"),
+                        f'routes[{first}] ("{self.routes[first].name}") shares upstream "{route.upstream}"\'s '
+                        "retry budget (scope: upstream) with other settings: give both the same ratio, "
+                        "min_per_second and window (or scope: route)",
+                    )
+                )
+
         if problems:
             raise _many_errors(problems)
         return self
