@@ -91,7 +91,9 @@ async def test_a_globally_refused_request_spends_no_local_token():
 
 async def test_a_locally_refused_request_never_asks_the_global_limit():
     clock = ManualClock()
-    text = POLICY.replace("burst: 3, key", "burst: 1, key").replace("burst: 1, key: route", "burst: 5, key: route")
+    text = POLICY.replace("burst: 3, key", "burst: 1, key").replace(
+        "burst: 1, key: route", "burst: 5, key: route"
+    )
     layer, ctx, _ = build(text, clock)
     fleet = ctx.exposed["ratelimit"]["r"].fallback.limits[0].limiter
     statuses = [(await layer(request(clock, b"k1"))).status for _ in range(3)]

@@ -44,7 +44,7 @@ def test_routes_sharing_an_upstream_budget_must_agree_on_it():
         parse_policy(text, "drill.yaml")
     found = [str(issue) for issue in info.value.issues]
     assert len(found) == 1
-    assert found[0].startswith(f"{at(text, '{ratio: 10%')}: routes[1].retry.budget: routes[0] (\"a\") shares")
+    assert found[0].startswith(f'{at(text, "{ratio: 10%")}: routes[1].retry.budget: routes[0] ("a") shares')
     # Different settings are fine per route, and scope is checked like any field.
     parse_policy(policy(9, "route", second_budget="{ratio: 10%}"))
     with pytest.raises(PolicyError, match="scope"):
@@ -79,4 +79,7 @@ async def test_a_reload_with_equal_settings_keeps_the_shared_budget(fenders):  #
             await fenders.reload(fender, policy(up.port, "upstream", timeout="14s"))
             assert fender.dataplane.runtime.exposed["retry_budget"]["up"] is budget
             b = await client.get("/b")  # the retry spent before the reload still counts
-    assert b.headers["x-fender-retry"] == "budget-exhausted" and budget.snapshot() == {"requests": 2, "retries": 1}
+    assert b.headers["x-fender-retry"] == "budget-exhausted" and budget.snapshot() == {
+        "requests": 2,
+        "retries": 1,
+    }

@@ -198,6 +198,8 @@ def build_layer(route, next_handler, ctx) -> RetryLayer | None:
     if budget.scope == "upstream":
         # One budget per upstream (the same key within a build gives the same object), kept by a
         # reload with equal settings; the policy checks that its routes agree on them.
-        layer.budget = ctx.keep(("retry-budget", route.upstream), budget, lambda: RetryBudget(budget, ctx.clock))
+        layer.budget = ctx.keep(
+            ("retry-budget", route.upstream), budget, lambda: RetryBudget(budget, ctx.clock)
+        )
         ctx.expose("retry_budget", route.upstream, layer.budget)
     return layer
