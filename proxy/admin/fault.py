@@ -46,20 +46,14 @@ def routes(fender: AdminHost) -> list[Route]:
         """Every route with a fault: section: running settings, faults injected, tries being delayed."""
         return JSONResponse({"routes": {name: inj.snapshot() for name, inj in injectors().items()}})
 
-    async def show(request: Request) -> Response:
-        """One route's fault injection: running settings and counts."""
+    async def route_fault(request: Request) -> Response:
+        """One route's fault injection: read it (GET); switch, change or reset it (POST)."""
         name = request.path_params["name"]
         injector = injectors().get(name)
         if injector is None:
             return missing(name)
-        return JSONResponse(injector.snapshot())
-
-    async def change(request: Request) -> Response:
-        """Switch a route's fault injection on or off, change its settings, or reset them to the file's."""
-        name = request.path_params["name"]
-        injector = injectors().get(name)
-        if injector is None:
-            return missing(name)
+        if request.method == "GET":
+            return JSONResponse(injector.snapshot())
         raw = await request.body()
         if len(raw) > MAX_BODY:
             return JSONResponse({"error": f"body larger than {MAX_BODY} bytes"}, status_code=413)
@@ -100,6 +94,5 @@ def routes(fender: AdminHost) -> list[Route]:
 
     return [
         Route("/admin/faults", list_faults, methods=["GET"]),
-        Route("/admin/routes/{name}/fault", show, methods=["GET"]),
-        Route("/admin/routes/{name}/fault", change, methods=["POST"]),
+        Route("/admin/routes/{name}/fault", route_fault, methods=["GET", "POST"]),
     ]
