@@ -139,7 +139,7 @@ class RouteRateLimit:
             ex.response_headers.append((b"ratelimit", self._state(keys, now_ns, self.shown)))
         return None
 
-    def describe(self, ex, now_ns: int) -> None:
+    def describe(self, ex: Any, now_ns: int) -> None:
         """Add the RateLimit headers of the shown limits as they stand, consuming nothing."""
         if self.shown:
             keys = [limit.key_of(ex) for limit in self.limits]
