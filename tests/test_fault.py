@@ -423,7 +423,7 @@ async def test_admin_api_switches_a_drill_and_a_reload_keeps_it(fenders, monkeyp
 
             status_page = (await admin.get("/admin/status", headers=auth)).json()
             fault = {r["name"]: r["fault"] for r in status_page["routes"]}["r"]
-            assert fault["enabled"] and fault["summary"] == "abort 429 to 100%" and fault["injected"] == 3
+            assert fault["enabled"] and fault["summary"] == "abort 429 on 100%" and fault["injected"] == 3
 
             injector = fender.dataplane.runtime.exposed["fault"]["r"]
             await fenders.reload(
@@ -473,3 +473,33 @@ async def test_concurrent_delays_respect_max_active_over_sockets(fenders):
             answers = await asyncio.gather(*slow)
     assert [a.status_code for a in answers] == [200, 200] and injector.active == 0
     assert injector.injected["delay"] == 2 and len(up.requests) == 3
+
+
+@pytest.mark.slow
+async def test_the_status_page_shows_a_drill_switched_on(fenders):
+    from tests.test_status_page import _need_browser
+
+    _need_browser()
+    from playwright.async_api import async_playwright
+
+    from tests.support.status_browser import CHROMIUM_ARGS, chromium_path
+
+    async with RawUpstream(ok()) as up:
+        fender = await fenders(policy(up.port, "fault: {abort: {status: 503, percent: 50%}, enabled: false}"))
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                page.set_default_timeout(15_000)
+                await page.goto(fender.admin_url + "/")
+                cell = page.locator('tr[data-route="r"] td.fault')
+                await cell.locator('[data-state="armed, off"]').wait_for()
+                async with httpx.AsyncClient(base_url=fender.admin_url) as admin:
+                    assert (
+                        await admin.post("/admin/routes/r/fault", json={"enabled": True})
+                    ).status_code == 200
+                await cell.locator('[data-state="injecting"]').wait_for()
+                text = await cell.inner_text()
+            finally:
+                await browser.close()
+    assert "abort 503 on 50%" in text and "set by admin" in text

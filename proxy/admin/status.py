@@ -71,9 +71,9 @@ def _fault(snapshot: dict) -> dict:
     """A route's fault injection as the page shows it: on or off, what it injects, how much so far."""
     parts = []
     if snapshot["delay"] is not None:
-        parts.append(f"delay {snapshot['delay']['fixed']} to {snapshot['delay']['percent']}")
+        parts.append(f"delay {snapshot['delay']['fixed']} on {snapshot['delay']['percent']}")
     if snapshot["abort"] is not None:
-        parts.append(f"abort {snapshot['abort']['status']} to {snapshot['abort']['percent']}")
+        parts.append(f"abort {snapshot['abort']['status']} on {snapshot['abort']['percent']}")
     return {
         "enabled": snapshot["enabled"],
         "summary": ", ".join(parts),
