@@ -123,7 +123,7 @@ class RouteRateLimit:
                 (b"ratelimit-policy", self.policy_header),
                 (b"ratelimit", self._state(keys, now_ns)),
             ]
-            return LocalReply("rate_limited", f"limit {names}", status=429, headers=headers)
+            return LocalReply("rate_limited", f"limit {names}", headers=headers)
         if not consume:
             return None
         for limit, key in zip(self.limits, keys, strict=True):
