@@ -1,7 +1,7 @@
 """Admin endpoints for fault injection: a drill switched on, changed or off without a policy edit.
 
 ``GET /admin/faults``: every route with a ``fault:`` section, its running settings and counts.
-``GET /admin/routes/{name}/fault``: one route's. ``POST /admin/routes/{name}/fault`` with a JSON
+``POST /admin/routes/{name}/fault`` (answering that route's state after the change) with a JSON
 object of ``fault:`` fields (``{"enabled": true}``, ``{"abort": {"status": 503, "percent": "20%"}}``)
 replaces those fields of the running settings (each field whole; the others stay), validated as
 the policy file's section is; ``{"reset": true}`` goes back to the policy file's settings. A route
@@ -47,13 +47,11 @@ def routes(fender: AdminHost) -> list[Route]:
         return JSONResponse({"routes": {name: inj.snapshot() for name, inj in injectors().items()}})
 
     async def route_fault(request: Request) -> Response:
-        """One route's fault injection: read it (GET); switch, change or reset it (POST)."""
+        """Switch a route's fault injection on or off, change its settings, or reset them to the file's."""
         name = request.path_params["name"]
         injector = injectors().get(name)
         if injector is None:
             return missing(name)
-        if request.method == "GET":
-            return JSONResponse(injector.snapshot())
         raw = await request.body()
         if len(raw) > MAX_BODY:
             return JSONResponse({"error": f"body larger than {MAX_BODY} bytes"}, status_code=413)
@@ -94,5 +92,5 @@ def routes(fender: AdminHost) -> list[Route]:
 
     return [
         Route("/admin/faults", list_faults, methods=["GET"]),
-        Route("/admin/routes/{name}/fault", route_fault, methods=["GET", "POST"]),
+        Route("/admin/routes/{name}/fault", route_fault, methods=["POST"]),
     ]

@@ -327,14 +327,6 @@ DOCS: dict[str, dict[str, dict[str, Any]]] = {
         }
     },
     "/admin/routes/{name}/fault": {
-        "get": {
-            "summary": "One route's fault injection: running settings and counts.",
-            "parameters": [_path_param("name", "route name")],
-            "responses": {
-                "200": _json("the route's fault injection", _ref("Fault")),
-                "404": _json("no such route, or it has no fault: section", _ref("Error")),
-            },
-        },
         "post": {
             "summary": "Switch a drill on or off, change its settings (fields of fault:, each whole), or reset "
             'them to the policy file\'s with {"reset": true}.',
