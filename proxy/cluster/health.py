@@ -53,7 +53,7 @@ class HealthChecker:
         self._host = options.host.encode("latin-1") if options.host is not None else None
         self._extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in options.headers.items()]
         self._expect_body = options.expect_body.encode() if options.expect_body is not None else None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._pools = [
             UpstreamPool(
                 state.replica.host,

@@ -17,7 +17,7 @@ retries. A shared budget is kept across reloads that leave its settings as they 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
@@ -33,6 +33,7 @@ class BudgetOptions(PolicyModel):
 
     ratio: Percent = Field(
         default="20%",
+        validate_default=True,
         description=(
             "Retries allowed as a share of requests over the window: 20% means at most one retry per five "
             "requests (Linkerd's and Envoy's default)."
@@ -44,6 +45,7 @@ class BudgetOptions(PolicyModel):
     )
     window: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
+        validate_default=True,
         description="How long requests and retries count against the budget (Linkerd's ttl, 10s).",
     )
     scope: Literal["route", "upstream"] = Field(
@@ -121,6 +123,6 @@ class RetryBudget:
         self._ret_sum += 1
         return True
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         self._roll()
         return {"requests": self._req_sum, "retries": self._ret_sum}
