@@ -18,6 +18,7 @@ class FaultDelay(PolicyModel):
     )
     percent: Percent = Field(
         default="100%",
+        validate_default=True,
         description="Share of the route's eligible tries that are delayed, chosen at random per try.",
     )
 
@@ -36,6 +37,7 @@ class FaultAbort(PolicyModel):
     )
     percent: Percent = Field(
         default="100%",
+        validate_default=True,
         description="Share of the route's eligible tries that are aborted, chosen at random per try.",
     )
 
