@@ -238,8 +238,6 @@ async def test_http2_disabled_answers_the_preface_as_http1(start_fender, echo_up
 
 async def test_preface_split_across_reads(start_fender, echo_upstream):
     fender = await start_fender(policy_text(echo_upstream.port))
-    async with H2Client(fender.data_port) as client:
-        pass  # the helper's own connection: written in one piece
     reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
     try:
         from h2.config import H2Configuration
@@ -269,9 +267,6 @@ async def test_preface_split_across_reads(start_fender, echo_upstream):
     finally:
         writer.close()
     assert echo_upstream.requests[-1]["path"] == "/split"
-
-
-grpc = None
 
 
 def _grpc():
