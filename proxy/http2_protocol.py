@@ -660,7 +660,10 @@ class FenderH2Protocol(asyncio.Protocol):
         size = event.flow_controlled_length
         if stream is None or stream.complete or stream.disconnected:
             if size:
-                self.h2.acknowledge_received_data(size, sid)  # nobody reads it: hand the window back
+                try:
+                    self.h2.acknowledge_received_data(size, sid)  # nobody reads it: hand the window back
+                except ProtocolError:
+                    pass
             return
         if event.data:
             stream.body.append(event.data)
@@ -708,8 +711,8 @@ class FenderH2Protocol(asyncio.Protocol):
             await self.app(stream.scope, stream.receive, stream.send)
         except BaseException as exc:  # the connection must go on whatever one stream did
             if not isinstance(exc, asyncio.CancelledError):
-                if type(exc).__name__ not in ("ResponseAborted", "ClientGone"):
-                    log.error("Exception in ASGI application", exc_info=exc)
+                # (quiet_aborts() filters the expected ResponseAborted out of this logger)
+                log.error("Exception in ASGI application", exc_info=exc)
             if not stream.complete:
                 if not stream.started and not stream.disconnected:
                     self._answer(stream, "internal")
