@@ -442,3 +442,18 @@ async def test_route_rules_hold_per_stream(start_fender, capsys):
     assert [r["status"] for r in lines] == [200, 504]
     assert 'fender_requests_total{method="GET",route="api",status_class="2xx"} 1.0' in text
     assert 'fender_requests_total{method="GET",route="api",status_class="5xx"} 1.0' in text
+
+
+async def test_head_limits_per_stream(start_fender, echo_upstream):
+    """server.max_header_count and headers_with_underscores (reject) answer a stream as they answer an
+    HTTP/1.1 request (431, 400), and the connection goes on."""
+    server = "max_header_count: 5\nheaders_with_underscores: reject\n"
+    fender = await start_fender(policy_text(echo_upstream.port, server=server))
+    async with H2Client(fender.data_port) as client:
+        many = await client.response(client.request("/many", headers=[(b"x-%d" % i, b"v") for i in range(8)]))
+        underscore = await client.response(client.request("/u", headers=[(b"x_forwarded_for", b"1.2.3.4")]))
+        fine = await client.response(client.request("/fine"))
+    assert (many.status, many.headers[b"x-fender-error"]) == (431, b"header_too_large")
+    assert (underscore.status, underscore.headers[b"x-fender-error"]) == (400, b"underscore_header")
+    assert fine.status == 200
+    assert [r["path"] for r in echo_upstream.requests] == ["/fine"]
