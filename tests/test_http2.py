@@ -346,7 +346,7 @@ async def test_alpn_h2_over_tls_selects_http2(start_fender, echo_upstream, tmp_p
     import uvicorn
     from uvicorn.server import ServerState
 
-    from proxy.http_protocol import FenderHttpProtocol
+    from proxy.server.protocol import FenderHttpProtocol
 
     openssl = _tool("openssl", "openssl")
     curl = _tool("curl", "curl")
