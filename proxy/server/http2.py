@@ -676,7 +676,7 @@ class FenderH2Protocol(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if not event.remote_reset:
             return
-        self.reset_counter["client_reset"].inc()
+        self._count_reset("client_reset")
         if stream is not None:
             stream.disconnected = True
             stream.wake()
@@ -802,7 +802,7 @@ class FenderH2Protocol(asyncio.Protocol):
             stream.complete = True
             stream.disconnected = True
             stream.wake()
-        self.reset_counter[reason].inc()
+        self._count_reset(reason)
         if self._closing:
             return
         try:
@@ -879,6 +879,11 @@ class FenderH2Protocol(asyncio.Protocol):
         self.flush()
         if not self.transport.is_closing():
             self.transport.write(frame.serialize())
+
+    def _count_reset(self, reason: str) -> None:
+        counter = self.reset_counter.get(reason)
+        if counter is not None:
+            counter.inc()
 
     def _count_goaway(self, reason: str) -> None:
         counter = self.goaway_counter.get(reason)
@@ -977,7 +982,7 @@ def take_over(protocol, data: bytes, mode: str) -> FenderH2Protocol:
     ``h2`` selects this protocol with the same line.
     """
     transport = protocol.transport
-    h2 = FenderH2Protocol(
+    h2 = protocol.h2_protocol(
         protocol.app,
         protocol.loop,
         protocol.connections,
