@@ -71,6 +71,7 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hpack import NeverIndexedHeaderTuple as _NotIndexed
 from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 
 from proxy.metrics import Metrics
@@ -93,10 +94,24 @@ _CONNECTION_SPECIFIC = frozenset(
 _RESPONSE_DROP = _CONNECTION_SPECIFIC | {b"te"}
 # Field-name characters (RFC 9110 5.6.2 tchar) without upper case (RFC 9113 8.2.1).
 _NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-_BAD_VALUE = (b"\x00", b"\r", b"\n")
+_EDGE = (0x20, 0x09)  # space, tab
 _UNDERSCORE = ord("_")
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
 _REFUSED_SCOPE = {"method": "GET"}  # a stream answered by the protocol itself never reaches the app
+# Response fields whose values differ per response: kept out of the HPACK dynamic table, which
+# they would only churn (and h2's encoder searches that table linearly for every field).
+_UNIQUE = frozenset(
+    {
+        b"date",
+        b"x-request-id",
+        b"content-length",
+        b"fender-trace",
+        b"set-cookie",
+        b"etag",
+        b"age",
+        b"grpc-message",
+    }
+)
 _CONNECTION_WINDOWS = 8  # the connection's receive window, in stream windows
 _FLOOD_BUFFER = 1 << 20  # unread answers (PING and SETTINGS ACKs...) past which a flood is assumed
 
@@ -135,9 +150,14 @@ class _Connection(H2Connection):
     work continues after the client reset them) and refuses the extra ones.
     """
 
+    prune_above = 256  # streams (open and closed) h2 may hold before they are pruned
+
     @property
     def open_inbound_streams(self) -> int:
-        super().open_inbound_streams  # noqa: B018 - h2 prunes its closed streams in the accessor
+        # h2 prunes its closed streams in this accessor, walking every stream; pruning once
+        # the table has grown (not per new stream) keeps it bounded for a fraction of the cost.
+        if len(self.streams) > self.prune_above:
+            super().open_inbound_streams  # noqa: B018
         return 0
 
 
@@ -253,7 +273,9 @@ class _Stream:
         out = [(b":status", _STATUS.get(status) or b"%d" % status)]
         for name, value in headers:
             name = name.lower()
-            if name not in _RESPONSE_DROP:
+            if name in _UNIQUE:
+                out.append(_NotIndexed(name, value))
+            elif name not in _RESPONSE_DROP:
                 out.append((name, value))
         return out
 
@@ -409,6 +431,7 @@ class FenderH2Protocol(asyncio.Protocol):
         )
         # The decoded-size cap holds from the first header block, not only once SETTINGS is acknowledged.
         h2.decoder.max_header_list_size = self.max_header_list_size
+        h2.prune_above = 2 * self.max_concurrent_streams + 64
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.streams: dict[int, _Stream] = {}
         self.write_paused = False
@@ -555,11 +578,10 @@ class FenderH2Protocol(asyncio.Protocol):
         count = 0
         underscores = self.underscores
         for name, value in headers:
-            if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
-                return None
-            for bad in _BAD_VALUE:
-                if bad in value:
-                    return None
+            if value and (
+                value[0] in _EDGE or value[-1] in _EDGE or 0 in value or 10 in value or 13 in value
+            ):
+                return None  # NUL, LF, CR anywhere, or space or tab at either end (RFC 9113 8.2.1)
             if name[:1] == b":":
                 if regular or name not in _REQUEST_PSEUDO:
                     return None
