@@ -65,7 +65,6 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
-    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError, StreamClosedError
@@ -83,7 +82,7 @@ PREFACE_HEAD = PREFACE[:18]  # what llhttp reads as a request head before it sto
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/server/protocol.py), offered here too.
-EXTENSIONS = {"fender.response.body": {}, "fender.response.interim": {}}
+EXTENSIONS: dict[str, dict] = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -484,36 +483,34 @@ class FenderH2Protocol(asyncio.Protocol):
             self._close_now()
             return
         for event in events:
-            kind = type(event)
-            if kind is DataReceived:
+            if isinstance(event, DataReceived):
                 self._on_data(event)
-            elif kind is RequestReceived:
+            elif isinstance(event, RequestReceived):
                 self._on_request(event)
                 if self._closing:
                     return
-            elif kind is StreamEnded:
+            elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.more_body = False
                     stream.wake()
-            elif kind is WindowUpdated:
+            elif isinstance(event, WindowUpdated):
                 self._on_window(event.stream_id)
-            elif kind is StreamReset:
+            elif isinstance(event, StreamReset):
                 self._on_reset(event)
                 if self._closing:
                     return
-            elif kind is PingReceived or kind is RemoteSettingsChanged:
+            elif isinstance(event, PingReceived | RemoteSettingsChanged):
                 if self._flood(control=True):
                     return
-                if kind is RemoteSettingsChanged:
+                if isinstance(event, RemoteSettingsChanged):
                     self._on_window(0)  # a new initial window may open every stream's window
-            elif kind is ConnectionTerminated:
+            elif isinstance(event, ConnectionTerminated):
                 self._peer_gone = True
                 if not self.streams:
                     self._close_now()
                     return
-            elif kind is TrailersReceived:
-                pass  # request trailers are dropped, as chunked trailer fields on HTTP/1.1
+            # TrailersReceived: request trailers are dropped, as chunked trailer fields on HTTP/1.1
         self.flush()
         if self.write_paused and self.transport.get_write_buffer_size() > _FLOOD_BUFFER:
             # The client sends frames that need an answer and reads none of them.
@@ -544,7 +541,8 @@ class FenderH2Protocol(asyncio.Protocol):
         if self._goaway_sent or self._peer_gone or len(self.streams) >= self.max_concurrent_streams:
             self._reset(sid, ErrorCodes.REFUSED_STREAM, "refused")
             return
-        scope = self._scope(event.headers, event.stream_ended)
+        ended = event.stream_ended is not None
+        scope = self._scope(event.headers, ended)
         if scope is None:
             self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
             return
@@ -553,9 +551,7 @@ class FenderH2Protocol(asyncio.Protocol):
         if not isinstance(scope, str) and self.limit_concurrency is not None:
             if len(self.connections) >= self.limit_concurrency:
                 scope = "connection_limit"
-        stream = _Stream(
-            self, sid, scope if not isinstance(scope, str) else _REFUSED_SCOPE, event.stream_ended
-        )
+        stream = _Stream(self, sid, scope if not isinstance(scope, str) else _REFUSED_SCOPE, ended)
         self.streams[sid] = stream
         if self._timer is not None:
             self._timer.cancel()
@@ -712,9 +708,9 @@ class FenderH2Protocol(asyncio.Protocol):
                 if stream.window_waiter is not None:
                     stream.wake()
         else:
-            stream = self.streams.get(sid)
-            if stream is not None and stream.window_waiter is not None:
-                stream.wake()
+            one = self.streams.get(sid)
+            if one is not None and one.window_waiter is not None:
+                one.wake()
 
     def ack(self, sid: int, size: int) -> None:
         """The application read ``size`` flow-controlled bytes of a stream: open the windows again."""
