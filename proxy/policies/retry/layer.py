@@ -205,6 +205,14 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Retry
     if options is None or (options.attempts <= 1 and hedge is None):
         return None
     layer = RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
+    budget = options.budget
+    if budget.scope == "upstream":
+        # One budget per upstream (the same key within a build gives the same object), kept by a
+        # reload with equal settings; the policy checks that its routes agree on them.
+        layer.budget = ctx.keep(
+            ("retry-budget", route.upstream), budget, lambda: RetryBudget(budget, ctx.clock)
+        )
+        ctx.expose("retry_budget", route.upstream, layer.budget)
     if hedge is not None:
         _hedge(layer, route, hedge, ctx)
     return layer
