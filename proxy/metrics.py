@@ -293,6 +293,9 @@ class Metrics:
             "The delay after which a slow try gets a hedge (the observed percentile or the fixed duration); "
             "0 before enough tries were seen.",
             ["route"],
+            registry=r,
+        )
+
         # metrics: fault injection
         self.faults_injected = Counter(
             "fender_faults_injected_total",
