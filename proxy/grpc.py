@@ -55,6 +55,8 @@ REASON_STATUS: dict[str, int] = {
     "breaker_open": UNAVAILABLE,
     "bulkhead_full": UNAVAILABLE,
     "bulkhead_timeout": UNAVAILABLE,
+    "concurrency_limited": UNAVAILABLE,
+    "fault_injected": UNAVAILABLE,
     "no_healthy_replica": UNAVAILABLE,
     "connect_failure": UNAVAILABLE,
     "connect_timeout": UNAVAILABLE,
