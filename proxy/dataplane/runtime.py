@@ -49,6 +49,7 @@ from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
 from proxy.dataplane.pipeline import TRACER_KEY, Handler, LayerContext, build_pipeline
 from proxy.dataplane.router import IndexedRouter, Router, build_router, compile_match
+from proxy.discovery.entries import Dns, uses_dns
 from proxy.metrics import Metrics, RouteMetrics, TunnelMetrics
 from proxy.ops.checkpoint import CheckpointProviders
 
@@ -276,9 +277,19 @@ class Runtime:
             for key, value in previous.shared.items():
                 if key not in _RESERVED and type(value) is dict:
                     self.shared[key] = Registry(value)
+        # One resolver and name cache per dns: section; an upstream with names is rebuilt (keeping
+        # its DNS answers, see UpstreamRuntime.carry_over) when that section changes.
+        dns_options = policy.dns
+        dns = (
+            self.handover.keep(("dns",), dns_options, lambda: Dns(dns_options, clock, metrics))
+            if any(uses_dns(up) for up in policy.upstreams.values())
+            else None
+        )
         self.upstreams = {
             name: self.handover.keep(
-                ("upstream", name), up, lambda n=name, u=up: UpstreamRuntime(n, u, metrics, clock)
+                ("upstream", name),
+                (up, dns_options) if uses_dns(up) else up,
+                lambda n=name, u=up: UpstreamRuntime(n, u, metrics, clock, dns),
             )
             for name, up in policy.upstreams.items()
         }

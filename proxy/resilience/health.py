@@ -25,7 +25,7 @@ from proxy.config.units import Duration, Percent, describe_value, format_duratio
 from proxy.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
-    from proxy.resilience.failover import ReplicaPicker
+    from proxy.resilience.failover import ReplicaPicker, ReplicaState
 
 __all__ = ["HealthCheckOptions", "HealthChecker", "parse_status_ranges"]
 
@@ -150,6 +150,7 @@ class HealthChecker:
         picker: ReplicaPicker,
         clock: Clock,
         rng: random.Random | None = None,
+        pool_class: type[UpstreamPool] = UpstreamPool,
     ) -> None:
         self.options = options
         self.picker = picker
@@ -157,57 +158,100 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._ranges = parse_status_ranges(options.expect_status)
         self._target = options.path.encode("latin-1")
-        self._tasks: list[asyncio.Task] = []
-        self._pools = [
-            UpstreamPool(
-                state.replica.host,
-                state.replica.port,
-                unix_path=state.replica.unix_path,
-                max_connections=1,
-                max_keepalive=1,
-                connect_timeout=options.timeout,
-                keepalive_idle_timeout=max(options.interval * 3, 5.0),
-                max_pending=0,
-            )
-            for state in picker.states
-        ]
+        self._pool_class = pool_class
+        self._started = False
+        # Per replica state (by identity): its probe pool, and its task once started.
+        self._probes: dict[int, tuple[ReplicaState, UpstreamPool]] = {}
+        self._task_of: dict[int, asyncio.Task] = {}
+        for state in picker.states:
+            self._add(state)
+
+    @property
+    def _tasks(self) -> list[asyncio.Task]:
+        return list(self._task_of.values())
+
+    @property
+    def _pools(self) -> list[UpstreamPool]:
+        """The probe pools in the picker's replica order."""
+        return [self._probes[id(state)][1] for state in self.picker.states if id(state) in self._probes]
+
+    def _add(self, state: ReplicaState) -> None:
+        replica = state.replica
+        pool = self._pool_class(
+            replica.host,
+            replica.port,
+            unix_path=replica.unix_path,
+            max_connections=1,
+            max_keepalive=1,
+            connect_timeout=self.options.timeout,
+            keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
+            max_pending=0,
+            **_resolve_kwargs(replica),
+        )
+        self._probes[id(state)] = (state, pool)
+
+    def _start_one(self, state: ReplicaState) -> None:
+        key = id(state)
+        if key not in self._task_of:
+            self._task_of[key] = asyncio.create_task(self._run(state), name=f"health-check {state.name}")
 
     def start(self) -> None:
-        if self._tasks:
+        if self._started:
             return
-        for index in range(len(self._pools)):
-            task = asyncio.create_task(
-                self._run(index), name=f"health-check {self.picker.states[index].name}"
-            )
-            self._tasks.append(task)
+        self._started = True
+        for state, _ in list(self._probes.values()):
+            self._start_one(state)
+
+    async def sync(self, added: list[ReplicaState], removed: list[ReplicaState]) -> None:
+        """DNS changed the replicas: probe the new ones, stop probing the removed ones."""
+        for state in added:
+            if id(state) not in self._probes:
+                self._add(state)
+                if self._started:
+                    self._start_one(state)
+        stopped = []
+        for state in removed:
+            entry = self._probes.pop(id(state), None)
+            task = self._task_of.pop(id(state), None)
+            if task is not None:
+                task.cancel()
+                stopped.append(task)
+            if entry is not None:
+                stopped.append(entry[1])
+        for item in stopped:
+            if isinstance(item, asyncio.Task):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await item
+            else:
+                await item.close()
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._task_of = list(self._task_of.values()), {}
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.gather(*(pool.close() for pool in self._pools), return_exceptions=True)
+        await asyncio.gather(*(pool.close() for _, pool in self._probes.values()), return_exceptions=True)
 
     def _wait(self) -> float:
         jitter = self.options.jitter
         return self.options.interval * (1.0 + self._rng.uniform(-jitter, jitter))
 
-    async def _run(self, index: int) -> None:
+    async def _run(self, state: ReplicaState) -> None:
         clock = self.clock
         # The first probe lands somewhere in the first interval (jitter across a fleet).
         await clock.sleep(self._rng.uniform(0.0, self.options.interval * max(self.options.jitter, 0.05)))
         while True:
             started = clock.now()
-            result = await self.probe(index)
-            self.picker.record_check(index, result, clock.now() - started, clock.now())
+            result = await self.probe(state)
+            self.picker.record_check(state, result, clock.now() - started, clock.now())
             await clock.sleep(self._wait())
 
-    async def probe(self, index: int) -> str:
-        """One probe of one replica: PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
-        pool = self._pools[index]
-        state = self.picker.states[index]
+    async def probe(self, index: int | ReplicaState) -> str:
+        """One probe of one replica (its index or state): PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        state = self.picker.states[index] if isinstance(index, int) else index
+        pool = self._probes[id(state)][1]
         try:
             response = await pool.request(
                 b"GET",
@@ -229,3 +273,9 @@ class HealthChecker:
             if low <= status <= high:
                 return PASS
         return FAIL
+
+
+def _resolve_kwargs(replica) -> dict:
+    """A replica given by host name connects through the DNS name cache (see proxy.discovery)."""
+    resolve = getattr(replica, "resolve", None)
+    return {} if resolve is None else {"resolve": resolve}

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .connection import Connection, UpgradeResponse, UpstreamResponse
+from .dial import dial
 from .errors import (
     ConnectFailure,
     ConnectTimeout,
@@ -45,9 +46,12 @@ class UpstreamPool:
         max_pending: int = 1000,
         max_response_head: int = 65536,
         unix_path: str | None = None,
+        resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        # A host name: its addresses come from the DNS name cache (proxy.discovery), tried in order.
+        self.resolve = resolve
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
         self.unix_path = unix_path
@@ -290,7 +294,9 @@ class UpstreamPool:
         loop = self._loop
         try:
             async with asyncio.timeout(self.connect_timeout):
-                if self.unix_path is None:
+                if self.resolve is not None:
+                    conn = await self._dial_name(loop)
+                elif self.unix_path is None:
                     _, conn = await loop.create_connection(
                         lambda: Connection(self, loop), self.host, self.port
                     )
@@ -319,6 +325,14 @@ class UpstreamPool:
                 cause="closed by the upstream before the request",
             )
         return conn
+
+    async def _dial_name(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        """A host name: its addresses from the DNS name cache (the lookup, usually a cache hit, counts
+        against the connect timeout too), then each in order with its share of what is left."""
+        started = loop.time()
+        addresses = await self.resolve()  # an OSError (the lookup's failure) when it has none
+        left = self.connect_timeout - (loop.time() - started)
+        return await dial(loop, lambda: Connection(self, loop), addresses, self.port, left)
 
     # -- releasing -----------------------------------------------------------------
 
