@@ -710,6 +710,8 @@ class ReplicaPicker:
             replicas.append(
                 {
                     "name": s.name,
+                    "address": s.replica.address,
+                    "source": s.replica.source,
                     "priority": s.replica.priority,
                     "weight": s.weight,
                     "state": state,
