@@ -102,8 +102,9 @@ async def fenders(tmp_path):
 def policy(dns_port: int, replicas: str, upstream: str = "", dns: str = "", route: str = "") -> str:
     # Refresh every 0.5s (below the records' 1s TTL) unless the test says otherwise.
     ttl = "" if "ttl" in dns else ", max_ttl: 500ms, min_ttl: 100ms"
-    return textwrap.dedent(
-        f"""\
+    return (
+        textwrap.dedent(
+            f"""\
         listen: 127.0.0.1:0
         admin: 127.0.0.1:0
         reload: {{watch: false}}
@@ -113,14 +114,18 @@ def policy(dns_port: int, replicas: str, upstream: str = "", dns: str = "", rout
           up:
             replicas: {replicas}
         """
-    ) + textwrap.indent(textwrap.dedent(upstream), "    ") + textwrap.dedent(
-        f"""\
+        )
+        + textwrap.indent(textwrap.dedent(upstream), "    ")
+        + textwrap.dedent(
+            """\
         routes:
           - name: r
             upstream: up
             timeout: 5s
         """
-    ) + textwrap.indent(textwrap.dedent(route), "    ")
+        )
+        + textwrap.indent(textwrap.dedent(route), "    ")
+    )
 
 
 def names(fender: Fender) -> list[str]:
@@ -144,7 +149,9 @@ async def test_a_name_with_three_addresses_spreads_traffic_over_three_replicas(
     async with Dnsmasq(tmp_path, {"svc.test": [A, B, C]}) as dns:
         fender = await fenders(
             policy(
-                dns.port, f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]", route="rewrite_host: true\n"
+                dns.port,
+                f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]",
+                route="rewrite_host: true\n",
             )
         )
         # The first answer is in before the runtime goes live: all three from the first request.
@@ -244,7 +251,9 @@ async def test_dns_server_stopped_traffic_continues_on_the_last_set_and_recovers
         await replicas.start(address)
     async with Dnsmasq(tmp_path, {"svc.test": [A, B]}) as dns:
         fender = await fenders(
-            policy(dns.port, f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]", dns=", timeout: 300ms")
+            policy(
+                dns.port, f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]", dns=", timeout: 300ms"
+            )
         )
         counter = fender.metrics.dns_lookups
         upstream = fender.dataplane.runtime.upstreams["up"]
@@ -278,7 +287,9 @@ async def test_nxdomain_keeps_the_last_set_until_max_stale_then_503_naming_nothi
     await replicas.start(A)
     async with Dnsmasq(tmp_path, {"svc.test": [A]}) as dns:
         fender = await fenders(
-            policy(dns.port, f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]", dns=", max_stale: 2s")
+            policy(
+                dns.port, f"[{{url: http://svc.test:{replicas.port}, resolve: true}}]", dns=", max_stale: 2s"
+            )
         )
         upstream = fender.dataplane.runtime.upstreams["up"]
         await dns.set_hosts({"other.test": [B]})  # svc.test is now NXDOMAIN
@@ -294,11 +305,15 @@ async def test_nxdomain_keeps_the_last_set_until_max_stale_then_503_naming_nothi
             response = await get(client, fender)
         assert response.status_code == 503 and response.headers["x-fender-error"] == "no_healthy_replica"
         lines = dns_lines(caplog)
-        assert any("svc.test (resolve)" in line and "dropped" in line and "NXDOMAIN" in line for line in lines)
+        assert any(
+            "svc.test (resolve)" in line and "dropped" in line and "NXDOMAIN" in line for line in lines
+        )
         assert f"up: 1 -> 0 replicas (-{A}:{replicas.port} (svc.test))" in lines
 
 
-async def test_a_name_that_does_not_resolve_at_start_does_not_stop_fender(tmp_path, replicas, fenders, caplog):
+async def test_a_name_that_does_not_resolve_at_start_does_not_stop_fender(
+    tmp_path, replicas, fenders, caplog
+):
     caplog.set_level(logging.INFO, logger="fender")
     await replicas.start(A)
     async with Dnsmasq(tmp_path, {"other.test": [B]}) as dns:
@@ -340,7 +355,9 @@ async def test_srv_priorities_are_failover_tiers_with_failback(tmp_path, replica
         async with httpx.AsyncClient() as client:
             assert {(await get(client, fender)).text for _ in range(6)} == {A}
             await replicas.stop(A)
-            await wait_until(lambda: upstream.picker.active_label == "1", within=10, what="failover to tier 1")
+            await wait_until(
+                lambda: upstream.picker.active_label == "1", within=10, what="failover to tier 1"
+            )
             assert {(await get(client, fender)).text for _ in range(6)} == {B}
             await replicas.start(A)  # the same port
             await wait_until(lambda: upstream.picker.active_label == "0", within=10, what="failback")
@@ -436,7 +453,9 @@ async def test_a_reload_keeps_the_resolved_set_and_replica_state(tmp_path, repli
         async with httpx.AsyncClient() as client:
             assert {(await get(client, fender)).text for _ in range(4)} == {B}
         # The same policy again: the very same runtime.
-        await fenders.reload(fender, policy(dns.port, replicas_line, upstream=outlier + "balance: least_request\n"))
+        await fenders.reload(
+            fender, policy(dns.port, replicas_line, upstream=outlier + "balance: least_request\n")
+        )
         third = fender.dataplane.runtime.upstreams["up"]
         assert len(third.replicas) == 2
 
@@ -447,11 +466,14 @@ async def test_checkpoints_restore_replica_state_by_address(tmp_path, replicas, 
     port = replicas.port
     checkpoint = tmp_path / "state.json"
     async with Dnsmasq(tmp_path, {"svc.test": [A, B]}) as dns:
-        text = policy(
-            dns.port,
-            f"[{{url: http://svc.test:{port}, resolve: true}}]",
-            upstream="outlier_detection: {consecutive_failures: 1, ejection_time: 60s}\n",
-        ) + f"checkpoint: {{path: {checkpoint}, interval: 1h}}\n"
+        text = (
+            policy(
+                dns.port,
+                f"[{{url: http://svc.test:{port}, resolve: true}}]",
+                upstream="outlier_detection: {consecutive_failures: 1, ejection_time: 60s}\n",
+            )
+            + f"checkpoint: {{path: {checkpoint}, interval: 1h}}\n"
+        )
         fender = await fenders(text)
         up = fender.dataplane.runtime.upstreams["up"]
         up.picker._eject(up.picker.state_of(f"{A}:{port} (svc.test)"), up.clock.now())
@@ -498,4 +520,3 @@ async def test_validate_env_resolves_every_name_and_validate_stays_offline(tmp_p
     assert f"svc.test (resolve): 2 addresses ({', '.join(sorted([A, B]))})" in out
     assert f"_http._tcp.svc.test (srv): 1 address ({C}:9001 (p0.test), priority 0, weight 10)" in out
     assert "missing.test: does not resolve: missing.test does not exist (NXDOMAIN)" in online.stderr
-

@@ -186,7 +186,9 @@ def test_the_hosts_file_is_read_again_when_it_changes(tmp_path):
 
 async def test_the_resolver_returns_ttls_srv_records_and_outcomes_from_a_real_name_server(tmp_path):
     srv = [("_http._tcp.svc.test", "a.test", 9001, 0, 10), ("_http._tcp.svc.test", "b.test", 9002, 1, 0)]
-    async with Dnsmasq(tmp_path, {"svc.test": ["127.0.0.2", "127.0.0.3"], "a.test": ["127.0.0.4"]}, srv) as dns:
+    async with Dnsmasq(
+        tmp_path, {"svc.test": ["127.0.0.2", "127.0.0.3"], "a.test": ["127.0.0.4"]}, srv
+    ) as dns:
         resolver = DnsResolver(DnsOptions(resolvers=[f"127.0.0.1:{dns.port}"], timeout="500ms"))
         answer = await resolver.addresses("svc.test")
         assert sorted(answer.addresses) == ["127.0.0.2", "127.0.0.3"] and answer.ttl == 1.0
@@ -237,7 +239,10 @@ routes: [{{name: r, upstream: up}}]
     [
         ("{url: http://10.0.0.1:80, resolve: true}", "10.0.0.1 is an IP address (remove resolve)"),
         ('{url: "unix:///run/a.sock", resolve: true}', "not a unix socket"),
-        ("{srv: _http._tcp.a.test, weight: 3}", "takes its priorities, weights and ports from the SRV records"),
+        (
+            "{srv: _http._tcp.a.test, weight: 3}",
+            "takes its priorities, weights and ports from the SRV records",
+        ),
         ("{srv: _http._tcp.a.test, url: http://a.test}", "give either url or srv, not both"),
         ("{srv: nodots}", "is not an SRV name"),
         ("{priority: 1}", "a replica needs a url"),

@@ -630,7 +630,9 @@ class Replica(PolicyModel):
         elif self.resolve:
             host, _, unix_path = _parse_replica_url(self.url)  # type: ignore[arg-type]
             if unix_path is not None:
-                raise policy_error("resolve: true needs an http:// URL with a host name, not a unix socket", "resolve")
+                raise policy_error(
+                    "resolve: true needs an http:// URL with a host name, not a unix socket", "resolve"
+                )
             try:
                 ipaddress.ip_address(host)
             except ValueError:

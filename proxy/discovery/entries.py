@@ -178,9 +178,16 @@ class DnsEntries:
                 )
             if not targets:
                 outcome = next((r.outcome for r in results if isinstance(r, LookupFailed)), "empty")
-                raise LookupFailed(outcome, f"no SRV target of {entry.dns_name} resolves ({'; '.join(failures)})")
+                raise LookupFailed(
+                    outcome, f"no SRV target of {entry.dns_name} resolves ({'; '.join(failures)})"
+                )
             if failures:
-                log.warning("%s: %s: some SRV targets do not resolve: %s", self.upstream, entry.what, "; ".join(failures))
+                log.warning(
+                    "%s: %s: some SRV targets do not resolve: %s",
+                    self.upstream,
+                    entry.what,
+                    "; ".join(failures),
+                )
             return tuple(targets), ttl
 
         return lookup_srv
@@ -222,7 +229,9 @@ class DnsEntries:
             entry.refresher.adopt(was.refresher)
             targets = entry.refresher.state.targets
             if entry.kind == "resolve":  # this entry's priority and weight, which the reload may change
-                targets = tuple(replace(t, priority=entry.spec.priority, weight=entry.spec.weight) for t in targets)
+                targets = tuple(
+                    replace(t, priority=entry.spec.priority, weight=entry.spec.weight) for t in targets
+                )
                 entry.refresher.state.targets = targets
             entry.replicas = entry.replicas_for(targets)
             adopted = True
@@ -242,7 +251,9 @@ class DnsEntries:
                 async with asyncio.timeout(budget):
                     await asyncio.gather(*(e.refresher.refresh() for e in first))
             except TimeoutError:
-                log.warning("%s: DNS answers did not all come within %.1fs; the rest follow", self.upstream, budget)
+                log.warning(
+                    "%s: DNS answers did not all come within %.1fs; the rest follow", self.upstream, budget
+                )
             await self._apply(self.specs(), False)
         self.live = True
         for entry in self.entries:

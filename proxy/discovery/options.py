@@ -102,7 +102,9 @@ class DnsOptions(PolicyModel):
             except ValueError as exc:
                 raise policy_error(str(exc), index) from None
             if key in seen:
-                raise policy_error(f"{describe_value(text)} is listed twice (also resolvers[{seen[key]}])", index)
+                raise policy_error(
+                    f"{describe_value(text)} is listed twice (also resolvers[{seen[key]}])", index
+                )
             seen[key] = index
         return value
 

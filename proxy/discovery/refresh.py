@@ -190,7 +190,10 @@ class Refresher:
             # Not rate-limited: it changes what the upstream serves.
             log.warning(
                 "%s: %s: %s; the last good answer is older than max_stale: its %d replicas are dropped",
-                self.upstream, self.what, failure, len(had),
+                self.upstream,
+                self.what,
+                failure,
+                len(had),
             )
             self._warned_at = now
             return
@@ -212,7 +215,10 @@ class Refresher:
             return
         log.warning(
             "%s: %s gave %d addresses; only the first %d are used (dns.max_addresses)",
-            self.upstream, self.what, found, self.state.options.max_addresses,
+            self.upstream,
+            self.what,
+            found,
+            self.state.options.max_addresses,
         )
         self._warned_at = now
 

@@ -64,7 +64,10 @@ async def _entry_line(upstream: str, entries: DnsEntries, entry: _Entry) -> tupl
         )
     else:
         items = ", ".join(sorted(t.host for t in targets))
-    return True, f"upstream {upstream}: {entry.what}: {_plural(len(targets), 'address')} ({items}), ttl {ttl:g}s{note}"
+    return (
+        True,
+        f"upstream {upstream}: {entry.what}: {_plural(len(targets), 'address')} ({items}), ttl {ttl:g}s{note}",
+    )
 
 
 async def _plain_line(upstream: str, resolver: DnsResolver, host: str) -> tuple[bool, str]:

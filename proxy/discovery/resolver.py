@@ -115,9 +115,7 @@ class HostsFile:
                 if address not in found:
                     found.append(address)
         # IPv4 first, as for answers from a name server.
-        return {
-            name: tuple(sorted(found, key=lambda a: ":" in a)) for name, found in names.items()
-        }
+        return {name: tuple(sorted(found, key=lambda a: ":" in a)) for name, found in names.items()}
 
 
 class DnsResolver:

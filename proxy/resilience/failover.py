@@ -287,7 +287,9 @@ class ReplicaPicker:
         self._by_name = {s.name: s for s in states}
         self._eject_limit = [self._limit(len(level)) for level in self.levels]
 
-    def set_replicas(self, replicas: list, gate: bool = True) -> tuple[list[ReplicaState], list[ReplicaState]]:
+    def set_replicas(
+        self, replicas: list, gate: bool = True
+    ) -> tuple[list[ReplicaState], list[ReplicaState]]:
         """DNS changed the set: keep the state of replicas that stay (by name), add the new ones (in
         probation until their first passing probe when active checks run and ``gate``), forget the
         removed ones. Returns ``(added, removed)`` states."""
@@ -570,9 +572,13 @@ class ReplicaPicker:
         self._level_plans = plans
         threshold = self.panic_threshold
         # Replicas DNS added that wait for their first probe count neither way (never checked yet).
-        panic = threshold > 0 and bool(self.states) and all(
-            len(p.replicas) < threshold * sum(1 for r in self.levels[i] if not r.probation)
-            for i, p in enumerate(plans)
+        panic = (
+            threshold > 0
+            and bool(self.states)
+            and all(
+                len(p.replicas) < threshold * sum(1 for r in self.levels[i] if not r.probation)
+                for i, p in enumerate(plans)
+            )
         )
         if panic:
             plan = _Plan("panic", None, [s for s in self.states if not s.drained and not s.probation])

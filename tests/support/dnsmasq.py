@@ -81,7 +81,8 @@ class Dnsmasq:
     async def start(self) -> None:
         """Start (again, on the same port) and wait until it answers."""
         self._write()
-        self.proc = subprocess.Popen(
+        self.proc = await asyncio.to_thread(
+            subprocess.Popen,
             [
                 self.binary,
                 "--keep-in-foreground",
