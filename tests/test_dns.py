@@ -414,6 +414,10 @@ async def test_plain_names_use_the_cache_and_respect_the_ttl(tmp_path, replicas,
         else:
             assert ok._value.get() < 20
         assert fender.dataplane.runtime.upstreams["up"].replicas[0].name == f"plain.test:{replicas.port}"
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"{fender.admin_url}/readyz")
+        # Readiness reaches the name through the same resolver (the system's knows nothing of plain.test).
+        assert ready.status_code == 200 and ready.json()["upstreams"]["up"]["reachable"]
 
 
 async def test_max_addresses_caps_the_replicas_of_a_name(tmp_path, replicas, fenders, caplog):
@@ -452,12 +456,15 @@ async def test_a_reload_keeps_the_resolved_set_and_replica_state(tmp_path, repli
         assert second.picker.state_of(a_name).pool is pool_a  # warm pool kept
         async with httpx.AsyncClient() as client:
             assert {(await get(client, fender)).text for _ in range(4)} == {B}
-        # The same policy again: the very same runtime.
+        # Another dns: section (the name server still down): rebuilt with the answers it had.
         await fenders.reload(
-            fender, policy(dns.port, replicas_line, upstream=outlier + "balance: least_request\n")
+            fender,
+            policy(dns.port, replicas_line, upstream=outlier + "balance: random\n", dns=", timeout: 1s"),
         )
         third = fender.dataplane.runtime.upstreams["up"]
-        assert len(third.replicas) == 2
+        assert third is not second and third.dns is not second.dns
+        assert sorted(r.name for r in third.replicas) == sorted(r.name for r in first.replicas)
+        assert third.picker.state_of(a_name).health == "ejected"
 
 
 async def test_checkpoints_restore_replica_state_by_address(tmp_path, replicas, fenders):

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from proxy.admin import admission, breakers, cache, ops, status, upstreams
 from proxy.config import dump_policy
 from proxy.config.redact import redact
-from proxy.upstream.reachable import tcp_reachable
+from proxy.upstream.reachable import replica_reachable
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -58,7 +58,7 @@ class Readiness:
     async def _upstream(upstream) -> dict:
         timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
         replicas = upstream.replicas
-        ok = await asyncio.gather(*(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in replicas))
+        ok = await asyncio.gather(*(replica_reachable(r, timeout) for r in replicas))
         return {
             "reachable": any(ok),
             "replicas": {

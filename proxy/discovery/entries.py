@@ -249,7 +249,12 @@ class DnsEntries:
             budget = self.dns.options.timeout * 2 + 1.0
             try:
                 async with asyncio.timeout(budget):
-                    await asyncio.gather(*(e.refresher.refresh() for e in first))
+                    results = await asyncio.gather(
+                        *(e.refresher.refresh() for e in first), return_exceptions=True
+                    )
+                for entry, result in zip(first, results, strict=True):
+                    if isinstance(result, Exception):  # pragma: no cover - a bug must not stop the start
+                        log.error("%s: first lookup of %s failed: %r", self.upstream, entry.what, result)
             except TimeoutError:
                 log.warning(
                     "%s: DNS answers did not all come within %.1fs; the rest follow", self.upstream, budget

@@ -34,7 +34,7 @@ from proxy.config import PolicyError
 from proxy.config.loader import read_policy_file as read_policy_document
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
-from proxy.upstream.reachable import tcp_reachable
+from proxy.upstream.reachable import replica_reachable
 
 if TYPE_CHECKING:
     from proxy.server import Fender
@@ -277,7 +277,7 @@ class Reloader:
                 upstream = runtime.upstreams[name]
                 timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
                 results = await asyncio.gather(
-                    *(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in upstream.replicas)
+                    *(replica_reachable(r, timeout) for r in upstream.replicas)
                 )
                 if any(results):
                     unreached.discard(name)
