@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from proxy.config import load_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.support.dnsmasq import Dnsmasq
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import NeverAccepts, RawUpstream, Request, Responder

@@ -9,10 +9,10 @@ import random
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.cluster.dns.refresh import JITTER, NameCache, Refresher, RefreshState, Target
+from proxy.cluster.dns.resolver import DnsResolver, HostsFile, LookupFailed
+from proxy.cluster.options import DnsOptions
 from proxy.config import PolicyError, parse_policy
-from proxy.discovery.options import DnsOptions
-from proxy.discovery.refresh import JITTER, NameCache, Refresher, RefreshState, Target
-from proxy.discovery.resolver import DnsResolver, HostsFile, LookupFailed
 from proxy.metrics import Metrics
 from tests.support.dnsmasq import Dnsmasq
 from tests.support.procs import wait_until
@@ -145,7 +145,7 @@ async def test_the_name_cache_asks_once_per_ttl_and_keeps_addresses_through_fail
                 raise self.answer
             return self.answer
 
-    from proxy.discovery.resolver import AddressAnswer
+    from proxy.cluster.dns.resolver import AddressAnswer
 
     resolver = Resolver()
     metrics = Metrics()

@@ -50,7 +50,7 @@ class UpstreamPool:
     ) -> None:
         self.host = host
         self.port = port
-        # A host name: its addresses come from the DNS name cache (proxy.discovery), tried in order.
+        # A host name: its addresses come from the DNS name cache (proxy.cluster.dns), tried in order.
         self.resolve = resolve
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
@@ -298,11 +298,11 @@ class UpstreamPool:
                     conn = await self._dial_name(loop)
                 elif self.unix_path is None:
                     _, conn = await loop.create_connection(
-                        lambda: Connection(self, loop), self.host, self.port
+                        lambda: Connection(self._release, self._discard_idle, loop), self.host, self.port
                     )
                 else:
                     _, conn = await loop.create_unix_connection(
-                        lambda: Connection(self, loop), self.unix_path
+                        lambda: Connection(self._release, self._discard_idle, loop), self.unix_path
                     )
         except BaseException as exc:
             self._in_use -= 1
@@ -332,7 +332,9 @@ class UpstreamPool:
         started = loop.time()
         addresses = await self.resolve()  # an OSError (the lookup's failure) when it has none
         left = self.connect_timeout - (loop.time() - started)
-        return await dial(loop, lambda: Connection(self, loop), addresses, self.port, left)
+        return await dial(
+            loop, lambda: Connection(self._release, self._discard_idle, loop), addresses, self.port, left
+        )
 
     # -- releasing -----------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""Active health checks: one background task per replica, probing an HTTP path.
+
+Each task sleeps a jittered interval (so a fleet of sidecars started together
+does not probe in lockstep), sends ``GET <path>`` over its own one-connection
+pool (Fender's HTTP/1.1 client, never the pool that carries traffic) and
+reports pass or fail to the replica picker, which owns the state machine
+(``healthy_threshold`` passes in a row to come back, ``unhealthy_threshold``
+fails in a row to go down). Time comes from the injected clock; the probe
+itself is bounded by ``timeout`` in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from proxy.clock import Clock
+from proxy.cluster.options import ERROR, FAIL, PASS, TIMEOUT, HealthCheckOptions, parse_status_ranges
+from proxy.cluster.picker import ReplicaPicker, ReplicaState
+from proxy.upstream import UpstreamError, UpstreamPool
+
+__all__ = ["HealthChecker"]
+
+
+class HealthChecker:
+    """The probe tasks of one upstream; started by ``start()``, stopped by ``close()``."""
+
+    def __init__(
+        self,
+        options: HealthCheckOptions,
+        picker: ReplicaPicker,
+        clock: Clock,
+        rng: random.Random | None = None,
+        pool_class: type[UpstreamPool] = UpstreamPool,
+    ) -> None:
+        self.options = options
+        self.picker = picker
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self._ranges = parse_status_ranges(options.expect_status)
+        self._target = options.path.encode("latin-1")
+        self._pool_class = pool_class
+        self._started = False
+        # Per replica state (by identity): its probe pool, and its task once started.
+        self._probes: dict[int, tuple[ReplicaState, UpstreamPool]] = {}
+        self._task_of: dict[int, asyncio.Task] = {}
+        for state in picker.states:
+            self._add(state)
+
+    @property
+    def _tasks(self) -> list[asyncio.Task]:
+        return list(self._task_of.values())
+
+    @property
+    def _pools(self) -> list[UpstreamPool]:
+        """The probe pools in the picker's replica order."""
+        return [self._probes[id(state)][1] for state in self.picker.states if id(state) in self._probes]
+
+    def _add(self, state: ReplicaState) -> None:
+        replica = state.replica
+        pool = self._pool_class(
+            replica.host,
+            replica.port,
+            unix_path=replica.unix_path,
+            max_connections=1,
+            max_keepalive=1,
+            connect_timeout=self.options.timeout,
+            keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
+            max_pending=0,
+            **_resolve_kwargs(replica),
+        )
+        self._probes[id(state)] = (state, pool)
+
+    def _start_one(self, state: ReplicaState) -> None:
+        key = id(state)
+        if key not in self._task_of:
+            self._task_of[key] = asyncio.create_task(self._run(state), name=f"health-check {state.name}")
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for state, _ in list(self._probes.values()):
+            self._start_one(state)
+
+    async def sync(self, added: list[ReplicaState], removed: list[ReplicaState]) -> None:
+        """DNS changed the replicas: probe the new ones, stop probing the removed ones."""
+        for state in added:
+            if id(state) not in self._probes:
+                self._add(state)
+                if self._started:
+                    self._start_one(state)
+        stopped = []
+        for state in removed:
+            entry = self._probes.pop(id(state), None)
+            task = self._task_of.pop(id(state), None)
+            if task is not None:
+                task.cancel()
+                stopped.append(task)
+            if entry is not None:
+                stopped.append(entry[1])
+        for item in stopped:
+            if isinstance(item, asyncio.Task):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await item
+            else:
+                await item.close()
+
+    async def close(self) -> None:
+        tasks, self._task_of = list(self._task_of.values()), {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.gather(*(pool.close() for _, pool in self._probes.values()), return_exceptions=True)
+
+    def _wait(self) -> float:
+        jitter = self.options.jitter
+        return self.options.interval * (1.0 + self._rng.uniform(-jitter, jitter))
+
+    async def _run(self, state: ReplicaState) -> None:
+        clock = self.clock
+        # The first probe lands somewhere in the first interval (jitter across a fleet).
+        await clock.sleep(self._rng.uniform(0.0, self.options.interval * max(self.options.jitter, 0.05)))
+        while True:
+            started = clock.now()
+            result = await self.probe(state)
+            self.picker.record_check(state, result, clock.now() - started, clock.now())
+            await clock.sleep(self._wait())
+
+    async def probe(self, index: int | ReplicaState) -> str:
+        """One probe of one replica (its index or state): PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        state = self.picker.states[index] if isinstance(index, int) else index
+        pool = self._probes[id(state)][1]
+        try:
+            response = await pool.request(
+                b"GET",
+                self._target,
+                [(b"host", state.replica.authority), (b"user-agent", b"fender-health-check")],
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                while await response.read():
+                    pass
+        except (UpstreamError, TimeoutError):
+            response.close()
+        status = response.status
+        for low, high in self._ranges:
+            if low <= status <= high:
+                return PASS
+        return FAIL
+
+
+def _resolve_kwargs(replica) -> dict:
+    """A replica given by host name connects through the DNS name cache (see proxy.cluster.dns)."""
+    resolve = getattr(replica, "resolve", None)
+    return {} if resolve is None else {"resolve": resolve}
