@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from typing import Any
 
 from proxy.clock import Clock
 from proxy.cluster.options import ERROR, FAIL, PASS, TIMEOUT, HealthCheckOptions, parse_status_ranges
@@ -44,12 +45,12 @@ class HealthChecker:
         self._started = False
         # Per replica state (by identity): its probe pool, and its task once started.
         self._probes: dict[int, tuple[ReplicaState, UpstreamPool]] = {}
-        self._task_of: dict[int, asyncio.Task] = {}
+        self._task_of: dict[int, asyncio.Task[None]] = {}
         for state in picker.states:
             self._add(state)
 
     @property
-    def _tasks(self) -> list[asyncio.Task]:
+    def _tasks(self) -> list[asyncio.Task[None]]:
         return list(self._task_of.values())
 
     @property
@@ -91,7 +92,7 @@ class HealthChecker:
                 self._add(state)
                 if self._started:
                     self._start_one(state)
-        stopped = []
+        stopped: list[asyncio.Task[None] | UpstreamPool] = []
         for state in removed:
             entry = self._probes.pop(id(state), None)
             task = self._task_of.pop(id(state), None)
@@ -157,7 +158,7 @@ class HealthChecker:
         return FAIL
 
 
-def _resolve_kwargs(replica) -> dict:
+def _resolve_kwargs(replica: Any) -> dict[str, Any]:
     """A replica given by host name connects through the DNS name cache (see proxy.cluster.dns)."""
     resolve = getattr(replica, "resolve", None)
     return {} if resolve is None else {"resolve": resolve}

@@ -272,6 +272,8 @@ class ReplicaPicker:
             return
         up = self.upstream
         for state in states:
+            if state.name in self._by_name:
+                continue  # replaced by a replica of the same name (its weight changed): same series
             for family, labels in (
                 (metrics.replica_healthy, (up, state.name)),
                 (metrics.replica_ejections, (up, state.name)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.cluster.dns.entries import Dns, DnsEntries, uses_dns
@@ -56,6 +57,8 @@ class ReplicaRuntime:
         self.priority = replica.priority
         self.weight = replica.weight
         self.resolve = resolve  # a host name's addresses, from the DNS name cache
+        # Only a host name's pool takes the resolver (test pool classes need not know it).
+        extra: dict[str, Any] = {} if resolve is None else {"resolve": resolve}
         self.pool = pool_class(
             replica.host,
             replica.port,
@@ -65,7 +68,7 @@ class ReplicaRuntime:
             connect_timeout=pool_options.connect_timeout,
             keepalive_idle_timeout=pool_options.idle_timeout,
             max_pending=pool_options.max_pending,
-            **({} if resolve is None else {"resolve": resolve}),
+            **extra,
         )
 
 
@@ -85,11 +88,11 @@ class UpstreamRuntime:
         if dns is None and uses_dns(options):
             dns = Dns(DnsOptions(), clock, metrics)
         self.dns = dns
-        self.discovery = (
-            DnsEntries(name, options.replicas, dns, self.set_replicas)
-            if any(r.discovered for r in options.replicas)
-            else None
-        )
+        self.discovery: DnsEntries | None = None
+        if any(r.discovered for r in options.replicas):
+            if dns is None:
+                dns = self.dns = Dns(DnsOptions(), clock, metrics)
+            self.discovery = DnsEntries(name, options.replicas, dns, self.set_replicas)
         specs = options.replicas if self.discovery is None else self.discovery.specs()
         self.replicas = [self._replica(r) for r in specs]
         self.metrics = UpstreamMetrics(metrics, name)
@@ -112,10 +115,12 @@ class UpstreamRuntime:
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
         self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
         self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
-        self._retiring: set[asyncio.Task] = set()  # pools of replicas DNS removed, closing once idle
-        self._restore: tuple[dict, bool, bool] | None = None  # checkpoint data for replicas DNS brings
+        self._retiring: set[asyncio.Task[None]] = set()  # pools of replicas DNS removed, closing once idle
+        self._restore: tuple[dict[str, Any], bool, bool] | None = (
+            None  # checkpoint data for replicas DNS brings
+        )
 
-    def _replica(self, spec) -> ReplicaRuntime:
+    def _replica(self, spec: Any) -> ReplicaRuntime:
         resolve = None
         if spec.needs_lookup and self.dns is not None:
             resolve = self.dns.cache.for_host(spec.host, self.name)
@@ -158,7 +163,7 @@ class UpstreamRuntime:
         if self.health is not None:
             self.health.start()
 
-    async def set_replicas(self, specs: list, gate: bool = True) -> None:
+    async def set_replicas(self, specs: list[Any], gate: bool = True) -> None:
         """The replicas are now ``specs`` (a DNS answer changed): like a reload of this upstream.
 
         Replicas that stay (same name) keep their health, ejection and pool state; new ones are
@@ -188,8 +193,10 @@ class UpstreamRuntime:
                 self.picker.import_state(data, health, outlier, added)
             if self.discovery is not None and self.discovery.all_answered():
                 self._restore = None  # later additions are new replicas, not the ones saved
+        names = {r.name for r in replicas}
         for replica in dropped:
-            self.metrics.forget(replica.name)
+            if replica.name not in names:
+                self.metrics.forget(replica.name)
             task = asyncio.create_task(self._retire(replica.pool), name=f"retire {replica.name}")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -207,7 +214,7 @@ class UpstreamRuntime:
             await asyncio.sleep(pool.connect_timeout)
         await pool.close()
 
-    def dns_snapshot(self) -> list[dict]:
+    def dns_snapshot(self) -> list[dict[str, Any]]:
         """The upstream's DNS entries: name, type, replicas, last outcome, age of the answer."""
         return [] if self.discovery is None else self.discovery.snapshot()
 

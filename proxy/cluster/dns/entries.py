@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Gauge
 
 from proxy.clock import Clock
 from proxy.cluster.dns.refresh import MAX_SRV_WEIGHT, NameCache, Refresher, Target
 from proxy.cluster.dns.resolver import OUTCOMES, DnsResolver, LookupFailed
+
+if TYPE_CHECKING:
+    from proxy.config.models import Replica, Upstream
+    from proxy.metrics import Metrics
 from proxy.cluster.options import DnsOptions
 
 log = logging.getLogger("fender")
@@ -25,7 +33,7 @@ log = logging.getLogger("fender")
 __all__ = ["Dns", "DnsEntries", "DnsReplica", "uses_dns"]
 
 
-def uses_dns(upstream) -> bool:
+def uses_dns(upstream: Upstream) -> bool:
     """Does this upstream's replica list need a name server (any entry with a host name)?"""
     return any(r.needs_lookup for r in upstream.replicas)
 
@@ -33,7 +41,13 @@ def uses_dns(upstream) -> bool:
 class Dns:
     """The resolver and the plain-name cache of one policy load (kept by reloads with equal ``dns:``)."""
 
-    def __init__(self, options: DnsOptions, clock: Clock, metrics=None, resolver: DnsResolver | None = None):
+    def __init__(
+        self,
+        options: DnsOptions,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        resolver: DnsResolver | None = None,
+    ) -> None:
         self.options = options
         self.clock = clock
         self.metrics = metrics
@@ -67,14 +81,16 @@ class DnsReplica:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple[str, int, str, int, int]:
         return (self.name, self.port, self.authority, self.priority, self.weight)
 
 
 class _Entry:
     """One DNS entry of ``replicas:`` (by its position)."""
 
-    def __init__(self, index: int, spec, upstream: str) -> None:
+    refresher: Refresher  # set by DnsEntries right after
+
+    def __init__(self, index: int, spec: Replica, upstream: str) -> None:
         self.index = index
         self.spec = spec
         if spec.srv is not None:
@@ -85,7 +101,6 @@ class _Entry:
         self.source = f"{self.kind} {self.dns_name}"
         self.key = (self.kind, self.dns_name, self.port)
         self.replicas: list[DnsReplica] = []
-        self.refresher: Refresher | None = None
 
     def replicas_for(self, targets: tuple[Target, ...]) -> list[DnsReplica]:
         if self.kind == "srv":
@@ -100,26 +115,25 @@ class DnsEntries:
     def __init__(
         self,
         upstream: str,
-        replicas,
+        replicas: Sequence[Replica],
         dns: Dns,
-        apply: Callable[[list, bool], Awaitable[None]],
-        rng=None,
+        apply: Callable[[list[Replica | DnsReplica], bool], Awaitable[None]],
+        rng: random.Random | None = None,
     ) -> None:
         self.upstream = upstream
         self.dns = dns
         self.clock = dns.clock
         self._apply = apply
         self.live = False  # after start(): additions wait for their first health check
-        self.slots: list[object] = []  # per entry: a policy Replica, or an _Entry
+        self.slots: list[Replica | _Entry] = []  # per entry: a policy Replica, or an _Entry
         self.entries: list[_Entry] = []
         metrics = dns.metrics
-        counters = {}
+        counters: dict[str, Counter] = {}
+        self._replicas_gauge: Gauge | None = None
         if metrics is not None:
             counters = {outcome: metrics.dns_lookups.labels(upstream, outcome) for outcome in OUTCOMES}
             self._replicas_gauge = metrics.dns_replicas.labels(upstream)
-        else:
-            self._replicas_gauge = None
-        self._age_gauges: dict[str, object] = {}
+        self._age_gauges: dict[str, Gauge] = {}
         for index, spec in enumerate(replicas):
             if not spec.discovered:
                 self.slots.append(spec)
@@ -131,7 +145,7 @@ class DnsEntries:
                 self._lookup_for(entry),
                 dns.options,
                 self.clock,
-                lambda targets, e=entry: self._changed(e, targets),
+                self._on_change(entry),
                 counters,
                 rng,
             )
@@ -140,7 +154,7 @@ class DnsEntries:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def _lookup_for(self, entry: _Entry):
+    def _lookup_for(self, entry: _Entry) -> Callable[[], Awaitable[tuple[tuple[Target, ...], float]]]:
         resolver = self.dns.resolver
         spec = entry.spec
 
@@ -194,19 +208,25 @@ class DnsEntries:
 
     # -- the set -----------------------------------------------------------------------------
 
-    def specs(self) -> list:
+    def specs(self) -> list[Replica | DnsReplica]:
         """What the upstream's replicas are now: policy replicas and DNS addresses, in entry order,
         each address once."""
-        out = []
+        out: list[Replica | DnsReplica] = []
         seen: set[str] = set()
         for slot in self.slots:
-            items = slot.replicas if isinstance(slot, _Entry) else [slot]
+            items: Sequence[Replica | DnsReplica] = slot.replicas if isinstance(slot, _Entry) else [slot]
             for item in items:
                 if item.address in seen:
                     continue
                 seen.add(item.address)
                 out.append(item)
         return out
+
+    def _on_change(self, entry: _Entry) -> Callable[[tuple[Target, ...]], Awaitable[None]]:
+        async def changed(targets: tuple[Target, ...]) -> None:
+            await self._changed(entry, targets)
+
+        return changed
 
     async def _changed(self, entry: _Entry, targets: tuple[Target, ...]) -> None:
         entry.replicas = entry.replicas_for(targets)
@@ -269,7 +289,7 @@ class DnsEntries:
 
     # -- introspection --------------------------------------------------------------------------
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock.now()
         out = []
         for entry in self.entries:

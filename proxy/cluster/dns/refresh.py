@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
+import ipaddress
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from prometheus_client import Counter
 
 from proxy.clock import Clock
 from proxy.cluster.dns.resolver import NEGATIVE, DnsResolver, LookupFailed
@@ -78,7 +83,12 @@ class RefreshState:
         """A good answer at ``now``; returns the delay before the next lookup."""
         limit = self.options.max_addresses
         self.truncated = max(0, len(targets) - limit)
-        self.targets = tuple(targets[:limit])
+        if self.truncated:
+            # Which ones: a per-process order, so one sidecar keeps the same subset from answer to
+            # answer while a fleet of them spreads over all the addresses.
+            targets = tuple(sorted(targets, key=_rank)[:limit])
+        # In a stable order: a server rotating its answers (round-robin DNS) is not a change.
+        self.targets = tuple(sorted(targets, key=_order))
         self.last_good = now
         self.answered = True
         self.failures = 0
@@ -109,6 +119,18 @@ class RefreshState:
         return None if self.last_good is None else now - self.last_good
 
 
+_SALT = os.urandom(8)
+
+
+def _rank(target: Target) -> bytes:
+    return hashlib.blake2b(target.address.encode(), key=_SALT, digest_size=8).digest()
+
+
+def _order(target: Target) -> tuple[int, str, int, bytes, int]:
+    address = ipaddress.ip_address(target.host)
+    return (target.priority, target.label, address.version, address.packed, target.port)
+
+
 Lookup = Callable[[], Awaitable[tuple[tuple[Target, ...], float]]]
 
 
@@ -123,7 +145,7 @@ class Refresher:
         options: DnsOptions,
         clock: Clock,
         on_change: Callable[[tuple[Target, ...]], object],
-        counters: dict[str, object] | None = None,
+        counters: dict[str, Counter] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.upstream = upstream
@@ -134,7 +156,7 @@ class Refresher:
         self.on_change = on_change
         self.counters = counters or {}
         self.next_at = 0.0
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._warned_at: float | None = None
         self._suppressed = 0
 
@@ -254,7 +276,7 @@ class _Cached:
         self.expires = 0.0
         self.error: LookupFailed | None = None
         self.state = RefreshState(options)
-        self.inflight: asyncio.Future | None = None
+        self.inflight: asyncio.Future[tuple[str, ...]] | None = None
         self.warned_at: float | None = None
 
 
@@ -262,7 +284,7 @@ class NameCache:
     """Addresses of plain host names for the connection pools: asked when a connection opens and
     the answer expired, never more often than the TTL rules allow, one lookup per name at a time."""
 
-    def __init__(self, resolver: DnsResolver, clock: Clock, counter=None) -> None:
+    def __init__(self, resolver: DnsResolver, clock: Clock, counter: Counter | None = None) -> None:
         self.resolver = resolver
         self.clock = clock
         self._counter = counter  # fender_dns_lookups_total (labels upstream, outcome), or None
@@ -332,6 +354,6 @@ class NameCache:
             self._counter.labels(upstream, outcome).inc()
 
 
-def _retrieve(future: asyncio.Future) -> None:
+def _retrieve(future: asyncio.Future[tuple[str, ...]]) -> None:
     if not future.cancelled():
         future.exception()

@@ -7,10 +7,15 @@ has no access to the deployment's name servers).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from proxy.clock import SYSTEM_CLOCK
-from proxy.cluster.dns.entries import DnsEntries, _Entry
+from proxy.cluster.dns.entries import Dns, DnsEntries, DnsReplica, _Entry
 from proxy.cluster.dns.resolver import DnsResolver, LookupFailed
+
+if TYPE_CHECKING:
+    from proxy.config.models import Policy, Replica
 
 __all__ = ["lookup_report"]
 
@@ -19,16 +24,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}es"
 
 
-async def lookup_report(policy) -> list[tuple[bool, str]]:
+async def lookup_report(policy: Policy) -> list[tuple[bool, str]]:
     """``(resolved, line)`` for every name in the policy, in upstream and entry order."""
     resolver = DnsResolver(policy.dns)
-    jobs = []
+    offline = Dns(policy.dns, SYSTEM_CLOCK, None, resolver)  # no metrics: nothing runs but these lookups
+    jobs: list[Awaitable[tuple[bool, str]]] = []
     for upstream_name, upstream in policy.upstreams.items():
         entries = None
         for spec in upstream.replicas:
             if spec.discovered:
                 if entries is None:
-                    entries = DnsEntries(upstream_name, upstream.replicas, _Offline(resolver), _ignore)
+                    entries = DnsEntries(upstream_name, upstream.replicas, offline, _ignore)
                 entry = next(e for e in entries.entries if e.spec is spec)
                 jobs.append(_entry_line(upstream_name, entries, entry))
             elif spec.needs_lookup:
@@ -36,17 +42,7 @@ async def lookup_report(policy) -> list[tuple[bool, str]]:
     return list(await asyncio.gather(*jobs))
 
 
-class _Offline:
-    """What DnsEntries needs of :class:`~proxy.cluster.dns.entries.Dns`, without metrics or a cache."""
-
-    def __init__(self, resolver: DnsResolver) -> None:
-        self.resolver = resolver
-        self.options = resolver.options
-        self.clock = SYSTEM_CLOCK
-        self.metrics = None
-
-
-async def _ignore(specs, gate) -> None:
+async def _ignore(specs: list[Replica | DnsReplica], gate: bool) -> None:
     return None
 
 

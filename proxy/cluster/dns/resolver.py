@@ -19,8 +19,13 @@ import asyncio
 import ipaddress
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.cluster.options import DnsOptions
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import dns.resolver
 
 __all__ = [
     "OUTCOMES",
@@ -53,7 +58,7 @@ class LookupFailed(OSError):
         self.outcome = outcome
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +130,10 @@ class DnsResolver:
         self.options = options
         self.system = not options.resolvers
         self.hosts = (hosts or HostsFile()) if self.system else None
-        self._resolver = None  # made at the first lookup: a policy without names never reads resolv.conf
+        # Made at the first lookup: a policy without names never reads resolv.conf (nor imports dnspython).
+        self._resolver: dns.asyncresolver.Resolver | None = None
 
-    def _dns(self):
+    def _dns(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
             import dns.asyncresolver
             import dns.nameserver
@@ -145,7 +151,7 @@ class DnsResolver:
             self._resolver = resolver
         return self._resolver
 
-    async def _query(self, name: str, rdtype: str):
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
         import dns.exception
         import dns.resolver
 
@@ -192,7 +198,7 @@ class DnsResolver:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                ttls.append(result.rrset.ttl)
+                ttls.append(_ttl(result))
                 addresses.extend(str(r.address) for r in result)
         if addresses:
             return AddressAnswer(tuple(dict.fromkeys(addresses)), float(min(ttls)))
@@ -215,10 +221,15 @@ class DnsResolver:
         if not records:
             raise LookupFailed("empty", f"{name} has no SRV targets")
         records.sort(key=lambda r: (r.priority, -r.weight, r.target, r.port))
-        return SrvAnswer(tuple(records), float(answer.rrset.ttl))
+        return SrvAnswer(tuple(records), float(_ttl(answer)))
 
 
-def _server_failure(exc) -> tuple[str, str]:
+def _ttl(answer: dns.resolver.Answer) -> int:
+    """The TTL of an answer's records (resolve() raises NoAnswer when there are none)."""
+    return answer.rrset.ttl if answer.rrset is not None else 0
+
+
+def _server_failure(exc: dns.resolver.NoNameservers) -> tuple[str, str]:
     """The outcome of dnspython's NoNameservers: what the servers said (SERVFAIL, REFUSED) or why
     none could be asked."""
     errors = exc.kwargs.get("errors") or []
