@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.kernel.reasons import LOCAL_STATUS, REASON_TEXT
 from proxy.upstream import UpstreamError
@@ -147,6 +147,14 @@ class Exchange:
         """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""
         if self.trace is not None:
             self.trace.append(text)
+
+
+async def wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return when the client has gone (the ASGI ``http.disconnect`` message); other messages are skipped."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class LocalReply:

@@ -7,26 +7,12 @@ from typing import Any
 
 from proxy.clock import Clock
 from proxy.config.models import Route
+from proxy.kernel.classify import Classifier
 from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import UPSTREAM_FAULTS
 from proxy.policies.breaker.machine import STATE_NAMES, CircuitBreaker, log
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.context import LayerContext
-
-
-def _classifier(options: BreakerOptions):
-    statuses: set[int] = set()
-    reasons: set[str] = set()
-    for item in options.failure_on:
-        if item == "5xx":
-            statuses.update(range(500, 600))
-        elif item == "4xx":
-            statuses.update(range(400, 500))
-        elif item.isdigit():
-            statuses.add(int(item))
-        else:
-            reasons.add(item)
-    return frozenset(statuses), frozenset(reasons)
 
 
 class BreakerLayer:
@@ -36,7 +22,8 @@ class BreakerLayer:
         self.breaker = breaker
         self.next = next_handler
         self.clock = clock
-        self._statuses, self._reasons = _classifier(breaker.options)
+        classifier = Classifier(breaker.options.failure_on)
+        self._statuses, self._reasons = classifier.statuses, classifier.reasons
         fallback = breaker.options.fallback
         self._fallback = None
         if fallback is not None:
