@@ -18,6 +18,8 @@ import time
 import httpx
 import pytest
 
+from proxy.cluster.dns.resolver import DnsResolver, LookupFailed
+from proxy.cluster.options import DnsOptions
 from proxy.config import load_policy
 from proxy.server.fender import Fender, bind_socket
 from tests.support.dnsmasq import Dnsmasq
@@ -527,3 +529,28 @@ async def test_validate_env_resolves_every_name_and_validate_stays_offline(tmp_p
     assert f"svc.test (resolve): 2 addresses ({', '.join(sorted([A, B]))})" in out
     assert f"_http._tcp.svc.test (srv): 1 address ({C}:9001 (p0.test), priority 0, weight 10)" in out
     assert "missing.test: does not resolve: missing.test does not exist (NXDOMAIN)" in online.stderr
+
+
+async def test_the_resolver_returns_ttls_srv_records_and_outcomes_from_a_real_name_server(tmp_path):
+    srv = [("_http._tcp.svc.test", "a.test", 9001, 0, 10), ("_http._tcp.svc.test", "b.test", 9002, 1, 0)]
+    async with Dnsmasq(
+        tmp_path, {"svc.test": ["127.0.0.2", "127.0.0.3"], "a.test": ["127.0.0.4"]}, srv
+    ) as dns:
+        resolver = DnsResolver(DnsOptions(resolvers=[f"127.0.0.1:{dns.port}"], timeout="500ms"))
+        answer = await resolver.addresses("svc.test")
+        assert sorted(answer.addresses) == ["127.0.0.2", "127.0.0.3"] and answer.ttl == 1.0
+        records = (await resolver.srv("_http._tcp.svc.test")).records
+        assert [(r.priority, r.weight, r.port, r.target) for r in records] == [
+            (0, 10, 9001, "a.test"),
+            (1, 0, 9002, "b.test"),
+        ]
+        with pytest.raises(LookupFailed) as nx:
+            await resolver.addresses("nope.test")
+        assert nx.value.outcome == "nxdomain"
+        with pytest.raises(LookupFailed) as refused:
+            await resolver.addresses("outside.example")  # not local: dnsmasq has no upstream to ask
+        assert refused.value.outcome == "refused"
+        await dns.stop()
+        with pytest.raises(LookupFailed) as down:
+            await resolver.addresses("svc.test")
+        assert down.value.outcome in ("timeout", "unreachable")

@@ -1,5 +1,7 @@
 """The refresh state machine of names (TTL bounds, jitter, backoff, max_stale) on an injected clock,
-the name cache, the resolver against a real dnsmasq, and the dns: section's validation."""
+the name cache, the hosts file, and the validation of the dns: section and of resolve/srv entries.
+
+Unit tests: no socket, no process (the resolver against a real name server is in test_dns.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.cluster.dns.refresh import JITTER, NameCache, Refresher, RefreshState, Target
-from proxy.cluster.dns.resolver import DnsResolver, HostsFile, LookupFailed
+from proxy.cluster.dns.resolver import HostsFile, LookupFailed
 from proxy.cluster.options import DnsOptions
 from proxy.config import PolicyError, parse_policy
 from proxy.metrics import Metrics
-from tests.support.dnsmasq import Dnsmasq
 from tests.support.procs import wait_until
 
 OPTIONS = DnsOptions(min_ttl="1s", max_ttl="60s", max_stale="5m", max_addresses=3)
@@ -187,31 +188,6 @@ def test_the_hosts_file_is_read_again_when_it_changes(tmp_path):
     assert hosts.lookup("APP") == ("10.0.0.7",)
     path.write_text("10.0.0.8 app\n# longer now, so the size differs too\n")
     assert hosts.lookup("app") == ("10.0.0.8",) and hosts.lookup("localhost") == ()
-
-
-async def test_the_resolver_returns_ttls_srv_records_and_outcomes_from_a_real_name_server(tmp_path):
-    srv = [("_http._tcp.svc.test", "a.test", 9001, 0, 10), ("_http._tcp.svc.test", "b.test", 9002, 1, 0)]
-    async with Dnsmasq(
-        tmp_path, {"svc.test": ["127.0.0.2", "127.0.0.3"], "a.test": ["127.0.0.4"]}, srv
-    ) as dns:
-        resolver = DnsResolver(DnsOptions(resolvers=[f"127.0.0.1:{dns.port}"], timeout="500ms"))
-        answer = await resolver.addresses("svc.test")
-        assert sorted(answer.addresses) == ["127.0.0.2", "127.0.0.3"] and answer.ttl == 1.0
-        records = (await resolver.srv("_http._tcp.svc.test")).records
-        assert [(r.priority, r.weight, r.port, r.target) for r in records] == [
-            (0, 10, 9001, "a.test"),
-            (1, 0, 9002, "b.test"),
-        ]
-        with pytest.raises(LookupFailed) as nx:
-            await resolver.addresses("nope.test")
-        assert nx.value.outcome == "nxdomain"
-        with pytest.raises(LookupFailed) as refused:
-            await resolver.addresses("outside.example")  # not local: dnsmasq has no upstream to ask
-        assert refused.value.outcome == "refused"
-        await dns.stop()
-        with pytest.raises(LookupFailed) as down:
-            await resolver.addresses("svc.test")
-        assert down.value.outcome in ("timeout", "unreachable")
 
 
 @pytest.mark.parametrize(
