@@ -246,7 +246,8 @@ class DnsOptions(PolicyModel):
         le=1024,
         description=(
             "Most replicas one name (a resolve entry, or one SRV name with all its targets) may give; "
-            "further addresses are ignored with a warning."
+            "further addresses are ignored with a warning. Which ones are kept is a per-process choice that "
+            "stays the same from answer to answer (so a fleet of sidecars spreads over all of them)."
         ),
     )
     max_stale: Annotated[Duration, Field(gt=0)] = Field(
