@@ -58,6 +58,7 @@ class HealthCheckOptions(PolicyModel):
     )
     interval: Annotated[Duration, Field(gt=0)] = Field(
         default="2s",
+        validate_default=True,
         description=(
             "Time between two probes of one replica (HAProxy's inter, 2s). Detection of a dead replica takes "
             "about interval x unhealthy_threshold; failback about interval x healthy_threshold."
@@ -65,6 +66,7 @@ class HealthCheckOptions(PolicyModel):
     )
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="1s",
+        validate_default=True,
         description=(
             "A probe with no complete response head within this long fails (connect included); this is "
             "what catches a black hole that accepts connections but never answers. Must not exceed interval; "
@@ -74,6 +76,7 @@ class HealthCheckOptions(PolicyModel):
     )
     jitter: Percent = Field(
         default="10%",
+        validate_default=True,
         description=(
             "Each wait is interval +/- this share, chosen at random, and the first probe waits a random part "
             "of jitter x interval (at least 5%), so a fleet of sidecars does not probe in lockstep."
@@ -145,6 +148,7 @@ class OutlierDetectionOptions(PolicyModel):
     )
     ejection_time: Annotated[Duration, Field(gt=0)] = Field(
         default="30s",
+        validate_default=True,
         description=(
             "How long the first ejection lasts; the n-th ejection of the same replica lasts n times this "
             "(up to max_ejection_time). The count goes down by one for every ejection_time the replica "
@@ -153,10 +157,12 @@ class OutlierDetectionOptions(PolicyModel):
     )
     max_ejection_time: Annotated[Duration, Field(gt=0)] = Field(
         default="300s",
+        validate_default=True,
         description="Upper bound on one ejection however often the replica was ejected (Envoy's default, 300s).",
     )
     max_ejected: Percent = Field(
         default="50%",
+        validate_default=True,
         description=(
             "Most replicas of one priority level ejected at the same time, as a share of the level (rounded "
             "down, but at least one unless 0%). Protects against ejecting a whole level on a shared fault."
@@ -224,6 +230,7 @@ class DnsOptions(PolicyModel):
     )
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="2s",
+        validate_default=True,
         description=(
             "Longest one lookup may take, all name servers and retries included; a slower lookup counts "
             "as a failure (outcome timeout) and the last good answer stays in use."
@@ -231,10 +238,12 @@ class DnsOptions(PolicyModel):
     )
     min_ttl: Annotated[Duration, Field(gt=0)] = Field(
         default="1s",
+        validate_default=True,
         description="Refresh a name no more often than this, even if its records say TTL 0.",
     )
     max_ttl: Annotated[Duration, Field(gt=0)] = Field(
         default="60s",
+        validate_default=True,
         description=(
             "Refresh a name at least this often, whatever its records' TTL says. Each refresh is also "
             "delayed by a random 0-10% so a fleet of sidecars does not query in lockstep."
@@ -252,6 +261,7 @@ class DnsOptions(PolicyModel):
     )
     max_stale: Annotated[Duration, Field(gt=0)] = Field(
         default="5m",
+        validate_default=True,
         description=(
             "When a name's answer turns into NXDOMAIN or an empty answer, its last good set stays in use "
             "until that set is this old; then the entry has no replicas until the name resolves again. "

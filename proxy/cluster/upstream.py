@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.cluster.dns.entries import Dns, DnsEntries, uses_dns
+from proxy.cluster.dns.entries import Dns, DnsEntries, DnsReplica, uses_dns
 from proxy.cluster.faultlog import FaultLog
 from proxy.cluster.health import HealthChecker
 from proxy.cluster.options import DnsOptions
-from proxy.cluster.picker import ReplicaPicker
+from proxy.cluster.picker import Replica, ReplicaPicker, ReplicaState
+from proxy.config.models import PoolOptions, Upstream
+from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.options.base import PolicyModel
 from proxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("fender")
@@ -42,24 +45,24 @@ class ReplicaRuntime:
 
     def __init__(
         self,
-        replica,
-        pool_options,
+        replica: ReplicaOptions | DnsReplica,
+        pool_options: PoolOptions,
         pool_class: type[UpstreamPool] = UpstreamPool,
         resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
     ) -> None:
-        self.host = replica.host
-        self.port = replica.port
-        self.unix_path = replica.unix_path
-        self.name = replica.name  # host:port, unix:PATH, or address:port (dns name) for one from DNS
-        self.address = replica.address  # host:port or unix:PATH: what checkpoints match by
-        self.source = replica.source  # "policy", "resolve NAME" or "srv NAME"
-        self.authority = replica.authority.encode()
-        self.priority = replica.priority
-        self.weight = replica.weight
+        self.host: str = replica.host
+        self.port: int = replica.port
+        self.unix_path: str | None = replica.unix_path
+        self.name: str = replica.name  # host:port, unix:PATH, or address:port (dns name) for one from DNS
+        self.address: str = replica.address  # host:port or unix:PATH: what checkpoints match by
+        self.source: str = replica.source  # "policy", "resolve NAME" or "srv NAME"
+        self.authority: bytes = replica.authority.encode()
+        self.priority: int = replica.priority
+        self.weight: int = replica.weight
         self.resolve = resolve  # a host name's addresses, from the DNS name cache
         # Only a host name's pool takes the resolver (test pool classes need not know it).
         extra: dict[str, Any] = {} if resolve is None else {"resolve": resolve}
-        self.pool = pool_class(
+        self.pool: UpstreamPool = pool_class(
             replica.host,
             replica.port,
             unix_path=replica.unix_path,
@@ -80,7 +83,12 @@ class UpstreamRuntime:
     """
 
     def __init__(
-        self, name: str, options, metrics: Metrics, clock: Clock = SYSTEM_CLOCK, dns: Dns | None = None
+        self,
+        name: str,
+        options: Upstream,
+        metrics: Metrics,
+        clock: Clock = SYSTEM_CLOCK,
+        dns: Dns | None = None,
     ) -> None:
         self.name = name
         self.options = options
@@ -111,7 +119,7 @@ class UpstreamRuntime:
             clock=clock,
             metrics=metrics,
         )
-        self._state_of = {state.replica: state for state in self.picker.states}
+        self._state_of: dict[Replica, ReplicaState] = {state.replica: state for state in self.picker.states}
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
         self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
         self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
@@ -126,7 +134,7 @@ class UpstreamRuntime:
             resolve = self.dns.cache.for_host(spec.host, self.name)
         return ReplicaRuntime(spec, self.options.pool, resolve=resolve)
 
-    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
+    def choose(self, ex: Exchange | None = None) -> Replica | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
 
         Replicas named in ``ex.tried`` are avoided while another eligible one
@@ -137,7 +145,7 @@ class UpstreamRuntime:
 
     def observe(
         self,
-        replica: ReplicaRuntime,
+        replica: Replica,
         status: int,
         error: UpstreamError | None,
         duration: float,
@@ -237,7 +245,7 @@ class UpstreamRuntime:
             self.replicas = [self._replica(r) for r in self.discovery.specs()]
             self.picker.set_replicas(self.replicas, gate=False)
             self._state_of = {state.replica: state for state in self.picker.states}
-            if self.health is not None:
+            if self.options.health_check is not None:
                 self.health = HealthChecker(self.options.health_check, self.picker, self.clock)
         self.picker.carry_over(old.picker)
         self.faults = old.faults  # a reload does not reopen the error log to a replica already muted
@@ -261,14 +269,14 @@ class UpstreamRuntime:
         if old.health is not None:
             await old.health.close()
 
-    def checkpoint_snapshot(self) -> dict:
+    def checkpoint_snapshot(self) -> dict[str, Any]:
         return {
             "health_check": _dump(self.options.health_check),
             "outlier_detection": _dump(self.options.outlier_detection),
             "replicas": self.picker.export_state(),
         }
 
-    def checkpoint_restore(self, data: dict) -> None:
+    def checkpoint_restore(self, data: dict[str, Any]) -> None:
         """Restore replica state written by a previous process where the settings still match."""
         health = self.options.health_check is not None and data.get("health_check") == _dump(
             self.options.health_check
@@ -296,5 +304,5 @@ class UpstreamRuntime:
         )
 
 
-def _dump(options) -> dict | None:
+def _dump(options: PolicyModel | None) -> dict[str, Any] | None:
     return None if options is None else options.model_dump(mode="json")
