@@ -79,7 +79,19 @@ class Dnsmasq:
         self.conf_file.write_text("\n".join(conf) + "\n")
 
     async def start(self) -> None:
-        """Start (again, on the same port) and wait until it answers."""
+        """Start (again, on the same port) and wait until it answers. A restart may find the port
+        held a moment longer (the old sockets closing): it tries again, a bounded number of times."""
+        for attempt in range(20):
+            try:
+                await self._start_once()
+                return
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == 19:
+                    raise
+                self.proc = None
+                await asyncio.sleep(0.1)  # bounded retry of a bind, not a synchronisation
+
+    async def _start_once(self) -> None:
         self._write()
         self.proc = await asyncio.to_thread(
             subprocess.Popen,
