@@ -88,6 +88,7 @@ LOCAL_REASONS = (
     "body_too_large",
     "bad_request",
     "connect_failure",
+    "tls_failure",
     "connect_timeout",
     "pool_overflow",
     "reset",

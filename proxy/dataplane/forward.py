@@ -17,6 +17,7 @@ from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.resilience.failover import ReplicaPicker
 from proxy.resilience.health import HealthChecker
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.tls import UpstreamTLS
 
 
 class BodyTooLarge(Exception):
@@ -28,10 +29,18 @@ class RequestBodyTimeout(Exception):
 
 
 class ReplicaRuntime:
-    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
+    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority", "tls")
 
-    def __init__(self, replica, pool_options, pool_class: type[UpstreamPool] = UpstreamPool) -> None:
+    def __init__(
+        self,
+        replica,
+        pool_options,
+        pool_class: type[UpstreamPool] = UpstreamPool,
+        tls: UpstreamTLS | None = None,
+    ) -> None:
         self.host = replica.host
+        # The upstream's TLS settings for an https:// replica, else None.
+        self.tls = tls if getattr(replica, "tls", False) else None
         self.port = replica.port
         self.unix_path = replica.unix_path
         self.name = replica.name  # host:port, or unix:PATH
@@ -47,6 +56,7 @@ class ReplicaRuntime:
             connect_timeout=pool_options.connect_timeout,
             keepalive_idle_timeout=pool_options.idle_timeout,
             max_pending=pool_options.max_pending,
+            tls=None if self.tls is None else self.tls.client(replica.host),
         )
 
 
@@ -57,7 +67,13 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
-        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
+        # TLS settings for the https:// replicas (raises TLSFileError when a file cannot be used).
+        self.tls = (
+            UpstreamTLS(getattr(options, "tls", None), f"upstreams.{name}.tls")
+            if any(getattr(r, "tls", False) for r in options.replicas)
+            else None
+        )
+        self.replicas = [ReplicaRuntime(r, options.pool, tls=self.tls) for r in options.replicas]
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
@@ -76,6 +92,7 @@ class UpstreamRuntime:
         )
         self._state_of = {state.replica: state for state in self.picker.states}
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
+        # (health checks build their pools from the replicas, TLS settings included)
         self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
         self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
 
@@ -112,6 +129,8 @@ class UpstreamRuntime:
         """Start the health-check tasks once the runtime goes live."""
         if self.health is not None:
             self.health.start()
+        if self.tls is not None:
+            self.tls.start()  # watch the certificate files
 
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
@@ -135,12 +154,18 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool:
+        if old.options.pool == self.options.pool and getattr(old.options, "tls", None) == getattr(
+            self.options, "tls", None
+        ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
                 pool = pools.get(replica.name)
                 if pool is not None and pool is not replica.pool:
                     unused, replica.pool = replica.pool, pool
+                    if pool.tls is not None and self.tls is not None:
+                        # The kept pool follows this runtime's TLS files (watched here from now on).
+                        pool.tls.owner = self.tls
+                        pool.tls.generation = -1
                     self._state_of[replica].pool = pool
                     old._given_pools.add(id(pool))
                     await unused.close()
@@ -168,6 +193,8 @@ class UpstreamRuntime:
     async def close(self) -> None:
         if self.health is not None:
             await self.health.close()
+        if self.tls is not None:
+            await self.tls.close()
         await asyncio.gather(
             *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
             return_exceptions=True,

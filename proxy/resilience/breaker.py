@@ -56,6 +56,7 @@ STATE_NAMES = ("closed", "open", "half_open")
 FAULT_CLASSES = (
     "timeout",
     "connect_failure",
+    "tls_failure",
     "connect_timeout",
     "reset",
     "bad_response",
@@ -201,7 +202,7 @@ class BreakerOptions(PolicyModel):
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(FAULT_CLASSES)
-            + ". Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
+            + " (connect_failure includes tls_failure). Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
         ),
     )
     scope: Literal["upstream", "route"] = Field(
@@ -570,6 +571,8 @@ def _classifier(options: BreakerOptions):
             statuses.add(int(item))
         else:
             reasons.add(item)
+            if item == "connect_failure":
+                reasons.add("tls_failure")  # a failed TLS handshake is a failed connect
     return frozenset(statuses), frozenset(reasons)
 
 

@@ -40,6 +40,7 @@ from proxy.resilience.budget import BudgetOptions, RetryBudget
 # Forwarder fault reasons (LocalReply.reason) that retry_on may name.
 RETRY_FAULTS = (
     "connect_failure",
+    "tls_failure",
     "connect_timeout",
     "reset",
     "timeout",
@@ -104,7 +105,7 @@ class RetryOptions(PolicyModel):
         default=("connect_failure", "connect_timeout", "reset", "502", "503", "504"),
         description=(
             "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504) and "
-            "faults: " + ", ".join(RETRY_FAULTS) + "."
+            "faults: " + ", ".join(RETRY_FAULTS) + " (connect_failure includes tls_failure)."
         ),
     )
     budget: BudgetOptions = Field(
@@ -210,6 +211,8 @@ class RetryLayer:
                 statuses[int(item)] = item
             else:
                 reasons.add(item)
+                if item == "connect_failure":
+                    reasons.add("tls_failure")  # a failed TLS handshake is a failed connect (nothing sent)
         self._statuses = statuses
         self._reasons = frozenset(reasons)
         self._metrics = metrics

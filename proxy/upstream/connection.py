@@ -23,7 +23,16 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.tunnel import TunnelEnd
 
-from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout, os_words
+from .errors import (
+    BadResponse,
+    ResetBeforeHeaders,
+    ResetMidBody,
+    TLSFailure,
+    UpstreamError,
+    UpstreamTimeout,
+    os_words,
+)
+from .tls import is_tls_alert, tls_words
 
 if TYPE_CHECKING:
     from .pool import UpstreamPool
@@ -71,11 +80,16 @@ def _over(limit: int) -> str:
     )
 
 
-def _parser_fault(exc: HttpParserError) -> UpstreamError:
+def _parser_fault(exc: HttpParserError, data: bytes, first: bool) -> UpstreamError:
     """Map an httptools error to BadResponse (keeping our own errors raised in callbacks)."""
     cause = exc.__context__
     if isinstance(cause, UpstreamError):
         return cause
+    if first and data[1:2] == b"\x03" and data[:1] in (b"\x15", b"\x16"):
+        # A TLS record (an alert, or a handshake) in answer to a plaintext request.
+        return BadResponse(
+            f"unparseable response: {exc} (a TLS record)", cause="the replica speaks TLS: use https://"
+        )
     return BadResponse(f"unparseable response: {exc}")
 
 
@@ -629,7 +643,7 @@ class Connection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             if self._resp is resp:
-                self.fail(_parser_fault(exc))
+                self.fail(_parser_fault(exc, data, resp._raw_head_bytes == 0 and not resp._head_done))
             return
         if self._resp is not resp:
             return
@@ -684,6 +698,10 @@ class Connection(asyncio.Protocol):
                 self._message_done(resp)
             else:
                 self.fail(ResetMidBody(f"upstream closed mid-body: {exc or 'EOF'}", cause=os_words(exc)))
+        elif exc is not None and is_tls_alert(exc):
+            # A TLS 1.3 replica refuses a client certificate after our side of the handshake
+            # finished: the request never reached it, so this is a connect-time TLS fault.
+            self.fail(TLSFailure(f"TLS handshake refused by the upstream: {exc}", cause=tls_words(exc)))
         else:
             self.fail(
                 ResetBeforeHeaders(
