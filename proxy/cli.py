@@ -47,6 +47,9 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
             check_listener(bind_socket, address, label, (at,))
         except StartupError as error:
             problems.append(error)
+    from proxy.tlsconfig import tls_file_problems
+
+    problems += [StartupError(message, at) for at, message in tls_file_problems(policy)]
     # The messages name what they are about: no path before them.
     issues = [document.issue(error.at, str(error)) for error in problems]
     return [PolicyIssue(i.source, i.line, i.col, "", i.message) for i in issues]

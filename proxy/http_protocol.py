@@ -63,6 +63,7 @@ from urllib.parse import unquote
 import httptools
 
 from proxy.metrics import Metrics
+from proxy.tlslistener import client_cert_subject
 from proxy.tunnel import TunnelEnd, upgrade_offer
 
 log = logging.getLogger("uvicorn.error")  # quiet_aborts() filters the expected aborts on this logger
@@ -411,6 +412,9 @@ class FenderHttpProtocol(asyncio.Protocol):
     max_requests_per_connection = 1000
     underscores = 1  # _UNDERSCORE_ACTIONS
     rejected: dict = {}  # reason -> pre-bound counter child
+    # Set by a TLS listener (proxy/tlslistener.py) to the accept time: the first head is timed from
+    # it, so the handshake counts inside header_timeout. None: timed from connection_made.
+    opened_at: float | None = None
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -443,6 +447,8 @@ class FenderHttpProtocol(asyncio.Protocol):
         self.server = None
         self.client = None
         self.scheme = "http"
+        # A TLS connection's (version, client certificate subject or None), for the access log.
+        self.tls_info: tuple[str, str | None] | None = None
         # The request being parsed and the one whose application task runs (they differ when pipelined).
         self.current: _Exchange | None = None
         self.active: _Exchange | None = None
@@ -487,7 +493,12 @@ class FenderHttpProtocol(asyncio.Protocol):
                 pass
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
-        now = self.loop.time()
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.tls_info = (
+                ssl_object.version() if ssl_object is not None else "TLS",
+                client_cert_subject(transport),
+            )
+        now = self.opened_at or self.loop.time()
         self._head_started = now  # the first head is timed from the connection opening
         self._arm(now + self.header_timeout)
 
@@ -694,6 +705,8 @@ class FenderHttpProtocol(asyncio.Protocol):
         }
         if authority is not None:
             scope["fender.authority"] = authority
+        if self.tls_info is not None:
+            scope["fender.tls"] = self.tls_info
         if parser.should_upgrade():
             offer = upgrade_offer(self._headers)
             if offer is not None:

@@ -162,6 +162,21 @@ class Metrics:
             ["upstream", "replica", "state"],
             registry=r,
         )
+        # metrics: TLS (proxy/tlslistener.py, proxy/upstream/tls.py)
+        self.tls_handshake_errors = Counter(
+            "fender_tls_handshake_errors_total",
+            "Client connections to a TLS listener (proxy or admin) that did not complete a handshake, by "
+            "reason: timeout, plain_http, not_tls, closed, client_cert, protocol, other.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.tls_certificate_reloads = Counter(
+            "fender_tls_certificate_reloads_total",
+            "Certificate files of a TLS listener that changed on disk, by listener and result (applied: new "
+            "handshakes use them; refused: unusable, the previous pair stays).",
+            ["listener", "result"],
+            registry=r,
+        )
         self.policy = Info(
             "fender_policy",
             "The running policy: its source file and version.",
