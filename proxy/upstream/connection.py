@@ -702,6 +702,17 @@ class Connection(asyncio.Protocol):
             # A TLS 1.3 replica refuses a client certificate after our side of the handshake
             # finished: the request never reached it, so this is a connect-time TLS fault.
             self.fail(TLSFailure(f"TLS handshake refused by the upstream: {exc}", cause=tls_words(exc)))
+        elif self.pool.tls is not None and self.idle_since == 0.0 and resp._raw_head_bytes == 0:
+            # Closed before a byte of the first answer on a new TLS connection: how a TLS 1.3 server
+            # that drops its alert refuses a client certificate. The request may have reached it.
+            self.fail(
+                TLSFailure(
+                    f"upstream closed a new TLS connection before the response head: {exc or 'EOF'}",
+                    request_sent=True,
+                    cause="the replica closed a new TLS connection before answering (does it require a "
+                    "client certificate? see tls.cert_file)",
+                )
+            )
         else:
             self.fail(
                 ResetBeforeHeaders(

@@ -108,7 +108,9 @@ class UpstreamTLS:
         try:
             self.build()
         except TLSFileError as exc:
-            log.error("%s: the files changed and cannot be used; keeping the previous ones: %s", self.where, exc)
+            log.error(
+                "%s: the files changed and cannot be used; keeping the previous ones: %s", self.where, exc
+            )
             return False
         self.generation += 1
         log.info("%s: certificate files changed on disk; new connections use them", self.where)
@@ -155,6 +157,7 @@ _VERIFY = {
     21: "unknown issuer: the replica's certificate is not signed by a trusted authority (see tls.ca_file)",
     19: "self-signed certificate in the replica's chain is not trusted (see tls.ca_file)",
     18: "the replica's certificate is self-signed and not trusted (see tls.ca_file)",
+    64: "name mismatch: the replica's certificate is not valid for the address verified (see tls.server_name)",
     62: "name mismatch: the replica's certificate is not valid for the name verified (see tls.server_name)",
 }
 
@@ -162,8 +165,10 @@ _VERIFY = {
 def tls_fault(exc: BaseException, address: str, server_name: str) -> TLSFailure:
     """The TLSFailure for an exception raised while Fender's TLS handshake with ``address`` ran."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        words = _VERIFY.get(exc.verify_code) or f"certificate verify failed: {(exc.verify_message or '').lower()}"
-        if exc.verify_code == 62:
+        words = (
+            _VERIFY.get(exc.verify_code) or f"certificate verify failed: {(exc.verify_message or '').lower()}"
+        )
+        if exc.verify_code in (62, 64):  # host name or IP address mismatch
             words = f"name mismatch: the replica's certificate is not valid for {server_name} (see tls.server_name)"
         return TLSFailure(f"TLS handshake with {address} failed: {exc}", cause=words)
     if isinstance(exc, ssl.SSLError):
@@ -173,7 +178,9 @@ def tls_fault(exc: BaseException, address: str, server_name: str) -> TLSFailure:
             f"TLS handshake with {address} failed: {exc!r}",
             cause="the replica closed the connection during the TLS handshake (is it a TLS port?)",
         )
-    return TLSFailure(f"TLS handshake with {address} failed: {exc!r}", cause=str(exc).lower() or type(exc).__name__)
+    return TLSFailure(
+        f"TLS handshake with {address} failed: {exc!r}", cause=str(exc).lower() or type(exc).__name__
+    )
 
 
 def tls_words(exc: ssl.SSLError) -> str:
