@@ -59,9 +59,16 @@ PLAIN_HTTP_ANSWER = (
 _HTTP_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
+def _timed_out(exc: BaseException) -> bool:
+    # asyncio and uvloop end a handshake past ssl_handshake_timeout with ConnectionAbortedError.
+    return isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)
+    )
+
+
 def handshake_reason(exc: BaseException) -> str:
     """The label (and the words) of a failed server-side handshake."""
-    if isinstance(exc, TimeoutError):
+    if _timed_out(exc):
         return "timeout"
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""
@@ -78,7 +85,7 @@ def handshake_reason(exc: BaseException) -> str:
 
 
 def _words(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
+    if _timed_out(exc):
         return "no complete handshake within server.header_timeout"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"client certificate not accepted: {(exc.verify_message or str(exc)).lower()}"

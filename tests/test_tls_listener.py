@@ -34,8 +34,9 @@ async def headers_back(req: Request, conn: Responder) -> None:
 
 
 def policy(port: int, tls: str, extra: str = "") -> str:
-    return textwrap.dedent(
-        f"""\
+    return (
+        textwrap.dedent(
+            f"""\
         listen: 127.0.0.1:0
         admin: 127.0.0.1:0
         reload: {{watch: false}}
@@ -49,7 +50,9 @@ def policy(port: int, tls: str, extra: str = "") -> str:
         routes:
           - {{name: all, upstream: app}}
         """
-    ) + extra
+        )
+        + extra
+    )
 
 
 def tls_block(pair: Pair, extra: str = "") -> str:
@@ -94,7 +97,9 @@ def der_of(pair: Pair) -> bytes:
     return ssl.PEM_cert_to_DER_cert(Path(pair.cert).read_text())
 
 
-async def test_curl_with_cacert_speaks_https_and_the_upstream_sees_x_forwarded_proto_https(start_fender, certs):
+async def test_curl_with_cacert_speaks_https_and_the_upstream_sees_x_forwarded_proto_https(
+    start_fender, certs
+):
     curl = shutil.which("curl")
     if curl is None:
         missing("curl not installed: apt-get install -y curl")
@@ -159,8 +164,10 @@ async def test_client_certificates_required_verified_and_shown_in_the_access_log
                 await client.get()
         counter = fender.metrics.registry.get_sample_value
         await wait_until(
-            lambda: counter("fender_tls_handshake_errors_total", {"listener": "proxy", "reason": "client_cert"})
-            == 1,
+            lambda: (
+                counter("fender_tls_handshake_errors_total", {"listener": "proxy", "reason": "client_cert"})
+                == 1
+            ),
             what="the refused handshake counted",
         )
     lines = [r.getMessage() for r in caplog.records if r.name == "fender.access"]
@@ -222,7 +229,10 @@ async def test_a_bad_new_pair_is_refused_and_the_old_one_stays(start_fender, cer
         Path(live.cert).write_bytes(other.pem())  # a certificate whose key is not key_file
         counter = fender.metrics.registry.get_sample_value
         await wait_until(
-            lambda: counter("fender_tls_certificate_reloads_total", {"listener": "proxy", "result": "refused"}) == 1,
+            lambda: (
+                counter("fender_tls_certificate_reloads_total", {"listener": "proxy", "result": "refused"})
+                == 1
+            ),
             what="the mismatched pair refused",
         )
         async with TLSClient(fender.data_port, certs.client_context()) as client:
