@@ -16,7 +16,7 @@ import pytest
 
 from proxy.config import parse_policy
 from proxy.server import Fender, bind_socket
-from tests.support.certs import Certs, Pair
+from tests.support.certs import Certs, Pair, copy_file, live_pair, replace_file
 from tests.support.need import missing
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import RawUpstream, Request, Responder
@@ -188,9 +188,7 @@ async def test_optional_client_certificate_lets_clients_without_one_in(start_fen
 
 @pytest.mark.parametrize("how", ["atomic-rename", "in-place"])
 async def test_rotation_while_a_client_keeps_its_connection(start_fender, certs, tmp_path, how):
-    live = Pair(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), None)
-    Path(live.cert).write_bytes(certs.server.pem())
-    Path(live.key).write_bytes(Path(certs.server.key).read_bytes())
+    live = live_pair(certs.server, tmp_path)
     async with RawUpstream(headers_back) as up:
         fender = await start_fender(policy(up.port, tls_block(live, ", watch_interval: 50ms")))
         async with TLSClient(fender.data_port, certs.client_context()) as old_client:
@@ -199,13 +197,11 @@ async def test_rotation_while_a_client_keeps_its_connection(start_fender, certs,
             new = certs.issue("renewed", "localhost", "127.0.0.1")
             if how == "atomic-rename":
                 # As Kubernetes updates a mounted Secret: new files, renamed over the old ones.
-                for source, target in ((new.key, live.key), (new.cert, live.cert)):
-                    staging = Path(target + ".tmp")
-                    staging.write_bytes(Path(source).read_bytes())
-                    staging.replace(target)
+                replace_file(new.key, live.key)
+                replace_file(new.cert, live.cert)
             else:
-                Path(live.key).write_bytes(Path(new.key).read_bytes())
-                Path(live.cert).write_bytes(Path(new.cert).read_bytes())
+                copy_file(new.key, live.key)
+                copy_file(new.cert, live.cert)
             await wait_until(lambda: fender.tls.rotations >= 1, what="the new pair taken")
             async with TLSClient(fender.data_port, certs.client_context()) as new_client:
                 assert await new_client.get() == (200, b"proto=https")
@@ -220,13 +216,11 @@ async def test_rotation_while_a_client_keeps_its_connection(start_fender, certs,
 
 async def test_a_bad_new_pair_is_refused_and_the_old_one_stays(start_fender, certs, tmp_path, caplog):
     caplog.set_level(logging.ERROR, "fender.tls")
-    live = Pair(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), None)
-    Path(live.cert).write_bytes(certs.server.pem())
-    Path(live.key).write_bytes(Path(certs.server.key).read_bytes())
+    live = live_pair(certs.server, tmp_path)
     async with RawUpstream(headers_back) as up:
         fender = await start_fender(policy(up.port, tls_block(live, ", watch_interval: 50ms")))
         other = certs.issue("other", "localhost")
-        Path(live.cert).write_bytes(other.pem())  # a certificate whose key is not key_file
+        copy_file(other.cert, live.cert)  # a certificate whose key is not key_file
         counter = fender.metrics.registry.get_sample_value
         await wait_until(
             lambda: (

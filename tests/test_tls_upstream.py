@@ -11,7 +11,6 @@ import shutil
 import socket
 import ssl
 import textwrap
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from proxy.tlsconfig import UpstreamTLSOptions
 from proxy.upstream import UpstreamPool
 from proxy.upstream.tls import UpstreamTLS
 from tests.conftest import free_port
-from tests.support.certs import Certs
+from tests.support.certs import Certs, replace_file
 from tests.support.need import missing
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import RawUpstream, Request, Responder, ok, raw
@@ -188,10 +187,6 @@ async def test_openssl_s_server_alerts_reach_the_error_log(start_fender, certs, 
     assert "no TLS version both sides accept (protocol version alert" in line, line
 
 
-def ca_bytes(certs: Certs) -> bytes:
-    return Path(certs.ca_file).read_bytes()
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
@@ -331,9 +326,7 @@ async def test_certificate_files_rotated_on_disk_are_used_by_new_connections(sta
         async with httpx.AsyncClient() as client:
             assert (await client.get(fender.url + "/x")).headers["x-fender-error"] == "tls_failure"
             # Rotated as cert-manager does: the new bundle replaces the file atomically.
-            staging = tmp_path / "trust.pem.new"
-            staging.write_bytes(ca_bytes(certs))
-            staging.replace(ca_file)
+            replace_file(certs.ca_file, str(ca_file))
             upstream_tls = fender.runtime.upstreams["api"].tls
             await wait_until(lambda: upstream_tls.generation >= 1, what="the changed CA file read")
             response = await client.get(fender.url + "/x")

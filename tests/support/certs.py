@@ -77,3 +77,23 @@ class Certs:
 
     def other_ca(self):
         return trustme.CA(organization_name="Another CA")
+
+
+def copy_file(source: str, target: str) -> None:
+    """Write ``source``'s bytes over ``target`` in place (as a writer that truncates and rewrites)."""
+    Path(target).write_bytes(Path(source).read_bytes())
+
+
+def replace_file(source: str, target: str) -> None:
+    """Put ``source``'s bytes at ``target`` by an atomic rename (as Kubernetes updates a Secret)."""
+    staging = Path(target + ".tmp")
+    staging.write_bytes(Path(source).read_bytes())
+    staging.replace(target)
+
+
+def live_pair(pair: Pair, directory: os.PathLike | str) -> Pair:
+    """A copy of ``pair`` at fixed names in ``directory`` (tls.crt, tls.key), to be rotated."""
+    live = Pair(str(Path(directory) / "tls.crt"), str(Path(directory) / "tls.key"), None)
+    copy_file(pair.cert, live.cert)
+    copy_file(pair.key, live.key)
+    return live
