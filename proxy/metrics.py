@@ -170,6 +170,14 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.upstream_tls_handshakes = Counter(
+            "fender_upstream_tls_handshakes_total",
+            "TLS handshakes with https:// replicas, by upstream and session (full, or resumed from an "
+            "earlier connection's session). Keep-alive pools make them rare: compare with "
+            "fender_upstream_requests_total.",
+            ["upstream", "session"],
+            registry=r,
+        )
         self.tls_certificate_reloads = Counter(
             "fender_tls_certificate_reloads_total",
             "Certificate files of a TLS listener that changed on disk, by listener and result (applied: new "

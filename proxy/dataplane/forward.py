@@ -74,6 +74,11 @@ class UpstreamRuntime:
             else None
         )
         self.replicas = [ReplicaRuntime(r, options.pool, tls=self.tls) for r in options.replicas]
+        if self.tls is not None:
+            handshakes = metrics.upstream_tls_handshakes
+            full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
+            for replica in self.replicas:
+                replica.pool.on_tls_handshake = lambda again, f=full, r=resumed: (r if again else f).inc()
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections

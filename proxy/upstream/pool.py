@@ -54,6 +54,7 @@ class UpstreamPool:
         self.tls = tls
         self.tls_handshakes = 0  # full or resumed handshakes done (connections_opened of a TLS pool)
         self.tls_resumed = 0  # of which resumed a session
+        self.on_tls_handshake: Callable[[bool], None] | None = None  # told (resumed?) after each one
         self.port = port
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
@@ -364,8 +365,11 @@ class UpstreamPool:
             raise
         self.connections_opened += 1
         self.tls_handshakes += 1
-        if tls.session_reused(transport):
+        resumed = tls.session_reused(transport)
+        if resumed:
             self.tls_resumed += 1
+        if self.on_tls_handshake is not None:
+            self.on_tls_handshake(resumed)
         tls.connected(transport)
         conn.checked_out = True
         if conn.closed:
