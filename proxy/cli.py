@@ -215,6 +215,10 @@ def cmd_run(args, demo: bool = False) -> int:
     try:
         for problem in missing_packages(policy):
             raise problem
+        from proxy.tlsconfig import tls_file_problems
+
+        for at, message in tls_file_problems(policy):  # certificate files Fender cannot use
+            raise StartupError(message, at)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_run(policy, args.policy, demo, args.server, warnings))
     except StartupError as error:

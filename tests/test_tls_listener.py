@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.cli import main
 from proxy.config import parse_policy
 from proxy.server import Fender, bind_socket
 from tests.support.certs import Certs, Pair, copy_file, live_pair, replace_file
+from tests.support.launch import launch_fender
 from tests.support.need import missing
-from tests.support.procs import wait_until
+from tests.support.procs import LeakCheck, wait_until
 from tests.support.raw_upstream import RawUpstream, Request, Responder
 
 
@@ -284,3 +286,30 @@ async def test_a_reload_that_breaks_the_listener_key_path_keeps_the_old_settings
     (error,) = attempt.errors
     assert error.startswith(f"{path}:7:") and f"server.tls.key_file {gone}: cannot read it" in error, error
     assert still == (200, b"proto=https")
+
+
+def test_validate_env_and_run_name_an_unusable_certificate_file_at_its_line(
+    certs, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("proxy.cli._configure_logging", lambda level: None)  # leave the test's logging be
+    path = tmp_path / "policy.yaml"
+    gone = tmp_path / "missing.key"
+    path.write_text(policy(9, f"{{cert_file: {certs.server.cert}, key_file: {gone}}}"))
+    assert main(["validate", "--env", str(path)]) == 1
+    said = capsys.readouterr().err
+    assert f"{path}:7:" in said and f"server.tls.key_file {gone}: cannot read it" in said, said
+    assert main(["run", str(path)]) == 2
+    said = capsys.readouterr().err
+    assert said.strip() == f"fender: server.tls.key_file {gone}: cannot read it (no such file or directory)"
+
+
+async def test_stopping_a_tls_listener_leaves_no_socket_or_task(certs):
+    leak = LeakCheck()
+    async with RawUpstream(headers_back) as up:
+        fender = await launch_fender(policy(up.port, tls_block(certs.server)))
+        stalled = await asyncio.open_connection("127.0.0.1", fender.data_port)  # a handshake never begun
+        async with TLSClient(fender.data_port, certs.client_context()) as client:
+            assert await client.get() == (200, b"proto=https")
+            await fender.stop()
+        stalled[1].close()
+    await leak.assert_back()
