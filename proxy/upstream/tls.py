@@ -19,10 +19,16 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
-
-from proxy.tlsconfig import ALPN_HTTP1, FileStamp, TLSFileError, UpstreamTLSOptions, client_context
+from typing import TYPE_CHECKING
 
 from .errors import TLSFailure
+
+if TYPE_CHECKING:
+    from proxy.tlsconfig import UpstreamTLSOptions
+
+# proxy.tlsconfig holds policy models (proxy.config): imported when first needed, so importing
+# the upstream client does not import the policy package (which imports the client).
+_ALPN_HTTP1 = ("http/1.1",)
 
 log = logging.getLogger("fender.upstream")
 
@@ -59,6 +65,8 @@ class ClientTLS:
         if self.generation != owner.generation:
             # The files changed (refresh() checked they work): a context from them, a fresh session.
             self.generation = owner.generation
+            from proxy.tlsconfig import TLSFileError
+
             with contextlib.suppress(TLSFileError):
                 self.context = owner.build()
             self._source = None
@@ -83,8 +91,10 @@ class UpstreamTLS:
     """An upstream's ``tls`` settings as contexts; rebuilt when their files change."""
 
     def __init__(
-        self, options: UpstreamTLSOptions | None, where: str, alpn: Sequence[str] = ALPN_HTTP1
+        self, options: UpstreamTLSOptions | None, where: str, alpn: Sequence[str] = _ALPN_HTTP1
     ) -> None:
+        from proxy.tlsconfig import FileStamp, UpstreamTLSOptions
+
         self.options = options or UpstreamTLSOptions()
         self.where = where
         self.alpn = tuple(alpn)
@@ -94,6 +104,8 @@ class UpstreamTLS:
         self._task: asyncio.Task | None = None
 
     def build(self) -> _ResumingContext:
+        from proxy.tlsconfig import client_context
+
         return client_context(self.options, self.alpn, self.where, _ResumingContext)  # type: ignore[return-value]
 
     def client(self, replica_host: str) -> ClientTLS:
@@ -105,6 +117,8 @@ class UpstreamTLS:
         A file that cannot be used is logged and the previous contexts stay."""
         if not self.stamp.changed():
             return False
+        from proxy.tlsconfig import TLSFileError
+
         try:
             self.build()
         except TLSFileError as exc:
