@@ -166,7 +166,7 @@ class Metrics:
         self.tls_handshake_errors = Counter(
             "fender_tls_handshake_errors_total",
             "Client connections to a TLS listener (proxy or admin) that did not complete a handshake, by "
-            "reason: timeout, plain_http, not_tls, closed, client_cert, protocol, other.",
+            "reason: timeout, plain_http, not_tls, closed, client_cert, protocol, overload, other.",
             ["listener", "reason"],
             registry=r,
         )

@@ -152,7 +152,14 @@ class _Server(_ExitFlag, uvicorn.Server):
 
         self.servers = [
             TLSAcceptor(
-                sock, create_protocol, self.tls, self._header_timeout, self._handshake_errors, config.backlog
+                sock,
+                create_protocol,
+                self.tls,
+                self._header_timeout,
+                self._handshake_errors,
+                config.backlog,
+                # uvicorn's limit is max_connections + 1 (see Fender._configs)
+                max_pending=lambda: (config.limit_concurrency or 2049) - 1,
             )
             for sock in sockets
         ]

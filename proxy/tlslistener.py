@@ -46,6 +46,7 @@ HANDSHAKE_ERRORS = (
     "closed",  # the client closed or reset the connection during the handshake
     "client_cert",  # client certificate missing or not trusted (client_auth)
     "protocol",  # no common version or cipher, or a malformed handshake
+    "overload",  # more handshakes under way than server.max_connections: closed at once
     "other",
 )
 _ACCEPT_BURST = 64  # connections accepted per wake-up
@@ -212,6 +213,7 @@ class TLSAcceptor:
         header_timeout: Callable[[], float],
         errors: HandshakeErrors,
         backlog: int = 2048,
+        max_pending: Callable[[], int] = lambda: 2048,
     ) -> None:
         self.sock = sock
         self.sockets = [sock]
@@ -219,6 +221,7 @@ class TLSAcceptor:
         self.tls = tls
         self.header_timeout = header_timeout
         self.errors = errors
+        self.max_pending = max_pending  # handshakes under way at most (bounds fds and memory)
         self.handshakes = 0  # completed
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task] = set()
@@ -253,6 +256,10 @@ class TLSAcceptor:
                 self._loop.remove_reader(self.sock.fileno())
                 self._loop.call_later(1.0, self._resume)
                 return
+            if len(self._pending) >= self.max_pending():
+                conn.close()
+                self.errors.record("overload", peer, "more handshakes under way than server.max_connections")
+                continue
             conn.setblocking(False)
             if conn.family != socket.AF_UNIX:
                 with contextlib.suppress(OSError):

@@ -158,3 +158,23 @@ async def test_tls_versions_below_min_version_are_refused(start_fender, certs):
             await asyncio.open_connection("127.0.0.1", fender.data_port, ssl=ctx, server_hostname="localhost")
         assert await https_get(fender.data_port, certs) == 200
     assert handshake_errors(fender, "protocol") == 1
+
+
+async def test_handshakes_under_way_are_bounded_by_max_connections(start_fender, certs):
+    async with RawUpstream(ok()) as up:
+        text = policy(up.port, certs, header_timeout="1s").replace(
+            "server:\n", "server:\n  max_connections: 5\n"
+        )
+        fender = await start_fender(text)
+        stalled = [await asyncio.open_connection("127.0.0.1", fender.data_port) for _ in range(5)]
+        for _, writer in stalled:
+            writer.write(PARTIAL_HELLO)
+        reader, writer = await asyncio.open_connection("127.0.0.1", fender.data_port)
+        writer.write(PARTIAL_HELLO)
+        assert await closed_within(reader, 5) == b""  # the sixth: closed at once (counted as overload)
+        writer.close()
+        assert handshake_errors(fender, "overload") == 1
+        assert [await closed_within(r, 5) for r, _ in stalled] == [b""] * 5
+        for _, w in stalled:
+            w.close()
+        assert await https_get(fender.data_port, certs) == 200
