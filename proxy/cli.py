@@ -31,7 +31,7 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
     """What `run` would meet on this machine (the same calls it makes), located in the policy."""
     from proxy.ops.auth import resolve_admin_token
     from proxy.ops.preflight import StartupError, check_listener, missing_packages
-    from proxy.server import bind_socket
+    from proxy.server.fender import bind_socket
 
     policy = document.policy
     problems: list[StartupError] = list(missing_packages(policy))
@@ -47,7 +47,7 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
             check_listener(bind_socket, address, label, (at,))
         except StartupError as error:
             problems.append(error)
-    from proxy.tlsconfig import tls_file_problems
+    from proxy.ops.preflight import tls_file_problems
 
     problems += [StartupError(message, at) for at, message in tls_file_problems(policy)]
     # The messages name what they are about: no path before them.
@@ -108,7 +108,7 @@ def _configure_logging(level: str) -> None:
 
 
 async def _run(policy, source: str, demo: bool, engine: str | None = None, warnings=()) -> None:
-    from proxy.server import Fender
+    from proxy.server.fender import Fender
 
     demo_servers = []
     if demo:
@@ -149,7 +149,7 @@ async def _start_demo(policy):
     from proxy.config.models import ListenAddress
     from proxy.demo import DemoUpstream, demo_replicas
     from proxy.ops.preflight import bind_listener
-    from proxy.server import _Server, bind_socket
+    from proxy.server.fender import _Server, bind_socket
 
     servers = []
     for name, host, port in demo_replicas(policy):
@@ -206,7 +206,7 @@ def cmd_run(args, demo: bool = False) -> int:
         )
         return 2
     from proxy.ops.preflight import StartupError, missing_packages
-    from proxy.server import new_event_loop
+    from proxy.server.fender import new_event_loop
 
     policy = document.policy
     warnings = [issue.as_warning() for issue in document.warnings]
@@ -215,7 +215,7 @@ def cmd_run(args, demo: bool = False) -> int:
     try:
         for problem in missing_packages(policy):
             raise problem
-        from proxy.tlsconfig import tls_file_problems
+        from proxy.ops.preflight import tls_file_problems
 
         for at, message in tls_file_problems(policy):  # certificate files Fender cannot use
             raise StartupError(message, at)

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.support.certs import Certs, Pair, copy_file, live_pair, replace_file
 from tests.support.launch import launch_fender
 from tests.support.need import missing

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from proxy.config import PolicyError, parse_policy
-from proxy.server import Fender, bind_socket
-from proxy.tlsconfig import UpstreamTLSOptions
+from proxy.options.tls import UpstreamTLSOptions
+from proxy.server.fender import Fender, bind_socket
 from proxy.upstream import UpstreamPool
 from proxy.upstream.tls import UpstreamTLS
 from tests.conftest import free_port

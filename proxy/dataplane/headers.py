@@ -14,17 +14,8 @@ import os
 import time
 from email.utils import formatdate
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+from proxy.kernel.fields import HOP_BY_HOP
+
 # Dropped from requests as well: framing is ours, forwarding headers are rebuilt below.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",

@@ -17,7 +17,7 @@ import asyncio
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -33,9 +33,6 @@ from .errors import (
     os_words,
 )
 from .tls import is_tls_alert, tls_words
-
-if TYPE_CHECKING:
-    from .pool import UpstreamPool
 
 # Response-body flow control: stop reading the socket when more than this much
 # body is buffered and unread.  read() takes the whole buffer, so reading
@@ -406,7 +403,8 @@ class Connection(asyncio.Protocol):
     """One TCP connection; serves one exchange at a time."""
 
     __slots__ = (
-        "pool",
+        "release",
+        "discard_idle",
         "loop",
         "transport",
         "closed",
@@ -422,10 +420,20 @@ class Connection(asyncio.Protocol):
         "_poller",
         "_head_timer",
         "_head_timer_at",
+        "tls",
     )
 
-    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        release: Callable[[Connection, bool], None],
+        discard_idle: Callable[[Connection], None],
+        loop: asyncio.AbstractEventLoop,
+        tls: bool = False,
+    ) -> None:
+        self.tls = tls  # over TLS (an https:// replica)
+        # The owning pool's callbacks: give the slot back (reusable or not); drop a dead idle one.
+        self.release = release
+        self.discard_idle = discard_idle
         self.loop = loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.closed = False
@@ -482,7 +490,7 @@ class Connection(asyncio.Protocol):
             if not self.closed:
                 self.transport.resume_reading()  # idle connections must notice EOF
         if self.checked_out:
-            self.pool._release(self, resp.keep_alive and not resp._garbage)
+            self.release(self, resp.keep_alive and not resp._garbage)
 
     def _switch(self, resp: UpstreamResponse, early: bytes) -> None:
         """After a 101: the transport leaves HTTP for a tunnel end; the pool slot stays taken
@@ -501,7 +509,7 @@ class Connection(asyncio.Protocol):
     def _tunnel_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.checked_out:
-            self.pool._release(self, False)
+            self.release(self, False)
 
     def abandon(self, resp: UpstreamResponse, exc: UpstreamError) -> None:
         """The caller gave up on ``resp`` (close/cancel): drop the connection if still attached."""
@@ -522,7 +530,7 @@ class Connection(asyncio.Protocol):
         self.wake_drain()
         self.abort()
         if self.checked_out:
-            self.pool._release(self, False)
+            self.release(self, False)
 
     def arm_head_timer(self, when: float) -> None:
         """Make sure the connection's timer fires by ``when`` (the head deadline of its exchange).
@@ -702,7 +710,7 @@ class Connection(asyncio.Protocol):
             # A TLS 1.3 replica refuses a client certificate after our side of the handshake
             # finished: the request never reached it, so this is a connect-time TLS fault.
             self.fail(TLSFailure(f"TLS handshake refused by the upstream: {exc}", cause=tls_words(exc)))
-        elif self.pool.tls is not None and self.idle_since == 0.0 and resp._raw_head_bytes == 0:
+        elif self.tls and self.idle_since == 0.0 and resp._raw_head_bytes == 0:
             # Closed before a byte of the first answer on a new TLS connection: how a TLS 1.3 server
             # that drops its alert refuses a client certificate. The request may have reached it.
             self.fail(
@@ -723,4 +731,4 @@ class Connection(asyncio.Protocol):
     def _lost_idle(self) -> None:
         self.close()
         if self.pooled:
-            self.pool._discard_idle(self)
+            self.discard_idle(self)

@@ -19,16 +19,9 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .errors import TLSFailure
-
-if TYPE_CHECKING:
-    from proxy.tlsconfig import UpstreamTLSOptions
-
-# proxy.tlsconfig holds policy models (proxy.config): imported when first needed, so importing
-# the upstream client does not import the policy package (which imports the client).
-_ALPN_HTTP1 = ("http/1.1",)
+from .tlscontext import ALPN_HTTP1, FileStamp, TLSFileError, client_context
 
 log = logging.getLogger("fender.upstream")
 
@@ -65,8 +58,6 @@ class ClientTLS:
         if self.generation != owner.generation:
             # The files changed (refresh() checked they work): a context from them, a fresh session.
             self.generation = owner.generation
-            from proxy.tlsconfig import TLSFileError
-
             with contextlib.suppress(TLSFileError):
                 self.context = owner.build()
             self._source = None
@@ -90,12 +81,9 @@ class ClientTLS:
 class UpstreamTLS:
     """An upstream's ``tls`` settings as contexts; rebuilt when their files change."""
 
-    def __init__(
-        self, options: UpstreamTLSOptions | None, where: str, alpn: Sequence[str] = _ALPN_HTTP1
-    ) -> None:
-        from proxy.tlsconfig import FileStamp, UpstreamTLSOptions
-
-        self.options = options or UpstreamTLSOptions()
+    def __init__(self, options, where: str, alpn: Sequence[str] = ALPN_HTTP1) -> None:
+        # options: an upstream's tls block (proxy/options/tls.py UpstreamTLSOptions), defaults filled in.
+        self.options = options
         self.where = where
         self.alpn = tuple(alpn)
         self.stamp = FileStamp(self.options.files())
@@ -104,8 +92,6 @@ class UpstreamTLS:
         self._task: asyncio.Task | None = None
 
     def build(self) -> _ResumingContext:
-        from proxy.tlsconfig import client_context
-
         return client_context(self.options, self.alpn, self.where, _ResumingContext)  # type: ignore[return-value]
 
     def client(self, replica_host: str) -> ClientTLS:
@@ -117,8 +103,6 @@ class UpstreamTLS:
         A file that cannot be used is logged and the previous contexts stay."""
         if not self.stamp.changed():
             return False
-        from proxy.tlsconfig import TLSFileError
-
         try:
             self.build()
         except TLSFileError as exc:
