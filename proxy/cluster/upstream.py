@@ -69,8 +69,12 @@ class UpstreamRuntime:
         if self.tls is not None:
             handshakes = metrics.upstream_tls_handshakes
             full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
+
+            def counted(again: bool) -> None:
+                (resumed if again else full).inc()
+
             for replica in self.replicas:
-                replica.pool.on_tls_handshake = lambda again, f=full, r=resumed: (r if again else f).inc()
+                replica.pool.on_tls_handshake = counted
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections

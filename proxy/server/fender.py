@@ -146,17 +146,20 @@ class _Server(_ExitFlag, uvicorn.Server):
         config = self.config
 
         def create_protocol() -> asyncio.Protocol:
-            return config.http_protocol_class(
+            # As uvicorn's own startup builds its protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
                 config=config, server_state=self.server_state, app_state=self.lifespan.state
             )
 
+        errors = self._handshake_errors or HandshakeErrors()
+        # uvicorn only calls close() and wait_closed() of its servers: an acceptor has both.
         self.servers = [
-            TLSAcceptor(
+            TLSAcceptor(  # type: ignore[misc]
                 sock,
                 create_protocol,
                 self.tls,
                 self._header_timeout,
-                self._handshake_errors,
+                errors,
                 config.backlog,
                 # uvicorn's limit is max_connections + 1 (see Fender._configs)
                 max_pending=lambda: (config.limit_concurrency or 2049) - 1,

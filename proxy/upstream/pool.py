@@ -336,6 +336,7 @@ class UpstreamPool:
 
         A handshake fault is a TLSFailure (request_sent False: nothing of the request left)."""
         loop = self._loop
+        assert loop is not None  # set by request() before any connect
         tcp_done = False
         try:
             async with asyncio.timeout(self.connect_timeout):

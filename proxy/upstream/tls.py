@@ -181,8 +181,8 @@ def tls_fault(exc: BaseException, address: str, server_name: str) -> TLSFailure:
     )
 
 
-def tls_words(exc: ssl.SSLError) -> str:
-    reason = exc.reason or ""
+def tls_words(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or ""
     return _REASONS.get(reason) or (reason.lower().replace("_", " ") or str(exc).lower())
 
 

@@ -129,7 +129,7 @@ class FileStamp:
         self._digest = self._hash()
 
     def _stat(self) -> tuple:
-        out = []
+        out: list[tuple[int, int, int] | None] = []
         for path in self.paths:
             try:
                 st = os.stat(path)
