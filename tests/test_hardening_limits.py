@@ -10,9 +10,9 @@ import httpx
 
 from tests.conftest import policy_text
 from tests.support import procs
+from tests.support.metrics import metric_value
 from tests.support.raw_client import RawClient, exchange, run_load
 from tests.support.raw_upstream import RawUpstream, echo, ok
-from tests.test_proxy import metric_value
 
 checked_fender = procs.checked_fender
 

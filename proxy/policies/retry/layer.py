@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.clock import Clock
+from proxy.kernel.classify import Classifier
 from proxy.kernel.exchange import Exchange, LocalReply, Reply
 from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
 from proxy.metrics import FastCounter
@@ -86,21 +87,10 @@ class RetryLayer:
         self.methods = frozenset(options.methods)
         self.max_replay = options.max_replay_body
         self.honor_retry_after = options.honor_retry_after
-        statuses: dict[int, str] = {}
-        reasons: set[str] = set()
-        for item in options.retry_on:
-            if item == "5xx":
-                statuses.update({s: "5xx" for s in range(500, 600) if s not in statuses})
-            elif item == "gateway_error":
-                statuses.update({s: str(s) for s in (502, 503, 504)})
-            elif item.isdigit():
-                statuses[int(item)] = item
-            else:
-                reasons.add(item)
-                if item == "connect_failure":
-                    reasons.add("tls_failure")  # a failed TLS handshake is a failed connect (nothing sent)
+        classifier = Classifier(options.retry_on)
+        statuses = classifier.statuses
         self._statuses = statuses
-        self._reasons = frozenset(reasons)
+        self._reasons = classifier.reasons
         self._metrics = metrics
         # status -> (count the attempt, retry_on condition or None): one lookup per upstream answer.
         self._by_status = {
