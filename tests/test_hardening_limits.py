@@ -58,6 +58,18 @@ async def test_header_count_and_size_limits_are_431(checked_fender):
         assert len(up.requests) == 1
 
 
+async def test_two_fenders_in_one_process_keep_their_own_head_limits(checked_fender):
+    # Each Fender's listener has its own protocol class: the second one's 1KiB limit must not
+    # become the first one's (the limits were class attributes of one shared class).
+    async with RawUpstream(echo) as up:
+        roomy = await checked_fender(policy_text(up.port, server="max_header_bytes: 4KiB\n"))
+        tight = await checked_fender(policy_text(up.port, server="max_header_bytes: 1KiB\n"))
+        head = b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"v" * 2000 + b"\r\n\r\n"
+        assert (await exchange(tight.data_port, head)).status == 431
+        assert (await exchange(roomy.data_port, head)).status == 200
+        assert len(up.requests) == 1
+
+
 async def test_slowloris_head_is_cut_with_408_while_a_normal_client_sees_no_errors(checked_fender):
     async with RawUpstream(ok(b"fine")) as up:
         fender = await checked_fender(policy_text(up.port, server="header_timeout: 300ms\n"))
