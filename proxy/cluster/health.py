@@ -39,7 +39,7 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._ranges = parse_status_ranges(options.expect_status)
         self._target = options.path.encode("latin-1")
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._pools = [
             UpstreamPool(
                 state.replica.host,

@@ -8,13 +8,17 @@ asks it for a replica per try and reports each try's outcome back.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.cluster.faultlog import FaultLog
 from proxy.cluster.health import HealthChecker
-from proxy.cluster.picker import ReplicaPicker
+from proxy.cluster.picker import Replica, ReplicaPicker, ReplicaState
+from proxy.config.models import PoolOptions, Upstream
+from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.options.base import PolicyModel
 from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
 from proxy.upstream.tls import UpstreamTLS
@@ -25,21 +29,21 @@ class ReplicaRuntime:
 
     def __init__(
         self,
-        replica,
-        pool_options,
+        replica: ReplicaOptions,
+        pool_options: PoolOptions,
         pool_class: type[UpstreamPool] = UpstreamPool,
         tls: UpstreamTLS | None = None,
     ) -> None:
-        self.host = replica.host
+        self.host: str = replica.host
         # The upstream's TLS settings for an https:// replica, else None.
-        self.tls = tls if getattr(replica, "tls", False) else None
-        self.port = replica.port
-        self.unix_path = replica.unix_path
-        self.name = replica.name  # host:port, or unix:PATH
-        self.authority = replica.authority.encode()
-        self.priority = replica.priority
-        self.weight = replica.weight
-        self.pool = pool_class(
+        self.tls: UpstreamTLS | None = tls if getattr(replica, "tls", False) else None
+        self.port: int = replica.port
+        self.unix_path: str | None = replica.unix_path
+        self.name: str = replica.name  # host:port, or unix:PATH
+        self.authority: bytes = replica.authority.encode()
+        self.priority: int = replica.priority
+        self.weight: int = replica.weight
+        self.pool: UpstreamPool = pool_class(
             replica.host,
             replica.port,
             unix_path=replica.unix_path,
@@ -55,7 +59,7 @@ class ReplicaRuntime:
 class UpstreamRuntime:
     """The replicas of one upstream, their pools, picker and health checks; built once per policy load."""
 
-    def __init__(self, name: str, options, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, name: str, options: Upstream, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = name
         self.options = options
         self.clock = clock
@@ -91,12 +95,12 @@ class UpstreamRuntime:
             clock=clock,
             metrics=metrics,
         )
-        self._state_of = {state.replica: state for state in self.picker.states}
+        self._state_of: dict[Replica, ReplicaState] = {state.replica: state for state in self.picker.states}
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
         self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
         self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
 
-    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
+    def choose(self, ex: Exchange | None = None) -> Replica | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
 
         Replicas named in ``ex.tried`` are avoided while another eligible one
@@ -107,7 +111,7 @@ class UpstreamRuntime:
 
     def observe(
         self,
-        replica: ReplicaRuntime,
+        replica: Replica,
         status: int,
         error: UpstreamError | None,
         duration: float,
@@ -172,14 +176,14 @@ class UpstreamRuntime:
         if old.health is not None:
             await old.health.close()
 
-    def checkpoint_snapshot(self) -> dict:
+    def checkpoint_snapshot(self) -> dict[str, Any]:
         return {
             "health_check": _dump(self.options.health_check),
             "outlier_detection": _dump(self.options.outlier_detection),
             "replicas": self.picker.export_state(),
         }
 
-    def checkpoint_restore(self, data: dict) -> None:
+    def checkpoint_restore(self, data: dict[str, Any]) -> None:
         """Restore replica state written by a previous process where the settings still match."""
         health = self.options.health_check is not None and data.get("health_check") == _dump(
             self.options.health_check
@@ -201,5 +205,5 @@ class UpstreamRuntime:
         )
 
 
-def _dump(options) -> dict | None:
+def _dump(options: PolicyModel | None) -> dict[str, Any] | None:
     return None if options is None else options.model_dump(mode="json")

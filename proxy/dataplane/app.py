@@ -295,10 +295,10 @@ class DataPlane:
             if exchange.trace is not None:
                 exchange.note(f"rewrite {path.decode('latin-1')} -> {upstream_path.decode('latin-1')}")
         try:
-            reply = await route.pipeline(exchange)
+            answer = await route.pipeline(exchange)
         except ClientGone:
             return
-        await self._respond(runtime, route, scope, receive, send, method, reply, exchange, started)
+        await self._respond(runtime, route, scope, receive, send, method, answer, exchange, started)
 
     async def _respond(
         self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started
@@ -393,6 +393,7 @@ class DataPlane:
     async def _tunnel(self, runtime, route: RouteRuntime, send, reply, ex: Exchange, headers) -> None:
         """The upstream switched protocols: relay its 101 and splice the two connections until one ends."""
         offer = ex.upgrade
+        assert offer is not None  # only a request that offered to switch protocols gets a 101
         metrics = route.upgrade_metrics
         label = offer.protocols[0] if offer.protocols[0] in route.upgrades else "other"
         upstream_end = reply.upgraded_end
