@@ -360,7 +360,7 @@ class Fender:
                 server = _Server(
                     config,
                     tls,
-                    header_timeout=lambda: FenderHttpProtocol.header_timeout,
+                    header_timeout=lambda: self.protocol.header_timeout,
                     handshake_errors=HandshakeErrors(
                         self.metrics.tls_handshake_errors, "proxy" if index == 0 else "admin"
                     ),
