@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from proxy.grpc import local_headers
 from proxy.kernel.reasons import LOCAL_STATUS, REASON_TEXT
 from proxy.tunnel import UpgradeOffer
 from proxy.upstream import UpstreamError
@@ -171,6 +172,9 @@ async def wait_disconnect(receive: Receive) -> None:
             return
 
 
+_NOT_GRPC = (b"content-type", b"content-length", b"connection")
+
+
 class LocalReply:
     """A response Fender generates itself, with a reason header and short text body."""
 
@@ -209,6 +213,15 @@ class LocalReply:
 
     complete = True  # the whole body is here (see UpstreamResponse.complete)
     trailers: list[tuple[bytes, bytes]] | None = None
+
+    def as_grpc(self) -> None:
+        """Reshape into a gRPC trailers-only answer: HTTP 200, grpc-status and grpc-message from the
+        reason (proxy/grpc.py), no body; X-Fender-Error and the layers' fields (Retry-After...) stay."""
+        text = self.body.decode("utf-8", "replace").removeprefix("fender: ").rstrip("\n")
+        kept = [h for h in self.headers if h[0] not in _NOT_GRPC]
+        self.headers = local_headers(self.reason, self.status, text) + kept
+        self.status = 200
+        self.body = b""
 
     def has_body(self) -> bool:
         return True

@@ -67,6 +67,7 @@ import httptools
 from proxy.kernel.fields import HOP_BY_HOP
 from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
+from proxy.server.http2 import PREFACE_HEAD, FenderH2Protocol, take_over
 from proxy.server.tls import client_cert_subject
 from proxy.tunnel import TunnelEnd, upgrade_offer
 
@@ -142,6 +143,7 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 EXTENSIONS: dict[str, dict[str, object]] = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PRI_PAUSE = "Pause on PRI/Upgrade"  # llhttp's error at the HTTP/2 preface (HPE_PAUSED_H2_UPGRADE)
 
 
 class _ClosedTransport(asyncio.Transport):
@@ -413,12 +415,16 @@ class FenderHttpProtocol(asyncio.Protocol):
     # Set by a TLS listener (proxy/server/tls.py) to the accept time: the first head is timed from
     # it, so the handshake counts inside header_timeout. None: timed from connection_made.
     opened_at: float | None = None
+    http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to h2_protocol
+    h2_protocol: type[FenderH2Protocol] = FenderH2Protocol  # this listener's (see for_listener)
 
     @classmethod
     def for_listener(cls) -> type[FenderHttpProtocol]:
         """A subclass of its own for one Fender's listener, so two Fenders in one process (tests,
         an embedding) never share limits; the limits stay class attributes, as cheap to read."""
-        return type(cls.__name__, (cls,), {"rejected": {}})
+        # Its HTTP/2 protocol too (a connection that opens with the preface, or ALPN h2, switches to it).
+        h2 = type(FenderH2Protocol.__name__, (FenderH2Protocol,), {"rejected": {}})
+        return type(cls.__name__, (cls,), {"rejected": {}, "h2_protocol": h2})
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -437,6 +443,8 @@ class FenderHttpProtocol(asyncio.Protocol):
             )
             for reason in _HEAD_ERROR_RESPONSES
         }
+        cls.http2 = server.http2.enabled
+        cls.h2_protocol.configure(server, metrics, cls.underscores, cls.rejected)
 
     def __init__(self, config, server_state, app_state=None, _loop=None) -> None:
         if not config.loaded:
@@ -500,6 +508,9 @@ class FenderHttpProtocol(asyncio.Protocol):
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
             ssl_object = transport.get_extra_info("ssl_object")
+            if self.http2 and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                take_over(self, b"", "alpn")
+                return
             self.tls_info = (
                 ssl_object.version() if ssl_object is not None else "TLS",
                 client_cert_subject(transport),
@@ -553,7 +564,15 @@ class FenderHttpProtocol(asyncio.Protocol):
                     end = TunnelEnd(self.transport, early, fallback=self, on_lost=self.connection_lost)
                     offer.client_end = end
                     self.transport.set_protocol(end)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
+            # llhttp stops at the HTTP/2 preface's head (PRI * HTTP/2.0): h2c with prior knowledge,
+            # told apart here at no cost to HTTP/1.1 requests.
+            if self.http2 and self._served == 0 and self._url == b"*" and exc.args[:1] == (_PRI_PAUSE,):
+                at = data.find(b"S")  # what the parser left of this read: "SM\r\n\r\n" and frames
+                consumed = data if at < 0 else data[:at]
+                if PREFACE_HEAD.endswith(consumed):
+                    take_over(self, PREFACE_HEAD + (data[at:] if at >= 0 else b""), "prior_knowledge")
+                    return
             self.refuse()
             return
         if self._head_started is not None:
@@ -805,6 +824,17 @@ class FenderHttpProtocol(asyncio.Protocol):
         now = self._idle_since = self.loop.time()
         if self._head_started is None:
             self._arm(now + self.keepalive_timeout)
+
+    def handed_over(self) -> None:
+        """The connection became HTTP/2 (proxy/server/http2.py): this protocol is done with it."""
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_timer = None
+        self._head_started = None
+        self.transport = _CLOSED
+        self.parser = None  # type: ignore[assignment]
+        self.current = self.active = None
 
     def tunnelled(self) -> None:
         """The connection became a tunnel: no HTTP timer applies to it any more."""
