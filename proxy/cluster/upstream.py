@@ -19,19 +19,24 @@ from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
+from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.tls import UpstreamTLS
 
 
 class ReplicaRuntime:
-    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
+    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority", "tls")
 
     def __init__(
         self,
         replica: ReplicaOptions,
         pool_options: PoolOptions,
         pool_class: type[UpstreamPool] = UpstreamPool,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.host: str = replica.host
+        # The upstream's TLS settings for an https:// replica, else None.
+        self.tls: UpstreamTLS | None = tls if getattr(replica, "tls", False) else None
         self.port: int = replica.port
         self.unix_path: str | None = replica.unix_path
         self.name: str = replica.name  # host:port, or unix:PATH
@@ -47,6 +52,7 @@ class ReplicaRuntime:
             connect_timeout=pool_options.connect_timeout,
             keepalive_idle_timeout=pool_options.idle_timeout,
             max_pending=pool_options.max_pending,
+            tls=None if self.tls is None else self.tls.client(replica.host),
         )
 
 
@@ -57,7 +63,22 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
-        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
+        # TLS settings for the https:// replicas (raises TLSFileError when a file cannot be used).
+        self.tls = (
+            UpstreamTLS(getattr(options, "tls", None) or UpstreamTLSOptions(), f"upstreams.{name}.tls")
+            if any(getattr(r, "tls", False) for r in options.replicas)
+            else None
+        )
+        self.replicas = [ReplicaRuntime(r, options.pool, tls=self.tls) for r in options.replicas]
+        if self.tls is not None:
+            handshakes = metrics.upstream_tls_handshakes
+            full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
+
+            def counted(again: bool) -> None:
+                (resumed if again else full).inc()
+
+            for replica in self.replicas:
+                replica.pool.on_tls_handshake = counted
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
@@ -112,6 +133,8 @@ class UpstreamRuntime:
         """Start the health-check tasks once the runtime goes live."""
         if self.health is not None:
             self.health.start()
+        if self.tls is not None:
+            self.tls.start()  # watch the certificate files
 
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
@@ -135,12 +158,18 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool:
+        if old.options.pool == self.options.pool and getattr(old.options, "tls", None) == getattr(
+            self.options, "tls", None
+        ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
                 pool = pools.get(replica.name)
                 if pool is not None and pool is not replica.pool:
                     unused, replica.pool = replica.pool, pool
+                    if pool.tls is not None and self.tls is not None:
+                        # The kept pool follows this runtime's TLS files (watched here from now on).
+                        pool.tls.owner = self.tls
+                        pool.tls.generation = -1
                     self._state_of[replica].pool = pool
                     old._given_pools.add(id(pool))
                     await unused.close()
@@ -168,6 +197,8 @@ class UpstreamRuntime:
     async def close(self) -> None:
         if self.health is not None:
             await self.health.close()
+        if self.tls is not None:
+            await self.tls.close()
         await asyncio.gather(
             *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
             return_exceptions=True,
