@@ -41,6 +41,7 @@ from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.tls import UpstreamTLS
 
 __all__ = ["Replica", "ReplicaPicker", "ReplicaState"]
 
@@ -56,6 +57,7 @@ class Replica(Protocol):
     priority: int
     weight: int
     pool: UpstreamPool
+    tls: UpstreamTLS | None  # https replicas: the upstream's TLS settings (health checks use them)
 
 
 class ReplicaState:
