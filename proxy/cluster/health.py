@@ -83,6 +83,7 @@ class HealthChecker:
             connect_timeout=self.options.timeout,
             keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
             max_pending=0,
+            tls=None if replica.tls is None else replica.tls.client(replica.tls_name),
             **_resolve_kwargs(replica),
         )
         self._probes[id(state)] = (state, pool)

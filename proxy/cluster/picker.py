@@ -42,6 +42,7 @@ from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.tls import UpstreamTLS
 
 __all__ = ["Replica", "ReplicaPicker", "ReplicaState"]
 
@@ -60,6 +61,8 @@ class Replica(Protocol):
     address: str  # host:port or unix:PATH (checkpoints match by it; a DNS replica's name adds the name)
     source: str  # "policy", "resolve NAME" or "srv NAME"
     resolve: Callable[[], Awaitable[Sequence[str]]] | None  # a host name's addresses (DNS name cache)
+    tls: UpstreamTLS | None  # https replicas: the upstream's TLS settings (health checks use them)
+    tls_name: str  # the name its certificate is verified against
 
 
 class ReplicaState:

@@ -23,7 +23,9 @@ from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
+from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.tls import UpstreamTLS
 
 log = logging.getLogger("fender")
 
@@ -41,6 +43,8 @@ class ReplicaRuntime:
         "address",
         "source",
         "resolve",
+        "tls",
+        "tls_name",
     )
 
     def __init__(
@@ -49,8 +53,13 @@ class ReplicaRuntime:
         pool_options: PoolOptions,
         pool_class: type[UpstreamPool] = UpstreamPool,
         resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.host: str = replica.host
+        # The upstream's TLS settings for an https:// replica, else None.
+        self.tls: UpstreamTLS | None = tls if getattr(replica, "tls", False) else None
+        # The name its certificate is verified against (SNI): a DNS replica's name, not its address.
+        self.tls_name: str = getattr(replica, "server_name", "") or replica.host
         self.port: int = replica.port
         self.unix_path: str | None = replica.unix_path
         self.name: str = replica.name  # host:port, unix:PATH, or address:port (dns name) for one from DNS
@@ -71,6 +80,7 @@ class ReplicaRuntime:
             connect_timeout=pool_options.connect_timeout,
             keepalive_idle_timeout=pool_options.idle_timeout,
             max_pending=pool_options.max_pending,
+            tls=None if self.tls is None else self.tls.client(self.tls_name),
             **extra,
         )
 
@@ -93,6 +103,21 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
+        # TLS settings for the https:// replicas (raises TLSFileError when a file cannot be used).
+        self.tls = (
+            UpstreamTLS(getattr(options, "tls", None) or UpstreamTLSOptions(), f"upstreams.{name}.tls")
+            if any(getattr(r, "tls", False) for r in options.replicas)
+            else None
+        )
+        self._tls_handshakes = None
+        if self.tls is not None:
+            handshakes = metrics.upstream_tls_handshakes
+            full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
+
+            def counted(again: bool) -> None:
+                (resumed if again else full).inc()
+
+            self._tls_handshakes = counted
         if dns is None and uses_dns(options):
             dns = Dns(DnsOptions(), clock, metrics)
         self.dns = dns
@@ -132,7 +157,10 @@ class UpstreamRuntime:
         resolve = None
         if spec.needs_lookup and self.dns is not None:
             resolve = self.dns.cache.for_host(spec.host, self.name)
-        return ReplicaRuntime(spec, self.options.pool, resolve=resolve)
+        replica = ReplicaRuntime(spec, self.options.pool, resolve=resolve, tls=self.tls)
+        if self._tls_handshakes is not None:
+            replica.pool.on_tls_handshake = self._tls_handshakes  # counted for replicas DNS adds too
+        return replica
 
     def choose(self, ex: Exchange | None = None) -> Replica | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
@@ -170,6 +198,8 @@ class UpstreamRuntime:
             await self.discovery.start()
         if self.health is not None:
             self.health.start()
+        if self.tls is not None:
+            self.tls.start()  # watch the certificate files
 
     async def set_replicas(self, specs: list[Any], gate: bool = True) -> None:
         """The replicas are now ``specs`` (a DNS answer changed): like a reload of this upstream.
@@ -257,12 +287,18 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool:
+        if old.options.pool == self.options.pool and getattr(old.options, "tls", None) == getattr(
+            self.options, "tls", None
+        ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
                 pool = pools.get(replica.name)
                 if pool is not None and pool is not replica.pool:
                     unused, replica.pool = replica.pool, pool
+                    if pool.tls is not None and self.tls is not None:
+                        # The kept pool follows this runtime's TLS files (watched here from now on).
+                        pool.tls.owner = self.tls
+                        pool.tls.generation = -1
                     self._state_of[replica].pool = pool
                     old._given_pools.add(id(pool))
                     await unused.close()
@@ -298,6 +334,8 @@ class UpstreamRuntime:
         if self.health is not None:
             await self.health.close()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.tls is not None:
+            await self.tls.close()
         await asyncio.gather(
             *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
             return_exceptions=True,

@@ -37,6 +37,8 @@ class Classifier:
                 statuses.add(int(item))
             else:
                 reasons.add(item)
+                if item == "connect_failure":
+                    reasons.add("tls_failure")  # a failed TLS handshake is a failed connect (nothing sent)
         self.statuses: frozenset[int] = frozenset(statuses)
         self.reasons: frozenset[str] = frozenset(reasons)
 

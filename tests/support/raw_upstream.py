@@ -341,8 +341,10 @@ class RawUpstream:
         unix_path: str | None = None,
         expect_errors: bool = False,
         port: int = 0,
+        ssl=None,
     ) -> None:
         self.handler = handler
+        self.ssl = ssl  # an ssl.SSLContext (server side): serve HTTPS
         self.stream_request_body = stream_request_body
         self.host = host
         self.unix_path = unix_path  # listen on this unix socket file instead of host:port
@@ -362,7 +364,9 @@ class RawUpstream:
         if self.unix_path is not None:
             self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), self.unix_path)
         else:
-            self._server = await loop.create_server(lambda: _ServerProtocol(self), self.host, self.port)
+            self._server = await loop.create_server(
+                lambda: _ServerProtocol(self), self.host, self.port, ssl=self.ssl
+            )
             self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -58,9 +58,23 @@ class Dns:
 class DnsReplica:
     """One address a DNS entry gave, shaped like a policy replica for the runtime."""
 
-    __slots__ = ("host", "port", "unix_path", "name", "address", "authority", "priority", "weight", "source")
+    __slots__ = (
+        "host",
+        "port",
+        "unix_path",
+        "name",
+        "address",
+        "authority",
+        "priority",
+        "weight",
+        "source",
+        "tls",
+        "server_name",
+    )
 
-    def __init__(self, target: Target, authority: str, source: str) -> None:
+    def __init__(
+        self, target: Target, authority: str, source: str, tls: bool = False, server_name: str = ""
+    ) -> None:
         self.host = target.host
         self.port = target.port
         self.unix_path = None
@@ -70,6 +84,9 @@ class DnsReplica:
         self.priority = target.priority
         self.weight = target.weight
         self.source = source
+        # An https:// entry's addresses speak TLS, verified against the name (SNI), not the address.
+        self.tls = tls
+        self.server_name = server_name
 
     @property
     def needs_lookup(self) -> bool:
@@ -106,7 +123,8 @@ class _Entry:
         if self.kind == "srv":
             return [DnsReplica(t, f"{t.label}:{t.port}", self.source) for t in targets]
         authority = self.spec.authority
-        return [DnsReplica(t, authority, self.source) for t in targets]
+        tls = self.spec.tls
+        return [DnsReplica(t, authority, self.source, tls, self.dns_name) for t in targets]
 
 
 class DnsEntries:

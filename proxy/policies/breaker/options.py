@@ -158,7 +158,7 @@ class BreakerOptions(PolicyModel):
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(TRY_FAULTS)
-            + ". Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
+            + " (connect_failure includes tls_failure). Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
         ),
     )
     scope: Literal["upstream", "route"] = Field(

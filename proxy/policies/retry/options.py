@@ -68,7 +68,7 @@ class RetryOptions(PolicyModel):
         default=("connect_failure", "connect_timeout", "reset", "502", "503", "504"),
         description=(
             "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504) and "
-            "faults: " + ", ".join(TRY_FAULTS) + "."
+            "faults: " + ", ".join(TRY_FAULTS) + " (connect_failure includes tls_failure)."
         ),
     )
     budget: BudgetOptions = Field(
