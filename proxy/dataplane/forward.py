@@ -17,6 +17,7 @@ from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.resilience.failover import ReplicaPicker
 from proxy.resilience.health import HealthChecker
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 
 
 class BodyTooLarge(Exception):
@@ -30,7 +31,7 @@ class RequestBodyTimeout(Exception):
 class ReplicaRuntime:
     __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
 
-    def __init__(self, replica, pool_options, pool_class: type[UpstreamPool] = UpstreamPool) -> None:
+    def __init__(self, replica, pool_options, protocol: str = "http1") -> None:
         self.host = replica.host
         self.port = replica.port
         self.unix_path = replica.unix_path
@@ -38,9 +39,7 @@ class ReplicaRuntime:
         self.authority = replica.authority.encode()
         self.priority = replica.priority
         self.weight = replica.weight
-        self.pool = pool_class(
-            replica.host,
-            replica.port,
+        settings = dict(
             unix_path=replica.unix_path,
             max_connections=pool_options.max_connections,
             max_keepalive=pool_options.max_keepalive,
@@ -48,6 +47,17 @@ class ReplicaRuntime:
             keepalive_idle_timeout=pool_options.idle_timeout,
             max_pending=pool_options.max_pending,
         )
+        # protocol: auto is HTTP/1.1 on cleartext (HTTP/2 would be chosen by ALPN over TLS, see
+        # proxy.upstream.http2.alpn_protocols); h2 is prior knowledge.
+        if protocol == "h2":
+            self.pool = H2Pool(
+                replica.host,
+                replica.port,
+                max_concurrent_streams=pool_options.max_concurrent_streams,
+                **settings,
+            )
+        else:
+            self.pool = UpstreamPool(replica.host, replica.port, **settings)
 
 
 class UpstreamRuntime:
@@ -57,7 +67,7 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
-        self.replicas = [ReplicaRuntime(r, options.pool) for r in options.replicas]
+        self.replicas = [ReplicaRuntime(r, options.pool, options.protocol) for r in options.replicas]
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
@@ -135,7 +145,7 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool:
+        if old.options.pool == self.options.pool and old.options.protocol == self.options.protocol:
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
                 pool = pools.get(replica.name)
