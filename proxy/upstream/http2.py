@@ -25,6 +25,7 @@ package; this module owns sockets, timers, flow control and the pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -125,6 +126,8 @@ class H2Response:
         "_ended_remote",
         "_ended_local",
         "_timer",
+        "_upload",
+        "_upload_exc",
     )
 
     http_version = "2"
@@ -155,6 +158,8 @@ class H2Response:
         self._ended_remote = False
         self._ended_local = False
         self._timer: asyncio.TimerHandle | None = None
+        self._upload: asyncio.Task | None = None  # the task sending a streamed request body
+        self._upload_exc: BaseException | None = None  # how that upload failed (downstream side)
 
     def __repr__(self) -> str:
         return f"<H2Response {self.status} stream={self.stream_id} complete={self.complete}>"
@@ -196,6 +201,9 @@ class H2Response:
         conn = self._conn
         self._chunks = []
         self._size = 0
+        upload = self._upload
+        if upload is not None and not upload.done():
+            upload.cancel()
         if conn is not None:
             self._ack()
             conn.cancel_stream(self, ResetMidBody("response closed before the body was read"))
@@ -247,6 +255,8 @@ class H2Conn(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Set once the replica's first SETTINGS arrived: its stream limit is known before we count on it.
+        self.settings_seen = loop.create_future()
 
     # -- capacity --------------------------------------------------------------------
 
@@ -301,6 +311,9 @@ class H2Conn(asyncio.Protocol):
         """Fault of one stream: record it, reset the stream if ``code`` is given, free the slot."""
         if resp._exc is None and not (resp.complete and resp._head_done):
             resp._exc = exc
+        upload = resp._upload
+        if upload is not None and not upload.done():
+            upload.cancel()  # nobody takes the rest of the request body
         if code is not None and not self.closed and resp.stream_id in self.streams:
             try:
                 self.h2.reset_stream(resp.stream_id, code)
@@ -599,7 +612,13 @@ class H2Conn(asyncio.Protocol):
         resp._wake()
         if resp._ended_local:
             self._finish(resp)
-        # else: still uploading; send_body stops and finishes the stream
+            return
+        # A full answer while the request body is still going: stop sending it (RFC 9113 8.1).
+        upload = resp._upload
+        if upload is not None and not upload.done():
+            upload.cancel()
+        resp._ended_local = True
+        self.fail_stream(resp, ResetMidBody("answered before the request body ended"), ErrorCodes.NO_ERROR)
 
     def _on_reset(self, event) -> None:
         resp = self.streams.get(event.stream_id)
@@ -638,6 +657,8 @@ class H2Conn(asyncio.Protocol):
                 fut.set_result(None)
 
     def _on_settings(self, event) -> None:
+        if not self.settings_seen.done():
+            self.settings_seen.set_result(None)
         # Window sizes may have grown (waiting uploads) and the stream limit changed (waiting requests).
         for resp in list(self.streams.values()):
             fut = resp._window_fut
@@ -674,6 +695,8 @@ class H2Conn(asyncio.Protocol):
         self._lost(exc)
 
     def _lost(self, exc: Exception | None) -> None:
+        if not self.settings_seen.done():
+            self.settings_seen.set_result(None)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -720,6 +743,25 @@ _HANDLERS = {
     h2.events.RemoteSettingsChanged: H2Conn._on_settings,
     h2.events.ConnectionTerminated: H2Conn._on_goaway,
 }
+
+
+def _upload_done(resp: H2Response, deadline: float | None, task: asyncio.Task) -> None:
+    """A streamed upload ended: arm the head timer, or fail the stream if the body could not be had."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    conn = resp._conn
+    if exc is None:
+        if deadline is not None and conn is not None and not resp._head_done:
+            # A slow downstream client is not the upstream's fault: its wait extends the deadline.
+            resp._timer = conn.loop.call_at(
+                deadline + task.result(), conn.stream_timeout, resp, None, "no response head within head_timeout"
+            )
+        return
+    resp._upload_exc = exc
+    if conn is not None:
+        conn.fail_stream(resp, ResetMidBody(f"request body failed: {exc!r}"), ErrorCodes.CANCEL)
+    resp._wake()
 
 
 def _retrieve(fut: asyncio.Future) -> None:
@@ -847,33 +889,35 @@ class H2Pool:
         while True:
             resp = H2Response(method == b"HEAD", idle_timeout, hooks)
             conn = await self._reserve(deadline)
+            end = body_stream is None and not body
             try:
-                end = body_stream is None and not body
-                try:
-                    conn.open_stream(resp, h2_headers, end)
-                except h2.exceptions.TooManyStreamsError:
-                    # The replica's limit dropped since we counted: nothing was sent, try elsewhere.
-                    conn.release_reservation()
-                    resp._conn = None
-                    resends += 1
-                    if resends > _MAX_GOAWAY_RESENDS:
-                        raise StreamReset("too many streams for the upstream", request_sent=False) from None
-                    continue
-                except h2.exceptions.H2Error as exc:
-                    conn.release_reservation()
-                    raise BadResponse(f"cannot send the request over HTTP/2: {exc}", request_sent=False) from exc
-                if deadline is not None:
-                    resp._timer = loop.call_at(
-                        deadline, conn.stream_timeout, resp, None, "no response head within head_timeout"
+                conn.open_stream(resp, h2_headers, end)
+            except h2.exceptions.TooManyStreamsError:
+                # The replica's limit dropped since we counted: nothing was sent, try elsewhere.
+                conn.release_reservation()
+                resends += 1
+                if resends > _MAX_GOAWAY_RESENDS:
+                    raise StreamReset("too many streams for the upstream", request_sent=False) from None
+                continue
+            except h2.exceptions.H2Error as exc:
+                conn.release_reservation()
+                raise BadResponse(f"cannot send the request over HTTP/2: {exc}", request_sent=False) from exc
+            try:
+                if body_stream is not None:
+                    # Streamed body: sent by a task of its own, so the head (and, for a bidirectional
+                    # stream, the response body) can come back while the client is still sending.
+                    # The head timer starts when the upload ended, like HTTP/1.1's.
+                    resp._upload = upload = loop.create_task(
+                        conn.send_body(resp, b"", body_stream, content_length, idle_timeout)
                     )
-                if not end:
-                    waited = await conn.send_body(resp, body, body_stream, content_length, idle_timeout)
-                    if waited and deadline is not None and resp._timer is not None:
-                        deadline += waited  # a slow downstream client is not the upstream's fault
-                        resp._timer.cancel()
+                    upload.add_done_callback(functools.partial(_upload_done, resp, deadline))
+                else:
+                    if deadline is not None:
                         resp._timer = loop.call_at(
                             deadline, conn.stream_timeout, resp, None, "no response head within head_timeout"
                         )
+                    if not end:
+                        await conn.send_body(resp, body, None, None, idle_timeout)
                 if not resp._head_done and resp._exc is None:
                     fut = resp._head_fut = loop.create_future()
                     try:
@@ -881,12 +925,17 @@ class H2Pool:
                     finally:
                         resp._head_fut = None
             except BaseException as exc:
+                upload = resp._upload
+                if upload is not None and not upload.done():
+                    upload.cancel()
                 if resp._conn is not None:
                     resp._conn.cancel_stream(resp, ResetBeforeHeaders(f"request abandoned: {exc!r}"))
                 raise
             if resp._timer is not None and resp._head_done:
                 resp._timer.cancel()
                 resp._timer = None
+            if resp._upload_exc is not None and not resp._head_done:
+                raise resp._upload_exc  # the downstream's fault (body too large, client gone...)
             exc = resp._exc
             if resp._head_done or exc is None:
                 return resp  # a fault after the head is raised by read(), after the bytes that came
@@ -935,13 +984,21 @@ class H2Pool:
 
     async def _connect(self) -> None:
         loop = self._loop
+        conn = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.unix_path is None:
                     _, conn = await loop.create_connection(lambda: H2Conn(self, loop), self.host, self.port)
                 else:
                     _, conn = await loop.create_unix_connection(lambda: H2Conn(self, loop), self.unix_path)
+                await conn.settings_seen  # the replica's limits, before any stream counts on them
         except TimeoutError:
+            if conn is not None:
+                conn.abort()
+                raise ConnectTimeout(
+                    f"{self.address} sent no HTTP/2 SETTINGS within {self.connect_timeout:g}s",
+                    cause="no http/2 settings from the upstream",
+                ) from None
             raise ConnectTimeout(
                 f"connect to {self.address} timed out", cause=f"no connection within {self.connect_timeout:g}s"
             ) from None
