@@ -302,9 +302,12 @@ def test_protocol_and_max_concurrent_streams_in_the_policy():
     upstream = policy.upstreams["svc"]
     assert upstream.protocol == "h2"
     assert upstream.pool.max_concurrent_streams == 50
-    assert parse_policy(h2_policy(9).replace("protocol: h2", "protocol: auto"), "p.yaml").upstreams[
-        "svc"
-    ].protocol == "auto"
+    assert (
+        parse_policy(h2_policy(9).replace("protocol: h2", "protocol: auto"), "p.yaml")
+        .upstreams["svc"]
+        .protocol
+        == "auto"
+    )
     with pytest.raises(PolicyError) as bad:
         parse_policy(h2_policy(9).replace("protocol: h2", "protocol: h3"), "p.yaml")
     assert "p.yaml:7:15" in str(bad.value)

@@ -279,6 +279,11 @@ class DataPlane:
         if head.deadline_ms is not None and head.deadline_ms < route.timeout * 1000:
             # A calling Fender gives up after this long: never work past that (deadline propagation).
             exchange.deadline = runtime.clock.now() + head.deadline_ms / 1000
+        if head.grpc_timeout is not None:
+            # A gRPC client's deadline: never past the route's timeout; the time left goes upstream.
+            exchange.grpc_deadline = True
+            if head.grpc_timeout < exchange.deadline - runtime.clock.now():
+                exchange.deadline = runtime.clock.now() + head.grpc_timeout
         if route.explain or (head.explain and _trusted_peer(client, runtime)):
             exchange.trace = []  # layers add entries with ex.note(); sent back as Fender-Trace
         if body_stream is None:

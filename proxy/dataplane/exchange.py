@@ -57,6 +57,7 @@ class Exchange:
         "upstream_target",
         "interim",
         "tracing",
+        "grpc_deadline",
     )
 
     def __init__(
@@ -113,6 +114,8 @@ class Exchange:
         self.interim = None
         # This request's trace (proxy.tracing.tracer.RequestTrace) on routes of a policy with tracing:.
         self.tracing = None
+        # The client sent grpc-timeout: each try sends the time left upstream in grpc-timeout.
+        self.grpc_deadline = False
 
     def relay_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Pass a 103 Early Hints (or other 1xx) from the upstream to the client as it arrives.
@@ -143,6 +146,7 @@ LOCAL_STATUS = {
     "connect_failure": 502,
     "reset": 502,
     "reset_mid_body": 502,
+    "stream_reset": 502,
     "bad_response": 502,
     "pool_overflow": 503,
     "no_healthy_replica": 503,
@@ -160,6 +164,7 @@ _REASON_TEXT = {
     "connect_failure": "could not connect to the upstream",
     "reset": "the upstream closed the connection before sending a response",
     "reset_mid_body": "the upstream closed the connection mid-response",
+    "stream_reset": "the upstream reset the HTTP/2 stream",
     "bad_response": "the upstream sent an invalid response",
     "pool_overflow": "too many requests waiting for an upstream connection",
     "no_healthy_replica": "no healthy replica of the upstream can take this request",

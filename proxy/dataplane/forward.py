@@ -13,6 +13,7 @@ import asyncio
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.dataplane.faultlog import FaultLog
+from proxy.grpc import format_timeout as format_grpc_timeout
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.resilience.failover import ReplicaPicker
 from proxy.resilience.health import HealthChecker
@@ -223,6 +224,8 @@ class Forwarder:
         if self._propagate and head_timeout < 1e9:
             # Deadline propagation: how long this try will wait, so the upstream can give up with us.
             headers.append((b"fender-deadline-ms", b"%d" % int(head_timeout * 1000)))
+        if ex.grpc_deadline:
+            headers.append((b"grpc-timeout", format_grpc_timeout(head_timeout)))
         metrics = self._metrics
         try:
             response = await replica.pool.request(

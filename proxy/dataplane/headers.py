@@ -14,6 +14,8 @@ import os
 import time
 from email.utils import formatdate
 
+from proxy.grpc import parse_timeout as parse_grpc_timeout
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -37,6 +39,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     # Fender's own request headers (deadline propagation, explanations): read here, re-created by Fender.
     b"fender-deadline-ms",
     b"fender-explain",
+    # gRPC's deadline: read here (it may shorten the route's timeout), re-created with the time left.
+    b"grpc-timeout",
 }
 # Response framing is passed through: Content-Length tells uvicorn the length. Trailer is
 # end-to-end (RFC 9110 6.6.2): it announces the trailer fields relayed to a TE: trailers client.
@@ -147,6 +151,7 @@ class RequestHead:
         "deadline_ms",
         "explain",
         "te_trailers",
+        "grpc_timeout",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -164,6 +169,7 @@ class RequestHead:
         self.deadline_ms: int | None = None  # Fender-Deadline-Ms from a calling Fender
         self.explain = False  # Fender-Explain: 1 (honoured only from trusted peers)
         self.te_trailers = False  # TE: trailers (the client reads response trailers; passed upstream)
+        self.grpc_timeout: float | None = None  # grpc-timeout in seconds (a gRPC client's deadline)
         connection: list[bytes] | None = None
         drop = _REQUEST_DROP
         for name, value in headers:
@@ -209,6 +215,8 @@ class RequestHead:
                 connection.append(value)
             elif name == b"te":
                 self.te_trailers = self.te_trailers or value.lower().find(b"trailers") >= 0
+            elif name == b"grpc-timeout":
+                self.grpc_timeout = parse_grpc_timeout(value)
             # every other hop-by-hop field is simply dropped
         if connection is not None:
             named = _named_by_connection(connection)

@@ -46,6 +46,7 @@ from proxy.config.units import (
 )
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
 from proxy.metrics import FastCounter
+from proxy.resilience.outcome import GRPC_CONDITIONS, grpc_code, grpc_codes
 
 log = logging.getLogger("fender.breaker")
 
@@ -58,6 +59,7 @@ FAULT_CLASSES = (
     "connect_failure",
     "connect_timeout",
     "reset",
+    "stream_reset",
     "bad_response",
     "pool_overflow",
     "no_healthy_replica",
@@ -124,13 +126,13 @@ def _check_failure_class(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise policy_error(f"expected a failure class like 5xx, 503 or timeout, got {describe_value(value)}")
-    if value in ("5xx", "4xx") or value in FAULT_CLASSES:
+    if value in ("5xx", "4xx") or value in FAULT_CLASSES or value in GRPC_CONDITIONS:
         return value
     if value.isdigit() and 400 <= int(value) <= 599:
         return value
     raise policy_error(
         f"{describe_value(value)} is not a failure class (use 5xx, 4xx, a status from 400 to 599, "
-        f"or one of {', '.join(FAULT_CLASSES)})"
+        f"one of {', '.join(FAULT_CLASSES)}, or a gRPC status like unavailable)"
     )
 
 
@@ -197,11 +199,20 @@ class BreakerOptions(PolicyModel):
     )
     failure_on: tuple[FailureClass, ...] = Field(
         # bad_response too: an upstream answering garbage (wrong port, broken server) is failing.
-        default=("5xx", "timeout", "connect_failure", "connect_timeout", "reset", "bad_response"),
+        default=(
+            "5xx",
+            "timeout",
+            "connect_failure",
+            "connect_timeout",
+            "reset",
+            "stream_reset",
+            "bad_response",
+        ),
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(FAULT_CLASSES)
-            + ". Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
+            + "; or a gRPC status of a trailers-only answer (unavailable, internal, deadline_exceeded...). "
+            "Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
         ),
     )
     scope: Literal["upstream", "route"] = Field(
@@ -568,22 +579,22 @@ def _classifier(options: BreakerOptions):
             statuses.update(range(400, 500))
         elif item.isdigit():
             statuses.add(int(item))
-        else:
+        elif item not in GRPC_CONDITIONS:
             reasons.add(item)
-    return frozenset(statuses), frozenset(reasons)
+    return frozenset(statuses), frozenset(reasons), grpc_codes(options.failure_on)
 
 
 _UPSTREAM_FAULTS = frozenset(FAULT_CLASSES)
 
 
 class BreakerLayer:
-    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_fallback", "_note")
+    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_grpc", "_fallback", "_note")
 
     def __init__(self, breaker: CircuitBreaker, next_handler, clock: Clock) -> None:
         self.breaker = breaker
         self.next = next_handler
         self.clock = clock
-        self._statuses, self._reasons = _classifier(breaker.options)
+        self._statuses, self._reasons, self._grpc = _classifier(breaker.options)
         fallback = breaker.options.fallback
         self._fallback = None
         if fallback is not None:
@@ -631,7 +642,10 @@ class BreakerLayer:
                 )  # Fender's own answer (bulkhead, limits): says nothing about the upstream
         else:
             now = self.clock.now()
-            breaker.record(token, reply.status in self._statuses, now - started, now)
+            failed = reply.status in self._statuses
+            if self._grpc and not failed:
+                failed = grpc_code(reply) in self._grpc  # a trailers-only gRPC answer (outcome.py)
+            breaker.record(token, failed, now - started, now)
         return reply
 
 

@@ -22,7 +22,9 @@ from pydantic import Field, field_validator, model_validator
 from proxy.clock import Clock
 from proxy.config.base import Count, PolicyModel, Text, keep_ordered
 from proxy.config.units import Duration, Percent, describe_value, format_duration, policy_error
+from proxy.grpc import grpc_status
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 
 if TYPE_CHECKING:
     from proxy.resilience.failover import ReplicaPicker
@@ -110,6 +112,20 @@ class HealthCheckOptions(PolicyModel):
         description='Statuses that count as a pass: single codes (204) or ranges ("200-299"). Anything else fails.',
     )
 
+    grpc: bool = Field(
+        default=False,
+        description=(
+            "Probe with the standard gRPC health protocol (grpc.health.v1.Health/Check over HTTP/2, "
+            "whatever the upstream's protocol) instead of GET path: a pass is the status SERVING; "
+            "path and expect_status are then unused."
+        ),
+    )
+    service: Text = Field(
+        default="",
+        max_length=200,
+        description='With grpc: true, the service name asked about; "" (the default) is the server as a whole.',
+    )
+
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
@@ -158,8 +174,10 @@ class HealthChecker:
         self._ranges = parse_status_ranges(options.expect_status)
         self._target = options.path.encode("latin-1")
         self._tasks: list[asyncio.Task] = []
+        pool_class = H2Pool if options.grpc else UpstreamPool
+        self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
         self._pools = [
-            UpstreamPool(
+            pool_class(
                 state.replica.host,
                 state.replica.port,
                 unix_path=state.replica.unix_path,
@@ -206,6 +224,8 @@ class HealthChecker:
 
     async def probe(self, index: int) -> str:
         """One probe of one replica: PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        if self._grpc_body is not None:
+            return await self._probe_grpc(index)
         pool = self._pools[index]
         state = self.picker.states[index]
         try:
@@ -229,3 +249,76 @@ class HealthChecker:
             if low <= status <= high:
                 return PASS
         return FAIL
+
+    async def _probe_grpc(self, index: int) -> str:
+        """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
+        pool = self._pools[index]
+        state = self.picker.states[index]
+        try:
+            response = await pool.request(
+                b"POST",
+                _GRPC_HEALTH_PATH,
+                [
+                    (b"host", state.replica.authority),
+                    (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers"),
+                    (b"user-agent", b"fender-health-check"),
+                ],
+                body=self._grpc_body,
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        body = b""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                for _ in range(64):
+                    chunk = await response.read()
+                    if not chunk:
+                        break
+                    body += chunk
+                    if len(body) > 4096:
+                        break  # a health answer is a few bytes
+        except (UpstreamError, TimeoutError):
+            response.close()
+            return ERROR
+        response.close()
+        if response.status != 200:
+            return FAIL
+        status = grpc_status(response.trailers or response.headers)
+        if status != 0:
+            return FAIL
+        return PASS if _serving(body) else FAIL
+
+
+_GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+_SERVING = 1
+
+
+def _grpc_health_request(service: str) -> bytes:
+    """A gRPC message holding HealthCheckRequest{service} (protobuf field 1, a string)."""
+    name = service.encode()
+    message = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serving(body: bytes) -> bool:
+    """The HealthCheckResponse in a gRPC body says SERVING (field 1, varint, value 1)."""
+    if len(body) < 5 or body[0] != 0:
+        return False
+    message = body[5 : 5 + int.from_bytes(body[1:5], "big")]
+    # Tag 0x08 is field 1 as a varint; SERVING is 1 (one byte). UNKNOWN (0) is the empty message.
+    return len(message) >= 2 and message[0] == 0x08 and message[1] == _SERVING

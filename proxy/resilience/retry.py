@@ -33,15 +33,18 @@ from proxy.clock import Clock
 from proxy.config.base import Count, Flag, PolicyModel
 from proxy.config.units import Duration, Size, describe_value, policy_error
 from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.grpc import request_is_grpc
 from proxy.metrics import FastCounter
 from proxy.resilience.backoff import Backoff, BackoffOptions
 from proxy.resilience.budget import BudgetOptions, RetryBudget
+from proxy.resilience.outcome import GRPC_CONDITIONS, grpc_code, grpc_codes
 
 # Forwarder fault reasons (LocalReply.reason) that retry_on may name.
 RETRY_FAULTS = (
     "connect_failure",
     "connect_timeout",
     "reset",
+    "stream_reset",
     "timeout",
     "bad_response",
     "pool_overflow",
@@ -56,13 +59,13 @@ def _check_condition(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise policy_error(f"expected a retry condition like 503 or reset, got {describe_value(value)}")
-    if value in RETRY_FAULTS or value in ("5xx", "gateway_error"):
+    if value in RETRY_FAULTS or value in ("5xx", "gateway_error") or value in GRPC_CONDITIONS:
         return value
     if value.isdigit() and 400 <= int(value) <= 599:
         return value
     raise policy_error(
         f"{describe_value(value)} is not a retry condition (use a status from 400 to 599, 5xx, "
-        f"gateway_error (502, 503, 504), or one of {', '.join(RETRY_FAULTS)})"
+        f"gateway_error (502, 503, 504), one of {', '.join(RETRY_FAULTS)}, or a gRPC status like unavailable)"
     )
 
 
@@ -101,10 +104,12 @@ class RetryOptions(PolicyModel):
         default_factory=BackoffOptions, description="Wait between tries: exponential with jitter."
     )
     retry_on: tuple[RetryCondition, ...] = Field(
-        default=("connect_failure", "connect_timeout", "reset", "502", "503", "504"),
+        default=("connect_failure", "connect_timeout", "reset", "stream_reset", "502", "503", "504"),
         description=(
-            "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504) and "
-            "faults: " + ", ".join(RETRY_FAULTS) + "."
+            "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504), "
+            "faults: " + ", ".join(RETRY_FAULTS) + "; and gRPC statuses of a trailers-only answer "
+            "(unavailable, resource_exhausted, deadline_exceeded, internal, cancelled, unknown...): a call "
+            "answered with one is retried whatever its method (see docs/grpc.md)."
         ),
     )
     budget: BudgetOptions = Field(
@@ -187,6 +192,7 @@ class RetryLayer:
         "_reasons",
         "_metrics",
         "_by_status",
+        "_grpc",
     )
 
     def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
@@ -208,8 +214,12 @@ class RetryLayer:
                 statuses.update({s: str(s) for s in (502, 503, 504)})
             elif item.isdigit():
                 statuses[int(item)] = item
+            elif item in GRPC_CONDITIONS:
+                pass
             else:
                 reasons.add(item)
+        # gRPC status -> its retry_on name; empty (the usual case) costs the HTTP path one test.
+        self._grpc = grpc_codes(options.retry_on)
         self._statuses = statuses
         self._reasons = frozenset(reasons)
         self._metrics = metrics
@@ -233,6 +243,8 @@ class RetryLayer:
         known = self._by_status.get(status)
         if known is not None:
             known[0]()
+            if self._grpc and known[1] is None:
+                return self._grpc.get(grpc_code(reply))
             return known[1]
         metrics.attempts[_OUTCOMES[min(max(status // 100, 1), 5) - 1]].inc()
         return str(status) if status in self._statuses else None
@@ -242,9 +254,11 @@ class RetryLayer:
         ex.response_headers.append((b"x-fender-retry", why.replace("_", "-").encode()))
         ex.note(f"retry skipped: {why}")
 
-    def _safe_to_resend(self, ex: Exchange, reply: Reply) -> bool:
+    def _safe_to_resend(self, ex: Exchange, reply: Reply, condition: str) -> bool:
         if ex.method in self.methods:
             return True
+        if condition in GRPC_CONDITIONS:
+            return True  # listing a gRPC status declares such calls retryable (gRPC's retry policy)
         if isinstance(reply, LocalReply) and reply.error is not None and not reply.error.request_sent:
             return True  # nothing reached the upstream: resending is no duplicate
         return any(name == b"idempotency-key" for name, _ in ex.request_headers)
@@ -256,6 +270,10 @@ class RetryLayer:
         budget.request(started)
         nxt = self.next
         ex.try_timeout = self.per_try_timeout
+        if self._grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
+            # A gRPC body comes without a length (HTTP/2), so it streams; a copy is kept while it stays
+            # within max_replay_body, so a unary call answered UNAVAILABLE can be sent again.
+            ex.body_stream = _ReplayCopy(ex.body_stream, self.max_replay)
         tried = 1
         previous_wait = self.backoff.initial
         while True:
@@ -265,10 +283,17 @@ class RetryLayer:
                 return reply
             if ex.upgrade is not None and not isinstance(reply, LocalReply):
                 return reply  # an upgrade is retried only before the upstream answered
-            if ex.body_stream is not None or len(ex.body) > self.max_replay:
+            if ex.body_stream is not None:
+                copy = ex.body_stream
+                if not isinstance(copy, _ReplayCopy) or copy.body is None:
+                    self._skip(ex, "not_replayable")
+                    return reply
+                # The whole body is here: the next try sends it from memory.
+                ex.body, ex.body_stream, ex.content_length = copy.body, None, None
+            elif len(ex.body) > self.max_replay:
                 self._skip(ex, "not_replayable")
                 return reply
-            if not self._safe_to_resend(ex, reply):
+            if not self._safe_to_resend(ex, reply, condition):
                 self._skip(ex, "not_idempotent")
                 return reply
             now = clock.now()
@@ -300,6 +325,45 @@ class RetryLayer:
             previous_wait = wait
             tried += 1
             started = clock.now()
+
+
+class _ReplayCopy:
+    """A request body stream that keeps what passed through, up to ``limit`` bytes.
+
+    ``body`` is the whole body once the stream ended within the limit holding at most one gRPC message,
+    else None (still streaming, too large, or a client stream: the call is then not replayable, as a
+    streaming RPC is never retried once a message went)."""
+
+    __slots__ = ("_stream", "_limit", "_parts", "_size", "body")
+
+    def __init__(self, stream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self.body: bytes | None = None
+
+    async def __call__(self) -> bytes:
+        chunk = await self._stream()
+        parts = self._parts
+        if parts is not None:
+            if chunk:
+                self._size += len(chunk)
+                if self._size > self._limit:
+                    self._parts = None
+                else:
+                    parts.append(chunk)
+            else:
+                body = b"".join(parts)
+                self._parts = None
+                if _one_message(body):
+                    self.body = body
+        return chunk
+
+
+def _one_message(body: bytes) -> bool:
+    """The body is at most one gRPC message: a unary call (more is a client stream, never replayed)."""
+    return not body or (len(body) >= 5 and int.from_bytes(body[1:5], "big") == len(body) - 5)
 
 
 def build_layer(route, next_handler, ctx) -> RetryLayer | None:

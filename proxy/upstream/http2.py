@@ -221,7 +221,9 @@ class H2Response:
         fut = self._waiter = loop.create_future()
         timer = None
         if self._idle_timeout is not None:
-            timer = loop.call_later(self._idle_timeout, conn.stream_timeout, self, fut, "no body bytes within idle_timeout")
+            timer = loop.call_later(
+                self._idle_timeout, conn.stream_timeout, self, fut, "no body bytes within idle_timeout"
+            )
         try:
             await fut
         except BaseException:
@@ -372,7 +374,9 @@ class H2Conn(asyncio.Protocol):
                     return waited
                 if not chunk:
                     if remaining:
-                        raise RequestBodyError(f"request body ended {remaining} bytes short of content_length")
+                        raise RequestBodyError(
+                            f"request body ended {remaining} bytes short of content_length"
+                        )
                     break
                 if remaining is not None:
                     remaining -= len(chunk)
@@ -640,7 +644,9 @@ class H2Conn(asyncio.Protocol):
             )
         else:
             where = "mid-body" if resp._head_done else "before the response head"
-            exc = StreamReset(f"the upstream reset the stream {where} ({name})", cause=f"stream reset {name.lower()}")
+            exc = StreamReset(
+                f"the upstream reset the stream {where} ({name})", cause=f"stream reset {name.lower()}"
+            )
         self.fail_stream(resp, exc, None)
 
     def _on_window(self, event) -> None:
@@ -676,7 +682,9 @@ class H2Conn(asyncio.Protocol):
             resp._ended_remote = True
             self.fail_stream(
                 resp,
-                GoneAway(f"GOAWAY ({_code_name(code)}) with last stream {last}: not processed", request_sent=False),
+                GoneAway(
+                    f"GOAWAY ({_code_name(code)}) with last stream {last}: not processed", request_sent=False
+                ),
                 None,
             )
         self.pool.connection_gone(self)
@@ -709,7 +717,9 @@ class H2Conn(asyncio.Protocol):
         def fault(resp: H2Response) -> UpstreamError:
             if resp._head_done:
                 return ResetMidBody(f"upstream closed mid-body: {exc or 'EOF'}", cause=words)
-            return ResetBeforeHeaders(f"upstream closed before the response head: {exc or 'EOF'}", cause=words)
+            return ResetBeforeHeaders(
+                f"upstream closed before the response head: {exc or 'EOF'}", cause=words
+            )
 
         self._fail_all(fault)
         self.pool.connection_gone(self)
@@ -755,7 +765,11 @@ def _upload_done(resp: H2Response, deadline: float | None, task: asyncio.Task) -
         if deadline is not None and conn is not None and not resp._head_done:
             # A slow downstream client is not the upstream's fault: its wait extends the deadline.
             resp._timer = conn.loop.call_at(
-                deadline + task.result(), conn.stream_timeout, resp, None, "no response head within head_timeout"
+                deadline + task.result(),
+                conn.stream_timeout,
+                resp,
+                None,
+                "no response head within head_timeout",
             )
         return
     resp._upload_exc = exc
@@ -1000,7 +1014,8 @@ class H2Pool:
                     cause="no http/2 settings from the upstream",
                 ) from None
             raise ConnectTimeout(
-                f"connect to {self.address} timed out", cause=f"no connection within {self.connect_timeout:g}s"
+                f"connect to {self.address} timed out",
+                cause=f"no connection within {self.connect_timeout:g}s",
             ) from None
         except OSError as exc:
             raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc

@@ -118,7 +118,9 @@ class GrpcReplica:
         self.server.add_generic_rpc_handlers((_handlers(self.service),))
         self.health = None
         if health is not None:
-            health_mod = need_module("grpc_health.v1.health", "pip install 'fender[test]' (grpcio-health-checking)")
+            health_mod = need_module(
+                "grpc_health.v1.health", "pip install 'fender[test]' (grpcio-health-checking)"
+            )
             health_pb2 = need_module("grpc_health.v1.health_pb2", "pip install grpcio-health-checking")
             health_grpc = need_module("grpc_health.v1.health_pb2_grpc", "pip install grpcio-health-checking")
             self.health = health_mod.HealthServicer()
@@ -142,4 +144,6 @@ def channel(port: int):
 
 
 def method(chan, name: str, kind: str = "unary_unary"):
-    return getattr(chan, kind)(f"/{SERVICE}/{name}", request_serializer=_identity, response_deserializer=_identity)
+    return getattr(chan, kind)(
+        f"/{SERVICE}/{name}", request_serializer=_identity, response_deserializer=_identity
+    )

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 
 from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.grpc import is_grpc
 from proxy.metrics import FastCounter
 from proxy.resilience.cache import policy as rfc
 from proxy.resilience.cache.options import CacheStoreOptions
@@ -45,6 +46,7 @@ _INTEREST = frozenset(
         b"if-unmodified-since",
         b"if-range",
         b"range",
+        b"content-type",  # a gRPC call (application/grpc) is never served from nor stored in the cache
     }
 )
 # Preconditions only the origin can evaluate (RFC 9111 4.3.2) and range requests: passed through.
@@ -238,6 +240,9 @@ class _Request:
                 )
             elif name == b"if-modified-since":
                 self.if_modified_since = value
+            elif name == b"content-type":
+                if is_grpc(value):
+                    self.origin_only = True  # gRPC: the origin answers every call (issue 21)
             else:
                 self.origin_only = True
         self.conditional = self.if_none_match is not None or self.if_modified_since is not None
