@@ -62,6 +62,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from proxy.http2_protocol import PREFACE_HEAD, FenderH2Protocol, take_over
 from proxy.metrics import Metrics
 from proxy.tunnel import TunnelEnd, upgrade_offer
 
@@ -143,6 +144,7 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PRI_PAUSE = "Pause on PRI/Upgrade"  # llhttp's error at the HTTP/2 preface (HPE_PAUSED_H2_UPGRADE)
 
 
 class _ClosedTransport:
@@ -411,6 +413,7 @@ class FenderHttpProtocol(asyncio.Protocol):
     max_requests_per_connection = 1000
     underscores = 1  # _UNDERSCORE_ACTIONS
     rejected: dict = {}  # reason -> pre-bound counter child
+    http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to FenderH2Protocol
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -427,6 +430,8 @@ class FenderHttpProtocol(asyncio.Protocol):
             reason: metrics.local_responses.labels("-", _REASON.get(reason, reason))
             for reason in _HEAD_ERRORS
         }
+        cls.http2 = server.http2.enabled
+        FenderH2Protocol.configure(server, metrics, cls.underscores, cls.rejected)
 
     def __init__(self, config, server_state, app_state=None, _loop=None) -> None:
         if not config.loaded:
@@ -487,6 +492,10 @@ class FenderHttpProtocol(asyncio.Protocol):
                 pass
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
+            ssl_object = transport.get_extra_info("ssl_object")
+            if self.http2 and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                take_over(self, b"", "alpn")
+                return
         now = self.loop.time()
         self._head_started = now  # the first head is timed from the connection opening
         self._arm(now + self.header_timeout)
@@ -536,7 +545,15 @@ class FenderHttpProtocol(asyncio.Protocol):
                     end = TunnelEnd(self.transport, early, fallback=self, on_lost=self.connection_lost)
                     offer.client_end = end
                     self.transport.set_protocol(end)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
+            # llhttp stops at the HTTP/2 preface's head (PRI * HTTP/2.0): h2c with prior knowledge,
+            # told apart here at no cost to HTTP/1.1 requests.
+            if self.http2 and self._served == 0 and self._url == b"*" and exc.args[:1] == (_PRI_PAUSE,):
+                at = data.find(b"S")  # what the parser left of this read: "SM\r\n\r\n" and frames
+                consumed = data if at < 0 else data[:at]
+                if PREFACE_HEAD.endswith(consumed):
+                    take_over(self, PREFACE_HEAD + (data[at:] if at >= 0 else b""), "prior_knowledge")
+                    return
             self.refuse()
             return
         if self._head_started is not None:
@@ -786,6 +803,17 @@ class FenderHttpProtocol(asyncio.Protocol):
         now = self._idle_since = self.loop.time()
         if self._head_started is None:
             self._arm(now + self.keepalive_timeout)
+
+    def handed_over(self) -> None:
+        """The connection became HTTP/2 (proxy/http2_protocol.py): this protocol is done with it."""
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_timer = None
+        self._head_started = None
+        self.transport = _CLOSED
+        self.parser = None  # type: ignore[assignment]
+        self.current = self.active = None
 
     def tunnelled(self) -> None:
         """The connection became a tunnel: no HTTP timer applies to it any more."""

@@ -490,6 +490,31 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: HTTP/2 on the data listener (proxy/http2_protocol.py)
+        self.http2_connections = Counter(
+            "fender_http2_connections_total",
+            "Client connections served as HTTP/2, by how it was chosen: prior_knowledge (h2c preface on "
+            "the cleartext port) or alpn (h2 negotiated over TLS).",
+            ["mode"],
+            registry=r,
+        )
+        self.http2_goaway = Counter(
+            "fender_http2_goaway_total",
+            "GOAWAY frames Fender sent, by reason: drain, max_requests, idle, rapid_reset, control_flood, "
+            "header_too_large, flow_control_stall, protocol_error.",
+            ["reason"],
+            registry=r,
+        )
+        self.http2_stream_resets = Counter(
+            "fender_http2_stream_resets_total",
+            "HTTP/2 streams Fender reset, by reason: refused (beyond max_concurrent_streams or after "
+            "GOAWAY), malformed (RFC 9113 8.2 header rules; never forwarded), flow_control_stall (the "
+            "stream's window stayed shut for send_timeout), aborted (the response failed midway); and "
+            "client_reset, streams the client reset.",
+            ["reason"],
+            registry=r,
+        )
+
         # metrics: upgraded connections (WebSocket and other Upgrade protocols)
         self.upgrades = Counter(
             "fender_upgrades_total",

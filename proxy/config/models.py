@@ -174,6 +174,65 @@ class ListenAddress(PolicyModel):
 # --------------------------------------------------------------------------- server
 
 
+class Http2Options(PolicyModel):
+    """HTTP/2 on the data listener: h2c with prior knowledge on the HTTP/1.1 port, h2 by ALPN over TLS."""
+
+    enabled: Flag = Field(
+        default=True,
+        description=(
+            "Serve HTTP/2 on the data listener: a connection that opens with the HTTP/2 preface (h2c with "
+            "prior knowledge) or negotiates h2 by ALPN. false answers the preface as HTTP/1.1 does (400). "
+            "The uvicorn engine only (granian stays HTTP/1.1)."
+        ),
+    )
+    max_concurrent_streams: Count = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description=(
+            "Streams (requests) one client connection may have open at once, advertised in SETTINGS; a "
+            "stream beyond it is refused with RST_STREAM REFUSED_STREAM (nothing was processed, the client "
+            "may retry it). 100 as NGINX, Envoy and the RFC's recommended minimum."
+        ),
+    )
+    max_header_list_size: Annotated[Size, Field(ge=1024, le=1 << 24)] = Field(
+        default="32KiB",
+        description=(
+            "Largest decoded request header list (names, values and 32 bytes per field, RFC 9113 6.5.2), "
+            "advertised in SETTINGS and enforced on the HPACK-decoded size, so a small compressed block "
+            "that expands (an HPACK bomb) is cut. A header block spread over CONTINUATION frames is also "
+            "capped at this size compressed. Past it the connection ends with GOAWAY."
+        ),
+    )
+    initial_window: Annotated[Size, Field(ge=65535, le=(1 << 31) - 1)] = Field(
+        default="1MiB",
+        description=(
+            "Flow-control window per stream for request bodies: the most a client may send on one stream "
+            "before Fender (reading as the upstream takes it) opens the window again. The connection's "
+            "window is 8 times this, so one slow stream never stalls the others; a connection buffers at "
+            "most that much request body."
+        ),
+    )
+    max_resets_per_second: Count = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Streams a client may reset (RST_STREAM) per connection and second; beyond it the connection "
+            "ends with GOAWAY ENHANCE_YOUR_CALM. Stops the Rapid Reset attack (CVE-2023-44487), where "
+            "streams opened and cancelled at once make the server start work it never finishes."
+        ),
+    )
+    max_control_frames_per_second: Count = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "SETTINGS and PING frames a client may send per connection and second (each makes Fender "
+            "answer); beyond it, or when their answers pile up unread, the connection ends with GOAWAY "
+            "ENHANCE_YOUR_CALM (SETTINGS and PING floods)."
+        ),
+    )
+
+
 class ServerOptions(PolicyModel):
     """Downstream (client-facing) limits of the data-path listener."""
 
@@ -300,6 +359,16 @@ class ServerOptions(PolicyModel):
         description=(
             "Longest time a client may leave Fender's response unread (its socket buffer full); past it the "
             "connection is cut. Stops slow readers from pinning upstream connections. 60s as NGINX's send_timeout."
+        ),
+    )
+    http2: Http2Options = Field(
+        default_factory=Http2Options,
+        description=(
+            "HTTP/2 and its limits (h2c on the same port as HTTP/1.1, told apart by the connection "
+            "preface). Every other server limit applies per stream as it does per HTTP/1.1 request: "
+            "header_timeout, keepalive_timeout (an idle connection gets GOAWAY), send_timeout (a stream or "
+            "connection whose window stays shut is cut), max_requests_per_connection (GOAWAY after that "
+            "many streams)."
         ),
     )
     engine: Literal["uvicorn", "granian"] = Field(

@@ -18,6 +18,7 @@ from proxy.dataplane.headers import RequestHead, add_forwarding, http_date, new_
 from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
 from proxy.dataplane.runtime import RouteRuntime, Runtime
+from proxy.grpc import request_is_grpc
 from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
@@ -173,30 +174,30 @@ class DataPlane:
         method = scope["method"]
         if head.bad is not None:
             await self._local(
-                runtime, None, send, method, LocalReply("bad_request", head.bad, close=True), head
+                runtime, None, send, method, LocalReply("bad_request", head.bad, close=True), head, scope
             )
             return
         path = normalise_path(scope.get("raw_path") or scope["path"].encode())
         if path is None:
             reply = LocalReply("bad_request", "request target must be an absolute path", close=True)
-            await self._local(runtime, None, send, method, reply, head)
+            await self._local(runtime, None, send, method, reply, head, scope)
             return
         if head.host is None and scope["http_version"] == "1.1":
             # close: a client this confused about HTTP/1.1 gets no second chance on this connection
             reply = LocalReply("bad_request", "missing Host header", close=True)
-            await self._local(runtime, None, send, method, reply, head)
+            await self._local(runtime, None, send, method, reply, head, scope)
             return
         authority = scope.get("fender.authority")
         if authority is not None and authority != head.host:
             # An absolute-form target naming another host: Fender is not an open proxy.
             reply = LocalReply("bad_request", "absolute-form target for another host", close=True)
-            await self._local(runtime, None, send, method, reply, head)
+            await self._local(runtime, None, send, method, reply, head, scope)
             return
         route = runtime.router.match(method, host_without_port(head.host), path, scope["headers"])
         if route is None:
             runtime.metrics.no_route.inc()
             detail = f"{method} {path.decode('latin-1')[:200]}"
-            await self._local(runtime, None, send, method, LocalReply("no_route", detail), head)
+            await self._local(runtime, None, send, method, LocalReply("no_route", detail), head, scope)
             return
 
         metrics = route.metrics
@@ -224,7 +225,9 @@ class DataPlane:
         length = head.content_length
         max_body = route.max_body
         if max_body and length is not None and length > max_body:
-            await self._local(runtime, route, send, method, LocalReply("body_too_large", close=True), head)
+            await self._local(
+                runtime, route, send, method, LocalReply("body_too_large", close=True), head, scope
+            )
             return
         body = b""
         body_stream = None
@@ -236,12 +239,12 @@ class DataPlane:
                 body = await read_body(receive, max_body, route.idle_timeout)
             except BodyTooLarge:
                 await self._local(
-                    runtime, route, send, method, LocalReply("body_too_large", close=True), head
+                    runtime, route, send, method, LocalReply("body_too_large", close=True), head, scope
                 )
                 return
             except RequestBodyTimeout:
                 reply = LocalReply("request_body_timeout", close=True)
-                await self._local(runtime, route, send, method, reply, head)
+                await self._local(runtime, route, send, method, reply, head, scope)
                 return
             except ClientGone:
                 return
@@ -258,7 +261,7 @@ class DataPlane:
                 route.upgrade_metrics.upgrade(label, "not_allowed").inc()
                 reply = LocalReply("upgrade_not_allowed", f"Upgrade: {upgrade.value.decode('latin-1')[:100]}")
                 reply.headers.append((b"connection", b"close"))
-                await self._local(runtime, route, send, method, reply, head)
+                await self._local(runtime, route, send, method, reply, head, scope)
                 return
             head.forward += ((b"connection", b"upgrade"), (b"upgrade", upgrade.value))
         exchange = Exchange(
@@ -317,6 +320,8 @@ class DataPlane:
             self._upgrade_refused(route, ex.upgrade, reply)
         if isinstance(reply, LocalReply):
             route.metrics.local(reply.reason).inc()
+            if status >= 400 and request_is_grpc(ex.request_headers):
+                reply.as_grpc()  # metrics and the access log keep the reply's HTTP status
             headers = reply.headers + [(b"date", http_date()), (b"x-request-id", ex.request_id)]
         else:
             headers = response_headers(reply.headers, ex.request_id)
@@ -339,9 +344,9 @@ class DataPlane:
                 headers = [h for h in headers if h[0] != b"content-length"]
             reply.close()
             if inline:
-                await send(_start(status, headers, b"", False))
+                await send(_start(reply.status, headers, b"", False))
                 return
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         watcher = None
@@ -353,12 +358,12 @@ class DataPlane:
                 chunk = await reply.read()
                 following = await reply.read()
                 if not following and reply.trailers is None:
-                    await send(_start(status, headers, chunk, False))
+                    await send(_start(reply.status, headers, chunk, False))
                     return
-                await send(_start(status, headers, chunk, True))
+                await send(_start(reply.status, headers, chunk, True))
                 chunk = following
             else:
-                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.start", "status": reply.status, "headers": headers})
                 chunk = await reply.read()
             while chunk:
                 # Each piece leaves as soon as it is here; never wait for the next one first (a
@@ -453,13 +458,17 @@ class DataPlane:
         for tunnel in self.tunnels.open:
             tunnel.report()
 
-    async def _local(self, runtime: Runtime, route, send, method: str, reply: LocalReply, head: RequestHead):
+    async def _local(
+        self, runtime: Runtime, route, send, method: str, reply: LocalReply, head: RequestHead, scope: dict
+    ):
         request_id = head.request_id or new_request_id()
         if route is None:
             runtime.metrics.local_responses.labels(_NO_ROUTE_NAME, reply.reason).inc()
         else:
             route.metrics.local(reply.reason).inc()
             route.metrics.request_counter(method, reply.status).inc()
+        if reply.status >= 400 and request_is_grpc(scope["headers"]):
+            reply.as_grpc()  # metrics count the reply's HTTP status
         headers = reply.headers + [(b"date", http_date()), (b"x-request-id", request_id)]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         body = b"" if method == "HEAD" else reply.body

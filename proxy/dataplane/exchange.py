@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from proxy.grpc import local_headers
 from proxy.upstream import UpstreamError
 
 
@@ -173,6 +174,9 @@ _REASON_TEXT = {
 }
 
 
+_NOT_GRPC = (b"content-type", b"content-length", b"connection")
+
+
 class LocalReply:
     """A response Fender generates itself, with a reason header and short text body."""
 
@@ -206,6 +210,15 @@ class LocalReply:
 
     complete = True  # the whole body is here (see UpstreamResponse.complete)
     trailers = None
+
+    def as_grpc(self) -> None:
+        """Reshape into a gRPC trailers-only answer: HTTP 200, grpc-status and grpc-message from the
+        reason (proxy/grpc.py), no body; X-Fender-Error and the layers' fields (Retry-After...) stay."""
+        text = self.body.decode("utf-8", "replace").removeprefix("fender: ").rstrip("\n")
+        kept = [h for h in self.headers if h[0] not in _NOT_GRPC]
+        self.headers = local_headers(self.reason, self.status, text) + kept
+        self.status = 200
+        self.body = b""
 
     def has_body(self) -> bool:
         return True

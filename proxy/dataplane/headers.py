@@ -253,7 +253,7 @@ def add_forwarding(
         forward.append((b"x-forwarded-proto", scheme))
         if head.host is not None:
             forward.append((b"x-forwarded-host", head.host))
-    via = (b"1.0 " if http_version == "1.0" else b"1.1 ") + VIA_TOKEN
+    via = (b"1.0 " if http_version == "1.0" else b"2 " if http_version == "2" else b"1.1 ") + VIA_TOKEN
     forward.append((b"via", b", ".join(head.via) + b", " + via if head.via else via))
     if head.request_id is None:
         head.request_id = new_request_id()
