@@ -63,6 +63,11 @@ class BodyStream:
         self._received = 0
         self._done = False
 
+    @property
+    def done(self) -> bool:
+        """The whole body was received (nothing more will be read from the client)."""
+        return self._done
+
     async def __call__(self) -> bytes:
         while not self._done:
             try:
@@ -378,8 +383,14 @@ class DataPlane:
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None:
-                    # A long body: notice a client that leaves, so the upstream read stops too.
-                    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+                    stream = ex.body_stream
+                    if stream is not None and not stream.done:
+                        # Still uploading (a bidirectional stream): receive() belongs to the upload,
+                        # which notices a client that leaves.
+                        pass
+                    else:
+                        # A long body: notice a client that leaves, so the upstream read stops too.
+                        watcher = asyncio.ensure_future(_wait_disconnect(receive))
                 elif watcher.done():
                     reply.close()
                     return

@@ -343,6 +343,10 @@ class _ReplayCopy:
         self._size = 0
         self.body: bytes | None = None
 
+    @property
+    def done(self) -> bool:
+        return self._stream.done
+
     async def __call__(self) -> bytes:
         chunk = await self._stream()
         parts = self._parts

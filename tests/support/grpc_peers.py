@@ -46,6 +46,7 @@ class EchoService:
         self.name = name
         self.calls = 0
         self.metadata: dict[str, str] = {}
+        self.time_remaining: float | None = None  # of the last call: its deadline as grpcio saw it
         self.fail_first = fail_first  # this many first unary calls fail with fail_code
         self.fail_code = fail_code
         self.release = threading.Event()
@@ -56,6 +57,7 @@ class EchoService:
         with self._lock:
             self.calls += 1
             self.metadata = {k: v for k, v in context.invocation_metadata()}
+            self.time_remaining = context.time_remaining()
             return self.calls
 
     def unary(self, request: bytes, context) -> bytes:
