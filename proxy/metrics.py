@@ -161,6 +161,12 @@ class Metrics:
             ["upstream", "replica", "state"],
             registry=r,
         )
+        self.pool_streams = Gauge(
+            "fender_upstream_pool_streams",
+            "HTTP/2 streams open to each replica of a protocol: h2 upstream (requests in flight, all its connections).",
+            ["upstream", "replica"],
+            registry=r,
+        )
         self.policy = Info(
             "fender_policy",
             "The running policy: its source file and version.",

@@ -15,6 +15,7 @@ from proxy.config import PolicyError, parse_policy
 from proxy.upstream import UpstreamTimeout
 from proxy.upstream.http2 import STREAM_WINDOW, H2Pool, StreamReset, request_headers
 from tests.conftest import raw_request
+from tests.test_proxy import get_metrics, metric_value
 from tests.support.h2_upstream import H2Upstream
 from tests.support.procs import wait_until
 
@@ -320,3 +321,39 @@ async def test_auto_is_http1_on_cleartext(start_fender, echo_upstream):
     assert r.status_code == 200
     pool = fender.runtime.upstreams["svc"].replicas[0].pool
     assert getattr(pool, "protocol", "http1") == "http1"
+
+
+async def test_streams_and_connections_in_the_metrics(h2_upstream, start_fender):
+    up = await h2_upstream()
+    fender = await start_fender(h2_policy(up.port))
+    async with httpx.AsyncClient(base_url=fender.url, timeout=10) as client:
+        calls = [asyncio.ensure_future(client.get("/hold")) for _ in range(5)]
+        await wait_until(lambda: up.held == 5, within=5)
+        text = await get_metrics(fender)
+        up.release.set()
+        assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * 5
+    assert metric_value(text, "fender_upstream_pool_streams", upstream="svc") == 5
+    assert metric_value(text, "fender_upstream_pool_connections", upstream="svc", state="in_use") == 1
+    after = await get_metrics(fender)
+    assert metric_value(after, "fender_upstream_pool_streams", upstream="svc") == 0
+    assert metric_value(after, "fender_upstream_pool_connections", upstream="svc", state="idle") == 1
+
+
+async def test_stream_reset_is_counted_and_answered_502(h2_upstream, start_fender):
+    up = await h2_upstream()
+    fender = await start_fender(h2_policy(up.port, route="    retry: {attempts: 1}"))
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        r = await client.get("/reset")
+    assert r.status_code == 502
+    assert r.headers["x-fender-error"] == "stream_reset"
+    text = await get_metrics(fender)
+    assert metric_value(text, "fender_upstream_errors_total", upstream="svc", reason="stream_reset") == 1
+
+
+async def test_refused_stream_is_retried_by_the_default_retry_on(h2_upstream, start_fender):
+    up = await h2_upstream()
+    fender = await start_fender(h2_policy(up.port, route="    retry: {attempts: 3, backoff: {initial: 1ms}}"))
+    async with httpx.AsyncClient(base_url=fender.url) as client:
+        r = await client.post("/refuse", content=b"x")  # a POST: retried only because nothing was processed
+    assert r.headers["x-fender-error"] == "stream_reset"
+    assert [path for path, _ in up.requests] == ["/refuse"] * 3

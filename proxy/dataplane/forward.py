@@ -72,6 +72,7 @@ class UpstreamRuntime:
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
+        self._stream_gauges = metrics.pool_streams
         health = options.health_check
         self.picker = ReplicaPicker(
             name,
@@ -127,8 +128,11 @@ class UpstreamRuntime:
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
         for replica in self.replicas:
-            self._pool_gauges.labels(self.name, replica.name, "in_use").set(replica.pool.in_use)
-            self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
+            pool = replica.pool
+            self._pool_gauges.labels(self.name, replica.name, "in_use").set(pool.in_use)
+            self._pool_gauges.labels(self.name, replica.name, "idle").set(pool.idle)
+            if isinstance(pool, H2Pool):
+                self._stream_gauges.labels(self.name, replica.name).set(pool.streams)
 
     # -- reload hand-over and checkpoints ---------------------------------------------------------
     # An upstream whose settings did not change is reused as a whole (runtime.keep). When they
