@@ -850,7 +850,7 @@ class FenderH2Protocol(asyncio.Protocol):
         except TimeoutError:
             if self.h2.outbound_flow_control_window <= 0:
                 # The connection's window stayed shut: every stream is stalled; end it.
-                self._goaway(ErrorCodes.FLOW_CONTROL_ERROR, "flow_control_stall")
+                self._goaway(ErrorCodes.NO_ERROR, "flow_control_stall")
                 self._close_now()
             else:
                 self._reset(stream.sid, ErrorCodes.CANCEL, "flow_control_stall")

@@ -365,10 +365,10 @@ class ServerOptions(PolicyModel):
         default_factory=Http2Options,
         description=(
             "HTTP/2 and its limits (h2c on the same port as HTTP/1.1, told apart by the connection "
-            "preface). Every other server limit applies per stream as it does per HTTP/1.1 request: "
-            "header_timeout, keepalive_timeout (an idle connection gets GOAWAY), send_timeout (a stream or "
-            "connection whose window stays shut is cut), max_requests_per_connection (GOAWAY after that "
-            "many streams)."
+            "preface). The other server limits apply as they do to HTTP/1.1: max_header_count and "
+            "headers_with_underscores per stream, keepalive_timeout (an idle connection gets GOAWAY), "
+            "send_timeout (a stream or connection whose window stays shut that long is cut), "
+            "max_requests_per_connection (GOAWAY after that many streams), max_connections."
         ),
     )
     engine: Literal["uvicorn", "granian"] = Field(
