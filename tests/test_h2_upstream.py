@@ -357,3 +357,15 @@ async def test_refused_stream_is_retried_by_the_default_retry_on(h2_upstream, st
         r = await client.post("/refuse", content=b"x")  # a POST: retried only because nothing was processed
     assert r.headers["x-fender-error"] == "stream_reset"
     assert [path for path, _ in up.requests] == ["/refuse"] * 3
+
+
+async def test_bodies_read_after_their_stream_ended_give_the_connection_window_back(h2_upstream, pools):
+    """Responses that complete before they are read (the usual small answer) must not shrink the
+    connection's window: 100 of 200 KB (more than the 16 MiB window) pass on one connection."""
+    up = await h2_upstream()
+    pool = pools(up.port)
+    for _ in range(100):
+        resp = await get(pool, "/big?200000")
+        await wait_until(lambda resp=resp: resp.complete, within=5)
+        assert len(await read_all(resp)) == 200000
+    assert up.connections == 1

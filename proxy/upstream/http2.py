@@ -297,6 +297,16 @@ class H2Conn(asyncio.Protocol):
         """The stream is over for us (ended both ways, reset or abandoned): free its slot."""
         if self.streams.pop(resp.stream_id, None) is None:
             return
+        unacked = resp._unacked
+        if unacked and not self.closed:
+            # The stream is closed: what it holds unread no longer counts against the connection's
+            # window (the response keeps it, bounded by the stream window it arrived in).
+            resp._unacked = 0
+            try:
+                self.h2.acknowledge_received_data(unacked, resp.stream_id)
+            except h2.exceptions.H2Error:
+                pass
+            self.flush()
         resp._conn = None
         if resp._timer is not None:
             resp._timer.cancel()
