@@ -916,6 +916,12 @@ class H2Pool:
             end = body_stream is None and not body
             try:
                 conn.open_stream(resp, h2_headers, end)
+            except h2.exceptions.NoAvailableStreamIDError:
+                # 2^31 streams used up on this connection: it takes no more, another one opens.
+                conn.going_away = True
+                self.connection_gone(conn)
+                conn.release_reservation()  # closes it once its last stream is done
+                continue
             except h2.exceptions.TooManyStreamsError:
                 # The replica's limit dropped since we counted: nothing was sent, try elsewhere.
                 conn.release_reservation()
