@@ -34,9 +34,13 @@ soak: $(STAMP)
 mutate: $(STAMP)
 	$(BIN)/python tests/mutate/run.py $(MUTATIONS)
 
+## Style (ruff), the dependency direction (import-linter contracts in pyproject.toml) and types (mypy,
+## strict on proxy/kernel, proxy/cluster and proxy/policies). .ci/run runs it before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests
 	$(BIN)/ruff format --check proxy tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 ## Regenerate policies/schema.json, docs/reference.md (from the policy models) and docs/index.md (from the README).
 schema: $(STAMP)

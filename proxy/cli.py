@@ -31,7 +31,7 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
     """What `run` would meet on this machine (the same calls it makes), located in the policy."""
     from proxy.ops.auth import resolve_admin_token
     from proxy.ops.preflight import StartupError, check_listener, missing_packages
-    from proxy.server import bind_socket
+    from proxy.server.fender import bind_socket
 
     policy = document.policy
     problems: list[StartupError] = list(missing_packages(policy))
@@ -105,7 +105,7 @@ def _configure_logging(level: str) -> None:
 
 
 async def _run(policy, source: str, demo: bool, engine: str | None = None, warnings=()) -> None:
-    from proxy.server import Fender
+    from proxy.server.fender import Fender
 
     demo_servers = []
     if demo:
@@ -146,7 +146,7 @@ async def _start_demo(policy):
     from proxy.config.models import ListenAddress
     from proxy.demo import DemoUpstream, demo_replicas
     from proxy.ops.preflight import bind_listener
-    from proxy.server import _Server, bind_socket
+    from proxy.server.fender import _Server, bind_socket
 
     servers = []
     for name, host, port in demo_replicas(policy):
@@ -203,7 +203,7 @@ def cmd_run(args, demo: bool = False) -> int:
         )
         return 2
     from proxy.ops.preflight import StartupError, missing_packages
-    from proxy.server import new_event_loop
+    from proxy.server.fender import new_event_loop
 
     policy = document.policy
     warnings = [issue.as_warning() for issue in document.warnings]

@@ -21,6 +21,8 @@ from itertools import count
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client import values as _prometheus_values
 
+from proxy.kernel.reasons import KNOWN_METHODS
+
 # The *_created series double the scrape size and no dashboard of ours uses them.
 disable_created_metrics()
 
@@ -75,27 +77,12 @@ def _add_one(value):
 if _prometheus_values.ValueClass is _prometheus_values.MutexValue:  # not in multiprocess mode
     _prometheus_values.ValueClass = _LoopValue
 
-# Methods outside this set are counted as OTHER, so clients cannot invent series.
-KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+# Methods outside KNOWN_METHODS (proxy/kernel/reasons.py) are counted as OTHER, so clients cannot
+# invent series.
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Latency buckets for a sidecar: sub-millisecond to the default route timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-# Why Fender answered a request itself (the X-Fender-Error header carries the same word).
-LOCAL_REASONS = (
-    "no_route",
-    "body_too_large",
-    "bad_request",
-    "connect_failure",
-    "connect_timeout",
-    "pool_overflow",
-    "reset",
-    "reset_mid_body",
-    "timeout",
-    "bad_response",
-    "request_body_timeout",
-)
 
 
 class Metrics:

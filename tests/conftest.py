@@ -24,7 +24,7 @@ import httptools
 import pytest
 import uvicorn
 
-from proxy.server import Fender, _Server, bind_socket
+from proxy.server.fender import Fender, _Server, bind_socket
 from tests.support.launch import launch_fender
 
 ROOT = Path(__file__).resolve().parent.parent

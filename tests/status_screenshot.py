@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.support.status_browser import scenario
 
 

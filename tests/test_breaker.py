@@ -13,17 +13,12 @@ from pydantic import ValidationError
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
-from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
-from proxy.resilience.breaker import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    BreakerLayer,
-    BreakerOptions,
-    CircuitBreaker,
-    CountWindow,
-)
+from proxy.policies.breaker.layer import BreakerLayer
+from proxy.policies.breaker.machine import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from proxy.policies.breaker.options import BreakerOptions
+from proxy.policies.breaker.window import CountWindow
 from proxy.upstream.errors import ConnectFailure
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.resilience.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
+from proxy.policies.bulkhead.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
 from tests.conftest import policy_text, raw_request
 from tests.support.raw_upstream import RawUpstream, hang, ok
 
@@ -249,7 +249,7 @@ async def test_client_leaving_the_queue_never_reaches_the_upstream(start_fender)
         fender = await start_fender(
             bulkhead_policy(upstream.port, "{max_concurrent: 1, max_queued: 1, queue_timeout: 30s}")
         )
-        state = fender.runtime.shared["bulkhead"]["guarded"].bulkhead
+        state = fender.runtime.exposed["bulkhead"]["guarded"].bulkhead
         async with httpx.AsyncClient(timeout=30) as client:
             held = asyncio.create_task(client.get(fender.url + "/held"))
             await upstream.wait_until(lambda: len(upstream.requests) == 1)
@@ -321,7 +321,7 @@ async def test_saturated_route_does_not_hold_up_another_route(echo_upstream, sta
             """,
         )
         fender = await start_fender(text)
-        state = fender.runtime.shared["bulkhead"]["a"].bulkhead
+        state = fender.runtime.exposed["bulkhead"]["a"].bulkhead
         limits = httpx.Limits(max_connections=40)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             stuck = [asyncio.create_task(client.get(fender.url + f"/a/{i}")) for i in range(8)]
@@ -344,7 +344,7 @@ async def test_saturated_route_does_not_hold_up_another_route(echo_upstream, sta
 
 async def test_head_only_and_local_replies_release_at_once(echo_upstream, start_fender):
     fender = await start_fender(bulkhead_policy(echo_upstream.port, "{max_concurrent: 1, max_queued: 0}"))
-    state = fender.runtime.shared["bulkhead"]["guarded"].bulkhead
+    state = fender.runtime.exposed["bulkhead"]["guarded"].bulkhead
     async with httpx.AsyncClient() as client:
         statuses = [(await client.head(fender.url + "/")).status_code for _ in range(3)]
         statuses += [(await client.get(fender.url + "/status/204")).status_code for _ in range(3)]
@@ -359,7 +359,7 @@ async def test_upstream_fault_releases_the_slot(start_fender):
         port = upstream.port
     # Nothing listens on the port any more: every try is a connect failure (502).
     fender = await start_fender(bulkhead_policy(port, "{max_concurrent: 1, max_queued: 0}"))
-    state = fender.runtime.shared["bulkhead"]["guarded"].bulkhead
+    state = fender.runtime.exposed["bulkhead"]["guarded"].bulkhead
     async with httpx.AsyncClient() as client:
         statuses = [(await client.get(fender.url + "/")).status_code for _ in range(3)]
     assert statuses == [502, 502, 502]

@@ -535,7 +535,7 @@ async def test_eviction_at_the_byte_bound(start_fender, origin, clock):
     async with httpx.AsyncClient(base_url=fender.url) as client:
         for i in range(10):
             await client.get(f"/big?i={i}")
-        store = fender.runtime.shared["cache.store"]
+        store = fender.runtime.exposed["cache"]["store"]
         assert store.bytes <= 64 * 1024 and len(store) == 6
         assert metric(fender, "fender_cache_evictions_total") == 4
         assert metric(fender, "fender_cache_bytes") == store.bytes
@@ -569,7 +569,7 @@ async def test_big_objects_stream_through_uncached(start_fender, origin, clock):
             assert received == size
             release.clear()
     assert len(origin.up.requests) == 2
-    assert fender.runtime.shared["cache.store"].bytes == 0
+    assert fender.runtime.exposed["cache"]["store"].bytes == 0
 
 
 async def test_content_length_above_max_object_size_is_not_stored(start_fender, origin, clock):
@@ -664,10 +664,10 @@ async def test_a_client_cannot_purge_an_entry_with_request_directives(start_fend
         clock.advance(20)
         await client.get("/keep", headers={"cache-control": "no-store"})
         await client.get("/keep", headers={"authorization": "Bearer x"})
-        assert fender.runtime.shared["cache.store"].entries == 1
+        assert fender.runtime.exposed["cache"]["store"].entries == 1
         origin.script["/keep"] = (200, [("cache-control", "no-store")], b"now private")
         await client.get("/keep")
-        assert fender.runtime.shared["cache.store"].entries == 0  # the upstream itself said no-store
+        assert fender.runtime.exposed["cache"]["store"].entries == 0  # the upstream itself said no-store
 
 
 async def test_uncacheable_url_is_not_serialised_behind_one_request(start_fender, origin, clock):

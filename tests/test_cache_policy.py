@@ -9,12 +9,12 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
-from proxy.dataplane.exchange import Exchange, LocalReply
-from proxy.dataplane.pipeline import LayerContext
+from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
-from proxy.resilience.cache import policy as rfc
-from proxy.resilience.cache.layer import CacheLayer, shared_store
-from proxy.resilience.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
+from proxy.policies.cache import policy as rfc
+from proxy.policies.cache.layer import CacheLayer, shared_store
+from proxy.policies.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
+from proxy.policies.context import LayerContext
 
 NOW = 1_700_000_000.0  # wall-clock seconds used as "now" in the pure-function tests
 

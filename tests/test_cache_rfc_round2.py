@@ -16,11 +16,9 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
-from proxy.resilience.cache import policy as rfc
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.resilience.cache.store import Entry, Variants
+from proxy.policies.cache import policy as rfc
+from proxy.policies.cache.store import Entry, Variants
 from proxy.state import codec
-from proxy.state.redis import STATE_KEY
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
@@ -553,7 +551,7 @@ async def test_the_fleet_tier_keeps_the_new_decisions(redis_server, origin, star
     async with httpx.AsyncClient(headers={"Host": "catalog.svc"}) as client:
         first = await client.get(a.url + "/f")
         async with asyncio.timeout(5):
-            await a.runtime.shared[STATE_KEY].flush()
+            await a.runtime.exposed["state"]["redis"].flush()
         via_b = await client.get(b_.url + "/f")
     assert "stored" in first.headers["cache-status"]
     assert via_b.headers["cache-status"].startswith("fender; hit") and via_b.text == "fleet"
@@ -561,5 +559,5 @@ async def test_the_fleet_tier_keeps_the_new_decisions(redis_server, origin, star
     assert "x-token" not in via_b.headers and "fender-cache-control" not in via_b.headers
     assert len(origin.calls("/f")) == 1
     # B's copy came from Redis and still holds the no-cache="x-token" field for after a revalidation.
-    (entry,) = b_.runtime.shared[STORE_KEY].get(b"catalog.svc/f").entries
+    (entry,) = b_.runtime.exposed["cache"]["store"].get(b"catalog.svc/f").entries
     assert entry.held == [(b"x-token", b"t")]

@@ -14,8 +14,9 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
-from proxy.ops.checkpoint import FORMAT, CheckpointProviders, write_atomically
-from proxy.server import Fender, bind_socket
+from proxy.kernel.handover import CheckpointProviders
+from proxy.ops.checkpoint import FORMAT, write_atomically
+from proxy.server.fender import Fender, bind_socket
 
 
 class Breakerish:
@@ -42,15 +43,14 @@ class Breakerish:
 def breakerish_module(monkeypatch):
     """A policy module plugged into the pipeline: one Breakerish per route, checkpointed."""
     from proxy.dataplane import pipeline
-    from proxy.dataplane.runtime import keep, register_checkpoint
 
     def build_layer(route, next_handler, ctx):
         settings = f"timeout={route.timeout}"
-        obj = keep(ctx, ("breakerish", route.name), settings, lambda: Breakerish(settings))
-        register_checkpoint(ctx, f"breakerish/{route.name}", obj.snapshot, obj.restore)
+        obj = ctx.keep(("breakerish", route.name), settings, lambda: Breakerish(settings))
+        ctx.checkpoint(f"breakerish/{route.name}", obj.snapshot, obj.restore)
         return None
 
-    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+    monkeypatch.setattr(pipeline, "ORDER", (("timeout", build_layer),))
 
 
 def checkpoint_policy(path, timeout: str = "15s", interval: str = "10s") -> str:

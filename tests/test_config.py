@@ -32,7 +32,7 @@ from proxy.config import (
     policy_json_schema,
     schema_text,
 )
-from proxy.config.units import parse_duration, parse_percent, parse_rate, parse_size
+from proxy.options.units import parse_duration, parse_percent, parse_rate, parse_size
 
 
 def problems(text: str) -> list[str]:

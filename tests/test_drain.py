@@ -14,7 +14,7 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.conftest import free_port, wait_port
 from tests.support.raw_upstream import RawUpstream
 

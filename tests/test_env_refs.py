@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import PolicyError, parse_policy
 from proxy.config.loader import read_policy
-from proxy.server import Fender
+from proxy.server.fender import Fender
 from tests.conftest import ROOT
 from tests.support.launch import launch_fender
 

@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.cluster.upstream import UpstreamRuntime
 from proxy.config import PolicyError, parse_policy
-from proxy.dataplane.exchange import Exchange
-from proxy.dataplane.forward import UpstreamRuntime
+from proxy.kernel.exchange import Exchange
+from proxy.kernel.reasons import MAX_RETRY_AFTER, parse_retry_after
 from proxy.metrics import Metrics
-from proxy.resilience.failover import MAX_PASS_OVER, parse_retry_after
 from proxy.upstream import ConnectFailure, PoolOverflow, UpstreamTimeout
 from tests.support.raw_upstream import RawUpstream, hang, ok, reset, status
 
@@ -363,8 +363,8 @@ async def test_retry_after_passes_a_replica_over_for_that_long_bounded():
     clock.advance(6)
     assert picks(up, 4) == {9001: 2, 9002: 2}
     up.picker.overloaded(a, b"86400")
-    assert a.overloaded_until - clock.now() == MAX_PASS_OVER
-    clock.advance(MAX_PASS_OVER)
+    assert a.overloaded_until - clock.now() == MAX_RETRY_AFTER
+    clock.advance(MAX_RETRY_AFTER)
     assert picks(up, 2) == {9001: 1, 9002: 1}
 
 

@@ -16,11 +16,10 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config.loader import PolicyError, load_policy, parse_policy
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.resilience.cache.store import Entry, Variants
-from proxy.server import Fender, bind_socket
+from proxy.policies.cache.store import Entry, Variants
+from proxy.server.fender import Fender, bind_socket
 from proxy.state import codec
-from proxy.state.redis import STATE_KEY, RedisBreaker
+from proxy.state.redis import RedisBreaker
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream, delayed, status
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
@@ -58,7 +57,7 @@ async def start_fleet(start_fender, text: str, n: int = 3):
 
 
 async def wait_subscribed(fender, timeout: float = 10.0) -> None:
-    state = fender.runtime.shared[STATE_KEY]
+    state = fender.runtime.exposed["state"]["redis"]
     async with asyncio.timeout(timeout):
         await state.subscribed.wait()
 
@@ -189,7 +188,7 @@ async def test_a_response_stored_via_one_sidecar_is_a_hit_via_another(
     assert third.headers["cache-status"].startswith("fender; hit")
     assert upstream_hits(echo_upstream, "/shared/1") == 1
     # Redis keeps it as long as it is fresh (default_ttl 60s, no stale windows), no longer.
-    state = a.runtime.shared[STATE_KEY]
+    state = a.runtime.exposed["state"]["redis"]
     pttl = int(redis_server.command("PTTL", state.cache_key(b"catalog.svc/shared/1"))[1:-2])
     assert 55_000 < pttl <= 60_001
     async with httpx.AsyncClient() as client:
@@ -213,7 +212,7 @@ async def test_delete_via_one_sidecar_drops_the_entry_everywhere(redis_server, e
             response = await client.get(fender.url + "/doc")
             assert response.status_code == 200
             await drain_writes(fender)
-        stores = [f.runtime.shared[STORE_KEY] for f in (a, b)]
+        stores = [f.runtime.exposed["cache"]["store"] for f in (a, b)]
         key = b"catalog.svc/doc"
         assert [sum(1 for k in s.keys() if k.endswith(b"/doc")) for s in stores] == [1, 1]
         before = upstream_hits(echo_upstream, "/doc")
@@ -232,7 +231,8 @@ async def test_delete_via_one_sidecar_drops_the_entry_everywhere(redis_server, e
             f"({(dropped - sent) * 1000:.2f} ms after the DELETE was sent)"
         )
         assert (
-            redis_server.command("EXISTS", a.runtime.shared[STATE_KEY].cache_key(key).decode()) == b":0\r\n"
+            redis_server.command("EXISTS", a.runtime.exposed["state"]["redis"].cache_key(key).decode())
+            == b":0\r\n"
         )
         again = await client.get(a.url + "/doc")
         assert "fwd=miss" in again.headers["cache-status"]
@@ -248,14 +248,14 @@ async def test_delete_via_one_sidecar_drops_the_entry_everywhere(redis_server, e
 
 async def drain_writes(fender) -> None:
     async with asyncio.timeout(5):
-        await fender.runtime.shared[STATE_KEY].flush()
+        await fender.runtime.exposed["state"]["redis"].flush()
 
 
 async def test_an_unreadable_stored_value_is_deleted_and_treated_as_a_miss(
     redis_server, echo_upstream, start_fender
 ):
     (a,) = await start_fleet(start_fender, fleet_policy(echo_upstream.port, redis_server.url, prefix()), n=1)
-    state = a.runtime.shared[STATE_KEY]
+    state = a.runtime.exposed["state"]["redis"]
     key = state.cache_key(b"catalog.svc/broken").decode()
     blob = codec.encode(Variants([_entry(b"old body")]), 0.0)
     assert redis_server.command("SET", key, blob[:-3]) == b"+OK\r\n"  # a torn value
@@ -488,7 +488,7 @@ async def test_killing_redis_mid_traffic_loses_no_request_and_sharing_resumes(
     assert all(n >= 1 for n in outage)
     # Recovery: each sidecar subscribes again (clearing its L1: it may have missed invalidations).
     for fender in fleet:
-        state = fender.runtime.shared[STATE_KEY]
+        state = fender.runtime.exposed["state"]["redis"]
         async with asyncio.timeout(10):
             await state.wait_subscriptions(2)
         assert state.l1_clears >= 1 and not state.breaker.is_open
@@ -534,7 +534,7 @@ async def test_a_redis_that_never_answers_costs_timeouts_then_the_breaker_opens(
         )  # then the breaker opened
         assert metric_value(text, "fender_redis_calls_total", outcome="rejected") >= 3
         assert metric_value(text, "fender_redis_fallback") == 1
-        assert fender.runtime.shared[STATE_KEY].breaker.is_open
+        assert fender.runtime.exposed["state"]["redis"].breaker.is_open
     finally:
         server.close()
         await server.wait_closed()
@@ -546,13 +546,13 @@ async def test_admin_purge_reaches_every_sidecar_and_redis(redis_server, echo_up
         await client.get(a.url + "/p/1")
         await drain_writes(a)
         assert (await client.get(b.url + "/p/1")).headers["cache-status"].startswith("fender; hit")
-        state = a.runtime.shared[STATE_KEY]
+        state = a.runtime.exposed["state"]["redis"]
         assert redis_server.command("EXISTS", state.cache_key(b"catalog.svc/p/1")) == b":1\r\n"
         purged = await client.post(a.admin_url + "/admin/cache/purge", json={"url": "http://catalog.svc/p/1"})
         assert purged.json() == {"purged": 1, "fleet": True}
         async with asyncio.timeout(5):
-            await b.runtime.shared[STATE_KEY].wait_received(1)
-        assert not any(k.endswith(b"/p/1") for k in b.runtime.shared[STORE_KEY].keys())
+            await b.runtime.exposed["state"]["redis"].wait_received(1)
+        assert not any(k.endswith(b"/p/1") for k in b.runtime.exposed["cache"]["store"].keys())
         assert redis_server.command("EXISTS", state.cache_key(b"catalog.svc/p/1")) == b":0\r\n"
         assert "fwd=miss" in (await client.get(b.url + "/p/1")).headers["cache-status"]
 
@@ -567,20 +567,20 @@ async def test_reload_keeps_the_redis_client_when_its_options_are_unchanged(
     await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
     try:
         await wait_subscribed(fender)
-        state = fender.runtime.shared[STATE_KEY]
+        state = fender.runtime.exposed["state"]["redis"]
         path.write_text(text.replace("default_ttl: 60s", "default_ttl: 30s"))
         assert (await fender.reloader.reload("api")).result == "applied"
         # Same client, connections and subscription: nothing was reconnected.
-        assert fender.runtime.shared[STATE_KEY] is state and state.subscriptions == 1
+        assert fender.runtime.exposed["state"]["redis"] is state and state.subscriptions == 1
         path.write_text(text.replace("timeout: 200ms", "timeout: 300ms"))
         assert (await fender.reloader.reload("api")).result == "applied"
-        fresh = fender.runtime.shared[STATE_KEY]
+        fresh = fender.runtime.exposed["state"]["redis"]
         assert fresh is not state and fresh.timeout == 0.3
         async with asyncio.timeout(5):
             await fresh.subscribed.wait()
             await state.closed.wait()  # the old client is closed once the old runtime retires
         # The cache's L1 store (kept across reloads) now gets the new client's invalidations.
-        assert fender.runtime.shared[STORE_KEY] in set(fresh._stores)
+        assert fender.runtime.exposed["cache"]["store"] in set(fresh._stores)
     finally:
         await fender.stop()
 

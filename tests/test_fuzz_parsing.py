@@ -30,7 +30,7 @@ from proxy.config import PolicyError, parse_policy
 from proxy.config.models import Policy
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
-from proxy.server import Fender, bind_socket, new_event_loop
+from proxy.server.fender import Fender, bind_socket, new_event_loop
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream, ok
 

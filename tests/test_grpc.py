@@ -12,8 +12,8 @@ import textwrap
 import httpx
 import pytest
 
-from proxy.resilience.cache.layer import _request
-from proxy.resilience.outcome import grpc_code
+from proxy.policies.cache.layer import _request
+from proxy.policies.outcome import grpc_code
 from tests.support.grpc_peers import EchoService, GrpcReplica, channel, frame, grpc, method, unframe
 from tests.support.procs import wait_until
 
@@ -349,8 +349,8 @@ def test_the_cache_never_serves_a_grpc_call():
 def test_grpc_names_in_retry_on_and_failure_on():
     from pydantic import ValidationError
 
-    from proxy.resilience.breaker import BreakerOptions
-    from proxy.resilience.retry import RetryOptions
+    from proxy.policies.breaker.options import BreakerOptions
+    from proxy.policies.retry.options import RetryOptions
 
     assert RetryOptions(retry_on=["unavailable", "resource_exhausted", 503]).retry_on == (
         "unavailable",

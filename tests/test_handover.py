@@ -16,7 +16,7 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import load_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.support.raw_upstream import RawUpstream, ok, status
 
 TOKEN = "handover-test-token-0123456789"
@@ -96,12 +96,12 @@ async def test_rate_limit_buckets_survive_a_reload_that_keeps_the_limit(fenders)
     async with RawUpstream(ok(b"hi")) as up:
         limit = "rate_limit: {rate: 2/m, burst: 2, key: route}"
         fender = await fenders(policy(up.port, route=limit))
-        bucket = fender.runtime.shared["ratelimit"]["r"].limits[0].limiter
+        bucket = fender.runtime.exposed["ratelimit"]["r"].limits[0].limiter
         async with httpx.AsyncClient(base_url=fender.url) as client:
             assert [(await client.get("/")).status_code for _ in range(3)] == [200, 200, 429]
             # Another route setting changes; the limit does not: the emptied bucket stays empty.
             await fenders.reload(fender, policy(up.port, route=limit, timeout="14s"))
-            assert fender.runtime.shared["ratelimit"]["r"].limits[0].limiter is bucket
+            assert fender.runtime.exposed["ratelimit"]["r"].limits[0].limiter is bucket
             assert (await client.get("/")).status_code == 429
             # A changed limit starts with fresh (full) buckets.
             await fenders.reload(
@@ -134,7 +134,7 @@ async def test_bulkhead_slots_and_queue_hold_across_reloads(fenders):
             # so the new request waits instead of running next to it.
             queued = "bulkhead: {max_concurrent: 1, max_queued: 1, queue_timeout: 30s}"
             await fenders.reload(fender, policy(up.port, route=queued))
-            bulkhead = fender.runtime.shared["bulkhead"]["r"].bulkhead
+            bulkhead = fender.runtime.exposed["bulkhead"]["r"].bulkhead
             assert bulkhead.in_flight == 1
             second = asyncio.ensure_future(client.get("/second"))
             await until(lambda: bulkhead.queued == 1)
@@ -191,17 +191,17 @@ async def test_reload_giving_one_of_two_routes_other_breaker_settings(fenders):
 async def test_cache_store_survives_a_reload_and_is_resized(fenders):
     async with RawUpstream(ok(b"cached", headers=[("cache-control", "max-age=60")])) as up:
         fender = await fenders(policy(up.port, route="cache: {}"))
-        store = fender.runtime.shared["cache.store"]
+        store = fender.runtime.exposed["cache"]["store"]
         async with httpx.AsyncClient(base_url=fender.url) as client:
             assert (await client.get("/a")).content == b"cached"
             assert "hit" in (await client.get("/a")).headers["cache-status"]
             await fenders.reload(fender, policy(up.port, route="cache: {}", top="cache: {max_size: 32MiB}\n"))
-            assert fender.runtime.shared["cache.store"] is store and store.max_size == 32 * 1024 * 1024
+            assert fender.runtime.exposed["cache"]["store"] is store and store.max_size == 32 * 1024 * 1024
             assert "hit" in (await client.get("/a")).headers["cache-status"]
             # A bound below what is stored evicts (least recently used first) instead of starting empty.
             tiny = "cache: {max_size: 1KiB, max_object_size: 1KiB}\n"
             await fenders.reload(fender, policy(up.port, route="cache: {}", top=tiny))
-            assert fender.runtime.shared["cache.store"] is store and store.bytes <= 1024
+            assert fender.runtime.exposed["cache"]["store"] is store and store.bytes <= 1024
         assert len(up.requests) == 1
 
 
@@ -352,7 +352,7 @@ async def test_every_mutating_admin_endpoint_needs_the_token(fenders, monkeypatc
             mutating
         )
         assert "/admin/breakers/up/open" in mutating
-        breaker = fender.runtime.shared["breaker"]
+        breaker = fender.runtime.exposed["breaker"]
         (only,) = breaker.values()
         async with httpx.AsyncClient(base_url=fender.admin_url) as client:
             for path in mutating:
@@ -383,7 +383,7 @@ async def test_every_mutating_admin_endpoint_needs_the_token(fenders, monkeypatc
 
 
 async def test_bulkhead_take_over_with_a_lowered_limit_and_a_cancelled_waiter():
-    from proxy.resilience.bulkhead import Bulkhead
+    from proxy.policies.bulkhead.bulkhead import Bulkhead
 
     clock = ManualClock()
     old = Bulkhead(2, 5, 30.0, clock)
@@ -406,7 +406,8 @@ async def test_bulkhead_take_over_with_a_lowered_limit_and_a_cancelled_waiter():
 
 
 def test_breaker_checkpoint_restores_only_matching_settings_and_bounds_the_time_left():
-    from proxy.resilience.breaker import CLOSED, HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker
+    from proxy.policies.breaker.machine import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+    from proxy.policies.breaker.options import BreakerOptions
 
     options = BreakerOptions(open_for="10s", max_open_for="1m")
     clock = ManualClock()

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from proxy.config import PolicyError, parse_policy
-from proxy.ops.auth import AdminAuthError, is_loopback, resolve_admin_token
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.server import Fender
+from proxy.ops.auth import AdminAuthError, resolve_admin_token
+from proxy.options.base import is_loopback
+from proxy.server.fender import Fender
 from tests.support.launch import launch_fender
 from tests.support.procs import LeakCheck, assert_fender_alive
 from tests.support.raw_client import exchange
@@ -271,12 +271,12 @@ async def test_the_data_port_never_serves_the_admin_api(admin_fender, upstream):
 
 def admin_state(fender) -> dict:
     """Everything a mutating admin call could change."""
-    shared = fender.runtime.shared
-    store = shared.get(STORE_KEY)
+    exposed = fender.runtime.exposed
+    store = exposed.get("cache", {}).get("store")
     return {
         "runtime": id(fender.runtime),
         "reload": fender.reloader.last_attempt,
-        "breakers": [b.snapshot()["state"] for b in shared.get("breaker", {}).values()],
+        "breakers": [b.snapshot()["state"] for b in exposed.get("breaker", {}).values()],
         "cache_entries": None if store is None else store.entries,
     }
 

@@ -12,9 +12,9 @@ import random
 import httpx
 
 from proxy.clock import ManualClock
+from proxy.cluster.options import parse_status_ranges
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
-from proxy.resilience.health import parse_status_ranges
 from proxy.upstream import ConnectFailure
 from tests.support.raw_upstream import RawUpstream, hang, ok, status
 from tests.test_failover import build, picks, policy_for, sample

@@ -1,4 +1,4 @@
-"""Fender's own HTTP/1.1 server protocol (proxy/http_protocol.py): framing of what it writes,
+"""Fender's own HTTP/1.1 server protocol (proxy/server/protocol.py): framing of what it writes,
 and what a proxied request or connection leaves behind for the garbage collector.
 Real sockets; the framing and limit suites (test_hardening_*.py) cover the refusals."""
 
@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from proxy.http_protocol import _Exchange
+from proxy.server.protocol import _Exchange
 from tests.conftest import policy_text
 from tests.support import procs
 from tests.support.raw_client import RawClient, exchange

@@ -1,6 +1,6 @@
 """Global rate limits by leasing (issue 22): lease sizing, fleet accuracy, a sidecar killed holding a lease.
 
-Sizing is tested on :class:`proxy.state.lease.LeaseTable` with a ManualClock. The fleet tests use a
+Sizing is tested on :class:`proxy.policies.ratelimit.lease.LeaseTable` with a ManualClock. The fleet tests use a
 private redis-server (tests/support/redis_server.py) and Fenders sharing it.
 """
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.state.lease import LeaseTable
+from proxy.policies.ratelimit.lease import LeaseTable
 from tests.conftest import free_port, wait_port
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
 from tests.test_fleet import limit_policy, redis_time, start_fleet
@@ -117,7 +117,7 @@ async def test_three_sidecars_sharing_300_per_second_even_and_skewed(
         echo_upstream.port, redis_server.url, f"{{rate: {rate}/s, key: header:X-Tenant, scope: global}}"
     )
     fleet = await start_fleet(start_fender, text)
-    limits = [f.runtime.shared["ratelimit"]["all"] for f in fleet]
+    limits = [f.runtime.exposed["ratelimit"]["all"] for f in fleet]
     assert all(limit.leasing for limit in limits)
     shares = {b"even": (7, 7, 7), b"skew": (16, 2, 2)}  # requests per 10 ms tick, by sidecar
     admitted = {tenant: 0 for tenant in shares}

@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.cluster.faultlog import FaultLog, LineLimiter
 from proxy.config import PolicyError, load_policy, parse_policy
-from proxy.dataplane.accesslog import AccessLog, _BareLines, cache_result
-from proxy.dataplane.faultlog import FaultLog, LineLimiter
-from proxy.server import Fender, bind_socket
+from proxy.dataplane.accesslog import AccessLog, _BareLines
+from proxy.policies.cache.status import cache_result
+from proxy.server.fender import Fender, bind_socket
 from proxy.upstream import ConnectFailure
 from proxy.upstream.errors import os_words
 from tests.conftest import free_port, policy_text

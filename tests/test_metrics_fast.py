@@ -87,3 +87,31 @@ def test_gauge_set_is_exact_after_fast_increments_on_its_value():
     assert metrics.registry.get_sample_value("fender_draining") == 1
     gauge.inc()
     assert metrics.registry.get_sample_value("fender_draining") == 2
+
+
+def test_the_private_surface_of_prometheus_client_fender_relies_on_is_there():
+    # proxy/metrics.py reads these private parts of prometheus-client (pinned below 0.27 in
+    # pyproject.toml); a release that renames or reshapes one fails here, not in production.
+    from itertools import count
+
+    from prometheus_client import values
+
+    from proxy.metrics import _LoopValue, _ticks_of
+
+    assert values.ValueClass is _LoopValue  # installed over MutexValue at import
+    assert hasattr(values, "MutexValue")
+    metrics = Metrics()
+    child = metrics.request_duration.labels("r")
+    child._raise_if_not_observable()  # a child with its labels passes
+    assert isinstance(child._sum, _LoopValue)
+    assert len(child._buckets) == len(child._upper_bounds) and child._upper_bounds[-1] == math.inf
+    assert all(isinstance(b, _LoopValue) for b in child._buckets)
+    counter = metrics.no_route.labels() if metrics.no_route._labelnames else metrics.no_route
+    assert isinstance(counter._value, _LoopValue)
+    with pytest.raises(ValueError):
+        metrics.request_duration._raise_if_not_observable()  # the parent lacks its labels
+    # _ticks_of reads CPython's repr of itertools.count ("count(N)")
+    ticks = count()
+    for _ in range(12345):
+        next(ticks)
+    assert _ticks_of(ticks) == 12345

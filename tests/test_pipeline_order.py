@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 
 import httpx
 
@@ -34,17 +33,17 @@ def _owner(handler):
 async def test_every_layer_wraps_the_next_in_the_documented_order(monkeypatch, start_fender):
     # Record what each policy module's build_layer wrapped, then walk the chain from the outside in.
     wrapped: dict[int, tuple[str, object, object]] = {}  # id(layer) -> (policy, layer, what it wraps)
-    for name in pipeline.LAYER_MODULES:
-        module = importlib.import_module(name)
-        policy = name.rsplit(".", 1)[1]
+    recorded = []
+    for field, build in pipeline.ORDER:
 
-        def recording(route, next_handler, ctx, _build=module.build_layer, _policy=policy):
+        def recording(route, next_handler, ctx, _build=build, _policy=field):
             layer = _build(route, next_handler, ctx)
             if layer is not None:
                 wrapped[id(layer)] = (_policy, layer, _owner(next_handler))
             return layer
 
-        monkeypatch.setattr(module, "build_layer", recording)
+        recorded.append((field, recording))
+    monkeypatch.setattr(pipeline, "ORDER", tuple(recorded))
     async with RawUpstream(ok()) as up:
         fender = await start_fender(policy_text(up.port, routes=EVERY_POLICY))
         handler = _owner(fender.runtime.routes[0].pipeline)
@@ -52,7 +51,7 @@ async def test_every_layer_wraps_the_next_in_the_documented_order(monkeypatch, s
         while id(handler) in wrapped and wrapped[id(handler)][1] is handler:
             policy, _, handler = wrapped[id(handler)]
             chain.append(policy)
-        assert chain == ["ratelimit", "cache", "breaker", "bulkhead", "retry"]
+        assert chain == ["rate_limit", "cache", "circuit_breaker", "bulkhead", "retry"]
         assert isinstance(handler, Forwarder)
         async with httpx.AsyncClient() as client:
             assert (await client.get(fender.url + "/")).status_code == 200  # the chain serves

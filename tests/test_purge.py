@@ -14,11 +14,9 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.resilience.cache.purge import MAX_TAGS, tags_of
-from proxy.resilience.cache.store import Entry, Variants
+from proxy.policies.cache.purge import MAX_TAGS, tags_of
+from proxy.policies.cache.store import Entry, Variants
 from proxy.state import codec
-from proxy.state.redis import STATE_KEY
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
@@ -67,7 +65,7 @@ async def purge(client: httpx.AsyncClient, fender, body) -> httpx.Response:
 
 
 def stored(fender) -> set[bytes]:
-    return set(fender.runtime.shared[STORE_KEY].keys())
+    return set(fender.runtime.exposed["cache"]["store"].keys())
 
 
 # --------------------------------------------------------------------------- one Fender, no Redis
@@ -197,13 +195,13 @@ def fleet_tag_policy(port: int, redis_url: str, key_prefix: str) -> str:
 
 async def wait_purges(fender, count: int) -> None:
     async with asyncio.timeout(5):
-        await fender.runtime.shared[STATE_KEY].wait_purges(count)
+        await fender.runtime.exposed["state"]["redis"].wait_purges(count)
 
 
 async def test_purge_by_tag_reaches_every_sidecar_and_redis(redis_server, tagging, start_fender):
     tagging.tags = {"/p/42": "product-42", "/p/42/reviews": "product-42, reviews"}
     a, b, c = await start_fleet(start_fender, fleet_tag_policy(tagging.port, redis_server.url, prefix()))
-    state = a.runtime.shared[STATE_KEY]
+    state = a.runtime.exposed["state"]["redis"]
     paths = ("/p/42", "/p/42/reviews", "/p/43")
     async with httpx.AsyncClient(headers=HOST) as client:
         for path in paths:
@@ -242,13 +240,13 @@ async def test_purge_by_tag_reaches_every_sidecar_and_redis(redis_server, taggin
 
 async def test_purge_by_prefix_reaches_redis_values_no_sidecar_holds(redis_server, tagging, start_fender):
     a, b = await start_fleet(start_fender, fleet_tag_policy(tagging.port, redis_server.url, prefix()), n=2)
-    state = a.runtime.shared[STATE_KEY]
+    state = a.runtime.exposed["state"]["redis"]
     async with httpx.AsyncClient(headers=HOST) as client:
         for path in ("/shop/1", "/shop/2?x=1", "/shopping", "/blog/1"):
             await client.get(a.url + path)
         await drain_writes(a)
         assert (await client.get(b.url + "/shop/1")).headers["cache-status"].startswith("fender; hit")
-        a.runtime.shared[STORE_KEY].delete(b"catalog.svc/shop/2?x=1")  # now only in Redis
+        a.runtime.exposed["cache"]["store"].delete(b"catalog.svc/shop/2?x=1")  # now only in Redis
         answer = await purge(client, b, {"prefix": "http://catalog.svc/shop/"})
         assert answer.json() == {"purged": 1, "fleet": True, "fleet_purged": 2}
         await wait_purges(a, 1)

@@ -12,9 +12,10 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import PolicyError, parse_policy
-from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
-from proxy.resilience.ratelimit import NS, Limiter, RouteRateLimit
+from proxy.policies.ratelimit.gcra import NS, Limiter
+from proxy.policies.ratelimit.limits import RouteRateLimit
 from tests.conftest import policy_text
 
 # Requests are sent at multiples of 1/256 s: exact in binary floats and in nanoseconds,
@@ -249,8 +250,8 @@ def test_one_limit_layer_answers_as_decide_does(key):
     # side on the same traffic: same admissions, same RateLimit headers, same 429s.
     from types import SimpleNamespace
 
-    from proxy.dataplane.pipeline import LayerContext
-    from proxy.resilience.ratelimit import build_layer
+    from proxy.policies.context import LayerContext
+    from proxy.policies.ratelimit.layer import build_layer
 
     limits = route_limits(f"- {{name: r, upstream: echo, rate_limit: {{rate: 5/s, burst: 3, key: '{key}'}}}}")
     clock = ManualClock(100.0)

@@ -16,8 +16,6 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.state.redis import STATE_KEY
 from tests.conftest import policy_text
 from tests.support.redis_server import redis_cluster_fixture, redis_sentinel_fixture  # noqa: F401
 from tests.test_fleet import HOST, drain_writes, prefix, start_fleet
@@ -112,7 +110,7 @@ async def _shares_and_survives(fleet, client, kill, wait_recovered) -> None:
             path = f"/c/after/{attempt}"
             await client.get(b.url + path)
             await drain_writes(b)
-            a.runtime.shared[STORE_KEY].delete(b"catalog.svc" + path.encode())
+            a.runtime.exposed["cache"]["store"].delete(b"catalog.svc" + path.encode())
             if (await client.get(a.url + path)).headers["cache-status"].startswith("fender; hit"):
                 break
             await asyncio.sleep(0.05)
@@ -125,7 +123,7 @@ async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_pu
     redis_cluster, echo_upstream, start_fender
 ):
     fleet = await start_fleet(start_fender, mode_policy(echo_upstream.port, cluster_yaml(redis_cluster)), n=2)
-    state = fleet[0].runtime.shared[STATE_KEY]
+    state = fleet[0].runtime.exposed["state"]["redis"]
     # The cache keys spread over the slots (and masters) of the cluster.
     async with httpx.AsyncClient(headers=HOST) as client:
         for i in range(12):
@@ -140,7 +138,7 @@ async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_pu
         deleted = await client.delete(fleet[0].url + "/c/spread/0")
         assert deleted.status_code == 200
         async with asyncio.timeout(5):
-            await fleet[1].runtime.shared[STATE_KEY].wait_received(1)
+            await fleet[1].runtime.exposed["state"]["redis"].wait_received(1)
         # Sharing and a global limit whose two buckets sit in one slot (hash-tagged by route).
         assert "stored" in (await client.get(fleet[0].url + "/c/shared")).headers["cache-status"]
         await drain_writes(fleet[0])

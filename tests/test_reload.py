@@ -13,9 +13,10 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import load_policy, parse_policy
-from proxy.dataplane.runtime import Handover, Runtime
+from proxy.dataplane.runtime import Runtime
+from proxy.kernel.handover import Handover
 from proxy.metrics import Metrics
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.conftest import free_port, wait_port
 from tests.support.raw_upstream import RawUpstream, ok
 
@@ -178,13 +179,12 @@ class Table:
 def table_module(monkeypatch):
     """A policy module plugged into the pipeline: one Table per route, sized by the route's timeout."""
     from proxy.dataplane import pipeline
-    from proxy.dataplane.runtime import keep
 
     def build_layer(route, next_handler, ctx):
-        keep(ctx, ("table", route.name), route.timeout, lambda: Table(int(route.timeout)))
+        ctx.keep(("table", route.name), route.timeout, lambda: Table(int(route.timeout)))
         return None
 
-    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+    monkeypatch.setattr(pipeline, "ORDER", (("timeout", build_layer),))
 
 
 def tables(runtime: Runtime) -> dict[str, Table]:
@@ -222,29 +222,30 @@ class Named(Table):
 
 
 @pytest.fixture
-def registry_modules(monkeypatch):
-    """Two module styles seen in the policy modules: a registry looked up by a key that includes the
-    settings (breakers), and a registry written by route name (rate limits, bulkheads)."""
+def keeping_module(monkeypatch):
+    """A policy module of the common shape: objects by ``ctx.keep``, shown by ``ctx.expose``.
+
+    One object per route keyed with its settings (as breakers are), one table per route name
+    whose settings may change (as rate-limit tables are)."""
     from proxy.dataplane import pipeline
 
     def build_layer(route, next_handler, ctx):
-        registry = ctx.shared.setdefault("breakerish", {})
-        key = ("route", route.name, route.timeout)
-        if registry.get(key) is None:
-            taken = {obj.name for obj in registry.values()}
-            registry[key] = Named(route.name if route.name not in taken else route.name + "-dup")
-        ctx.shared.setdefault("tableish", {})[route.name] = Table(int(route.timeout))
+        key = ("named", route.name, route.timeout)
+        named = ctx.keep(key, route.timeout, lambda: Named(route.name))
+        ctx.expose("named", route.name, named)
+        table = ctx.keep(("table", route.name), route.timeout, lambda: Table(int(route.timeout)))
+        ctx.expose("table", route.name, table)
         return None
 
-    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+    monkeypatch.setattr(pipeline, "ORDER", (("timeout", build_layer),))
 
 
-async def test_module_registries_in_shared_are_handed_over(echo_upstream, registry_modules):
+async def test_state_is_handed_over_through_keep(echo_upstream, keeping_module):
     extra = "- {name: b, match: {path_prefix: /b}, upstream: echo, timeout: 2s}\n"
     gone = "- {name: c, match: {path_prefix: /c}, upstream: echo, timeout: 2s}\n"
     first = Runtime(parse_policy(policy(echo_upstream.port, timeout="2s", routes=extra + gone)), Metrics())
-    old_named = dict(first.shared["breakerish"])
-    old_tables = dict(first.shared["tableish"])
+    old_named = dict(first.exposed["named"])
+    old_tables = dict(first.exposed["table"])
     for table in old_tables.values():
         table.entries = {"k1": 1, "k2": 2}
 
@@ -252,16 +253,16 @@ async def test_module_registries_in_shared_are_handed_over(echo_upstream, regist
     second = Runtime(
         parse_policy(policy(echo_upstream.port, timeout="2s", routes=changed)), Metrics(), previous=first
     )
-    named = second.shared["breakerish"]
-    assert type(named) is dict and len(named) == 2  # settled: c's entry and b's old entry are gone
-    assert named[("route", "all", 2.0)] is old_named[("route", "all", 2.0)]  # same settings: same object
-    assert named[("route", "b", 1.0)].name == "b"  # the old b did not take the name
-    tables = second.shared["tableish"]
+    named = second.exposed["named"]
+    assert set(named) == {"all", "b"}  # c is gone from the new runtime
+    assert named["all"] is old_named["all"]  # same settings: same object
+    assert named["b"] is not old_named["b"]  # new settings: a new object
+    tables = second.exposed["table"]
     assert tables["b"].took_from is old_tables["b"] and tables["b"].entries == {"k1": 1}
-    assert tables["all"].took_from is old_tables["all"] and tables["all"].entries == {"k1": 1, "k2": 2}
+    assert tables["all"] is old_tables["all"] and tables["all"].entries == {"k1": 1, "k2": 2}
     await first.retire(second.owned_ids())
-    assert old_named[("route", "c", 2.0)].closed and old_named[("route", "b", 2.0)].closed
-    assert not old_named[("route", "all", 2.0)].closed
+    assert old_named["c"].closed and old_named["b"].closed
+    assert not old_named["all"].closed
     await second.close()
 
 
@@ -432,7 +433,6 @@ async def test_listener_settings_are_recorded_for_the_next_start(echo_upstream, 
 async def test_a_module_failing_to_start_leaves_the_running_policy(echo_upstream, file_fender, monkeypatch):
     """A runtime that builds but cannot start (e.g. a health checker) is closed; its kept objects are not."""
     from proxy.dataplane import pipeline
-    from proxy.dataplane.runtime import keep
 
     class Refuses(Table):
         def start(self):
@@ -442,10 +442,10 @@ async def test_a_module_failing_to_start_leaves_the_running_policy(echo_upstream
 
     def build_layer(route, next_handler, ctx):
         if route.timeout == 7:
-            built.append(keep(ctx, ("refuses", route.name), 7, lambda: Refuses(1)))
+            built.append(ctx.keep(("refuses", route.name), 7, lambda: Refuses(1)))
         return None
 
-    monkeypatch.setattr(pipeline, "_layer_builders", lambda: [build_layer])
+    monkeypatch.setattr(pipeline, "ORDER", (("timeout", build_layer),))
     fender = await file_fender(policy(echo_upstream.port))
     running = fender.runtime
     fender.path.write_text(policy(echo_upstream.port, timeout="7s"))
@@ -461,7 +461,7 @@ async def test_a_module_failing_to_start_leaves_the_running_policy(echo_upstream
 async def test_a_signal_during_start_waits_for_the_listeners(echo_upstream):
     """Handlers go in before start (a SIGHUP with none would end the process); early signals act after it."""
     from proxy.config import parse_policy
-    from proxy.server import Fender, bind_socket
+    from proxy.server.fender import Fender, bind_socket
 
     fender = Fender(parse_policy(policy(echo_upstream.port), "p.yaml"), "p.yaml")
     acted: list[str] = []

@@ -11,11 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.clock import ManualClock
-from proxy.dataplane.exchange import Exchange, LocalReply
+from proxy.kernel.exchange import Exchange, LocalReply
+from proxy.kernel.reasons import retry_after_of
 from proxy.metrics import Metrics
-from proxy.resilience.backoff import Backoff, BackoffOptions
-from proxy.resilience.budget import BudgetOptions, RetryBudget
-from proxy.resilience.retry import RetryLayer, RetryMetrics, RetryOptions, _retry_after
+from proxy.policies.retry.backoff import Backoff, BackoffOptions
+from proxy.policies.retry.budget import BudgetOptions, RetryBudget
+from proxy.policies.retry.layer import RetryLayer, RetryMetrics
+from proxy.policies.retry.options import RetryOptions
 from proxy.upstream.errors import ResetBeforeHeaders
 from tests.conftest import free_port, pattern_bytes, policy_text
 from tests.support.raw_upstream import RawUpstream
@@ -57,15 +59,15 @@ def test_decorrelated_jitter_stays_between_initial_and_three_times_the_previous_
 
 
 def test_retry_after_seconds_and_http_date():
-    class R:
-        def __init__(self, value):
-            self.headers = [(b"retry-after", value)]
+    def of(value):
+        return retry_after_of([(b"content-type", b"text/plain"), (b"retry-after", value)])
 
-    assert _retry_after(R(b"3")) == 3.0
-    assert _retry_after(R(b"Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0  # in the past
+    assert of(b"3") == 3.0
+    assert of(b"Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
     future = __import__("email.utils").utils.formatdate(__import__("time").time() + 120, usegmt=True)
-    assert 118 <= _retry_after(R(future.encode())) <= 121
-    assert _retry_after(R(b"soon")) is None
+    assert 118 <= of(future.encode()) <= 121
+    assert of(b"soon") is None
+    assert retry_after_of([(b"content-type", b"text/plain")]) is None
 
 
 def test_retry_options_validation():

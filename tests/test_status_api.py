@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from proxy.clock import ManualClock
+from proxy.cluster.options import FAIL
 from proxy.metrics import LATENCY_BUCKETS
 from proxy.ops.history import TrafficHistory, quantile
-from proxy.resilience.health import FAIL
 from tests.conftest import ROOT, policy_text
 
 
@@ -264,8 +264,8 @@ async def test_openapi_lists_the_status_endpoints(start_fender, echo_upstream):
 
 
 def test_a_drained_replica_stays_out_even_when_the_picker_panics():
+    from proxy.cluster.upstream import UpstreamRuntime
     from proxy.config import parse_policy
-    from proxy.dataplane.forward import UpstreamRuntime
     from proxy.metrics import Metrics
 
     text = """

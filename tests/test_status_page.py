@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.conftest import policy_text
 from tests.support.need import missing
 from tests.support.status_browser import CHROMIUM_ARGS, FEW_POLLS_SECONDS, chromium_path, scenario

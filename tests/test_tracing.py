@@ -351,8 +351,7 @@ async def test_exemplars_link_the_duration_histogram_to_traces_in_openmetrics(st
 
 async def test_a_reload_turns_tracing_on_keeps_the_tracer_when_unchanged_and_turns_it_off(tmp_path):
     from proxy.config import load_policy
-    from proxy.dataplane.pipeline import TRACER_KEY
-    from proxy.server import Fender, bind_socket
+    from proxy.server.fender import Fender, bind_socket
 
     async with OtlpReceiver() as collector, RawUpstream(ok()) as up:
         plain = "reload: {watch: false}\n" + policy_text(up.port)
@@ -368,7 +367,7 @@ async def test_a_reload_turns_tracing_on_keeps_the_tracer_when_unchanged_and_tur
                 assert up.requests[-1].header(b"traceparent") == sent["traceparent"].encode()
                 path.write_text(tracing(collector.url) + plain)
                 assert (await fender.reloader.reload("api")).result == "applied"
-                tracer = fender.runtime.shared[TRACER_KEY]
+                tracer = fender.runtime.tracer
                 await client.get(url, headers=sent)
                 await collector.wait_for(lambda spans: len(of_trace(spans, TRACE)) == 2)
                 assert upstream_traceparent(up)[1] != bytes.fromhex(PARENT)
@@ -377,10 +376,10 @@ async def test_a_reload_turns_tracing_on_keeps_the_tracer_when_unchanged_and_tur
                 path.write_text(tracing(collector.url) + other)
                 assert (await fender.reloader.reload("api")).result == "applied"
                 assert fender.runtime.policy.server.access_log  # a new runtime ...
-                assert fender.runtime.shared[TRACER_KEY] is tracer  # ... with the same tracer
+                assert fender.runtime.tracer is tracer  # ... with the same tracer
                 path.write_text(plain)
                 assert (await fender.reloader.reload("api")).result == "applied"
-                assert TRACER_KEY not in fender.runtime.shared
+                assert fender.runtime.tracer is None
                 await client.get(url, headers=sent)
                 assert up.requests[-1].header(b"traceparent") == sent["traceparent"].encode()
         finally:

@@ -21,7 +21,7 @@ from proxy.config import Policy
 from proxy.config.loader import read_policy
 from proxy.config.shadow import shadowed_routes
 from proxy.dataplane.router import compile_match
-from proxy.server import Fender
+from proxy.server.fender import Fender
 from tests.conftest import ROOT
 
 # --------------------------------------------------------------------------- the model
@@ -260,7 +260,7 @@ async def test_reload_logs_warnings_and_config_status_lists_them(tmp_path, caplo
     from proxy.config import load_policy
 
     fender = Fender(load_policy(path), str(path))
-    from proxy.server import bind_socket
+    from proxy.server.fender import bind_socket
 
     await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
     try:

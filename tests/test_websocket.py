@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proxy.clock import ManualClock
 from proxy.config import load_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 from tests.conftest import ROOT, free_port, policy_text, wait_port
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import RawUpstream, status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -16,12 +15,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy.admin import admission, breakers, cache, ops, status, upstreams
+from proxy.admin.host import AdminHost
 from proxy.config import dump_policy
 from proxy.config.redact import redact
 from proxy.upstream.reachable import tcp_reachable
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
 
 # How long a readiness probe result is reused: probes from kubelet and from
 # people must not turn into a connection storm against the upstreams.
@@ -32,7 +29,7 @@ PROBE_TIMEOUT_CAP = 1.0
 class Readiness:
     """Is the policy loaded and does every upstream have a replica that accepts connections?"""
 
-    def __init__(self, fender: Fender) -> None:
+    def __init__(self, fender: AdminHost) -> None:
         self._fender = fender
         self._checked_at = -1e9
         self._result: dict | None = None
@@ -67,7 +64,7 @@ class Readiness:
         }
 
 
-def build_admin_app(fender: Fender) -> Starlette:
+def build_admin_app(fender: AdminHost) -> Starlette:
     readiness = Readiness(fender)
 
     async def healthz(request: Request) -> Response:

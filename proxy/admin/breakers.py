@@ -9,23 +9,19 @@ zeroed); an operator's lever during an incident.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.resilience.breaker import breakers
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
+from proxy.admin.host import AdminHost
+from proxy.policies.breaker.layer import breakers
 
 
-def routes(fender: Fender) -> list[Route]:
+def routes(fender: AdminHost) -> list[Route]:
     async def list_breakers(request: Request) -> Response:
         """Every circuit breaker: state, time left open, window counts."""
         runtime = fender.dataplane.runtime
-        return JSONResponse({"breakers": [b.snapshot() for b in breakers(runtime)]})
+        return JSONResponse({"breakers": [b.snapshot() for b in breakers(runtime.exposed)]})
 
     async def force(request: Request) -> Response:
         """Force a breaker open or closed, or reset it (action: open, close, reset)."""
@@ -33,7 +29,7 @@ def routes(fender: Fender) -> list[Route]:
         action = request.path_params["action"]
         if action not in ("open", "close", "reset"):
             return JSONResponse({"error": "action must be open, close or reset"}, status_code=404)
-        for breaker in breakers(fender.dataplane.runtime):
+        for breaker in breakers(fender.dataplane.runtime.exposed):
             if breaker.name == name:
                 if action == "reset":
                     breaker.reset(by="admin API")

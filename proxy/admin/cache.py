@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.resilience.cache.layer import STORE_KEY
-from proxy.resilience.cache.policy import normalise_query
-from proxy.resilience.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of, target_of
-from proxy.state.redis import STATE_KEY as FLEET_KEY
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
+from proxy.admin.host import AdminHost
+from proxy.policies.cache.policy import normalise_query
+from proxy.policies.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of, target_of
 
 _HIT_RESULTS = ("hit", "stale", "revalidated", "coalesced")
 # Tags one purge request may name.
@@ -63,9 +58,9 @@ def _latin1(text: str) -> bool:
     return True
 
 
-def routes(fender: Fender) -> list[Route]:
+def routes(fender: AdminHost) -> list[Route]:
     def store():
-        return fender.dataplane.runtime.shared.get(STORE_KEY)
+        return fender.dataplane.runtime.exposed.get("cache", {}).get("store")
 
     async def state(request: Request) -> Response:
         s = store()
@@ -95,7 +90,7 @@ def routes(fender: Fender) -> list[Route]:
                 "routes": out_routes,
                 # Fleet mode: the Redis tier's state (null with state.backend: memory).
                 "fleet": fleet.snapshot()
-                if (fleet := fender.dataplane.runtime.shared.get(FLEET_KEY))
+                if (fleet := fender.dataplane.runtime.exposed.get("state", {}).get("redis"))
                 else None,
             }
         )
@@ -119,7 +114,7 @@ def routes(fender: Fender) -> list[Route]:
         metrics.cache_purges.labels(kind, "admin").inc()
         s = store()
         # Fleet mode: purges also reach Redis and every other sidecar.
-        fleet = fender.dataplane.runtime.shared.get(FLEET_KEY)
+        fleet = fender.dataplane.runtime.exposed.get("state", {}).get("redis")
         dropped: list[bytes] = []
         if kind == "url":
             host, target = _split(body["url"])

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.admin.host import AdminHost
 from proxy.ops.auth import WRONG_TOKEN, token_problem
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
 
 ADMIN_PREFIX = "/admin/"
 
@@ -341,7 +339,7 @@ class AdminTokenMiddleware:
     /healthz, /readyz and /metrics stay open for probes and scrapers.
     """
 
-    def __init__(self, app, fender: Fender) -> None:
+    def __init__(self, app, fender: AdminHost) -> None:
         self.app = app
         self.fender = fender
 
@@ -367,7 +365,7 @@ class AdminTokenMiddleware:
         await self.app(scope, receive, send)
 
 
-def _attempt_body(fender: Fender, attempt) -> dict:
+def _attempt_body(fender: AdminHost, attempt) -> dict:
     return {
         "result": attempt.result,
         "error": attempt.error,
@@ -376,7 +374,7 @@ def _attempt_body(fender: Fender, attempt) -> dict:
     }
 
 
-def routes(fender: Fender) -> list[Route]:
+def routes(fender: AdminHost) -> list[Route]:
     async def config_status(request: Request) -> Response:
         return JSONResponse(fender.reloader.status())
 

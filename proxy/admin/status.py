@@ -16,19 +16,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.admin.host import AdminHost
 from proxy.config.redact import redact
-from proxy.resilience.breaker import breakers
-from proxy.resilience.cache.layer import STORE_KEY
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
+from proxy.policies.breaker.layer import breakers
 
 POLL_SECONDS = 2.0
 
@@ -71,9 +67,9 @@ def _breaker(snapshot: dict) -> dict:
     }
 
 
-def _cache(fender: Fender) -> dict:
+def _cache(fender: AdminHost) -> dict:
     runtime = fender.dataplane.runtime
-    store = runtime.shared.get(STORE_KEY)
+    store = runtime.exposed.get("cache", {}).get("store")
     lookups = hits = 0.0
     for family in fender.metrics.cache_requests.collect():
         for s in family.samples:
@@ -98,7 +94,7 @@ def _cache(fender: Fender) -> dict:
     }
 
 
-def gather(fender: Fender) -> dict:
+def gather(fender: AdminHost) -> dict:
     """The document behind the status page (``GET /admin/status``)."""
     runtime = fender.dataplane.runtime
     traffic = fender.history.routes([r.name for r in runtime.routes])
@@ -126,14 +122,14 @@ def gather(fender: Fender) -> dict:
             "policy": fender.reloader.status(),
             "routes": routes,
             "upstreams": upstreams,
-            "breakers": [_breaker(b.snapshot()) for b in breakers(runtime)],
+            "breakers": [_breaker(b.snapshot()) for b in breakers(runtime.exposed)],
             "cache": _cache(fender),
         },
         runtime.policy.env_secrets,
     )  # nothing on the page shows a secret (a URL password in an error message, say)
 
 
-def routes(fender: Fender) -> list[Route]:
+def routes(fender: AdminHost) -> list[Route]:
     bodies = {path: (_asset(name), media) for path, (name, media) in _ASSETS.items()}
 
     def asset(path: str):

@@ -6,17 +6,14 @@ rotation by operator decision (or put it back); see :meth:`ReplicaPicker.set_dra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-if TYPE_CHECKING:
-    from proxy.server import Fender
+from proxy.admin.host import AdminHost
 
 
-def routes(fender: Fender) -> list[Route]:
+def routes(fender: AdminHost) -> list[Route]:
     async def upstreams(request: Request) -> Response:
         runtime = fender.dataplane.runtime
         return JSONResponse(
@@ -26,7 +23,7 @@ def routes(fender: Fender) -> list[Route]:
     return [Route("/admin/upstreams", upstreams), *drain_routes(fender)]
 
 
-def drain_routes(fender: Fender) -> list[Route]:
+def drain_routes(fender: AdminHost) -> list[Route]:
     async def drain_replica(request: Request) -> Response:
         """Take a replica out of rotation (drain) or put it back (undrain); in-flight requests finish."""
         params = request.path_params

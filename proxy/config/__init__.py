@@ -31,7 +31,7 @@ from proxy.config.models import (
     dump_policy,
 )
 from proxy.config.schema import policy_json_schema, schema_text
-from proxy.config.units import (
+from proxy.options.units import (
     Duration,
     Percent,
     Rate,

@@ -25,7 +25,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from proxy.config.shadow import shadowed_routes
-from proxy.config.units import format_duration, format_rate, format_size
+from proxy.options.units import format_duration, format_rate, format_size
 
 __all__ = ["policy_warnings"]
 

@@ -47,7 +47,7 @@ from ruamel.yaml.scalarint import ScalarInt
 from proxy.config.envrefs import expand, is_secret_name
 from proxy.config.models import Policy, dump_policy
 from proxy.config.redact import redact_text
-from proxy.config.units import (
+from proxy.options.units import (
     DURATION_PATTERN,
     PERCENT_PATTERN,
     SIZE_PATTERN,

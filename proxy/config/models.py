@@ -8,7 +8,7 @@ Schema (``policies/schema.json``) and the policy reference (docs/reference.md).
 Adding a section to a route later (``rate_limit``, ``retry``, ...) is one
 optional field on :class:`Route` whose type is another :class:`PolicyModel`;
 cross-field checks go in :meth:`Policy._cross_checks` and report through
-:func:`~proxy.config.units.policy_error` with a location so the loader can
+:func:`~proxy.options.units.policy_error` with a location so the loader can
 print the right line and column.
 """
 
@@ -33,15 +33,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.config.units import Duration, Percent, Size, describe_value, format_size, policy_error
-from proxy.ops.auth import is_loopback
+from proxy.cluster.options import Balance, HealthCheckOptions, OutlierDetectionOptions
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
-from proxy.resilience.breaker import BreakerOptions
-from proxy.resilience.bulkhead import BulkheadOptions
-from proxy.resilience.failover import Balance, OutlierDetectionOptions
-from proxy.resilience.health import HealthCheckOptions
-from proxy.resilience.ratelimit import RateLimits
-from proxy.resilience.retry import RetryOptions
+from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
+from proxy.policies.breaker.options import BreakerOptions
+from proxy.policies.bulkhead.options import BulkheadOptions
+from proxy.policies.ratelimit.options import RateLimits
+from proxy.policies.retry.options import RetryOptions
 
 __all__ = [
     "PolicyModel",
@@ -64,7 +62,8 @@ __all__ = [
 ]
 
 
-from proxy.config.base import (  # noqa: E402  (re-exported: the models' building blocks)
+from proxy.kernel.reasons import KNOWN_METHODS
+from proxy.options.base import (  # noqa: E402  (re-exported: the models' building blocks)
     NAME_PATTERN,
     Count,
     Flag,
@@ -74,9 +73,10 @@ from proxy.config.base import (  # noqa: E402  (re-exported: the models' buildin
     Text,
     _check_host,
     _valid_hostname,
+    is_loopback,
     keep_ordered,
 )
-from proxy.resilience.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
+from proxy.policies.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 from proxy.state.options import StateOptions  # noqa: E402
 from proxy.tracing.options import TracingOptions  # noqa: E402
 
@@ -756,7 +756,7 @@ class Upstream(PolicyModel):
 
 # --------------------------------------------------------------------------- routes
 
-KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -1007,7 +1007,7 @@ class Route(PolicyModel):
         return self
 
     # Per-route policy sections. Each is an optional field whose options model
-    # lives in its own module under proxy/resilience/; absent means off.
+    # lives in its own package under proxy/policies/; absent means off.
     # (One anchor per section, so work on different sections merges cleanly.)
 
     # section: rate_limit

@@ -12,13 +12,12 @@ import asyncio
 import logging
 import time
 
-from proxy.dataplane.exchange import Exchange, LocalReply, Reply
-from proxy.dataplane.forward import BodyTooLarge, RequestBodyTimeout
 from proxy.dataplane.headers import RequestHead, add_forwarding, http_date, new_request_id, response_headers
 from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
 from proxy.dataplane.runtime import RouteRuntime, Runtime
 from proxy.grpc import request_is_grpc
+from proxy.kernel.exchange import BodyTooLarge, ClientGone, Exchange, LocalReply, Reply, RequestBodyTimeout
 from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
@@ -26,10 +25,6 @@ log = logging.getLogger("fender")
 
 _NO_ROUTE_NAME = "-"
 _KNOWN_UPGRADES = frozenset({"websocket"})  # protocol label values besides a route's own list
-
-
-class ClientGone(Exception):
-    """The client disconnected; there is nobody left to answer."""
 
 
 class ResponseAborted(Exception):
@@ -125,7 +120,7 @@ def _accepts_trailers(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-# ASGI extension of Fender's own HTTP protocol (proxy/http_protocol.py): the response head
+# ASGI extension of Fender's own HTTP protocol (proxy/server/protocol.py): the response head
 # message may carry the first body part. Other servers (granian) get the standard two messages.
 _INLINE_BODY = "fender.response.body"
 

@@ -15,18 +15,8 @@ import time
 from email.utils import formatdate
 
 from proxy.grpc import parse_timeout as parse_grpc_timeout
+from proxy.kernel.fields import HOP_BY_HOP
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Dropped from requests as well: framing is ours, forwarding headers are rebuilt below.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",

@@ -1,60 +1,27 @@
 """Per-route pipelines, assembled once when the policy loads.
 
-A pipeline is a chain of layers, tower-style: each layer wraps the next and
-exposes ``async __call__(exchange) -> Reply``. The order is fixed (see
-architecture.md): rate limit, cache, circuit breaker, bulkhead, retry, then
-the forwarder. Each policy module under ``proxy/resilience/`` provides
-``build_layer(route, next_handler, ctx)``, which returns None when the route
-does not use that policy, so a route pays only for the policies it names.
+A pipeline is a chain of layers, tower-style: each layer wraps the next and is a
+:data:`~proxy.kernel.exchange.Handler`, ``async (Exchange) -> Reply``. The order is
+:data:`proxy.policies.chain.ORDER` (rate limit, cache, circuit breaker, bulkhead, retry), then
+the forwarder; with ``tracing:`` a server span wraps the whole and a client span each try.
+A policy's ``build_layer`` returns None when the route does not use it, so a route pays only
+for the policies it names. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from types import FunctionType, MethodType
-from typing import Any
+from typing import TYPE_CHECKING
 
-from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.dataplane.exchange import Exchange, Reply
-from proxy.dataplane.forward import Forwarder, UpstreamRuntime
-from proxy.metrics import Metrics
+from proxy.config.models import Route
+from proxy.dataplane.forward import Forwarder
+from proxy.kernel.exchange import Handler
+from proxy.policies.chain import ORDER
+from proxy.policies.context import LayerContext
+from proxy.tracing.tracer import ClientSpanLayer, ServerSpanLayer
 
-Handler = Callable[[Exchange], Awaitable[Reply]]
-
-# Outermost first. A module that does not exist yet is skipped, so each policy
-# lands by adding its module, without touching this file.
-LAYER_MODULES = (
-    "proxy.resilience.ratelimit",
-    "proxy.resilience.cache",
-    "proxy.resilience.breaker",
-    "proxy.resilience.bulkhead",
-    "proxy.resilience.retry",
-)
-
-
-@dataclass
-class LayerContext:
-    """What a layer factory may use besides the route's own options."""
-
-    metrics: Metrics
-    upstream: UpstreamRuntime
-    policy: Any
-    clock: Clock = SYSTEM_CLOCK
-    # Objects shared between routes (e.g. one breaker per upstream), keyed by
-    # the owning module; a reload may hand over entries whose settings did not change.
-    shared: dict[str, Any] = field(default_factory=dict)
-
-
-def _layer_builders() -> list[Callable]:
-    builders = []
-    for name in LAYER_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        builders.append(importlib.import_module(name).build_layer)
-    return builders
+if TYPE_CHECKING:
+    from proxy.tracing.tracer import Tracer
 
 
 def _fast_callable(handler: Handler) -> Handler:
@@ -66,26 +33,17 @@ def _fast_callable(handler: Handler) -> Handler:
     """
     if isinstance(handler, FunctionType | MethodType):
         return handler
-    return handler.__call__  # type: ignore[return-value]
+    return handler.__call__  # type: ignore[attr-defined,no-any-return]
 
 
-# Key of the policy's proxy.tracing.tracer.Tracer in ``ctx.shared``; absent without ``tracing:``.
-TRACER_KEY = "fender.tracer"
-
-
-def build_pipeline(route, ctx: LayerContext) -> Handler:
+def build_pipeline(route: Route, ctx: LayerContext, tracer: Tracer | None = None) -> Handler:
     handler: Handler = _fast_callable(Forwarder(ctx.upstream, route, ctx.clock))
-    tracer = ctx.shared.get(TRACER_KEY)
     if tracer is not None:
-        from proxy.tracing.tracer import ClientSpanLayer
-
         handler = _fast_callable(ClientSpanLayer(handler, tracer, ctx.upstream))
-    for build_layer in reversed(_layer_builders()):
+    for _field, build_layer in reversed(ORDER):
         wrapped = build_layer(route, handler, ctx)
         if wrapped is not None:
             handler = _fast_callable(wrapped)
     if tracer is not None:
-        from proxy.tracing.tracer import ServerSpanLayer
-
         handler = _fast_callable(ServerSpanLayer(handler, tracer, route, ctx.metrics))
     return handler

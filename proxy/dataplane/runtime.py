@@ -7,28 +7,11 @@ Runtime reference per request, so swapping the reference swaps the policy.
 Reload hand-over
 ----------------
 A reload builds a new Runtime next to the running one, passing the running
-one as ``previous``. Objects that own state are obtained through
-:func:`keep` (``keep(ctx, key, settings, build)``): when the previous runtime
-holds an object under the same key built from equal settings, that very
-object is reused (its state, pools and background tasks carry on);
-otherwise ``build()`` makes a new one, and if the new object has a
-``carry_over(old)`` method it is called with the previous object of that key,
-so a module can take over what still applies (e.g. a cache keeping entries
-when only its size changed). ``carry_over`` runs during the build and must
-only change the new object (the build may still fail); a fresh object's
-``take_over()`` (sync or async) runs once the whole runtime started, just
-before it goes live, for hand-overs that touch the old object (a bulkhead's
-slots, connection pools, stopping the old health checks). Upstreams go through the same mechanism, keyed
-``("upstream", name)`` with their options as settings.
-
-Modules that keep their objects in a registry dict in ``ctx.shared`` (e.g.
-``ctx.shared.setdefault("breaker", {})``) get the same without calling
-:func:`keep`: during a reload that dict starts with the previous runtime's
-entries (see :class:`Registry`), so an object looked up under a key that
-includes its settings is reused; an entry the module overwrites gets
-``carry_over(old)`` called if it has one; unused previous entries are dropped.
-A non-dict entry of ``ctx.shared`` with a ``carry_over`` method receives the
-previous entry of that module key.
+one as ``previous``. Every object that owns state is obtained through one
+mechanism, :class:`proxy.kernel.handover.Handover` (``ctx.keep(key, settings,
+build)`` in a policy): unchanged settings keep the very object, changed ones
+build a new object that may ``carry_over`` from the old. Upstreams go through
+the same mechanism, keyed ``("upstream", name)`` with their options as settings.
 
 The old runtime keeps serving the requests that already hold it; it is
 retired (its objects that the new runtime does not use are closed) once its
@@ -40,170 +23,27 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.cluster.upstream import UpstreamRuntime
+from proxy.config.models import Policy, Route
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.forward import UpstreamRuntime
 from proxy.dataplane.headers import TrustedProxies
-from proxy.dataplane.pipeline import TRACER_KEY, Handler, LayerContext, build_pipeline
+from proxy.dataplane.pipeline import build_pipeline
 from proxy.dataplane.router import IndexedRouter, Router, build_router, compile_match
+from proxy.kernel.exchange import Handler
+from proxy.kernel.handover import CheckpointProviders, Handover
 from proxy.metrics import Metrics, RouteMetrics, TunnelMetrics
-from proxy.ops.checkpoint import CheckpointProviders
+from proxy.policies.context import LayerContext
+from proxy.tracing.options import TracingOptions
+from proxy.tracing.tracer import Tracer
 
 log = logging.getLogger("fender")
 
 # Bodies up to this size are read whole before the upstream request, so the
 # request goes out in one write and can be replayed; larger ones stream.
 BUFFER_BODY_LIMIT = 64 * 1024
-
-# Reserved keys in ``Runtime.shared`` (module keys are module names, so they never clash).
-HANDOVER_KEY = "fender.handover"
-CHECKPOINTS_KEY = "fender.checkpoints"
-_RESERVED = (HANDOVER_KEY, CHECKPOINTS_KEY, TRACER_KEY)
-
-T = TypeVar("T")
-
-
-class Handover:
-    """The stateful objects of one runtime, by key, with the settings each was built from."""
-
-    def __init__(self, previous: Handover | None = None) -> None:
-        self.previous = previous
-        self.objects: dict[Hashable, tuple[Any, Any]] = {}
-        self.kept = 0
-        self.fresh: list[Any] = []
-
-    def keep(self, key: Hashable, settings: Any, build: Callable[[], T]) -> T:
-        entry = self.objects.get(key)
-        if entry is not None:
-            return entry[1]  # asked again within the same build (an object shared by routes)
-        old = self.previous.objects.get(key) if self.previous is not None else None
-        if old is not None and old[0] == settings:
-            obj = old[1]
-            self.kept += 1
-        else:
-            obj = build()
-            if old is not None:
-                carry = getattr(obj, "carry_over", None)
-                if carry is not None:
-                    carry(old[1])
-            self.fresh.append(obj)
-        self.objects[key] = (settings, obj)
-        return obj
-
-    def owned_ids(self) -> set[int]:
-        return {id(obj) for _, obj in self.objects.values()}
-
-
-class Registry(dict):
-    """A module's registry in ``Runtime.shared`` during a reload, pre-filled with the previous entries.
-
-    Modules keep per-runtime registries as dicts in ``ctx.shared`` (e.g.
-    ``ctx.shared.setdefault("breaker", {})``). During a reload the new
-    runtime's registry starts with the previous runtime's entries, so a module
-    that looks an object up under a key that includes its settings (``get``,
-    ``[]``, ``in``, ``setdefault``) finds the previous object and reuses it,
-    state and all. An entry the module overwrites is replaced (and the new
-    value's ``carry_over(old)`` is called if it has one); previous entries that
-    nobody asked for are dropped once the build is done.
-    """
-
-    def __init__(self, previous: dict) -> None:
-        super().__init__(previous)
-        self._seeded = set(previous)
-        self._hits: set = set()
-        self._replaced: dict = {}
-
-    def _hit(self, key) -> None:
-        if key in self._seeded and key not in self._replaced:
-            self._hits.add(key)
-
-    def get(self, key, default=None):
-        self._hit(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key):
-        self._hit(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key) -> bool:
-        self._hit(key)
-        return super().__contains__(key)
-
-    def setdefault(self, key, default=None):
-        self._hit(key)
-        return super().setdefault(key, default)
-
-    def __setitem__(self, key, value) -> None:
-        if key in self._seeded and key not in self._hits and key not in self._replaced:
-            self._replaced[key] = super().__getitem__(key)
-        super().__setitem__(key, value)
-
-    # Iterating shows only what this build uses: previous entries appear once looked up, so
-    # a module counting or naming its objects (e.g. to avoid duplicate names) is not misled.
-    def _live(self, key) -> bool:
-        return key not in self._seeded or key in self._hits or key in self._replaced
-
-    def keys(self):
-        return [k for k in dict.keys(self) if self._live(k)]
-
-    def values(self):
-        return [v for k, v in dict.items(self) if self._live(k)]
-
-    def items(self):
-        return [(k, v) for k, v in dict.items(self) if self._live(k)]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def settle(self) -> dict:
-        """The registry as the build left it, as a plain dict; calls ``carry_over`` on replaced entries."""
-        out = {}
-        for key, value in dict.items(self):
-            if not self._live(key):
-                continue  # a previous entry the new policy no longer uses
-            out[key] = value
-            old = self._replaced.get(key)
-            carry = getattr(value, "carry_over", None)
-            if old is not None and old is not value and carry is not None:
-                carry(old)
-        return out
-
-    @property
-    def taken_over(self) -> int:
-        return len(self._hits)
-
-
-def keep(ctx: LayerContext, key: Hashable, settings: Any, build: Callable[[], T]) -> T:
-    """The object for ``key``: the previous runtime's when ``settings`` are equal, else ``build()``.
-
-    Policy modules call this from ``build_layer`` for every object that owns
-    state (a breaker, a bucket table, a cache), with a key naming it (e.g.
-    ``("breaker", route.name)``) and the options it is built from (pydantic
-    models compare by value). Outside a Runtime (a bare LayerContext in a unit
-    test) it simply builds.
-    """
-    handover = ctx.shared.get(HANDOVER_KEY)
-    if handover is None:
-        return build()
-    return handover.keep(key, settings, build)
-
-
-def register_checkpoint(
-    ctx: LayerContext, name: str, snapshot: Callable[[], dict], restore: Callable[[dict], None]
-) -> None:
-    """Have ``snapshot()`` saved in each checkpoint and ``restore(data)`` called with it at start.
-
-    See :mod:`proxy.ops.checkpoint` for the contract. Without a Runtime this does nothing.
-    """
-    providers = ctx.shared.get(CHECKPOINTS_KEY)
-    if providers is not None:
-        providers.register(name, snapshot, restore)
 
 
 class RouteRuntime:
@@ -224,7 +64,7 @@ class RouteRuntime:
         "upgrade_metrics",
     )
 
-    def __init__(self, options, ctx: LayerContext) -> None:
+    def __init__(self, options: Route, ctx: LayerContext, tracer: Tracer | None = None) -> None:
         upstream = ctx.upstream
         self.name = options.name
         self.options = options
@@ -248,7 +88,7 @@ class RouteRuntime:
         )
         self.upgrade_metrics = TunnelMetrics(ctx.metrics, options.name)
         self.metrics = RouteMetrics(ctx.metrics, options.name)
-        self.pipeline: Handler = build_pipeline(options, ctx)
+        self.pipeline: Handler = build_pipeline(options, ctx, tracer)
 
 
 class Runtime:
@@ -260,7 +100,7 @@ class Runtime:
         clock: Clock = SYSTEM_CLOCK,
         previous: Runtime | None = None,
     ) -> None:
-        self.policy = policy
+        self.policy: Policy = policy
         self.source = source
         self.metrics = metrics
         self.clock = clock
@@ -270,12 +110,8 @@ class Runtime:
         self.idle_waiter: asyncio.Future | None = None
         self.handover = Handover(previous.handover if previous is not None else None)
         self.checkpoints = CheckpointProviders()
-        # Objects layers share across routes (e.g. one breaker per upstream), by module.
-        self.shared: dict = {HANDOVER_KEY: self.handover, CHECKPOINTS_KEY: self.checkpoints}
-        if previous is not None:
-            for key, value in previous.shared.items():
-                if key not in _RESERVED and type(value) is dict:
-                    self.shared[key] = Registry(value)
+        # Stateful objects by kind and name, for the admin API (bulkhead/checkout, cache/store, ...).
+        self.exposed: dict[str, dict[str, Any]] = {}
         self.upstreams = {
             name: self.handover.keep(
                 ("upstream", name), up, lambda n=name, u=up: UpstreamRuntime(n, u, metrics, clock)
@@ -289,14 +125,27 @@ class Runtime:
             self.checkpoints.register(
                 f"upstream/{name}", upstream.checkpoint_snapshot, upstream.checkpoint_restore
             )
-        tracing = getattr(policy, "tracing", None)
-        if tracing is not None:
-            # One tracer (sampler and exporter) per tracing section; a reload that keeps it keeps the queue.
-            self.shared[TRACER_KEY] = self.handover.keep(
-                ("tracing",), tracing, lambda: _tracer(tracing, metrics, clock)
-            )
+        tracing: TracingOptions | None = policy.tracing
+        # One tracer (sampler and exporter) per tracing section; a reload that keeps it keeps the queue.
+        self.tracer = (
+            None
+            if tracing is None
+            else self.handover.keep(("tracing",), tracing, lambda: Tracer(tracing, metrics, clock))
+        )
         self.routes = [
-            RouteRuntime(r, LayerContext(metrics, self.upstreams[r.upstream], policy, clock, self.shared))
+            RouteRuntime(
+                r,
+                LayerContext(
+                    metrics,
+                    self.upstreams[r.upstream],
+                    policy,
+                    clock,
+                    handover=self.handover,
+                    checkpoints=self.checkpoints,
+                    exposed=self.exposed,
+                ),
+                self.tracer,
+            )
             for r in policy.routes
         ]
         self.router: Router[RouteRuntime] | IndexedRouter[RouteRuntime] = build_router(
@@ -305,23 +154,7 @@ class Runtime:
         self.trusted = TrustedProxies(policy.server.trusted_proxies, policy.server.trusted_hops)
         # None when off (the default): the data path then pays one truth test per request, as before.
         self.access_log = AccessLog(policy.server.access_log_format) if policy.server.access_log else None
-        if previous is not None:
-            self._generic_carry_over(previous)
         self.handover.previous = None  # do not keep a chain of old runtimes alive
-
-    def _generic_carry_over(self, previous: Runtime) -> None:
-        kept = self.handover.owned_ids()
-        for key, obj in list(self.shared.items()):
-            if key in _RESERVED or id(obj) in kept:
-                continue
-            if isinstance(obj, Registry):
-                self.handover.kept += obj.taken_over
-                self.shared[key] = obj.settle()
-                continue
-            old = previous.shared.get(key)
-            carry = getattr(obj, "carry_over", None)
-            if old is not None and old is not obj and carry is not None:
-                carry(old)
 
     @property
     def kept_objects(self) -> int:
@@ -366,12 +199,8 @@ class Runtime:
 
     def _objects(self) -> list[Any]:
         objects = [obj for _, obj in self.handover.objects.values()]
-        for key, obj in self.shared.items():
-            if key in _RESERVED:
-                continue
-            objects.append(obj)
-            if type(obj) is dict:
-                objects.extend(obj.values())  # a module's registry: its entries own state too
+        for named in self.exposed.values():
+            objects.extend(named.values())  # exposed for the admin API; some own tasks too
         return objects
 
     def owned_ids(self) -> set[int]:
@@ -392,12 +221,6 @@ class Runtime:
 
     async def close(self) -> None:
         await self.retire(set())
-
-
-def _tracer(options, metrics: Metrics, clock: Clock):
-    from proxy.tracing.tracer import Tracer  # imported only by policies that trace
-
-    return Tracer(options, metrics, clock)
 
 
 async def _call_if_present(obj: Any, name: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 
 from proxy.ops.preflight import StartupError
@@ -13,15 +12,6 @@ _MAX_TOKEN_FILE = 64 * 1024
 
 class AdminAuthError(StartupError):
     """The admin token cannot be had (the message says what to change; ``at`` where it is configured)."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | None:

@@ -3,11 +3,12 @@
 The framework knows nothing about breakers or health checks. A policy module
 registers a *provider* on the runtime while its layer is built::
 
-    from proxy.dataplane.runtime import register_checkpoint
+    def build_layer(route, next_handler, ctx):      # ctx: proxy.policies.context.LayerContext
+        breaker = ctx.keep(("breaker", route.name), route.circuit_breaker, lambda: Breaker(...))
+        ctx.checkpoint(f"breaker/{route.name}", breaker.snapshot, breaker.restore)
 
-    def build_layer(route, next_handler, ctx):
-        breaker = keep(ctx, ("breaker", route.name), route.circuit_breaker, lambda: Breaker(...))
-        register_checkpoint(ctx, f"breaker/{route.name}", breaker.snapshot, breaker.restore)
+(the registry, :class:`proxy.kernel.handover.CheckpointProviders`, sits in the kernel so the
+policies need nothing from this module).
 
 Contract for a provider ``(name, snapshot, restore)``:
 
@@ -48,53 +49,6 @@ FORMAT = 1
 MAX_BYTES = 64 * 1024 * 1024
 # Clocks of a restarted host may differ a little; beyond this a checkpoint is "from the future".
 FUTURE_SLACK_SECONDS = 300.0
-
-Snapshot = Callable[[], dict]
-Restore = Callable[[dict], None]
-
-
-class CheckpointProviders:
-    """The providers registered by one runtime's policy modules."""
-
-    def __init__(self) -> None:
-        self._providers: dict[str, tuple[Snapshot, Restore]] = {}
-
-    def register(self, name: str, snapshot: Snapshot, restore: Restore) -> None:
-        if name in self._providers:
-            if self._providers[name] == (snapshot, restore):
-                return  # the same object registered again (e.g. a breaker shared by routes)
-            raise ValueError(f"checkpoint provider {name!r} is registered twice")
-        self._providers[name] = (snapshot, restore)
-
-    def names(self) -> list[str]:
-        return list(self._providers)
-
-    def snapshot_all(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        for name, (snapshot, _) in self._providers.items():
-            try:
-                out[name] = snapshot()
-            except Exception:
-                log.exception("checkpoint provider %s failed to snapshot; left out", name)
-        return out
-
-    def restore_all(self, data: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """Hand each provider its data; returns (restored, failed) provider names."""
-        restored: list[str] = []
-        failed: list[str] = []
-        for name, (_, restore) in self._providers.items():
-            if name not in data:
-                continue
-            entry = data[name]
-            try:
-                if not isinstance(entry, dict):
-                    raise ValueError("not a mapping")
-                restore(entry)
-            except Exception as exc:
-                failed.append(f"{name} ({exc})")
-                continue
-            restored.append(name)
-        return restored, failed
 
 
 def policy_fingerprint(policy) -> str:

@@ -140,7 +140,7 @@ def summarise(old: RouteReading | None, new: RouteReading, seconds: float) -> di
 
 
 class TrafficHistory:
-    """The ring buffer and the task that fills it; started and stopped with :class:`~proxy.server.Fender`."""
+    """The ring buffer and the task that fills it; started and stopped with :class:`~proxy.server.fender.Fender`."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Policy sections for operations: reload, drain, checkpoint, admin token.
 
-Imports only ``proxy.config.base`` and ``proxy.config.units`` (the models
+Imports only ``proxy.options.base`` and ``proxy.options.units`` (the models
 import this module, not the other way round).
 """
 
@@ -10,8 +10,8 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from proxy.config.base import Flag, PolicyModel, Text
-from proxy.config.units import Duration, policy_error
+from proxy.options.base import Flag, PolicyModel, Text
+from proxy.options.units import Duration, policy_error
 
 __all__ = ["ReloadOptions", "DrainOptions", "CheckpointOptions", "AdminAuthOptions"]
 

@@ -27,17 +27,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK
 from proxy.config import PolicyError
 from proxy.config.loader import read_policy_file as read_policy_document
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
+from proxy.ops.host import ReloadHost
 from proxy.upstream.reachable import tcp_reachable
-
-if TYPE_CHECKING:
-    from proxy.server import Fender
 
 log = logging.getLogger("fender")
 
@@ -108,7 +106,7 @@ def restart_required(old_policy, new_policy) -> list[str]:
 class Reloader:
     """Owns the policy lifecycle of one Fender: reload, rollback, file watch, status."""
 
-    def __init__(self, fender: Fender, file_sha: str | None) -> None:
+    def __init__(self, fender: ReloadHost, file_sha: str | None) -> None:
         self.fender = fender
         self.path = fender.source
         self.current = Loaded(fender.policy, file_sha, time.time(), "start")

@@ -17,7 +17,7 @@ import json
 import struct
 import zlib
 
-from proxy.resilience.cache.store import Entry, Variants
+from proxy.policies.cache.store import Entry, Variants
 
 MAGIC = b"FNDc"
 VERSION = 1

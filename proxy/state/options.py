@@ -7,8 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from proxy.config.base import Count, PolicyModel, Text
-from proxy.config.units import Duration, Percent, describe_value, policy_error
+from proxy.options.base import Count, PolicyModel, Text
+from proxy.options.units import Duration, Percent, describe_value, policy_error
 
 
 def _check_address(value: str) -> str:

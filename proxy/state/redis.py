@@ -18,10 +18,10 @@ values, found through two bounded indexes kept beside them (see
 established again after being lost clears L1 entirely: messages sent while it
 was down are gone.
 
-The object is built through :func:`proxy.dataplane.runtime.keep` under
+The object is built through the runtime's hand-over (``ctx.keep``) under
 :data:`STATE_KEY` with the ``state.redis`` options as settings, so a reload
 that leaves those options unchanged keeps the same client, connections and
-subscription; it is also published as ``ctx.shared[STATE_KEY]`` for the admin
+subscription; it is also exposed as ``state/redis`` for the admin
 API.
 """
 
@@ -34,7 +34,7 @@ import time
 import weakref
 from urllib.parse import unquote, urlsplit
 
-from proxy.resilience.cache.purge import drop_prefix, drop_tags, target_of
+from proxy.policies.cache.purge import drop_prefix, drop_tags, target_of
 from proxy.state.options import RedisOptions
 
 log = logging.getLogger("fender.state")
@@ -656,12 +656,8 @@ def fleet_state(ctx) -> RedisState | None:
     options = getattr(ctx.policy, "state", None)
     if options is None or options.backend != "redis":
         return None
-    from proxy.dataplane.runtime import keep
-
     redis_options = options.redis
-    state = ctx.shared.get(STATE_KEY)
-    if state is not None and state.options == redis_options:
-        return state  # another route of this build (or a bare context) already has it
-    state = keep(ctx, STATE_KEY, redis_options, lambda: RedisState(redis_options, ctx.metrics, ctx.clock))
-    ctx.shared[STATE_KEY] = state
+    # The same key within a build gives the same object: one client for every route.
+    state = ctx.keep(STATE_KEY, redis_options, lambda: RedisState(redis_options, ctx.metrics, ctx.clock))
+    ctx.expose("state", "redis", state)
     return state

@@ -1,6 +1,6 @@
 """The ``tracing:`` policy section: where spans go and how many requests are sampled.
 
-Imports only ``proxy.config.base`` and ``proxy.config.units`` (the models import this module).
+Imports only ``proxy.options.base`` and ``proxy.options.units`` (the models import this module).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from proxy.config.base import Count, PolicyModel, Text
-from proxy.config.units import Percent, policy_error
+from proxy.options.base import Count, PolicyModel, Text
+from proxy.options.units import Percent, policy_error
 
 __all__ = ["TracingOptions", "resolve_headers"]
 

@@ -18,8 +18,8 @@ from bisect import bisect_left
 from prometheus_client.samples import Exemplar
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.dataplane.accesslog import cache_result
-from proxy.dataplane.exchange import Exchange, LocalReply, Reply
+from proxy.kernel.exchange import Exchange, LocalReply, Reply
+from proxy.policies.cache.status import cache_result
 from proxy.tracing.context import incoming_context
 from proxy.tracing.export import SpanExporter
 from proxy.tracing.options import TracingOptions, resolve_headers

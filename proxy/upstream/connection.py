@@ -17,16 +17,13 @@ import asyncio
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.tunnel import TunnelEnd
 
 from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout, os_words
-
-if TYPE_CHECKING:
-    from .pool import UpstreamPool
 
 # Response-body flow control: stop reading the socket when more than this much
 # body is buffered and unread.  read() takes the whole buffer, so reading
@@ -392,7 +389,8 @@ class Connection(asyncio.Protocol):
     """One TCP connection; serves one exchange at a time."""
 
     __slots__ = (
-        "pool",
+        "release",
+        "discard_idle",
         "loop",
         "transport",
         "closed",
@@ -410,8 +408,15 @@ class Connection(asyncio.Protocol):
         "_head_timer_at",
     )
 
-    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        release: Callable[[Connection, bool], None],
+        discard_idle: Callable[[Connection], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        # The owning pool's callbacks: give the slot back (reusable or not); drop a dead idle one.
+        self.release = release
+        self.discard_idle = discard_idle
         self.loop = loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.closed = False
@@ -468,7 +473,7 @@ class Connection(asyncio.Protocol):
             if not self.closed:
                 self.transport.resume_reading()  # idle connections must notice EOF
         if self.checked_out:
-            self.pool._release(self, resp.keep_alive and not resp._garbage)
+            self.release(self, resp.keep_alive and not resp._garbage)
 
     def _switch(self, resp: UpstreamResponse, early: bytes) -> None:
         """After a 101: the transport leaves HTTP for a tunnel end; the pool slot stays taken
@@ -487,7 +492,7 @@ class Connection(asyncio.Protocol):
     def _tunnel_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.checked_out:
-            self.pool._release(self, False)
+            self.release(self, False)
 
     def abandon(self, resp: UpstreamResponse, exc: UpstreamError) -> None:
         """The caller gave up on ``resp`` (close/cancel): drop the connection if still attached."""
@@ -508,7 +513,7 @@ class Connection(asyncio.Protocol):
         self.wake_drain()
         self.abort()
         if self.checked_out:
-            self.pool._release(self, False)
+            self.release(self, False)
 
     def arm_head_timer(self, when: float) -> None:
         """Make sure the connection's timer fires by ``when`` (the head deadline of its exchange).
@@ -694,4 +699,4 @@ class Connection(asyncio.Protocol):
     def _lost_idle(self) -> None:
         self.close()
         if self.pooled:
-            self.pool._discard_idle(self)
+            self.discard_idle(self)

@@ -8,7 +8,7 @@ Every fault carries two facts the layers above need:
   upstream.  The retry layer only resends non-idempotent requests when this is
   False.
 
-and, for the error log (proxy/dataplane/faultlog.py), ``cause``: what the
+and, for the error log (proxy/cluster/faultlog.py), ``cause``: what the
 operating system or the response said, in a few lowercase words
 (``connection refused``, ``name does not resolve``, ``response head over 64 KiB``),
 or None when the message says all that is known.

@@ -292,11 +292,11 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 if self.unix_path is None:
                     _, conn = await loop.create_connection(
-                        lambda: Connection(self, loop), self.host, self.port
+                        lambda: Connection(self._release, self._discard_idle, loop), self.host, self.port
                     )
                 else:
                     _, conn = await loop.create_unix_connection(
-                        lambda: Connection(self, loop), self.unix_path
+                        lambda: Connection(self._release, self._discard_idle, loop), self.unix_path
                     )
         except BaseException as exc:
             self._in_use -= 1

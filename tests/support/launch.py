@@ -6,7 +6,7 @@ import os
 
 from proxy.clock import SYSTEM_CLOCK
 from proxy.config import parse_policy
-from proxy.server import Fender, bind_socket
+from proxy.server.fender import Fender, bind_socket
 
 
 async def launch_fender(text: str, source: str = "test-policy.yaml", clock=None) -> Fender:

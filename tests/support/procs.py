@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.server import Fender
+from proxy.server.fender import Fender
 from tests.support.launch import launch_fender
 
 

@@ -218,10 +218,10 @@ async def scenario(start: Callable[[str], Awaitable], screenshot: Path) -> Obser
                     timeout=FEW_POLLS_SECONDS * 1000
                 )
                 out.breaker_seen_after = time.monotonic() - clicked
-                from proxy.resilience.breaker import breakers
+                from proxy.policies.breaker.layer import breakers
 
                 out.breaker_state = next(
-                    b.snapshot()["state"] for b in breakers(fender.runtime) if b.name == "orders-api"
+                    b.snapshot()["state"] for b in breakers(fender.runtime.exposed) if b.name == "orders-api"
                 )
 
                 # Let the sparklines and the error spike of the open breaker show, then take the pictures.

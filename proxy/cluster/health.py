@@ -1,0 +1,192 @@
+"""Active health checks: one background task per replica, probing an HTTP path.
+
+Each task sleeps a jittered interval (so a fleet of sidecars started together
+does not probe in lockstep), sends ``GET <path>`` over its own one-connection
+pool (Fender's HTTP/1.1 client, never the pool that carries traffic) and
+reports pass or fail to the replica picker, which owns the state machine
+(``healthy_threshold`` passes in a row to come back, ``unhealthy_threshold``
+fails in a row to go down). Time comes from the injected clock; the probe
+itself is bounded by ``timeout`` in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from proxy.clock import Clock
+from proxy.cluster.options import ERROR, FAIL, PASS, TIMEOUT, HealthCheckOptions, parse_status_ranges
+from proxy.cluster.picker import ReplicaPicker
+from proxy.grpc import grpc_status
+from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
+
+__all__ = ["HealthChecker"]
+
+
+class HealthChecker:
+    """The probe tasks of one upstream; started by ``start()``, stopped by ``close()``."""
+
+    def __init__(
+        self,
+        options: HealthCheckOptions,
+        picker: ReplicaPicker,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.options = options
+        self.picker = picker
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self._ranges = parse_status_ranges(options.expect_status)
+        self._target = options.path.encode("latin-1")
+        self._tasks: list[asyncio.Task] = []
+        pool_class = H2Pool if options.grpc else UpstreamPool
+        self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
+        self._pools = [
+            pool_class(
+                state.replica.host,
+                state.replica.port,
+                unix_path=state.replica.unix_path,
+                max_connections=1,
+                max_keepalive=1,
+                connect_timeout=options.timeout,
+                keepalive_idle_timeout=max(options.interval * 3, 5.0),
+                max_pending=0,
+            )
+            for state in picker.states
+        ]
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        for index in range(len(self._pools)):
+            task = asyncio.create_task(
+                self._run(index), name=f"health-check {self.picker.states[index].name}"
+            )
+            self._tasks.append(task)
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.gather(*(pool.close() for pool in self._pools), return_exceptions=True)
+
+    def _wait(self) -> float:
+        jitter = self.options.jitter
+        return self.options.interval * (1.0 + self._rng.uniform(-jitter, jitter))
+
+    async def _run(self, index: int) -> None:
+        clock = self.clock
+        # The first probe lands somewhere in the first interval (jitter across a fleet).
+        await clock.sleep(self._rng.uniform(0.0, self.options.interval * max(self.options.jitter, 0.05)))
+        while True:
+            started = clock.now()
+            result = await self.probe(index)
+            self.picker.record_check(index, result, clock.now() - started, clock.now())
+            await clock.sleep(self._wait())
+
+    async def probe(self, index: int) -> str:
+        """One probe of one replica: PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        if self._grpc_body is not None:
+            return await self._probe_grpc(index)
+        pool = self._pools[index]
+        state = self.picker.states[index]
+        try:
+            response = await pool.request(
+                b"GET",
+                self._target,
+                [(b"host", state.replica.authority), (b"user-agent", b"fender-health-check")],
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                while await response.read():
+                    pass
+        except (UpstreamError, TimeoutError):
+            response.close()
+        status = response.status
+        for low, high in self._ranges:
+            if low <= status <= high:
+                return PASS
+        return FAIL
+
+    async def _probe_grpc(self, index: int) -> str:
+        """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
+        pool = self._pools[index]
+        state = self.picker.states[index]
+        try:
+            response = await pool.request(
+                b"POST",
+                _GRPC_HEALTH_PATH,
+                [
+                    (b"host", state.replica.authority),
+                    (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers"),
+                    (b"user-agent", b"fender-health-check"),
+                ],
+                body=self._grpc_body,
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        body = b""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                for _ in range(64):
+                    chunk = await response.read()
+                    if not chunk:
+                        break
+                    body += chunk
+                    if len(body) > 4096:
+                        break  # a health answer is a few bytes
+        except (UpstreamError, TimeoutError):
+            response.close()
+            return ERROR
+        response.close()
+        if response.status != 200:
+            return FAIL
+        status = grpc_status(response.trailers or response.headers)
+        if status != 0:
+            return FAIL
+        return PASS if _serving(body) else FAIL
+
+
+_GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+_SERVING = 1
+
+
+def _grpc_health_request(service: str) -> bytes:
+    """A gRPC message holding HealthCheckRequest{service} (protobuf field 1, a string)."""
+    name = service.encode()
+    message = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serving(body: bytes) -> bool:
+    """The HealthCheckResponse in a gRPC body says SERVING (field 1, varint, value 1)."""
+    if len(body) < 5 or body[0] != 0:
+        return False
+    message = body[5 : 5 + int.from_bytes(body[1:5], "big")]
+    # Tag 0x08 is field 1 as a varint; SERVING is 1 (one byte). UNKNOWN (0) is the empty message.
+    return len(message) >= 2 and message[0] == 0x08 and message[1] == _SERVING

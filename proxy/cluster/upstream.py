@@ -1,0 +1,183 @@
+"""One upstream at run time: its replicas, their connection pools, the picker and the health checks.
+
+Built once per policy load (reused whole by a reload that keeps the upstream's settings) and
+shared by every route that names the upstream. The forwarder (proxy/dataplane/forward.py)
+asks it for a replica per try and reports each try's outcome back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.cluster.faultlog import FaultLog
+from proxy.cluster.health import HealthChecker
+from proxy.cluster.picker import ReplicaPicker
+from proxy.kernel.exchange import Exchange
+from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
+
+
+class ReplicaRuntime:
+    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
+
+    def __init__(self, replica, pool_options, protocol: str = "http1") -> None:
+        self.host = replica.host
+        self.port = replica.port
+        self.unix_path = replica.unix_path
+        self.name = replica.name  # host:port, or unix:PATH
+        self.authority = replica.authority.encode()
+        self.priority = replica.priority
+        self.weight = replica.weight
+        settings = dict(
+            unix_path=replica.unix_path,
+            max_connections=pool_options.max_connections,
+            max_keepalive=pool_options.max_keepalive,
+            connect_timeout=pool_options.connect_timeout,
+            keepalive_idle_timeout=pool_options.idle_timeout,
+            max_pending=pool_options.max_pending,
+        )
+        # protocol: auto is HTTP/1.1 on cleartext (HTTP/2 would be chosen by ALPN over TLS, see
+        # proxy.upstream.http2.alpn_protocols); h2 is prior knowledge.
+        if protocol == "h2":
+            self.pool = H2Pool(
+                replica.host,
+                replica.port,
+                max_concurrent_streams=pool_options.max_concurrent_streams,
+                **settings,
+            )
+        else:
+            self.pool = UpstreamPool(replica.host, replica.port, **settings)
+
+
+class UpstreamRuntime:
+    """The replicas of one upstream, their pools, picker and health checks; built once per policy load."""
+
+    def __init__(self, name: str, options, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.name = name
+        self.options = options
+        self.clock = clock
+        self.replicas = [ReplicaRuntime(r, options.pool, options.protocol) for r in options.replicas]
+        self.metrics = UpstreamMetrics(metrics, name)
+        self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
+        self._pool_gauges = metrics.pool_connections
+        self._stream_gauges = metrics.pool_streams
+        health = options.health_check
+        self.picker = ReplicaPicker(
+            name,
+            self.replicas,
+            balance=options.balance,
+            panic_threshold=options.panic_threshold,
+            outlier=options.outlier_detection,
+            health_thresholds=None
+            if health is None
+            else (health.healthy_threshold, health.unhealthy_threshold),
+            clock=clock,
+            metrics=metrics,
+        )
+        self._state_of = {state.replica: state for state in self.picker.states}
+        self.health = None if health is None else HealthChecker(health, self.picker, clock)
+        self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
+        self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
+
+    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
+        """The replica for the next try, or None when none may take it (503 no_healthy_replica).
+
+        Replicas named in ``ex.tried`` are avoided while another eligible one
+        exists (same priority level first, then the next), so a retry lands elsewhere.
+        """
+        state = self.picker.choose(ex.tried if ex is not None else None)
+        return None if state is None else state.replica
+
+    def observe(
+        self,
+        replica: ReplicaRuntime,
+        status: int,
+        error: UpstreamError | None,
+        duration: float,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Outcome of one try, for passive health (outlier detection). status is 0 on a fault.
+
+        A 429/503 carrying Retry-After also passes the replica over for that long (overload signal).
+        """
+        state = self._state_of[replica]
+        self.picker.observe(state, status, error)
+        if (status == 503 or status == 429) and headers:
+            for name, value in headers:
+                if name == b"retry-after":
+                    self.picker.overloaded(state, value)
+                    break
+
+    async def start(self) -> None:
+        """Start the health-check tasks once the runtime goes live."""
+        if self.health is not None:
+            self.health.start()
+
+    def export_pool_gauges(self) -> None:
+        """Copy pool sizes into gauges; called at scrape time, not per request."""
+        for replica in self.replicas:
+            pool = replica.pool
+            self._pool_gauges.labels(self.name, replica.name, "in_use").set(pool.in_use)
+            self._pool_gauges.labels(self.name, replica.name, "idle").set(pool.idle)
+            if isinstance(pool, H2Pool):
+                self._stream_gauges.labels(self.name, replica.name).set(pool.streams)
+
+    # -- reload hand-over and checkpoints ---------------------------------------------------------
+    # An upstream whose settings did not change is reused as a whole (runtime.keep). When they
+    # changed, this new UpstreamRuntime takes over what still applies from the previous one.
+
+    def carry_over(self, old: UpstreamRuntime) -> None:
+        """While the new runtime is built: copy the health/ejection state of remaining replicas."""
+        self.picker.carry_over(old.picker)
+        self.faults = old.faults  # a reload does not reopen the error log to a replica already muted
+        self._previous = old
+
+    async def take_over(self) -> None:
+        """When the new runtime goes live: keep the pools of replicas whose URL and pool settings
+        did not change (warm connections, no reconnect storm) and stop the old health checks."""
+        old, self._previous = self._previous, None
+        if old is None:
+            return
+        if old.options.pool == self.options.pool and old.options.protocol == self.options.protocol:
+            pools = {r.name: r.pool for r in old.replicas}
+            for replica in self.replicas:
+                pool = pools.get(replica.name)
+                if pool is not None and pool is not replica.pool:
+                    unused, replica.pool = replica.pool, pool
+                    self._state_of[replica].pool = pool
+                    old._given_pools.add(id(pool))
+                    await unused.close()
+        if old.health is not None:
+            await old.health.close()
+
+    def checkpoint_snapshot(self) -> dict:
+        return {
+            "health_check": _dump(self.options.health_check),
+            "outlier_detection": _dump(self.options.outlier_detection),
+            "replicas": self.picker.export_state(),
+        }
+
+    def checkpoint_restore(self, data: dict) -> None:
+        """Restore replica state written by a previous process where the settings still match."""
+        health = self.options.health_check is not None and data.get("health_check") == _dump(
+            self.options.health_check
+        )
+        outlier = self.options.outlier_detection is not None and data.get("outlier_detection") == _dump(
+            self.options.outlier_detection
+        )
+        if (health or outlier) and isinstance(data.get("replicas"), dict):
+            self.picker.import_state(data["replicas"], health, outlier)
+
+    async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
+        await asyncio.gather(
+            *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
+            return_exceptions=True,
+        )
+
+
+def _dump(options) -> dict | None:
+    return None if options is None else options.model_dump(mode="json")

@@ -1,0 +1,25 @@
+"""The policies a route's pipeline may hold, outermost first: the one place that orders them.
+
+Order (docs/architecture.md explains each position): a rate limit refuses before anything else
+is spent; the cache answers hits before the breaker or a bulkhead slot is involved; the breaker
+sees each call once, however many tries the retry layer makes inside it; the bulkhead holds one
+slot per request across its tries; retry wraps the forwarder, one try per call. Each entry is the
+route field that turns the policy on and its layer factory (:class:`~proxy.policies.context.BuildLayer`).
+"""
+
+from __future__ import annotations
+
+from proxy.policies.breaker import layer as breaker
+from proxy.policies.bulkhead import layer as bulkhead
+from proxy.policies.cache import layer as cache
+from proxy.policies.context import BuildLayer
+from proxy.policies.ratelimit import layer as ratelimit
+from proxy.policies.retry import layer as retry
+
+ORDER: tuple[tuple[str, BuildLayer], ...] = (
+    ("rate_limit", ratelimit.build_layer),
+    ("cache", cache.build_layer),
+    ("circuit_breaker", breaker.build_layer),
+    ("bulkhead", bulkhead.build_layer),
+    ("retry", retry.build_layer),
+)

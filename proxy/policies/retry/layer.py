@@ -1,0 +1,261 @@
+"""Retries with backoff, a retry budget, per-try timeouts and the route's deadline.
+
+The layer sits just outside the forwarder and calls it again when a try ends
+in a ``retry_on`` condition, as long as all of these hold:
+
+* tries are left (``attempts`` counts the first one);
+* the request body can be sent again (it was buffered whole; a streamed body
+  is not, and the response then carries ``X-Fender-Retry: not-replayable``);
+* the method is idempotent (``methods``), or the request carries an
+  ``Idempotency-Key`` header, or nothing reached the upstream (a connect
+  failure is always safe to retry);
+* the wait (backoff, or the upstream's ``Retry-After`` when it fits) and a try
+  as long as the last one both fit before the route's deadline;
+* the retry budget is not spent.
+
+Otherwise the last answer goes back as it is. Layers never write to the
+client, so a retry can only ever replace an answer nobody has seen yet; the
+upstream response it replaces is closed first (its connection is dropped).
+
+A retry goes to another replica when one is eligible: the forwarder records
+each replica tried in ``ex.tried`` and the replica picker avoids them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.clock import Clock
+from proxy.grpc import request_is_grpc
+from proxy.kernel.exchange import Exchange, LocalReply, Reply
+from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
+from proxy.metrics import FastCounter
+from proxy.policies.outcome import GRPC_CONDITIONS, grpc_code, grpc_codes
+from proxy.policies.retry.backoff import Backoff
+from proxy.policies.retry.budget import RetryBudget
+from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
+
+
+# Forwarder fault reasons (LocalReply.reason) that retry_on may name.
+class RetryMetrics:
+    __slots__ = ("_m", "route", "attempts", "retries", "skipped", "budget_exhausted", "backoff")
+
+    def __init__(self, metrics, route: str) -> None:
+        self._m = metrics
+        self.route = route
+        self.attempts: dict[str, Any] = {}
+        self.retries: dict[str, Any] = {}
+        self.skipped = {
+            r: metrics.retries_skipped.labels(route, r)
+            for r in ("deadline", "not_replayable", "not_idempotent", "retry_after")
+        }
+        self.budget_exhausted = metrics.retry_budget_exhausted.labels(route)
+        self.backoff = metrics.retry_backoff.labels(route)
+        for outcome in (*STATUS_CLASSES, *TRY_FAULTS, "other"):
+            self.attempts[outcome] = FastCounter(metrics.retry_attempts.labels(route, outcome))
+
+    def retry(self, reason: str):
+        child = self.retries.get(reason)
+        if child is None:
+            child = self.retries[reason] = self._m.retries.labels(self.route, reason)
+        return child
+
+
+class RetryLayer:
+    __slots__ = (
+        "next",
+        "clock",
+        "attempts",
+        "per_try_timeout",
+        "backoff",
+        "budget",
+        "methods",
+        "max_replay",
+        "honor_retry_after",
+        "_statuses",
+        "_reasons",
+        "_metrics",
+        "_by_status",
+        "_grpc",
+    )
+
+    def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
+        self.next = next_handler
+        self.clock = clock
+        self.attempts = options.attempts
+        self.per_try_timeout = options.per_try_timeout
+        self.backoff = Backoff(options.backoff)
+        self.budget = RetryBudget(options.budget, clock)
+        self.methods = frozenset(options.methods)
+        self.max_replay = options.max_replay_body
+        self.honor_retry_after = options.honor_retry_after
+        statuses: dict[int, str] = {}
+        reasons: set[str] = set()
+        for item in options.retry_on:
+            if item == "5xx":
+                statuses.update({s: "5xx" for s in range(500, 600) if s not in statuses})
+            elif item == "gateway_error":
+                statuses.update({s: str(s) for s in (502, 503, 504)})
+            elif item.isdigit():
+                statuses[int(item)] = item
+            elif item in GRPC_CONDITIONS:
+                pass
+            else:
+                reasons.add(item)
+        # gRPC status -> its retry_on name; empty (the usual case) costs the HTTP path one test.
+        self._grpc = grpc_codes(options.retry_on)
+        self._statuses = statuses
+        self._reasons = frozenset(reasons)
+        self._metrics = metrics
+        # status -> (count the attempt, retry_on condition or None): one lookup per upstream answer.
+        self._by_status = {
+            status: (
+                metrics.attempts[STATUS_CLASSES[status // 100 - 1]].inc,
+                str(status) if status in statuses else None,
+            )
+            for status in range(100, 600)
+        }
+
+    def _condition(self, reply: Reply) -> str | None:
+        """The retry_on condition this answer meets, or None (counting the attempt on the way)."""
+        metrics = self._metrics
+        if isinstance(reply, LocalReply):
+            reason = reply.reason
+            metrics.attempts.get(reason, metrics.attempts["other"]).inc()
+            return reason if reason in self._reasons else None
+        status = reply.status
+        known = self._by_status.get(status)
+        if known is not None:
+            known[0]()
+            if self._grpc and known[1] is None:
+                return self._grpc.get(grpc_code(reply))
+            return known[1]
+        metrics.attempts[STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]].inc()
+        return str(status) if status in self._statuses else None
+
+    def _skip(self, ex: Exchange, why: str) -> None:
+        self._metrics.skipped[why].inc()
+        ex.response_headers.append((b"x-fender-retry", why.replace("_", "-").encode()))
+        ex.note(f"retry skipped: {why}")
+
+    def _safe_to_resend(self, ex: Exchange, reply: Reply, condition: str) -> bool:
+        if ex.method in self.methods:
+            return True
+        if condition in GRPC_CONDITIONS:
+            return True  # listing a gRPC status declares such calls retryable (gRPC's retry policy)
+        if isinstance(reply, LocalReply) and reply.error is not None and not reply.error.request_sent:
+            return True  # nothing reached the upstream: resending is no duplicate
+        return any(name == b"idempotency-key" for name, _ in ex.request_headers)
+
+    async def __call__(self, ex: Exchange) -> Reply:
+        budget = self.budget
+        clock = self.clock
+        started = clock.now()
+        budget.request(started)
+        nxt = self.next
+        ex.try_timeout = self.per_try_timeout
+        if self._grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
+            # A gRPC body comes without a length (HTTP/2), so it streams; a copy is kept while it stays
+            # within max_replay_body, so a unary call answered UNAVAILABLE can be sent again.
+            ex.body_stream = _ReplayCopy(ex.body_stream, self.max_replay)
+        tried = 1
+        previous_wait = self.backoff.initial
+        while True:
+            reply = await nxt(ex)
+            condition = self._condition(reply)
+            if condition is None or tried >= self.attempts:
+                return reply
+            if ex.upgrade is not None and not isinstance(reply, LocalReply):
+                return reply  # an upgrade is retried only before the upstream answered
+            if ex.body_stream is not None:
+                copy = ex.body_stream
+                if not isinstance(copy, _ReplayCopy) or copy.body is None:
+                    self._skip(ex, "not_replayable")
+                    return reply
+                # The whole body is here: the next try sends it from memory.
+                ex.body, ex.body_stream, ex.content_length = copy.body, None, None
+            elif len(ex.body) > self.max_replay:
+                self._skip(ex, "not_replayable")
+                return reply
+            if not self._safe_to_resend(ex, reply, condition):
+                self._skip(ex, "not_idempotent")
+                return reply
+            now = clock.now()
+            left = ex.deadline - now
+            wait = self.backoff.delay(tried, previous_wait)
+            if self.honor_retry_after and not isinstance(reply, LocalReply):
+                asked = retry_after_of(reply.headers)
+                if asked is not None:
+                    if asked >= left:
+                        self._skip(ex, "retry_after")
+                        return reply
+                    wait = max(wait, asked)
+            # A retry starts only if the wait and a try as long as the last one fit before the deadline.
+            if wait + max(now - started, 0.001) > left:
+                self._skip(ex, "deadline")
+                return reply
+            if not budget.try_spend():
+                self._metrics.budget_exhausted.inc()
+                ex.response_headers.append((b"x-fender-retry", b"budget-exhausted"))
+                ex.note("retry skipped: budget exhausted")
+                return reply
+            reply.close()
+            self._metrics.retry(condition).inc()
+            if wait > 0:
+                self._metrics.backoff.inc(wait)
+                await clock.sleep(wait)
+            if ex.trace is not None:
+                ex.note(f"retry {tried} after {condition}, backoff {wait * 1000:.1f}ms")
+            previous_wait = wait
+            tried += 1
+            started = clock.now()
+
+
+class _ReplayCopy:
+    """A request body stream that keeps what passed through, up to ``limit`` bytes.
+
+    ``body`` is the whole body once the stream ended within the limit holding at most one gRPC message,
+    else None (still streaming, too large, or a client stream: the call is then not replayable, as a
+    streaming RPC is never retried once a message went)."""
+
+    __slots__ = ("_stream", "_limit", "_parts", "_size", "body")
+
+    def __init__(self, stream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self.body: bytes | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._stream.done
+
+    async def __call__(self) -> bytes:
+        chunk = await self._stream()
+        parts = self._parts
+        if parts is not None:
+            if chunk:
+                self._size += len(chunk)
+                if self._size > self._limit:
+                    self._parts = None
+                else:
+                    parts.append(chunk)
+            else:
+                body = b"".join(parts)
+                self._parts = None
+                if _one_message(body):
+                    self.body = body
+        return chunk
+
+
+def _one_message(body: bytes) -> bool:
+    """The body is at most one gRPC message: a unary call (more is a client stream, never replayed)."""
+    return not body or (len(body) >= 5 and int.from_bytes(body[1:5], "big") == len(body) - 5)
+
+
+def build_layer(route, next_handler, ctx) -> RetryLayer | None:
+    options: RetryOptions | None = getattr(route, "retry", None)
+    if options is None or options.attempts <= 1:
+        return None
+    return RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
