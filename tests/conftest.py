@@ -378,3 +378,38 @@ def fender_process(tmp_path):
     yield make
     for proc in procs:
         proc.stop()
+
+
+# Test kinds, by file (docs/development.md): select with -m unit, -m e2e, -m external. A file not
+# listed is e2e, the kind most test files are; a file whose tests need a system tool is external
+# (and e2e). A test may carry its own mark instead.
+UNIT_FILES = {
+    "test_cache_policy.py",
+    "test_config.py",
+    "test_metrics_fast.py",
+    "test_mutate_list.py",
+    "test_paths_headers_router.py",
+    "test_schema_docs.py",
+}
+EXTERNAL_FILES = {
+    "test_cache_rfc_round2.py",  # redis-server (its fleet cases)
+    "test_deploy.py",  # promtool
+    "test_fleet.py",  # redis-server
+    "test_leases.py",  # redis-server
+    "test_purge.py",  # redis-server
+    "test_redis_modes.py",  # redis-server, redis-cli
+    "test_status_page.py",  # chromium
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in ("unit", "e2e", "external")):
+            continue
+        name = item.path.name
+        if name in UNIT_FILES:
+            item.add_marker(pytest.mark.unit)
+            continue
+        item.add_marker(pytest.mark.e2e)
+        if name in EXTERNAL_FILES:
+            item.add_marker(pytest.mark.external)

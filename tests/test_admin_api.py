@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import httpx
 import pytest
@@ -13,22 +12,7 @@ from proxy.admin.ops import openapi_path
 from proxy.config import PolicyError, parse_policy
 from proxy.ops.auth import AdminAuthError, resolve_admin_token
 from tests.conftest import ROOT
-
-TOKEN = "s3cret-token-of-32-characters-xx"
-
-
-def admin_policy(upstream_port: int, admin: str = "127.0.0.1:0", auth: str = "") -> str:
-    return textwrap.dedent(
-        f"""\
-        listen: 127.0.0.1:0
-        admin: {admin}
-        reload: {{watch: false}}
-        upstreams:
-          echo: {{replicas: [{{url: http://127.0.0.1:{upstream_port}}}]}}
-        routes:
-          - {{name: all, upstream: echo}}
-        """
-    ) + (f"admin_auth: {auth}\n" if auth else "")
+from tests.support.admin import TOKEN, admin_policy
 
 
 def test_admin_beyond_loopback_without_token_is_an_invalid_policy():

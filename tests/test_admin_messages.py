@@ -8,8 +8,8 @@ import logging
 import httpx
 
 from tests.conftest import policy_text
+from tests.support.admin import TOKEN, admin_policy
 from tests.support.raw_upstream import RawUpstream
-from tests.test_admin_api import TOKEN, admin_policy
 
 
 async def test_missing_wrong_and_non_bearer_tokens_get_distinct_messages(

@@ -21,8 +21,8 @@ from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.breaker.window import CountWindow
 from proxy.upstream.errors import ConnectFailure
 from tests.conftest import policy_text
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream
-from tests.test_proxy import get_metrics, metric_value
 
 
 def make(clock: ManualClock | None = None, metrics: Metrics | None = None, **options) -> CircuitBreaker:

@@ -1,5 +1,7 @@
 """The response cache end to end: a real Fender with a ManualClock in front of a scripted raw upstream."""
 
+# ruff: noqa: F811  (the origin and clock fixtures come from tests/support/cache.py)
+
 from __future__ import annotations
 
 import asyncio
@@ -9,64 +11,11 @@ import time
 import httpx
 import pytest
 
-from proxy.clock import ManualClock
-from tests.conftest import policy_text
-from tests.support.raw_upstream import RawUpstream
-
-
-class Origin:
-    """A scripted upstream: ``script[path]`` is ``(status, headers, body)`` or ``fn(request) -> that``."""
-
-    def __init__(self) -> None:
-        self.script: dict = {}
-        self.gate: asyncio.Event | None = None  # when set, responses wait for it
-        self.up: RawUpstream | None = None
-
-    async def handle(self, req, conn) -> None:
-        if self.gate is not None:
-            await self.gate.wait()
-        path = req.target.decode().split("?")[0]
-        spec = self.script.get(path, (200, [("cache-control", "max-age=60")], b"default"))
-        status, headers, body = spec(req) if callable(spec) else spec
-        await conn.send(status, headers, body)
-
-    def calls(self, path: str | None = None) -> list:
-        return [r for r in self.up.requests if path is None or r.target.decode().split("?")[0] == path]
-
-
-@pytest.fixture
-async def origin():
-    o = Origin()
-    async with RawUpstream(o.handle) as up:
-        o.up = up
-        yield o
-
-
-CACHE_ROUTE = """
-- name: cached
-  upstream: echo
-  cache: {%s}
-"""
-
-
-async def cached_fender(start_fender, origin, clock, route_cache: str = "", store: str = ""):
-    text = policy_text(origin.up.port, routes=CACHE_ROUTE % route_cache)
-    if store:
-        text = f"cache: {{{store}}}\n" + text
-    return await start_fender(text, clock=clock)
+from tests.support.cache import CACHE_ROUTE, Origin, cached_fender, clock, metric, origin  # noqa: F401  (fixtures)
 
 
 def http_date(offset: float = 0.0) -> str:
     return email.utils.formatdate(time.time() + offset, usegmt=True)
-
-
-def metric(fender, name: str, **labels) -> float:
-    total = 0.0
-    for family in fender.metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 class CountTo:
@@ -96,11 +45,6 @@ def waiters(fender, n: int) -> asyncio.Event:
     layer = cache_layer(fender)
     layer.m_coalesced = CountTo(layer.m_coalesced, n)
     return layer.m_coalesced.reached
-
-
-@pytest.fixture
-def clock():
-    return ManualClock()
 
 
 # --------------------------------------------------------------------------- freshness and Age

@@ -15,24 +15,11 @@ from proxy.policies.cache import policy as rfc
 from proxy.policies.cache.layer import CacheLayer, shared_store
 from proxy.policies.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
 from proxy.policies.context import LayerContext
-
-NOW = 1_700_000_000.0  # wall-clock seconds used as "now" in the pure-function tests
+from tests.support.cache import NOW, analyse
 
 
 def date(wall: float) -> bytes:
     return email.utils.formatdate(wall, usegmt=True).encode()
-
-
-def analyse(headers, status=200, *, authorized=False, request_time=NOW, response_time=NOW, default_ttl=0.0):
-    return rfc.analyse(
-        status,
-        [(n.encode(), v.encode() if isinstance(v, str) else v) for n, v in headers],
-        request_authorized=authorized,
-        request_no_store=False,
-        request_time=request_time,
-        response_time=response_time,
-        default_ttl=default_ttl,
-    )
 
 
 # --------------------------------------------------------------------------- parsing

@@ -6,7 +6,7 @@ Each unit test names the RFC section it checks; the socket tests run a real Fend
 front of a scripted RawUpstream.
 """
 
-# ruff: noqa: F811  (the origin and clock fixtures come from tests/test_cache.py)
+# ruff: noqa: F811  (the origin and clock fixtures come from tests/support/cache.py)
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from proxy.policies.cache import policy as rfc
 from proxy.policies.cache.store import Entry, Variants
 from proxy.state import codec
 from tests.conftest import policy_text
+from tests.support.cache import NOW, Origin, analyse, cached_fender, clock, metric, origin  # noqa: F401  (fixtures)
 from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from tests.test_cache import Origin, cached_fender, clock, metric, origin  # noqa: F401  (fixtures)
-from tests.test_cache_policy import NOW, analyse
 
 
 class HeadOrigin(Origin):

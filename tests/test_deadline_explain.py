@@ -12,8 +12,8 @@ from proxy.dataplane.app import _trusted_peer
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
 from tests.conftest import policy_text
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream, echo
-from tests.test_proxy import get_metrics, metric_value
 
 
 def upstream_header(response: httpx.Response, name: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import httpx
 import pytest
@@ -21,9 +20,18 @@ from proxy.server.fender import Fender, bind_socket
 from proxy.state import codec
 from proxy.state.redis import RedisBreaker
 from tests.conftest import policy_text
+from tests.support.fleet import (
+    HOST,
+    drain_writes,
+    limit_policy,
+    prefix,
+    redis_time,
+    start_fleet,
+    wait_subscribed,
+)
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream, delayed, status
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from tests.test_proxy import get_metrics, metric_value
 
 
 def fleet_policy(
@@ -39,27 +47,6 @@ def fleet_policy(
         f"state:\n  backend: redis\n  redis:\n    url: {redis_url}\n    key_prefix: '{prefix}'\n"
         f"    timeout: 200ms\n{state_extra}"
     )
-
-
-# Sidecars of one fleet see the same Host (the service's name); the cache key includes it.
-HOST = {"Host": "catalog.svc"}
-
-
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}:"
-
-
-async def start_fleet(start_fender, text: str, n: int = 3):
-    fenders = [await start_fender(text) for _ in range(n)]
-    for fender in fenders:
-        await wait_subscribed(fender)
-    return fenders
-
-
-async def wait_subscribed(fender, timeout: float = 10.0) -> None:
-    state = fender.runtime.exposed["state"]["redis"]
-    async with asyncio.timeout(timeout):
-        await state.subscribed.wait()
 
 
 def upstream_hits(echo, path: str) -> int:
@@ -246,11 +233,6 @@ async def test_delete_via_one_sidecar_drops_the_entry_everywhere(redis_server, e
         assert received == 1
 
 
-async def drain_writes(fender) -> None:
-    async with asyncio.timeout(5):
-        await fender.runtime.exposed["state"]["redis"].flush()
-
-
 async def test_an_unreadable_stored_value_is_deleted_and_treated_as_a_miss(
     redis_server, echo_upstream, start_fender
 ):
@@ -285,20 +267,6 @@ async def test_concurrent_misses_across_the_fleet_cause_one_upstream_request(
 
 
 # --------------------------------------------------------------------------- global rate limits
-
-
-def limit_policy(upstream_port: int, redis_url: str, limit: str, state_extra: str = "", cache: bool = False):
-    routes = f"""
-      - name: all
-        upstream: echo
-        rate_limit: {limit}
-"""
-    if cache:
-        routes += "        cache: {default_ttl: 60s}\n"
-    return policy_text(upstream_port, routes=routes) + (
-        f"state:\n  backend: redis\n  redis:\n    url: {redis_url}\n    key_prefix: '{prefix()}'\n"
-        f"    timeout: 200ms\n{state_extra}"
-    )
 
 
 @pytest.mark.parametrize(("exact", "script_calls"), [(True, 30), (False, 13)])
@@ -342,11 +310,6 @@ async def test_global_burst_is_shared_exactly_by_three_sidecars(
         )
         == script_calls
     )
-
-
-def redis_time(server) -> float:
-    reply = server.command("TIME").split(b"\r\n")
-    return int(reply[2]) + int(reply[4]) / 1e6
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import textwrap
 import httpx
 import pytest
 
+from proxy.kernel.classify import Classifier
 from proxy.policies.cache.layer import _request
-from proxy.policies.outcome import grpc_code
 from tests.support.grpc_peers import EchoService, GrpcReplica, channel, frame, grpc, method, unframe
 from tests.support.procs import wait_until
 
@@ -220,12 +220,14 @@ async def test_breaker_opens_on_unavailable_and_answers_unavailable_at_once(repl
 
 
 def test_the_outcome_is_read_from_a_trailers_only_head():
-    class Reply:
-        def __init__(self, headers):
-            self.headers = headers
-
-    assert grpc_code(Reply([(b"content-type", b"application/grpc"), (b"grpc-status", b"14")])) == 14
-    assert grpc_code(Reply([(b"content-type", b"application/grpc")])) is None  # messages follow
+    classify = Classifier(("503", "unavailable", "internal", "reset"))
+    assert classify.grpc == {14: "unavailable", 13: "internal"}
+    assert classify.statuses == frozenset({503}) and classify.reasons == frozenset({"reset"})
+    only = [(b"content-type", b"application/grpc"), (b"grpc-status", b"14"), (b"grpc-message", b"down")]
+    assert classify.grpc_fails(only) == "unavailable"
+    assert classify.grpc_fails([(b"content-type", b"application/grpc")]) is None  # messages follow
+    assert classify.grpc_fails([(b"grpc-status", b"5")]) is None  # not_found is not listed
+    assert Classifier(("5xx",)).grpc_fails(only) is None
 
 
 # --------------------------------------------------------------------------- deadlines

@@ -10,9 +10,9 @@ import httpx
 
 from tests.conftest import policy_text
 from tests.support import procs
+from tests.support.metrics import metric_value
 from tests.support.raw_client import RawClient, exchange, run_load
 from tests.support.raw_upstream import RawUpstream, echo, ok
-from tests.test_proxy import metric_value
 
 checked_fender = procs.checked_fender
 
@@ -55,6 +55,18 @@ async def test_header_count_and_size_limits_are_431(checked_fender):
         big = b"X-Big: " + b"v" * 2100 + b"\r\n"
         response = await exchange(fender.data_port, b"GET / HTTP/1.1\r\n" + H + big + b"\r\n")
         assert response.status == 431 and response.closed
+        assert len(up.requests) == 1
+
+
+async def test_two_fenders_in_one_process_keep_their_own_head_limits(checked_fender):
+    # Each Fender's listener has its own protocol class: the second one's 1KiB limit must not
+    # become the first one's (the limits were class attributes of one shared class).
+    async with RawUpstream(echo) as up:
+        roomy = await checked_fender(policy_text(up.port, server="max_header_bytes: 4KiB\n"))
+        tight = await checked_fender(policy_text(up.port, server="max_header_bytes: 1KiB\n"))
+        head = b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"v" * 2000 + b"\r\n\r\n"
+        assert (await exchange(tight.data_port, head)).status == 431
+        assert (await exchange(roomy.data_port, head)).status == 200
         assert len(up.requests) == 1
 
 

@@ -30,9 +30,9 @@ import pytest
 from tests.conftest import free_port, policy_text
 from tests.support import procs
 from tests.support.fault_proxy import FaultProxy
+from tests.support.metrics import metric_value
 from tests.support.raw_client import RawClient, exchange, run_load
 from tests.support.raw_upstream import RawUpstream, close, hang, ok, raw, reset, sequence, status
-from tests.test_proxy import metric_value
 
 checked_fender = procs.checked_fender
 checked_fender_process = procs.checked_fender_process

@@ -11,27 +11,15 @@ import random
 
 import httpx
 
-from proxy.clock import ManualClock
 from proxy.cluster.options import parse_status_ranges
 from proxy.dataplane.runtime import Runtime
 from proxy.metrics import Metrics
 from proxy.upstream import ConnectFailure
+from tests.support.health import SteppingClock, settle, step
+from tests.support.picker import build, picks, policy_for, sample
 from tests.support.raw_upstream import RawUpstream, hang, ok, status
-from tests.test_failover import build, picks, policy_for, sample
 
 CHECKS = "health_check: {{path: /healthz, interval: 1s, timeout: 300ms, jitter: 0%, healthy_threshold: {rise}, unhealthy_threshold: {fall}}}\n"
-
-
-class SteppingClock(ManualClock):
-    """A ManualClock that signals whenever a task starts sleeping on it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slept = asyncio.Event()
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.set()
-        await super().sleep(seconds)
 
 
 async def wait_for(predicate, within: float = 5.0) -> None:
@@ -41,19 +29,6 @@ async def wait_for(predicate, within: float = 5.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not met in time")
-
-
-async def settle(up, clock: SteppingClock) -> None:
-    """Wait until every probe task sleeps on the clock again (its probe is recorded)."""
-    async with asyncio.timeout(5):
-        while clock.sleepers < len(up.picker.states):
-            clock.slept.clear()
-            await clock.slept.wait()
-
-
-async def step(up, clock: SteppingClock, seconds: float = 1.0) -> None:
-    clock.advance(seconds)
-    await settle(up, clock)
 
 
 async def test_thresholds_drive_priority_failover_and_failback():

@@ -15,9 +15,9 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.policies.ratelimit.lease import LeaseTable
 from tests.conftest import free_port, wait_port
+from tests.support.fleet import limit_policy, redis_time, start_fleet
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from tests.test_fleet import limit_policy, redis_time, start_fleet
-from tests.test_proxy import get_metrics, metric_value
 
 # --------------------------------------------------------------------------- sizing (no Redis)
 

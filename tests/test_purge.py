@@ -18,10 +18,10 @@ from proxy.policies.cache.purge import MAX_TAGS, tags_of
 from proxy.policies.cache.store import Entry, Variants
 from proxy.state import codec
 from tests.conftest import policy_text
+from tests.support.fleet import HOST, drain_writes, prefix, start_fleet
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from tests.test_fleet import HOST, drain_writes, prefix, start_fleet
-from tests.test_proxy import get_metrics, metric_value
 
 
 class TaggingOrigin:

@@ -17,8 +17,8 @@ import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
 from tests.conftest import policy_text
+from tests.support.fleet import HOST, drain_writes, prefix, start_fleet
 from tests.support.redis_server import redis_cluster_fixture, redis_sentinel_fixture  # noqa: F401
-from tests.test_fleet import HOST, drain_writes, prefix, start_fleet
 
 ROUTES = """
   - name: cached

@@ -26,7 +26,7 @@ from proxy.dataplane.router import (
     regex_literal_prefix,
 )
 from tests.conftest import policy_text
-from tests.test_proxy import get_metrics, metric_value
+from tests.support.metrics import get_metrics, metric_value
 
 METHODS = ("GET", "POST", "DELETE")
 SEGMENTS = ("a", "ab", "b", "a1", "12", "")  # shared starts ("a", "ab", "a1"), empty = "//"-like ends

@@ -14,9 +14,9 @@ from proxy.config import parse_policy
 from proxy.config.loader import PolicyError
 from proxy.tracing.context import format_traceparent, parse_traceparent
 from tests.conftest import free_port, policy_text
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.otlp_receiver import OtlpReceiver, attributes
 from tests.support.raw_upstream import RawUpstream, ok, sequence, status
-from tests.test_proxy import get_metrics, metric_value
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

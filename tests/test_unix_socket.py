@@ -18,11 +18,11 @@ from proxy.config import parse_policy
 from proxy.config.loader import PolicyError
 from proxy.upstream import ConnectFailure, UpstreamPool
 from tests.conftest import free_port
+from tests.support.health import SteppingClock, settle, step
+from tests.support.metrics import metric_value
+from tests.support.picker import build
 from tests.support.procs import start_fender_process
 from tests.support.raw_upstream import RawUpstream, Request, Responder, ok, status
-from tests.test_failover import build
-from tests.test_health import SteppingClock, settle, step
-from tests.test_proxy import metric_value
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from starlette.routing import Route
 
 from proxy.admin.host import AdminHost
 from proxy.policies.cache.policy import normalise_query
-from proxy.policies.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of, target_of
+from proxy.policies.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of
+from proxy.state.keys import target_of
 
 _HIT_RESULTS = ("hit", "stale", "revalidated", "coalesced")
 # Tags one purge request may name.

@@ -33,6 +33,7 @@ from itertools import accumulate
 
 from proxy.clock import Clock
 from proxy.cluster.options import RESULTS, OutlierDetectionOptions
+from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError
@@ -291,11 +292,12 @@ class ReplicaPicker:
         outlier = self.outlier
         if outlier is None:
             return
-        if error is None and status < 500:
-            state.failures = 0
-            return
-        if error is not None and error.reason in NOT_REPLICA_FAULTS:
-            return
+        if error is None:
+            if status not in OUTLIER.statuses:
+                state.failures = 0
+                return
+        elif error.reason in NOT_REPLICA_FAULTS:
+            return  # Fender's own pool limit says nothing about the replica; any other fault does
         if state.ejected_until:
             return
         state.failures += 1

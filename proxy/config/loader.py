@@ -45,6 +45,7 @@ from ruamel.yaml.scalarfloat import ScalarFloat
 from ruamel.yaml.scalarint import ScalarInt
 
 from proxy.config.envrefs import expand, is_secret_name
+from proxy.config.lint import policy_warnings
 from proxy.config.models import Policy, dump_policy
 from proxy.config.redact import redact_text
 from proxy.options.units import (
@@ -202,8 +203,6 @@ def read_policy(
         if issues:
             raise PolicyError([scrub(issue) for issue in issues]) from None
         return PolicyDocument(None, source, converter.warnings, index=index)
-    from proxy.config.lint import policy_warnings  # the checks read the models; imported late
-
     policy._env_secrets = frozenset(converter.secrets)
     document = PolicyDocument(policy, source, list(converter.warnings), index=index)
     document.warnings += [scrub(document.issue(at, message)) for at, message in policy_warnings(policy)]

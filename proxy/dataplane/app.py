@@ -17,7 +17,15 @@ from proxy.dataplane.paths import normalise_path
 from proxy.dataplane.router import host_without_port
 from proxy.dataplane.runtime import RouteRuntime, Runtime
 from proxy.grpc import request_is_grpc
-from proxy.kernel.exchange import BodyTooLarge, ClientGone, Exchange, LocalReply, Reply, RequestBodyTimeout
+from proxy.kernel.exchange import (
+    BodyTooLarge,
+    ClientGone,
+    Exchange,
+    LocalReply,
+    Reply,
+    RequestBodyTimeout,
+    wait_disconnect,
+)
 from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
@@ -103,13 +111,6 @@ async def read_body(receive, limit: int, idle_timeout: float) -> bytes:
     except TimeoutError:
         raise RequestBodyTimeout from None
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-async def _wait_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _accepts_trailers(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -385,7 +386,7 @@ class DataPlane:
                         pass
                     else:
                         # A long body: notice a client that leaves, so the upstream read stops too.
-                        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+                        watcher = asyncio.ensure_future(wait_disconnect(receive))
                 elif watcher.done():
                     reply.close()
                     return

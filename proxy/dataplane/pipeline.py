@@ -11,17 +11,13 @@ for the policies it names. See docs/architecture.md.
 from __future__ import annotations
 
 from types import FunctionType, MethodType
-from typing import TYPE_CHECKING
 
 from proxy.config.models import Route
 from proxy.dataplane.forward import Forwarder
 from proxy.kernel.exchange import Handler
 from proxy.policies.chain import ORDER
 from proxy.policies.context import LayerContext
-from proxy.tracing.tracer import ClientSpanLayer, ServerSpanLayer
-
-if TYPE_CHECKING:
-    from proxy.tracing.tracer import Tracer
+from proxy.tracing.tracer import ClientSpanLayer, ServerSpanLayer, Tracer
 
 
 def _fast_callable(handler: Handler) -> Handler:

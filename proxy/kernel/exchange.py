@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.grpc import local_headers
 from proxy.kernel.reasons import LOCAL_STATUS, REASON_TEXT
@@ -153,6 +153,14 @@ class Exchange:
             self.trace.append(text)
 
 
+async def wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return when the client has gone (the ASGI ``http.disconnect`` message); other messages are skipped."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 _NOT_GRPC = (b"content-type", b"content-length", b"connection")
 
 
@@ -169,15 +177,20 @@ class LocalReply:
         close: bool = False,
         error: UpstreamError | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        body: bytes | None = None,
+        content_type: bytes = b"text/plain; charset=utf-8",
     ) -> None:
         self.reason = reason
         # The upstream fault behind this reply, if any (a retry layer checks error.request_sent).
         self.error = error
         self.status = status if status is not None else LOCAL_STATUS[reason]
-        text = REASON_TEXT.get(reason, reason)
-        self.body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
+        if body is None:  # the reason's one-line text; a configured answer (a fallback) brings its own
+            text = REASON_TEXT.get(reason, reason)
+            body = f"fender: {text}{': ' + detail if detail else ''}\n".encode()
+        self.body = body
         self.headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(self.body)).encode()),
             (b"x-fender-error", reason.encode()),
         ]

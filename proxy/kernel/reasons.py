@@ -49,17 +49,18 @@ REASONS: Final[dict[str, Reason]] = {
     "unsupported_transfer_coding": Reason(501, "only the chunked transfer coding is supported", "local"),
     "http_version": Reason(505, "only HTTP/1.0 and 1.1 are served", "local"),
     "connection_limit": Reason(503, "too many client connections (server.max_connections)", "local"),
-    # Faults of the upstream or of the way to it.
+    # Faults of the upstream or of the way to it (a try can end with these before a response head;
+    # reset_mid_body comes after it). TRY_FAULTS below keeps this order.
     "connect_failure": Reason(502, "could not connect to the upstream", "fault"),
     "connect_timeout": Reason(504, "timed out connecting to the upstream", "fault"),
     "reset": Reason(502, "the upstream closed the connection before sending a response", "fault"),
-    "reset_mid_body": Reason(502, "the upstream closed the connection mid-response", "fault"),
     "stream_reset": Reason(502, "the upstream reset the HTTP/2 stream", "fault"),
-    "bad_response": Reason(502, "the upstream sent an invalid response", "fault"),
     "timeout": Reason(504, "the upstream did not answer in time", "fault"),
-    "no_healthy_replica": Reason(503, "no healthy replica of the upstream can take this request", "fault"),
+    "bad_response": Reason(502, "the upstream sent an invalid response", "fault"),
     # Fender's own limit on the way to the upstream.
     "pool_overflow": Reason(503, "too many requests waiting for an upstream connection", "proxy"),
+    "no_healthy_replica": Reason(503, "no healthy replica of the upstream can take this request", "fault"),
+    "reset_mid_body": Reason(502, "the upstream closed the connection mid-response", "fault"),
 }
 
 # reason -> status of the local reply.
@@ -68,15 +69,8 @@ REASON_TEXT: Final[dict[str, str]] = {name: r.text for name, r in REASONS.items(
 
 # Faults a try can end with before a response head (what retry_on and failure_on may name),
 # in the order the docs list them. reset_mid_body is not one: the head already went out.
-TRY_FAULTS: Final[tuple[str, ...]] = (
-    "connect_failure",
-    "connect_timeout",
-    "reset",
-    "stream_reset",
-    "timeout",
-    "bad_response",
-    "pool_overflow",
-    "no_healthy_replica",
+TRY_FAULTS: Final[tuple[str, ...]] = tuple(
+    name for name, r in REASONS.items() if r.kind in ("fault", "proxy") and name != "reset_mid_body"
 )
 # What a breaker counts as a failure of the upstream when it ends a call.
 UPSTREAM_FAULTS: Final[frozenset[str]] = frozenset(TRY_FAULTS)

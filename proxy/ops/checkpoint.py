@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy.config.models import dump_policy
+
 log = logging.getLogger("fender")
 
 FORMAT = 1
@@ -53,7 +55,6 @@ FUTURE_SLACK_SECONDS = 300.0
 
 def policy_fingerprint(policy) -> str:
     """sha256 of the effective policy (defaults filled in), stable across processes."""
-    from proxy.config import dump_policy
 
     text = json.dumps(dump_policy(policy), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

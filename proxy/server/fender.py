@@ -198,6 +198,7 @@ class Fender:
         self.started_policy = policy  # what the listeners were set up with
         self.source = source
         self.clock = clock
+        self.protocol = FenderHttpProtocol.for_listener()  # this Fender's own limits
         self._apply_listener_limits(policy)
         self.runtime = Runtime(policy, self.metrics, source, clock)
         self.dataplane = DataPlane(self.runtime)
@@ -228,8 +229,8 @@ class Fender:
         quiet_aborts()
 
     def _apply_listener_limits(self, policy) -> None:
-        # New client connections read these (the protocol class attributes).
-        FenderHttpProtocol.configure(policy.server, self.metrics)
+        # New client connections read these (this Fender's protocol class attributes).
+        self.protocol.configure(policy.server, self.metrics)
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Make ``runtime`` serve new requests; returns the previous one (still serving its requests)."""
@@ -248,7 +249,7 @@ class Fender:
         data = uvicorn.Config(
             self.dataplane,
             loop="none",
-            http=FenderHttpProtocol,
+            http=self.protocol,
             ws="none",
             lifespan="off",
             log_config=None,
@@ -258,7 +259,7 @@ class Fender:
             server_header=False,
             # The data plane passes the upstream's Date and adds one only when missing (RFC 9110 6.6.1).
             date_header=False,
-            # keepalive_timeout and the other connection limits: FenderHttpProtocol.configure().
+            # keepalive_timeout and the other connection limits: self.protocol.configure().
             # uvicorn refuses once len(connections) >= limit, counting the new one: +1 serves max_connections.
             limit_concurrency=server.max_connections + 1,
             timeout_graceful_shutdown=self.policy.drain.timeout,

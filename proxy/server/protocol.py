@@ -413,6 +413,12 @@ class FenderHttpProtocol(asyncio.Protocol):
     http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to FenderH2Protocol
 
     @classmethod
+    def for_listener(cls) -> type[FenderHttpProtocol]:
+        """A subclass of its own for one Fender's listener, so two Fenders in one process (tests,
+        an embedding) never share limits; the limits stay class attributes, as cheap to read."""
+        return type(cls.__name__, (cls,), {"rejected": {}})
+
+    @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
         """Take the limits from ``policy.server`` and bind the rejection counters once."""
         cls.max_header_bytes = server.max_header_bytes

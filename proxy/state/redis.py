@@ -32,9 +32,11 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Iterator
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from proxy.policies.cache.purge import drop_prefix, drop_tags, target_of
+from proxy.state.keys import target_of
 from proxy.state.options import RedisOptions
 
 log = logging.getLogger("fender.state")
@@ -72,6 +74,16 @@ if over > 0 then
 end
 return 0
 """
+
+
+class FleetListener(Protocol):
+    """What the fleet tier needs from a sidecar's own store (the cache's L1, proxy/policies/cache)."""
+
+    def delete(self, key: bytes) -> bool: ...
+    def keys(self) -> Iterator[bytes]: ...
+    def purge(self, kind: str, value: bytes) -> int:
+        """Apply a purge another sidecar published (kind tag or prefix); the keys dropped."""
+        ...
 
 
 class RedisUnavailable(Exception):
@@ -167,8 +179,8 @@ class RedisState:
         self.breaker = RedisBreaker(
             options.failure_threshold, options.open_for, clock, on_change=self._fallback_changed
         )
-        # L1 stores to drop invalidated keys from (weak: a reload may replace a store).
-        self._stores: weakref.WeakSet = weakref.WeakSet()
+        # L1 stores (FleetListener) to drop invalidated keys from (weak: a reload may replace a store).
+        self._stores: weakref.WeakSet[FleetListener] = weakref.WeakSet()
         self._writes: set[asyncio.Task] = set()
         self._pending_bytes = 0
         self._listener: asyncio.Task | None = None
@@ -291,8 +303,8 @@ class RedisState:
 
     # ------------------------------------------------------------------ cache tier
 
-    def attach(self, store) -> None:
-        """Have invalidations from the fleet delete keys from ``store`` (an L1 store)."""
+    def attach(self, store: FleetListener) -> None:
+        """Have invalidations and purges from the fleet reach ``store`` (an L1 store)."""
         self._stores.add(store)
 
     def cache_key(self, key: bytes) -> bytes:
@@ -548,11 +560,7 @@ class RedisState:
             return False
         dropped = 0
         for store in list(self._stores):
-            if kind == b"tag":
-                dropped += len(drop_tags(store, (value,)))
-            else:
-                host, _, prefix = value.partition(b" ")
-                dropped += len(drop_prefix(store, host or None, prefix))
+            dropped += store.purge(kind.decode(), value)
         label = kind.decode()
         self.m_purges.labels(label, "fleet").inc()
         self.m_purged.labels(label, "l1").inc(dropped)

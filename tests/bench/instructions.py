@@ -112,7 +112,7 @@ def measure(workdir: Path, name: str, up1: int, up2: int, requests: int, procs: 
         "warning",
     ]
     fender = procs.start(cmd, cwd=ROOT)  # from the tree's root: this checkout's proxy package
-    wait_port(port, timeout=180)  # valgrind starts Python ~50x slower
+    wait_port(port, timeout=900)  # valgrind starts Python ~50x slower, more on a loaded machine
     send(port, PATHS[name], 200)  # warm-up: connections, caches, hit-for-miss marks
     subprocess.run(["callgrind_control", "-z", str(fender.pid)], check=True, capture_output=True)
     ok = send(port, PATHS[name], requests)

@@ -58,9 +58,9 @@ MUTATIONS = (
     ),
     Mutation(
         "retry-outside-bulkhead",
-        "proxy/dataplane/pipeline.py",
-        '    "proxy.policies.bulkhead.bulkhead",\n    "proxy.policies.retry.layer",\n',
-        '    "proxy.policies.retry.layer",\n    "proxy.policies.bulkhead.bulkhead",\n',
+        "proxy/policies/chain.py",
+        '    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n',
+        '    ("retry", retry.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n',
         ("tests/test_pipeline_order.py",),
     ),
     Mutation(
@@ -111,9 +111,9 @@ MUTATIONS = (
     ),
     Mutation(
         "breaker-not-handed-over-on-reload",
-        "proxy/policies/breaker/machine.py",
-        "breaker = registry.get(key)",
-        "breaker = None",
+        "proxy/policies/breaker/layer.py",
+        "breaker = ctx.keep(key, options, lambda: _new_breaker(owner, route, options, ctx))",
+        "breaker = _new_breaker(owner, route, options, ctx)",
         ("tests/test_handover.py",),
     ),
     Mutation(
@@ -132,9 +132,9 @@ MUTATIONS = (
     ),
     Mutation(
         "breaker-inside-retry",
-        "proxy/dataplane/pipeline.py",
-        '    "proxy.policies.breaker.machine",\n    "proxy.policies.bulkhead.bulkhead",\n    "proxy.policies.retry.layer",\n',
-        '    "proxy.policies.bulkhead.bulkhead",\n    "proxy.policies.retry.layer",\n    "proxy.policies.breaker.machine",\n',
+        "proxy/policies/chain.py",
+        '    ("circuit_breaker", breaker.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n',
+        '    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n    ("circuit_breaker", breaker.build_layer),\n',
         ("tests/test_pipeline_order.py", "tests/test_deadline_explain.py"),
     ),
     Mutation(
@@ -146,9 +146,9 @@ MUTATIONS = (
     ),
     Mutation(
         "own-answers-count-as-breaker-successes",
-        "proxy/policies/breaker/machine.py",
-        "                breaker.release(\n                    token\n                )",
-        "                breaker.record(token, False, self.clock.now() - started)",
+        "proxy/policies/breaker/layer.py",
+        "                breaker.release(token)\n",
+        "                breaker.record(token, False, self.clock.now() - started)\n",
         ("tests/test_breaker.py",),
     ),
 )

@@ -7,37 +7,24 @@ from typing import Any
 
 from proxy.clock import Clock
 from proxy.config.models import Route
+from proxy.kernel.classify import Classifier
 from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import UPSTREAM_FAULTS
-from proxy.policies.breaker.machine import CLOSED, STATE_NAMES, CircuitBreaker, log
+from proxy.policies.breaker.machine import STATE_NAMES, CircuitBreaker, log
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.context import LayerContext
-from proxy.policies.outcome import GRPC_CONDITIONS, grpc_code, grpc_codes
-
-
-def _classifier(options: BreakerOptions):
-    statuses: set[int] = set()
-    reasons: set[str] = set()
-    for item in options.failure_on:
-        if item == "5xx":
-            statuses.update(range(500, 600))
-        elif item == "4xx":
-            statuses.update(range(400, 500))
-        elif item.isdigit():
-            statuses.add(int(item))
-        elif item not in GRPC_CONDITIONS:
-            reasons.add(item)
-    return frozenset(statuses), frozenset(reasons), grpc_codes(options.failure_on)
 
 
 class BreakerLayer:
-    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_grpc", "_fallback", "_note")
+    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_classifier", "_fallback", "_note")
 
     def __init__(self, breaker: CircuitBreaker, next_handler, clock: Clock) -> None:
         self.breaker = breaker
         self.next = next_handler
         self.clock = clock
-        self._statuses, self._reasons, self._grpc = _classifier(breaker.options)
+        classifier = Classifier(breaker.options.failure_on)
+        self._statuses, self._reasons = classifier.statuses, classifier.reasons
+        self._classifier = classifier
         fallback = breaker.options.fallback
         self._fallback = None
         if fallback is not None:
@@ -48,19 +35,13 @@ class BreakerLayer:
         wait = max(1, math.ceil(self.breaker.retry_after()))
         extra = [(b"retry-after", str(wait).encode())]
         if self._fallback is None:
-            return LocalReply(
-                "breaker_open", f"circuit {self.breaker.name} is open", status=503, headers=extra
-            )
+            return LocalReply("breaker_open", f"circuit {self.breaker.name}", headers=extra)
         status, body, content_type = self._fallback
-        reply = LocalReply("breaker_open", status=status, headers=extra)
-        reply.body = body
-        reply.headers[0] = (b"content-type", content_type)
-        reply.headers[1] = (b"content-length", str(len(body)).encode())
-        return reply
+        return LocalReply("breaker_open", status=status, headers=extra, body=body, content_type=content_type)
 
     async def __call__(self, ex: Exchange) -> Reply:
         breaker = self.breaker
-        token = breaker.epoch if breaker.state == CLOSED else breaker.acquire()
+        token = breaker.acquire()
         if token < 0:
             if ex.trace is not None:
                 ex.note(self._note + STATE_NAMES[breaker.state] + " rejected")
@@ -80,14 +61,13 @@ class BreakerLayer:
             elif reason in UPSTREAM_FAULTS:
                 breaker.record(token, False, self.clock.now() - started)
             else:
-                breaker.release(
-                    token
-                )  # Fender's own answer (bulkhead, limits): says nothing about the upstream
+                # Fender's own answer (bulkhead, limits): says nothing about the upstream.
+                breaker.release(token)
         else:
             now = self.clock.now()
             failed = reply.status in self._statuses
-            if self._grpc and not failed:
-                failed = grpc_code(reply) in self._grpc  # a trailers-only gRPC answer (policies/outcome.py)
+            if not failed and self._classifier.grpc:
+                failed = self._classifier.grpc_fails(reply.headers) is not None  # trailers-only gRPC answer
             breaker.record(token, failed, now - started, now)
         return reply
 

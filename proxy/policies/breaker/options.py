@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
+from proxy.kernel.classify import GRPC_CONDITIONS
 from proxy.kernel.reasons import TRY_FAULTS
 from proxy.options.base import Count, PolicyModel, Text, keep_ordered
 from proxy.options.units import (
@@ -18,7 +19,6 @@ from proxy.options.units import (
     parse_duration,
     policy_error,
 )
-from proxy.policies.outcome import GRPC_CONDITIONS
 
 MAX_WINDOW_CALLS = 10_000
 

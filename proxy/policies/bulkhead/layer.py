@@ -6,7 +6,7 @@ import math
 import weakref
 
 from proxy.config.models import Route
-from proxy.kernel.exchange import ClientGone, Handler, LocalReply
+from proxy.kernel.exchange import ClientGone, Handler, LocalReply, wait_disconnect
 from proxy.policies.bulkhead.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
 from proxy.policies.bulkhead.options import BulkheadOptions
 from proxy.policies.context import LayerContext
@@ -34,10 +34,7 @@ class RouteBulkhead:
     def reject(self, reason: str, ex) -> LocalReply:
         self.rejected[reason].inc()
         ex.note(reason)
-        detail = (
-            "too many requests of this route in flight" if reason == "bulkhead_full" else "no slot in time"
-        )
-        return LocalReply(reason, detail, status=503, headers=[(b"retry-after", self.retry_after)])
+        return LocalReply(reason, headers=[(b"retry-after", self.retry_after)])
 
     def snapshot(self) -> dict:
         b = self.bulkhead
@@ -68,7 +65,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     async def bulkhead_layer(ex):
         if not bulkhead.try_acquire():
             receive = getattr(ex, "receive", None)
-            disconnect = None if receive is None else (lambda: _wait_disconnect(receive))
+            disconnect = None if receive is None else (lambda: wait_disconnect(receive))
             try:
                 waited = await bulkhead.acquire(ex.deadline - clock.now(), disconnect)
             except Rejected as rejected:
@@ -106,10 +103,3 @@ def _keep_bulkhead(
         ref = weakref.ref(state.bulkhead)
         ctx.metrics.bulkhead_in_flight.labels(route_name).set_function(lambda: _read(ref, "in_flight"))
         ctx.metrics.bulkhead_queued.labels(route_name).set_function(lambda: _read(ref, "queued"))
-
-
-async def _wait_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -399,7 +399,7 @@ class CacheLayer:
         if directives is not None and directives.only_if_cached:
             self.m_result["only_if_cached"].inc()
             ex.response_headers.append((b"cache-status", b"fender; fwd=miss; detail=only-if-cached"))
-            return LocalReply("only_if_cached", "nothing usable is stored", status=504)
+            return LocalReply("only_if_cached")
         if method == "HEAD" or (entry is None and directives is not None and directives.no_store):
             # Not coalesced, not stored: the client's request goes upstream as it is.
             self.m_result["miss"].inc()

@@ -1,14 +1,16 @@
 """Purges of this sidecar's cache (L1): by URL prefix and by tag; and the tags of a response.
 
 The admin API (proxy/admin/cache.py) runs these for a purge it receives; in
-fleet mode the Redis client (proxy/state/redis.py) runs them for a purge
-another sidecar published. Both scan the store once: a purge is rare, a
+fleet mode the Redis client (proxy/state/redis.py) calls the store's ``purge`` (which
+runs them) for a purge another sidecar published. Both scan the store once: a purge is rare, a
 per-tag index in memory would cost on every store.
 """
 
 from __future__ import annotations
 
 import re
+
+from proxy.state.keys import target_of
 
 # Bounds on what one response can tag itself with (more are ignored), so a response cannot make
 # Fender or Redis hold an unbounded tag set.
@@ -25,12 +27,6 @@ def tags_of(values: list[bytes]) -> tuple[bytes, ...]:
             if tag and len(tag) <= MAX_TAG_LENGTH and len(tags) < MAX_TAGS:
                 tags[tag] = None
     return tuple(tags)
-
-
-def target_of(key: bytes) -> tuple[bytes, bytes]:
-    """A cache key (host + normalised target) split into (host, target)."""
-    slash = key.find(b"/")
-    return (key, b"") if slash < 0 else (key[:slash], key[slash:])
 
 
 def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:

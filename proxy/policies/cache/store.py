@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from proxy.policies.cache.purge import drop_prefix, drop_tags
+
 # Python's own memory per stored response beyond header and body bytes, so max_size tracks
 # the real footprint: the Entry and Variants objects, the dict slot and key, the body object.
 ENTRY_OVERHEAD = 512
@@ -191,6 +193,14 @@ class MemoryStore:
     def keys(self) -> Iterator[bytes]:
         # A snapshot: callers may delete while iterating.
         return iter(list(self._data))
+
+    def purge(self, kind: str, value: bytes) -> int:
+        """A purge another sidecar published (proxy/state/redis.py): by tag, or by
+        ``host + b" " + prefix`` (host empty: any host); the number of keys dropped."""
+        if kind == "tag":
+            return len(drop_tags(self, (value,)))
+        host, _, prefix = value.partition(b" ")
+        return len(drop_prefix(self, host or None, prefix))
 
     def resize(self, max_size: int) -> None:
         self.max_size = max_size

@@ -222,7 +222,7 @@ class GlobalRateLimit:
                 (b"ratelimit-policy", self.policy_header),
                 (b"ratelimit", self._state(used, self.enforced)),
             ]
-            return LocalReply("rate_limited", "global limit", status=429, headers=headers)
+            return LocalReply("rate_limited", "global limit", headers=headers)
         if shadow_over:
             self.shadow_limited.inc()
             ex.note("ratelimit shadow_limited (global)")
@@ -336,7 +336,7 @@ class GlobalRateLimit:
             (b"ratelimit-policy", self.policy_header),
             (b"ratelimit", self._lease_state(leases, now, self.enforced)),
         ]
-        return LocalReply("rate_limited", "global limit", status=429, headers=headers)
+        return LocalReply("rate_limited", "global limit", headers=headers)
 
     def _lease_state(self, leases, now: float, shown: list) -> bytes:
         # The fleet bucket as of the last renewal (aged since), plus what this sidecar holds.
@@ -367,12 +367,7 @@ class GlobalRateLimit:
             return None
         self.failure_refused.inc()
         ex.note("ratelimit redis unavailable: refused")
-        return LocalReply(
-            "rate_limit_unavailable",
-            "the shared rate-limit state is unavailable",
-            status=503,
-            headers=[(b"retry-after", b"1")],
-        )
+        return LocalReply("rate_limit_unavailable", headers=[(b"retry-after", b"1")])
 
     def snapshot(self) -> dict:
         out = self.fallback.snapshot()

@@ -119,7 +119,7 @@ class RouteRateLimit:
                 (b"ratelimit-policy", self.policy_header),
                 (b"ratelimit", self._state(keys, now_ns)),
             ]
-            return LocalReply("rate_limited", f"limit {names}", status=429, headers=headers)
+            return LocalReply("rate_limited", f"limit {names}", headers=headers)
         for limit, key in zip(self.limits, keys, strict=True):
             if shadow_refused is None or limit not in shadow_refused:
                 limit.limiter.commit(key, now_ns)

@@ -27,10 +27,10 @@ from typing import Any
 
 from proxy.clock import Clock
 from proxy.grpc import request_is_grpc
+from proxy.kernel.classify import GRPC_CONDITIONS, Classifier
 from proxy.kernel.exchange import Exchange, LocalReply, Reply
 from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
 from proxy.metrics import FastCounter
-from proxy.policies.outcome import GRPC_CONDITIONS, grpc_code, grpc_codes
 from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
 from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
@@ -76,7 +76,7 @@ class RetryLayer:
         "_reasons",
         "_metrics",
         "_by_status",
-        "_grpc",
+        "_classifier",
     )
 
     def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
@@ -89,23 +89,11 @@ class RetryLayer:
         self.methods = frozenset(options.methods)
         self.max_replay = options.max_replay_body
         self.honor_retry_after = options.honor_retry_after
-        statuses: dict[int, str] = {}
-        reasons: set[str] = set()
-        for item in options.retry_on:
-            if item == "5xx":
-                statuses.update({s: "5xx" for s in range(500, 600) if s not in statuses})
-            elif item == "gateway_error":
-                statuses.update({s: str(s) for s in (502, 503, 504)})
-            elif item.isdigit():
-                statuses[int(item)] = item
-            elif item in GRPC_CONDITIONS:
-                pass
-            else:
-                reasons.add(item)
-        # gRPC status -> its retry_on name; empty (the usual case) costs the HTTP path one test.
-        self._grpc = grpc_codes(options.retry_on)
+        classifier = Classifier(options.retry_on)
+        statuses = classifier.statuses
+        self._classifier = classifier
         self._statuses = statuses
-        self._reasons = frozenset(reasons)
+        self._reasons = classifier.reasons
         self._metrics = metrics
         # status -> (count the attempt, retry_on condition or None): one lookup per upstream answer.
         self._by_status = {
@@ -127,8 +115,8 @@ class RetryLayer:
         known = self._by_status.get(status)
         if known is not None:
             known[0]()
-            if self._grpc and known[1] is None:
-                return self._grpc.get(grpc_code(reply))
+            if known[1] is None and self._classifier.grpc:
+                return self._classifier.grpc_fails(reply.headers)
             return known[1]
         metrics.attempts[STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]].inc()
         return str(status) if status in self._statuses else None
@@ -154,7 +142,7 @@ class RetryLayer:
         budget.request(started)
         nxt = self.next
         ex.try_timeout = self.per_try_timeout
-        if self._grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
+        if self._classifier.grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
             # A gRPC body comes without a length (HTTP/2), so it streams; a copy is kept while it stays
             # within max_replay_body, so a unary call answered UNAVAILABLE can be sent again.
             ex.body_stream = _ReplayCopy(ex.body_stream, self.max_replay)

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from pydantic import Field, PlainValidator, WithJsonSchema
 
+from proxy.kernel.classify import GRPC_CONDITIONS
 from proxy.kernel.reasons import KNOWN_METHODS, TRY_FAULTS
 from proxy.options.base import Count, Flag, PolicyModel
 from proxy.options.units import Duration, Size, describe_value, policy_error
-from proxy.policies.outcome import GRPC_CONDITIONS
 from proxy.policies.retry.backoff import BackoffOptions
 from proxy.policies.retry.budget import BudgetOptions
 
