@@ -71,6 +71,12 @@ REASON_STATUS: dict[str, int] = {
     "bad_response": INTERNAL,
     "bad_request": INTERNAL,
     "upgrade_not_allowed": PERMISSION_DENIED,
+    # The HTTP/1.1 protocol's own refusals (written before any application runs; listed for completeness).
+    "connection_limit": UNAVAILABLE,
+    "header_timeout": DEADLINE_EXCEEDED,
+    "underscore_header": INTERNAL,
+    "unsupported_transfer_coding": INTERNAL,
+    "http_version": INTERNAL,
 }
 
 # gRPC's own HTTP-to-gRPC mapping (doc/http-grpc-status-mapping.md), for a reason not listed above.
@@ -128,12 +134,15 @@ def grpc_status(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+_MAX_MESSAGE = 256  # characters of grpc-message (a configured fallback body can be long)
+
+
 def local_headers(reason: str, http_status: int, text: str) -> list[tuple[bytes, bytes]]:
     """The fields of a trailers-only gRPC answer for a local reply (HTTP status 200 goes apart)."""
     return [
         (b"content-type", _GRPC),
         (b"grpc-status", b"%d" % status_for(reason, http_status)),
-        (b"grpc-message", encode_message(text)),
+        (b"grpc-message", encode_message(text[:_MAX_MESSAGE])),
     ]
 
 

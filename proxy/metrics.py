@@ -483,7 +483,7 @@ class Metrics:
             registry=r,
         )
 
-        # metrics: HTTP/2 on the data listener (proxy/http2_protocol.py)
+        # metrics: HTTP/2 on the data listener (proxy/server/http2.py)
         self.http2_connections = Counter(
             "fender_http2_connections_total",
             "Client connections served as HTTP/2, by how it was chosen: prior_knowledge (h2c preface on "

@@ -336,3 +336,124 @@ async def test_grpc_local_reply_shape_over_http2_and_http1(start_fender, echo_up
     assert answer.status_code == 200
     assert answer.headers["grpc-status"] == "12"
     assert answer.content == b""
+
+
+async def test_alpn_h2_over_tls_selects_http2(start_fender, echo_upstream, tmp_path):
+    """The listener has no TLS of its own yet: this serves the data plane's protocol on a TLS socket
+    offering ALPN h2 and http/1.1, as the TLS listener will, and checks both choices."""
+    import ssl
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from proxy.server.protocol import FenderHttpProtocol
+
+    openssl = _tool("openssl", "openssl")
+    curl = _tool("curl", "curl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    code, _, err = await _run(
+        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+    )  # fmt: skip
+    assert code == 0, err
+    fender = await start_fender(policy_text(echo_upstream.port))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    config = uvicorn.Config(
+        fender.dataplane, http=FenderHttpProtocol, loop="none", lifespan="off", log_config=None
+    )
+    config.load()
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: FenderHttpProtocol(config, state), "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        versions = []
+        for flag in ("--http2", "--http1.1"):
+            code, out, err = await _run(
+                curl, "-sS", "-k", flag, "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+                f"https://127.0.0.1:{port}/tls",
+            )  # fmt: skip
+            assert code == 0, err
+            versions.append(out.decode())
+    finally:
+        for connection in list(state.connections):
+            connection.transport.close()
+        server.close()
+        await server.wait_closed()
+    assert versions == ["200 2", "200 1.1"]
+    assert [r["path"] for r in echo_upstream.requests] == ["/tls", "/tls"]
+    forwarded = dict(echo_upstream.requests[0]["headers"])
+    assert forwarded["x-forwarded-proto"] == "https"
+
+
+async def test_route_rules_hold_per_stream(start_fender, capsys):
+    """Host matching on :authority, a route's timeout, Fender-Trace, retries, metrics and the JSON
+    access log: the same for a stream as for an HTTP/1.1 request."""
+    import logging
+
+    gate = asyncio.Event()
+
+    async def handler(req: Request, conn: Responder) -> None:
+        if req.target.startswith(b"/slow"):
+            await gate.wait()
+        await conn.send(200, body=b"fine")
+
+    routes = """
+      - name: api
+        match: {path_prefix: /, host: api.example}
+        upstream: echo
+        timeout: 200ms
+        explain: true
+    """
+    access = logging.getLogger("fender.access")
+    saved = (list(access.handlers), access.propagate, access.level)
+    try:
+        async with RawUpstream(handler) as up:
+            server = "access_log: true\naccess_log_format: json\n"
+            fender = await start_fender(policy_text(up.port, routes, server=server))
+            capsys.readouterr()
+            async with H2Client(fender.data_port) as client:
+                fine = await client.response(
+                    client.request("/ok", authority="api.example", headers=[(b"x-request-id", b"h2-ok")])
+                )
+                slow = await client.response(client.request("/slow", authority="api.example"))
+                other = await client.response(client.request("/ok", authority="other.example"))
+            gate.set()
+            lines = [
+                json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+            ]
+            async with httpx.AsyncClient() as admin:
+                text = (await admin.get(f"{fender.admin_url}/metrics")).text
+    finally:
+        for handler_ in list(access.handlers):
+            access.removeHandler(handler_)
+        handlers, access.propagate, level = saved
+        for handler_ in handlers:
+            access.addHandler(handler_)
+        access.setLevel(level)
+    assert (fine.status, fine.body) == (200, b"fine")
+    assert b"fender-trace" in fine.headers
+    assert (slow.status, slow.headers[b"x-fender-error"]) == (504, b"timeout")
+    assert (other.status, other.headers[b"x-fender-error"]) == (404, b"no_route")
+    assert [r.header(b"host") for r in up.requests] == [b"api.example", b"api.example"]
+    assert [(r["request_id"], r["status"], r["route"]) for r in lines[:1]] == [("h2-ok", 200, "api")]
+    assert [r["status"] for r in lines] == [200, 504]
+    assert 'fender_requests_total{method="GET",route="api",status_class="2xx"} 1.0' in text
+    assert 'fender_requests_total{method="GET",route="api",status_class="5xx"} 1.0' in text
+
+
+async def test_head_limits_per_stream(start_fender, echo_upstream):
+    """server.max_header_count and headers_with_underscores (reject) answer a stream as they answer an
+    HTTP/1.1 request (431, 400), and the connection goes on."""
+    server = "max_header_count: 5\nheaders_with_underscores: reject\n"
+    fender = await start_fender(policy_text(echo_upstream.port, server=server))
+    async with H2Client(fender.data_port) as client:
+        many = await client.response(client.request("/many", headers=[(b"x-%d" % i, b"v") for i in range(8)]))
+        underscore = await client.response(client.request("/u", headers=[(b"x_forwarded_for", b"1.2.3.4")]))
+        fine = await client.response(client.request("/fine"))
+    assert (many.status, many.headers[b"x-fender-error"]) == (431, b"header_too_large")
+    assert (underscore.status, underscore.headers[b"x-fender-error"]) == (400, b"underscore_header")
+    assert fine.status == 200
+    assert [r["path"] for r in echo_upstream.requests] == ["/fine"]

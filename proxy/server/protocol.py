@@ -63,10 +63,10 @@ from urllib.parse import unquote
 
 import httptools
 
-from proxy.http2_protocol import PREFACE_HEAD, FenderH2Protocol, take_over
 from proxy.kernel.fields import HOP_BY_HOP
 from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
+from proxy.server.http2 import PREFACE_HEAD, FenderH2Protocol, take_over
 from proxy.tunnel import TunnelEnd, upgrade_offer
 
 log = logging.getLogger("uvicorn.error")  # quiet_aborts() filters the expected aborts on this logger
@@ -810,7 +810,7 @@ class FenderHttpProtocol(asyncio.Protocol):
             self._arm(now + self.keepalive_timeout)
 
     def handed_over(self) -> None:
-        """The connection became HTTP/2 (proxy/http2_protocol.py): this protocol is done with it."""
+        """The connection became HTTP/2 (proxy/server/http2.py): this protocol is done with it."""
         for timer in (self._timer, self._send_timer):
             if timer is not None:
                 timer.cancel()

@@ -1,7 +1,7 @@
 """HTTP/2 on the data listener: the ``h2`` state machine in, one ASGI request per stream out.
 
 A connection becomes HTTP/2 in one of two ways, both decided by
-:class:`~proxy.http_protocol.FenderHttpProtocol` before any HTTP/1.1 request
+:class:`~proxy.server.protocol.FenderHttpProtocol` before any HTTP/1.1 request
 is served on it: the client opens with the HTTP/2 connection preface on the
 cleartext port (h2c with prior knowledge; llhttp stops at the preface's
 ``PRI * HTTP/2.0`` head, so HTTP/1.1 connections pay nothing for the check),
@@ -81,7 +81,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PREFACE_HEAD = PREFACE[:18]  # what llhttp reads as a request head before it stops
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/http_protocol.py), offered here too.
+# The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/server/protocol.py), offered here too.
 EXTENSIONS = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
@@ -660,7 +660,10 @@ class FenderH2Protocol(asyncio.Protocol):
         size = event.flow_controlled_length
         if stream is None or stream.complete or stream.disconnected:
             if size:
-                self.h2.acknowledge_received_data(size, sid)  # nobody reads it: hand the window back
+                try:
+                    self.h2.acknowledge_received_data(size, sid)  # nobody reads it: hand the window back
+                except ProtocolError:
+                    pass
             return
         if event.data:
             stream.body.append(event.data)
@@ -708,8 +711,8 @@ class FenderH2Protocol(asyncio.Protocol):
             await self.app(stream.scope, stream.receive, stream.send)
         except BaseException as exc:  # the connection must go on whatever one stream did
             if not isinstance(exc, asyncio.CancelledError):
-                if type(exc).__name__ not in ("ResponseAborted", "ClientGone"):
-                    log.error("Exception in ASGI application", exc_info=exc)
+                # (quiet_aborts() filters the expected ResponseAborted out of this logger)
+                log.error("Exception in ASGI application", exc_info=exc)
             if not stream.complete:
                 if not stream.started and not stream.disconnected:
                     self._answer(stream, "internal")
