@@ -34,6 +34,7 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
     from proxy.server.fender import bind_socket
 
     policy = document.policy
+    assert policy is not None  # cmd_validate answered already when the environment was missing
     problems: list[StartupError] = list(missing_packages(policy))
     try:
         resolve_admin_token(policy)
@@ -210,8 +211,8 @@ def cmd_run(args, demo: bool = False) -> int:
     for warning in warnings:
         logging.getLogger("fender").warning("%s", warning)
     try:
-        for problem in missing_packages(policy):
-            raise problem
+        for missing in missing_packages(policy):
+            raise missing
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_run(policy, args.policy, demo, args.server, warnings))
     except StartupError as error:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
 from proxy.clock import Clock
 
@@ -142,6 +143,12 @@ class TunnelEnd(asyncio.Protocol):
             self.fallback.resume_writing()
 
 
+class ByteCounts(Protocol):
+    """Where a tunnel reports the bytes it relayed (proxy.metrics.TunnelMetrics)."""
+
+    def add_bytes(self, upstream: int, downstream: int) -> None: ...
+
+
 class Tunnel:
     """Two ends spliced together; ``done`` resolves when it has ended."""
 
@@ -162,7 +169,7 @@ class Tunnel:
         self.reason = ""  # why it ended: client_closed, upstream_closed, idle_timeout, shutdown
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._on_close = on_close
-        self.metrics = None  # proxy.metrics.TunnelMetrics: bytes are reported to it by report()
+        self.metrics: ByteCounts | None = None  # bytes are reported to it by report()
         self.route_name = ""
         self._reported = (0, 0)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from importlib.resources import files
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -103,7 +104,7 @@ def gather(fender: AdminHost) -> dict:
         tunnels[tunnel.route_name] = tunnels.get(tunnel.route_name, 0) + 1
     routes = []
     for route in runtime.routes:
-        entry = {"name": route.name, "upstream": route.options.upstream}
+        entry: dict[str, Any] = {"name": route.name, "upstream": route.options.upstream}
         entry.update(traffic[route.name])
         entry["open_tunnels"] = tunnels.get(route.name, 0)
         routes.append(entry)
@@ -139,7 +140,9 @@ def routes(fender: AdminHost) -> list[Route]:
             return Response(body, media_type=media, headers=_HEADERS)
 
         serve.__doc__ = "The status page." if path == "/" else f"Status page asset {path}."
-        serve.media_type = media  # what the OpenAPI document says this path answers
+        # What the OpenAPI document says this path answers (a function attribute, set through its
+        # __dict__: mypy does not model attributes added to a function).
+        serve.__dict__["media_type"] = media
         return serve
 
     async def status(request: Request) -> Response:

@@ -45,7 +45,8 @@ class LineLimiter:
         self.interval = interval
         self.max_keys = max_keys
         self._clock = clock
-        self._keys: OrderedDict[Hashable, list] = OrderedDict()  # key -> [last line at, held back since]
+        # key -> [last line at, lines held back since]
+        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -64,7 +65,7 @@ class LineLimiter:
         if since < self.interval:
             entry[1] += 1
             return None
-        held = entry[1]
+        held = int(entry[1])
         entry[0] = now
         entry[1] = 0
         keys.move_to_end(key)

@@ -41,7 +41,7 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._ranges = parse_status_ranges(options.expect_status)
         self._target = options.path.encode("latin-1")
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         pool_class = H2Pool if options.grpc else UpstreamPool
         self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
         self._pools = [
@@ -122,6 +122,8 @@ class HealthChecker:
         """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
         pool = self._pools[index]
         state = self.picker.states[index]
+        body = self._grpc_body
+        assert body is not None
         try:
             response = await pool.request(
                 b"POST",
@@ -132,7 +134,7 @@ class HealthChecker:
                     (b"te", b"trailers"),
                     (b"user-agent", b"fender-health-check"),
                 ],
-                body=self._grpc_body,
+                body=body,
                 head_timeout=self.options.timeout,
                 idle_timeout=self.options.timeout,
             )

@@ -56,6 +56,7 @@ class HealthCheckOptions(PolicyModel):
     )
     interval: Annotated[Duration, Field(gt=0)] = Field(
         default="2s",
+        validate_default=True,
         description=(
             "Time between two probes of one replica (HAProxy's inter, 2s). Detection of a dead replica takes "
             "about interval x unhealthy_threshold; failback about interval x healthy_threshold."
@@ -63,6 +64,7 @@ class HealthCheckOptions(PolicyModel):
     )
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="1s",
+        validate_default=True,
         description=(
             "A probe with no complete response head within this long fails (connect included); this is "
             "what catches a black hole that accepts connections but never answers. Must not exceed interval; "
@@ -72,6 +74,7 @@ class HealthCheckOptions(PolicyModel):
     )
     jitter: Percent = Field(
         default="10%",
+        validate_default=True,
         description=(
             "Each wait is interval +/- this share, chosen at random, and the first probe waits a random part "
             "of jitter x interval (at least 5%), so a fleet of sidecars does not probe in lockstep."
@@ -157,6 +160,7 @@ class OutlierDetectionOptions(PolicyModel):
     )
     ejection_time: Annotated[Duration, Field(gt=0)] = Field(
         default="30s",
+        validate_default=True,
         description=(
             "How long the first ejection lasts; the n-th ejection of the same replica lasts n times this "
             "(up to max_ejection_time). The count goes down by one for every ejection_time the replica "
@@ -165,10 +169,12 @@ class OutlierDetectionOptions(PolicyModel):
     )
     max_ejection_time: Annotated[Duration, Field(gt=0)] = Field(
         default="300s",
+        validate_default=True,
         description="Upper bound on one ejection however often the replica was ejected (Envoy's default, 300s).",
     )
     max_ejected: Percent = Field(
         default="50%",
+        validate_default=True,
         description=(
             "Most replicas of one priority level ejected at the same time, as a share of the level (rounded "
             "down, but at least one unless 0%). Protects against ejecting a whole level on a shared fault."

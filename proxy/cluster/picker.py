@@ -29,16 +29,34 @@ from __future__ import annotations
 import random
 import time
 from bisect import bisect_right
+from collections.abc import Sequence
 from itertools import accumulate
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from proxy.clock import Clock
 from proxy.cluster.options import RESULTS, OutlierDetectionOptions
 from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
-from proxy.upstream import UpstreamError
+from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 
-__all__ = ["ReplicaPicker", "ReplicaState"]
+__all__ = ["Replica", "ReplicaPicker", "ReplicaState"]
+
+
+class Replica(Protocol):
+    """One replica as the picker and the health checker see it (proxy.cluster.upstream.ReplicaRuntime)."""
+
+    name: str
+    host: str
+    port: int
+    unix_path: str | None
+    authority: bytes
+    priority: int
+    weight: int
+    pool: UpstreamPool | H2Pool
 
 
 class ReplicaState:
@@ -71,13 +89,13 @@ class ReplicaState:
         "changed_at",
     )
 
-    def __init__(self, replica, index: int, level: int) -> None:
+    def __init__(self, replica: Replica, index: int, level: int) -> None:
         self.replica = replica
         self.name: str = replica.name
         self.index = index
         self.level = level
         self.weight: int = replica.weight
-        self.pool = replica.pool
+        self.pool: UpstreamPool | H2Pool = replica.pool
         self.active_healthy = True  # until active checks say otherwise (traffic flows from the start)
         self.passes = 0  # consecutive passing probes
         self.fails = 0  # consecutive failing probes
@@ -90,9 +108,9 @@ class ReplicaState:
         self.ejection_count = 0  # multiplier of ejection_time (decays while in rotation)
         self.returned_at = 0.0
         self.overloaded_until = 0.0
-        self.healthy_gauge = None
-        self.ejections_counter = None
-        self.check_counters: dict[str, object] = {}
+        self.healthy_gauge: Gauge | None = None
+        self.ejections_counter: Counter | None = None
+        self.check_counters: dict[str, Counter] = {}
         self.drained = False  # an operator took it out of rotation (POST .../drain)
         self.health_word = "healthy"  # last state seen by _rebuild, for "time since last change"
         self.changed_at = 0.0
@@ -142,7 +160,7 @@ def _smooth_weighted_order(replicas: list[ReplicaState]) -> list[ReplicaState]:
     weights = [w // divisor for w in weights]
     total = sum(weights)
     current = [0] * len(replicas)
-    order = []
+    order: list[ReplicaState] = []
     for _ in range(total):
         for i, w in enumerate(weights):
             current[i] += w
@@ -152,13 +170,17 @@ def _smooth_weighted_order(replicas: list[ReplicaState]) -> list[ReplicaState]:
     return order
 
 
+# The plan before the first _rebuild (which then sets the real one without counting a failover).
+_NO_PLAN = _Plan("", None, [])
+
+
 class ReplicaPicker:
     """Replica choice and replica state for one upstream; built once per policy load."""
 
     def __init__(
         self,
         upstream: str,
-        replicas: list,
+        replicas: Sequence[Replica],
         *,
         balance: str = "round_robin",
         panic_threshold: float = 0.5,
@@ -185,7 +207,7 @@ class ReplicaPicker:
         self._by_name = {s.name: s for s in self.states}
         self._eject_limit = [self._limit(len(level)) for level in self.levels]
         self._level_plans: list[_Plan] = []
-        self._plan: _Plan | None = None  # set by the first _rebuild below
+        self._plan = _NO_PLAN  # set by the first _rebuild below
         self._position = 0
         self._next_expiry = float("inf")
         self.failovers_seen: list[tuple[str, str]] = []  # bounded: last 32 transitions (admin/tests)
@@ -198,7 +220,10 @@ class ReplicaPicker:
 
     def _bind_metrics(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
-        self._failover_counters: dict[tuple[str, str], object] = {}
+        self._failover_counters: dict[tuple[str, str], Counter] = {}
+        self._active_gauge: Gauge | None
+        self._panic_gauge: Gauge | None
+        self.check_duration: Histogram | None
         if metrics is None:
             self._active_gauge = None
             self._panic_gauge = None
@@ -217,7 +242,7 @@ class ReplicaPicker:
                     result: metrics.health_checks.labels(up, state.name, result) for result in RESULTS
                 }
 
-    def _failover_counter(self, source: str, target: str):
+    def _failover_counter(self, source: str, target: str) -> Counter | None:
         key = (source, target)
         child = self._failover_counters.get(key)
         if child is None and self._metrics is not None:
@@ -233,7 +258,7 @@ class ReplicaPicker:
         """The replica for the next try, avoiding ``tried`` while another eligible one exists."""
         if self.clock.now() >= self._next_expiry:
             self._rebuild(self.clock.now())
-        plan: _Plan = self._plan  # type: ignore[assignment]
+        plan = self._plan
         replicas = plan.replicas
         if not replicas:
             return None
@@ -363,6 +388,8 @@ class ReplicaPicker:
     def _eject(self, state: ReplicaState, now: float) -> None:
         outlier = self.outlier
         level = self.levels[state.level]
+        if outlier is None:
+            return  # observe() ejects only with outlier detection on
         if sum(1 for r in level if r.ejected_until) >= self._eject_limit[state.level]:
             return  # max_ejected reached: keep it in rotation, keep counting
         if state.ejection_count and state.returned_at:
@@ -426,7 +453,7 @@ class ReplicaPicker:
         else:
             plan = next((p for p in plans if p.replicas), None) or _Plan("none", None, [])
         previous = self._plan
-        if previous is None:
+        if previous is _NO_PLAN:
             self._plan = plan
             previous = plan
         elif (plan.label, [r.index for r in plan.replicas]) != (
@@ -441,7 +468,7 @@ class ReplicaPicker:
             counter = self._failover_counter(previous.label, plan.label)
             if counter is not None:
                 counter.inc()
-        if self._active_gauge is not None:
+        if self._active_gauge is not None and self._panic_gauge is not None:
             self._active_gauge.set(self.priorities[plan.level] if plan.level is not None else -1)
             self._panic_gauge.set(1 if panic else 0)
 
@@ -472,7 +499,7 @@ class ReplicaPicker:
                 state.returned_at = was.returned_at
         self._rebuild(self.clock.now())
 
-    def export_state(self) -> dict:
+    def export_state(self) -> dict[str, dict[str, Any]]:
         """Replica health and ejections for a checkpoint, by host:port, times on the wall clock."""
         now, wall = self.clock.now(), time.time()
 
@@ -493,7 +520,7 @@ class ReplicaPicker:
             for s in self.states
         }
 
-    def import_state(self, data: dict, health: bool, outlier: bool) -> list[str]:
+    def import_state(self, data: dict[str, Any], health: bool, outlier: bool) -> list[str]:
         """Restore :meth:`export_state` output of a previous process; returns the replicas restored.
 
         Only replicas still in the upstream are touched; ``health`` / ``outlier`` say whether the
@@ -542,7 +569,7 @@ class ReplicaPicker:
             self._rebuild(self.clock.now())
         return state
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         now = self.clock.now()
         if now >= self._next_expiry:
             self._rebuild(now)

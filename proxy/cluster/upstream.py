@@ -8,13 +8,17 @@ asks it for a replica per try and reports each try's outcome back.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.cluster.faultlog import FaultLog
 from proxy.cluster.health import HealthChecker
-from proxy.cluster.picker import ReplicaPicker
+from proxy.cluster.picker import Replica, ReplicaPicker, ReplicaState
+from proxy.config.models import PoolOptions, Upstream
+from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
+from proxy.options.base import PolicyModel
 from proxy.upstream import UpstreamError, UpstreamPool
 from proxy.upstream.http2 import H2Pool
 
@@ -22,39 +26,46 @@ from proxy.upstream.http2 import H2Pool
 class ReplicaRuntime:
     __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
 
-    def __init__(self, replica, pool_options, protocol: str = "http1") -> None:
-        self.host = replica.host
-        self.port = replica.port
-        self.unix_path = replica.unix_path
-        self.name = replica.name  # host:port, or unix:PATH
-        self.authority = replica.authority.encode()
-        self.priority = replica.priority
-        self.weight = replica.weight
-        settings = dict(
-            unix_path=replica.unix_path,
-            max_connections=pool_options.max_connections,
-            max_keepalive=pool_options.max_keepalive,
-            connect_timeout=pool_options.connect_timeout,
-            keepalive_idle_timeout=pool_options.idle_timeout,
-            max_pending=pool_options.max_pending,
-        )
+    def __init__(self, replica: ReplicaOptions, pool_options: PoolOptions, protocol: str = "http1") -> None:
+        self.host: str = replica.host
+        self.port: int = replica.port
+        self.unix_path: str | None = replica.unix_path
+        self.name: str = replica.name  # host:port, or unix:PATH
+        self.authority: bytes = replica.authority.encode()
+        self.priority: int = replica.priority
+        self.weight: int = replica.weight
         # protocol: auto is HTTP/1.1 on cleartext (HTTP/2 would be chosen by ALPN over TLS, see
         # proxy.upstream.http2.alpn_protocols); h2 is prior knowledge.
+        self.pool: UpstreamPool | H2Pool
         if protocol == "h2":
             self.pool = H2Pool(
                 replica.host,
                 replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
                 max_concurrent_streams=pool_options.max_concurrent_streams,
-                **settings,
             )
         else:
-            self.pool = UpstreamPool(replica.host, replica.port, **settings)
+            self.pool = UpstreamPool(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
+            )
 
 
 class UpstreamRuntime:
     """The replicas of one upstream, their pools, picker and health checks; built once per policy load."""
 
-    def __init__(self, name: str, options, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, name: str, options: Upstream, metrics: Metrics, clock: Clock = SYSTEM_CLOCK) -> None:
         self.name = name
         self.options = options
         self.clock = clock
@@ -76,12 +87,12 @@ class UpstreamRuntime:
             clock=clock,
             metrics=metrics,
         )
-        self._state_of = {state.replica: state for state in self.picker.states}
+        self._state_of: dict[Replica, ReplicaState] = {state.replica: state for state in self.picker.states}
         self.health = None if health is None else HealthChecker(health, self.picker, clock)
         self._previous: UpstreamRuntime | None = None  # the one this replaces on a reload (take_over)
         self._given_pools: set[int] = set()  # pools a newer runtime took over: not closed here
 
-    def choose(self, ex: Exchange | None = None) -> ReplicaRuntime | None:
+    def choose(self, ex: Exchange | None = None) -> Replica | None:
         """The replica for the next try, or None when none may take it (503 no_healthy_replica).
 
         Replicas named in ``ex.tried`` are avoided while another eligible one
@@ -92,7 +103,7 @@ class UpstreamRuntime:
 
     def observe(
         self,
-        replica: ReplicaRuntime,
+        replica: Replica,
         status: int,
         error: UpstreamError | None,
         duration: float,
@@ -152,14 +163,14 @@ class UpstreamRuntime:
         if old.health is not None:
             await old.health.close()
 
-    def checkpoint_snapshot(self) -> dict:
+    def checkpoint_snapshot(self) -> dict[str, Any]:
         return {
             "health_check": _dump(self.options.health_check),
             "outlier_detection": _dump(self.options.outlier_detection),
             "replicas": self.picker.export_state(),
         }
 
-    def checkpoint_restore(self, data: dict) -> None:
+    def checkpoint_restore(self, data: dict[str, Any]) -> None:
         """Restore replica state written by a previous process where the settings still match."""
         health = self.options.health_check is not None and data.get("health_check") == _dump(
             self.options.health_check
@@ -179,5 +190,5 @@ class UpstreamRuntime:
         )
 
 
-def _dump(options) -> dict | None:
+def _dump(options: PolicyModel | None) -> dict[str, Any] | None:
     return None if options is None else options.model_dump(mode="json")

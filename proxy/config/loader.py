@@ -30,7 +30,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Union
@@ -537,7 +537,8 @@ def _position(loc: Loc, error_type: str, index: dict[Loc, _Place]) -> tuple[int,
     return 1, 1
 
 
-_UNIT_FORMATS = (
+# Each formatter takes the number its unit's fields hold (a size an int, a duration a float).
+_UNIT_FORMATS: tuple[tuple[re.Pattern[str], Callable[[Any], str]], ...] = (
     (re.compile(DURATION_PATTERN), format_duration),
     (re.compile(SIZE_PATTERN), format_size),
     (re.compile(PERCENT_PATTERN), format_percent),

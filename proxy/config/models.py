@@ -238,6 +238,7 @@ class ServerOptions(PolicyModel):
 
     max_header_bytes: Annotated[Size, Field(gt=0)] = Field(
         default="32KiB",
+        validate_default=True,
         description=(
             "Largest request head (request line plus all header lines) a client may send; larger heads "
             "get 431. 32KiB fits large cookies and tokens while bounding the memory one connection can pin."
@@ -250,6 +251,7 @@ class ServerOptions(PolicyModel):
     )
     keepalive_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="75s",
+        validate_default=True,
         description=(
             "Idle client keep-alive connections are closed after this long. 75s outlives the 60s idle "
             "timeout of common load balancers, so they close first and never reuse a connection we just closed."
@@ -324,6 +326,7 @@ class ServerOptions(PolicyModel):
     # Hardening (issue 9): request-head and connection limits enforced by FenderHttpProtocol.
     max_request_line: Annotated[Size, Field(gt=0)] = Field(
         default="8KiB",
+        validate_default=True,
         description=(
             "Longest request target (the URL in the request line) a client may send; longer ones get 414 and "
             "the connection closes. 8KiB is NGINX's limit and fits every sane URL. Must not exceed "
@@ -333,6 +336,7 @@ class ServerOptions(PolicyModel):
     )
     header_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
+        validate_default=True,
         description=(
             "Longest time from a connection opening (or the first byte of a further request on it) until the "
             "whole request head has arrived; past it the client gets 408 and the connection closes. Cuts "
@@ -356,6 +360,7 @@ class ServerOptions(PolicyModel):
     )
     send_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="60s",
+        validate_default=True,
         description=(
             "Longest time a client may leave Fender's response unread (its socket buffer full); past it the "
             "connection is cut. Stops slow readers from pinning upstream connections. 60s as NGINX's send_timeout."
@@ -552,6 +557,7 @@ class PoolOptions(PolicyModel):
     )
     connect_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="1s",
+        validate_default=True,
         description=(
             "Deadline for the TCP connect to a replica; a slower connect counts as a failure of that replica. "
             "1s is far above a healthy connect on the same network."
@@ -559,6 +565,7 @@ class PoolOptions(PolicyModel):
     )
     idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="60s",
+        validate_default=True,
         description=(
             "Idle pooled connections are closed after this long. Keep it below the upstream server's own "
             "keep-alive timeout so we never send on a connection it is closing."
@@ -730,6 +737,7 @@ class Upstream(PolicyModel):
     )
     panic_threshold: Percent = Field(
         default="50%",
+        validate_default=True,
         description=(
             "When every priority level has fewer eligible replicas than this share of its size, spread "
             "traffic over all replicas regardless of health (Envoy's healthy_panic_threshold) rather than "
@@ -945,6 +953,7 @@ class Route(PolicyModel):
     upstream: Name = Field(description="Name of the upstream (under `upstreams:`) that serves this route.")
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="15s",
+        validate_default=True,
         description=(
             "Deadline from receiving the request until the upstream's response head arrives (connect, send, "
             "wait, and any retries fit inside it); past it the client gets 504. 15s cuts off hung calls "
@@ -953,6 +962,7 @@ class Route(PolicyModel):
     )
     idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="60s",
+        validate_default=True,
         description=(
             "Longest silence allowed while a request or response body is streaming, either way; past it both "
             "connections are cut. Catches stalled peers without limiting long downloads."
@@ -960,6 +970,7 @@ class Route(PolicyModel):
     )
     max_body: Size = Field(
         default="1MiB",
+        validate_default=True,
         description="Largest request body accepted; larger ones get 413. 0B means no limit. 1MiB suits JSON APIs.",
     )
     rewrite_host: RewriteHost = Field(
@@ -993,6 +1004,7 @@ class Route(PolicyModel):
     )
     upgrade_idle_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="1h",
+        validate_default=True,
         description="A tunnel with no byte either way for this long is closed (both connections).",
     )
 
@@ -1087,6 +1099,7 @@ class Policy(PolicyModel):
     )
     listen: ListenAddress = Field(
         default="127.0.0.1:8080",
+        validate_default=True,
         description=(
             "host:port of the data-path listener that clients send requests to. 127.0.0.1 keeps it local to "
             "the pod/host (sidecar); use 0.0.0.0 to accept remote clients."
@@ -1094,6 +1107,7 @@ class Policy(PolicyModel):
     )
     admin: ListenAddress = Field(
         default="127.0.0.1:9901",
+        validate_default=True,
         description=(
             "host:port of the admin listener (health, metrics, admin API). Local-only by default; beyond "
             "loopback Fender requires admin_auth (a bearer token for /admin/*) and refuses to start without it."

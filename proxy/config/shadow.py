@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["shadowed_routes", "MAX_COMBINATIONS", "MAX_WORK"]
 
@@ -223,7 +224,8 @@ def _taken_by(route, earlier: list[tuple[int, object]], budget: list[int]) -> li
     header_choices = _header_choices(route, others)
     if header_choices is None:
         return None
-    dimensions = [_paths(route, others), _hosts(route, others), _methods(route, others)]
+    # One list of choices per dimension: paths, hosts, methods, then each header's value sets.
+    dimensions: list[Sequence[Any]] = [_paths(route, others), _hosts(route, others), _methods(route, others)]
     dimensions += [values for _, values in header_choices]
     total = 1
     for dimension in dimensions:

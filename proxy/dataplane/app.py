@@ -308,10 +308,10 @@ class DataPlane:
             if exchange.trace is not None:
                 exchange.note(f"rewrite {path.decode('latin-1')} -> {upstream_path.decode('latin-1')}")
         try:
-            reply = await route.pipeline(exchange)
+            answer = await route.pipeline(exchange)
         except ClientGone:
             return
-        await self._respond(runtime, route, scope, receive, send, method, reply, exchange, started)
+        await self._respond(runtime, route, scope, receive, send, method, answer, exchange, started)
 
     async def _respond(
         self, runtime, route, scope, receive, send, method, reply: Reply, ex: Exchange, started
@@ -380,7 +380,7 @@ class DataPlane:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None:
                     stream = ex.body_stream
-                    if stream is not None and not stream.done:
+                    if stream is not None and not getattr(stream, "done", True):
                         # Still uploading (a bidirectional stream): receive() belongs to the upload,
                         # which notices a client that leaves.
                         pass
@@ -414,6 +414,7 @@ class DataPlane:
     async def _tunnel(self, runtime, route: RouteRuntime, send, reply, ex: Exchange, headers) -> None:
         """The upstream switched protocols: relay its 101 and splice the two connections until one ends."""
         offer = ex.upgrade
+        assert offer is not None  # only a request that offered to switch protocols gets a 101
         metrics = route.upgrade_metrics
         label = offer.protocols[0] if offer.protocols[0] in route.upgrades else "other"
         upstream_end = reply.upgraded_end

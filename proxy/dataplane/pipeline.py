@@ -29,7 +29,7 @@ def _fast_callable(handler: Handler) -> Handler:
     """
     if isinstance(handler, FunctionType | MethodType):
         return handler
-    return handler.__call__  # type: ignore[attr-defined,no-any-return]
+    return handler.__call__  # type: ignore[operator]  # mypy cannot look __call__ up on a Callable type
 
 
 def build_pipeline(route: Route, ctx: LayerContext, tracer: Tracer | None = None) -> Handler:

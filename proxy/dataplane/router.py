@@ -135,11 +135,13 @@ def compile_match(match) -> CompiledMatch:
     if match.path is not None:
         exact = match.path.encode()
         check = _all_of([lambda m, h, p, hd: p == exact, *others])
+        assert check is not None  # of a list that is not empty
         return CompiledMatch(EXACT, exact, rest, check)
     if match.path_regex is not None:
         source = match.path_regex.encode()
         pattern = re.compile(source)
         check = _all_of([lambda m, h, p, hd: pattern.fullmatch(p) is not None, *others])
+        assert check is not None  # of a list that is not empty
         return CompiledMatch(REGEX, regex_literal_prefix(source), rest, check)
     prefix = (match.path_prefix or "/").encode()  # every normalised path starts with "/"
     return CompiledMatch(

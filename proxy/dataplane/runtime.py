@@ -21,6 +21,7 @@ in-flight count drops to zero, or after the drain timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from typing import Any
@@ -81,9 +82,10 @@ class RouteRuntime:
         self.upgrades = frozenset(options.upgrades)
         self.upgrade_idle_timeout = options.upgrade_idle_timeout
         # rewrite_prefix: (matched prefix, replacement) as bytes, or None.
+        prefix = options.match.path_prefix  # always given with rewrite_prefix (Route refuses it alone)
         self.rewrite = (
-            (options.match.path_prefix.encode(), options.rewrite_prefix.encode())
-            if options.rewrite_prefix is not None
+            (prefix.encode(), options.rewrite_prefix.encode())
+            if options.rewrite_prefix is not None and prefix is not None
             else None
         )
         self.upgrade_metrics = TunnelMetrics(ctx.metrics, options.name)
@@ -108,13 +110,13 @@ class Runtime:
         self.active = 0
         # Set while a reload waits for this runtime's last request; the data plane then calls request_done().
         self.idle_waiter: asyncio.Future | None = None
-        self.handover = Handover(previous.handover if previous is not None else None)
+        self.handover: Handover = Handover(previous.handover if previous is not None else None)
         self.checkpoints = CheckpointProviders()
         # Stateful objects by kind and name, for the admin API (bulkhead/checkout, cache/store, ...).
         self.exposed: dict[str, dict[str, Any]] = {}
         self.upstreams = {
             name: self.handover.keep(
-                ("upstream", name), up, lambda n=name, u=up: UpstreamRuntime(n, u, metrics, clock)
+                ("upstream", name), up, functools.partial(UpstreamRuntime, name, up, metrics, clock)
             )
             for name, up in policy.upstreams.items()
         }

@@ -65,7 +65,10 @@ class Classifier:
     def grpc_fails(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """The gRPC condition an upstream answer's head meets (its ``grpc-status``, present in a
         trailers-only answer), or None."""
-        return self.grpc.get(grpc_status(headers)) if self.grpc else None
+        if not self.grpc:
+            return None
+        code = grpc_status(headers)
+        return None if code is None else self.grpc.get(code)
 
 
 # Outlier detection: a 5xx answer, or any fault of the upstream (a try's UpstreamError whose

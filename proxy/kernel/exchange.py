@@ -15,7 +15,15 @@ from typing import Any, Protocol
 
 from proxy.grpc import local_headers
 from proxy.kernel.reasons import LOCAL_STATUS, REASON_TEXT
+from proxy.tunnel import UpgradeOffer
 from proxy.upstream import UpstreamError
+
+# An ASGI message (its keys depend on its "type"), receive and send callables.
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+# The request body as the upstream client pulls it, chunk by chunk (b"" at its end).
+BodyStreamFn = Callable[[], Awaitable[bytes]]
 
 
 class ClientGone(Exception):
@@ -34,9 +42,13 @@ class Reply(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
 
-    complete: bool  # the whole body has been received (nothing more to wait for)
-    # Trailer fields that followed the body (once read to the end), or None.
-    trailers: list[tuple[bytes, bytes]] | None
+    @property
+    def complete(self) -> bool:
+        """The whole body has been received (nothing more to wait for)."""
+
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
+        """Trailer fields that followed the body (once read to the end), or None."""
 
     def has_body(self) -> bool: ...
     async def read(self) -> bytes: ...
@@ -86,7 +98,7 @@ class Exchange:
         headers: list[tuple[bytes, bytes]],
         host: bytes | None,
         body: bytes,
-        body_stream,
+        body_stream: BodyStreamFn | None,
         content_length: int | None,
         request_id: bytes,
         route_name: str,
@@ -124,15 +136,17 @@ class Exchange:
         self.replica_name: str | None = None
         # The ASGI receive callable once the request body has been read whole (else None), so a
         # layer that makes the request wait (a bulkhead queue) can notice the client leaving.
-        self.receive = None
+        self.receive: Receive | None = None
         # The client asks to switch protocols (proxy.tunnel.UpgradeOffer) on a route that allows it.
-        self.upgrade = None
+        self.upgrade: UpgradeOffer | None = None
         # The target sent upstream when the route rewrites it (rewrite_prefix); else None: ``target``.
         self.upstream_target: bytes | None = None
         # The ASGI send when the server relays informational answers (fender.response.interim).
-        self.interim = None
-        # This request's trace (proxy.tracing.tracer.RequestTrace) on routes of a policy with tracing:.
-        self.tracing = None
+        self.interim: Send | None = None
+        # This request's trace (proxy.tracing.tracer.RequestTrace) on routes of a policy with tracing:,
+        # or an unsampled request's traceparent bytes. Any: the tracer sits above the kernel, which
+        # cannot name its type, and its layers test the class by identity (which mypy cannot narrow).
+        self.tracing: Any = None
         # The client sent grpc-timeout: each try sends the time left upstream in grpc-timeout.
         self.grpc_deadline = False
 
@@ -153,7 +167,7 @@ class Exchange:
             self.trace.append(text)
 
 
-async def wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     """Return when the client has gone (the ASGI ``http.disconnect`` message); other messages are skipped."""
     while True:
         message = await receive()
@@ -201,7 +215,7 @@ class LocalReply:
         self._sent = False
 
     complete = True  # the whole body is here (see UpstreamResponse.complete)
-    trailers = None
+    trailers: list[tuple[bytes, bytes]] | None = None
 
     def as_grpc(self) -> None:
         """Reshape into a gRPC trailers-only answer: HTTP 200, grpc-status and grpc-message from the

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 log = logging.getLogger("fender")
 
@@ -41,7 +41,7 @@ class Handover:
     def keep(self, key: Hashable, settings: Any, build: Callable[[], T]) -> T:
         entry = self.objects.get(key)
         if entry is not None:
-            return entry[1]  # asked again within the same build (an object shared by routes)
+            return cast(T, entry[1])  # asked again within the same build (an object shared by routes)
         old = self.previous.objects.get(key) if self.previous is not None else None
         if old is not None and old[0] == settings:
             obj = old[1]
@@ -54,14 +54,15 @@ class Handover:
                     carry(old[1])
             self.fresh.append(obj)
         self.objects[key] = (settings, obj)
-        return obj
+        return cast(T, obj)
 
     def owned_ids(self) -> set[int]:
         return {id(obj) for _, obj in self.objects.values()}
 
 
-Snapshot = Callable[[], dict]
-Restore = Callable[[dict], None]
+# A checkpoint provider's data: JSON (see proxy.ops.checkpoint).
+Snapshot = Callable[[], dict[str, Any]]
+Restore = Callable[[dict[str, Any]], None]
 
 
 class CheckpointProviders:
@@ -80,8 +81,8 @@ class CheckpointProviders:
     def names(self) -> list[str]:
         return list(self._providers)
 
-    def snapshot_all(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
+    def snapshot_all(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         for name, (snapshot, _) in self._providers.items():
             try:
                 out[name] = snapshot()

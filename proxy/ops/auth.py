@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Mapping
 
 from proxy.ops.preflight import StartupError
 
@@ -14,7 +15,7 @@ class AdminAuthError(StartupError):
     """The admin token cannot be had (the message says what to change; ``at`` where it is configured)."""
 
 
-def resolve_admin_token(policy, environ: dict[str, str] | None = None) -> str | None:
+def resolve_admin_token(policy, environ: Mapping[str, str] | None = None) -> str | None:
     """The token /admin/* requires, or None (the policy has no admin_auth: its admin listener is loopback).
 
     Raises :class:`AdminAuthError` when the token cannot be had on this machine.

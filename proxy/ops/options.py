@@ -28,6 +28,7 @@ class ReloadOptions(PolicyModel):
     )
     watch_interval: Annotated[Duration, Field(ge=0.1, le=60)] = Field(
         default="1s",
+        validate_default=True,
         description=(
             "How often the file is checked. A change must look the same on two checks in a row before it "
             "is read, so an editor's half-written file is not loaded."
@@ -35,6 +36,7 @@ class ReloadOptions(PolicyModel):
     )
     rollback_grace: Annotated[Duration, Field(ge=0, le=600)] = Field(
         default="0s",
+        validate_default=True,
         description=(
             "Automatic rollback: for this long after a reload, Fender probes (TCP connect) the replicas of "
             "every upstream the reload added or changed; if all replicas of such an upstream stay unreachable "
@@ -48,6 +50,7 @@ class DrainOptions(PolicyModel):
 
     delay: Annotated[Duration, Field(ge=0, le=600)] = Field(
         default="5s",
+        validate_default=True,
         description=(
             "After SIGTERM, /readyz answers 503 at once but Fender keeps accepting and serving for this long, "
             "so load balancers and Kubernetes endpoints stop sending before the listener closes."
@@ -55,6 +58,7 @@ class DrainOptions(PolicyModel):
     )
     timeout: Annotated[Duration, Field(gt=0, le=3600)] = Field(
         default="30s",
+        validate_default=True,
         description=(
             "Once the listener is closed, the longest Fender waits for in-flight requests to finish before "
             "cutting them and exiting. Keep delay + timeout below the orchestrator's kill grace period "
@@ -75,6 +79,7 @@ class CheckpointOptions(PolicyModel):
     )
     interval: Annotated[Duration, Field(ge=1, le=3600)] = Field(
         default="10s",
+        validate_default=True,
         description="How often the checkpoint is written while running; it is also written at shutdown.",
     )
 

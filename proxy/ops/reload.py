@@ -32,6 +32,7 @@ from typing import Any
 from proxy.clock import SYSTEM_CLOCK
 from proxy.config import PolicyError
 from proxy.config.loader import read_policy_file as read_policy_document
+from proxy.config.models import Policy
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
 from proxy.ops.host import ReloadHost
@@ -72,9 +73,11 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def read_policy_file(path: str) -> tuple[Any, str, list[str]]:
+def read_policy_file(path: str) -> tuple[Policy, str, list[str]]:
     """Parse the file; returns (policy, sha256 of its bytes, warnings) or raises PolicyError."""
     document = read_policy_document(path)
+    # Unset environment references are errors here, and a file read always has its digest.
+    assert document.policy is not None and document.sha256 is not None
     return document.policy, document.sha256, [issue.as_warning() for issue in document.warnings]
 
 
@@ -347,8 +350,8 @@ class Reloader:
         ok = last is None or last.result != "failed"
         return {
             "ok": ok,
-            "error": None if ok else last.error,
-            "errors": [] if ok else last.errors,
+            "error": None if ok or last is None else last.error,
+            "errors": [] if ok or last is None else last.errors,
             "version": self.current.policy.version,
             "fingerprint": policy_fingerprint(self.current.policy),
             "loaded_at": _iso(self.current.loaded_at),

@@ -301,6 +301,7 @@ class Fender:
         self.data_port = data_sock.getsockname()[1]
         self.admin_port = admin_sock.getsockname()[1]
         for index, (config, sock) in enumerate(zip(self._configs(), (data_sock, admin_sock), strict=True)):
+            server: _GranianServer | _Server
             if index == 0 and self.engine == "granian":
                 # granian binds by itself: hand it the address and free the socket we were given.
                 host, port = sock.getsockname()[:2]

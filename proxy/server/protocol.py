@@ -59,6 +59,7 @@ import http
 import logging
 from collections import deque
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import unquote
 
 import httptools
@@ -138,13 +139,13 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # at once; head and body then leave in one write, with no flush scheduled for the head alone.
 # "fender.response.interim": an "http.response.interim" message (status, headers) before the
 # response start writes an informational answer (103 Early Hints...).
-EXTENSIONS = {"fender.response.body": {}, "fender.response.interim": {}}
+EXTENSIONS: dict[str, dict[str, object]] = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PRI_PAUSE = "Pause on PRI/Upgrade"  # llhttp's error at the HTTP/2 preface (HPE_PAUSED_H2_UPGRADE)
 
 
-class _ClosedTransport:
+class _ClosedTransport(asyncio.Transport):
     """Stands in for the transport once the connection is lost: closing, and deaf to writes."""
 
     __slots__ = ()
@@ -160,7 +161,7 @@ class _ClosedTransport:
 
     abort = write_eof = pause_reading = resume_reading = close
 
-    def get_extra_info(self, name: str, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
 
@@ -450,8 +451,8 @@ class FenderHttpProtocol(asyncio.Protocol):
         # Answer the request before a pipelined one that arrives after its Connection: close.
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.server = None
-        self.client = None
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
         self.scheme = "http"
         # The request being parsed and the one whose application task runs (they differ when pipelined).
         self.current: _Exchange | None = None
@@ -483,7 +484,7 @@ class FenderHttpProtocol(asyncio.Protocol):
 
     # -- connection events
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self.connections.add(self)
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -699,7 +700,7 @@ class FenderHttpProtocol(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
-        scope = {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": _ASGI,
             "http_version": version,

@@ -71,6 +71,7 @@ class RedisOptions(PolicyModel):
     )
     timeout: Duration = Field(
         default="50ms",
+        validate_default=True,
         description=(
             "Longest wait for one Redis call (connect included). A call that takes longer counts as a "
             "failure: the request goes on without Redis (see on_failure), it is never delayed further."
@@ -94,6 +95,7 @@ class RedisOptions(PolicyModel):
     )
     open_for: Duration = Field(
         default="2s",
+        validate_default=True,
         description=(
             "How long the Redis breaker stays open before one trial call is let through; success closes it, "
             "failure opens it again for this long."
@@ -106,6 +108,7 @@ class RedisOptions(PolicyModel):
     )
     lock_ttl: Duration = Field(
         default="2s",
+        validate_default=True,
         description=(
             "Fleet-wide coalescing of cache misses: the first sidecar to miss a URL holds a Redis lock this "
             "long (or until it stores the response) while other sidecars wait for the stored response "
@@ -115,6 +118,7 @@ class RedisOptions(PolicyModel):
 
     lease_time: Annotated[Duration, Field(gt=0)] = Field(
         default="500ms",
+        validate_default=True,
         description=(
             "Global rate limits (not exact): how long the tokens a sidecar leases from the fleet bucket stay "
             "spendable; unspent ones are dropped after it, so a sidecar that goes quiet or dies holds "
@@ -123,6 +127,7 @@ class RedisOptions(PolicyModel):
     )
     lease_share: Annotated[Percent, Field(gt=0)] = Field(
         default="10%",
+        validate_default=True,
         description=(
             "Largest lease, as a share of the limit's burst (at least 1 token): at any instant the "
             "fleet's leases hold at most sidecars x max(1, floor(burst x lease_share)) tokens per key."

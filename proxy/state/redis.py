@@ -598,10 +598,8 @@ def _client(options: RedisOptions, aioredis, Retry, NoBackoff):
         )
         return aioredis.Redis(connection_pool=pool)
     parts = urlsplit(options.url)
-    auth = {
-        "username": unquote(parts.username or "") or None,
-        "password": unquote(parts.password or "") or None,
-    }
+    username = unquote(parts.username or "") or None
+    password = unquote(parts.password or "") or None
     tls = parts.scheme == "rediss"
     if options.mode == "cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -618,25 +616,29 @@ def _client(options: RedisOptions, aioredis, Retry, NoBackoff):
             # fast, so Fender's breaker opens rather than every call running into the timeout.
             retry=Retry(NoBackoff(), 1),
             ssl=tls,
-            **auth,
+            username=username,
+            password=password,
         )
     from redis.asyncio.sentinel import Sentinel
 
+    watched = options.sentinel
+    assert watched is not None  # RedisOptions refuses mode: sentinel without it
     sentinel = Sentinel(
-        [_host_port(n) for n in options.sentinel.sentinels],
+        [_host_port(n) for n in watched.sentinels],
         socket_timeout=options.timeout,
         socket_connect_timeout=options.timeout,
     )
     db = int(parts.path.lstrip("/") or 0) if parts.path.lstrip("/").isdigit() else 0
     return sentinel.master_for(
-        options.sentinel.service_name,
+        watched.service_name,
         socket_timeout=options.timeout,
         socket_connect_timeout=options.timeout,
         retry=Retry(NoBackoff(), 0),
         max_connections=options.max_connections,
         db=db,
         ssl=tls,
-        **auth,
+        username=username,
+        password=password,
     )
 
 

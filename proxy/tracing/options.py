@@ -33,6 +33,7 @@ class TracingOptions(PolicyModel):
     )
     sample: Percent = Field(
         default="1%",
+        validate_default=True,
         description=(
             "Head sampling for requests that arrive without a trace parent: this share of them starts a "
             "sampled trace. A request with a traceparent follows its sampled flag (parent-based sampling)."

@@ -301,6 +301,7 @@ class UpstreamResponse:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # the parser calls back only while fed (then both are set)
         status = parser.get_status_code()
         if status < 200:
             # 1xx interim response (100 Continue, 103 Early Hints...): skipped.
@@ -331,6 +332,7 @@ class UpstreamResponse:
         self.keep_alive = keep
         self._wake()
         conn = self._conn
+        assert conn is not None
         if conn._drain_waiter is not None:
             conn.wake_drain()  # early response while uploading: stop sending
 
@@ -344,7 +346,7 @@ class UpstreamResponse:
         if size > HIGH_WATER:
             if size > self.buffered_peak:
                 self.buffered_peak = size
-            if not self._paused:
+            if not self._paused and self._conn is not None:
                 self._paused = True
                 self._conn.transport.pause_reading()
         fut = self._waiter
@@ -371,6 +373,7 @@ class UpgradeResponse(UpstreamResponse):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # the parser calls back only while fed
         if parser.get_status_code() == 101:
             # The bytes after it belong to the new protocol (data_received hands them to a tunnel end).
             self.status = 101
@@ -619,12 +622,13 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         resp = self._resp
-        if resp is None:
+        parser = self._parser
+        if resp is None or parser is None:
             # Bytes while idle (e.g. a 408 before closing): never reuse.
             self._lost_idle()
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except HttpParserUpgrade as exc:
             if self._resp is resp:
                 if resp.status == 101 and resp.upgrade:

@@ -284,7 +284,7 @@ class H2Conn(asyncio.Protocol):
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
-        if data and not self.closed:
+        if data and not self.closed and self.transport is not None:
             self.transport.write(data)
 
     def acknowledge(self, size: int, stream_id: int) -> None:
@@ -955,9 +955,9 @@ class H2Pool:
                     finally:
                         resp._head_fut = None
             except BaseException as exc:
-                upload = resp._upload
-                if upload is not None and not upload.done():
-                    upload.cancel()
+                running = resp._upload
+                if running is not None and not running.done():
+                    running.cancel()
                 if resp._conn is not None:
                     resp._conn.cancel_stream(resp, ResetBeforeHeaders(f"request abandoned: {exc!r}"))
                 raise
@@ -966,16 +966,18 @@ class H2Pool:
                 resp._timer = None
             if resp._upload_exc is not None and not resp._head_done:
                 raise resp._upload_exc  # the downstream's fault (body too large, client gone...)
-            exc = resp._exc
-            if resp._head_done or exc is None:
+            fault = resp._exc
+            if resp._head_done or fault is None:
                 return resp  # a fault after the head is raised by read(), after the bytes that came
-            if isinstance(exc, GoneAway) and body_stream is None and resends < _MAX_GOAWAY_RESENDS:
+            if isinstance(fault, GoneAway) and body_stream is None and resends < _MAX_GOAWAY_RESENDS:
                 resends += 1  # never processed: send it again on a connection that takes streams
                 continue
-            raise exc
+            raise fault
 
     async def _reserve(self, deadline: float | None) -> H2Conn:
         """A connection with room for one more stream (the slot is counted in ``reserved``)."""
+        loop = self._loop
+        assert loop is not None  # set by request()
         for _ in range(1000):
             if self._closed:
                 raise ConnectFailure("pool closed")
@@ -998,7 +1000,7 @@ class H2Pool:
                 continue
             if len(self._waiters) >= self.max_pending:
                 raise PoolOverflow(f"more than {self.max_pending} requests waiting for an HTTP/2 stream")
-            fut = self._loop.create_future()
+            fut = loop.create_future()
             self._waiters.append(fut)
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -1014,6 +1016,7 @@ class H2Pool:
 
     async def _connect(self) -> None:
         loop = self._loop
+        assert loop is not None  # set by request()
         conn = None
         try:
             async with asyncio.timeout(self.connect_timeout):

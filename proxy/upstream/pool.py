@@ -139,6 +139,7 @@ class UpstreamPool:
         else:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         data = b"".join(parts)
+        resp: UpstreamResponse
         if hooks is not None and hooks.upgrade is not None:
             resp = UpgradeResponse(False, idle_timeout, self.max_response_head, hooks)
         else:
@@ -172,6 +173,7 @@ class UpstreamPool:
             conn.abandon(resp, _abandoned(exc))
             raise
         if not resp._head_done:
+            assert resp._exc is not None  # the wait for the head ends with the head or a fault
             raise resp._exc
         return resp
 
@@ -231,6 +233,7 @@ class UpstreamPool:
         # Probe with poll(2) only connections idle long enough for the upstream to have given up on
         # them; under load a connection is reused within milliseconds and the probe is pure cost
         # (an EOF the loop already processed marks the connection closed either way).
+        assert self._loop is not None  # set by request(), the only way in
         probe_before = self._loop.time() - STALE_PROBE_AFTER
         while idle:
             conn = idle.pop()
@@ -253,6 +256,7 @@ class UpstreamPool:
         if self._pending >= self.max_pending:
             raise PoolOverflow(f"more than {self.max_pending} requests waiting for a connection")
         loop = self._loop
+        assert loop is not None  # set by request(), the only way in
         fut = loop.create_future()
         self._waiters.append(fut)
         self._pending += 1
@@ -288,6 +292,7 @@ class UpstreamPool:
     async def _connect(self) -> Connection:
         """Open a connection into a slot already counted in ``in_use``."""
         loop = self._loop
+        assert loop is not None  # set by request(), the only way in
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.unix_path is None:
@@ -335,7 +340,7 @@ class UpstreamPool:
             self._in_use -= 1
             if len(self._idle) < self.max_keepalive:
                 conn.pooled = True
-                conn.idle_since = self._loop.time()
+                conn.idle_since = conn.loop.time()
                 self._idle.append(conn)
                 if self._sweeper is None:
                     self._arm_sweeper()
@@ -369,12 +374,14 @@ class UpstreamPool:
         # The stack is ordered by idle_since (pushes only on top), so the
         # bottom entry is always the next to expire.
         when = self._idle[0].idle_since + self.keepalive_idle_timeout
+        assert self._loop is not None  # a connection is idle: request() ran
         self._sweeper = self._loop.call_at(when, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
         idle = self._idle
         # Small slack: call_at may fire up to the clock resolution early.
+        assert self._loop is not None  # armed by _arm_sweeper
         limit = self._loop.time() - self.keepalive_idle_timeout + 0.001
         n = 0
         while n < len(idle) and idle[n].idle_since <= limit:

@@ -18,7 +18,7 @@ from proxy.policies.context import LayerContext
 class BreakerLayer:
     __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_classifier", "_fallback", "_note")
 
-    def __init__(self, breaker: CircuitBreaker, next_handler, clock: Clock) -> None:
+    def __init__(self, breaker: CircuitBreaker, next_handler: Handler, clock: Clock) -> None:
         self.breaker = breaker
         self.next = next_handler
         self.clock = clock
@@ -26,7 +26,7 @@ class BreakerLayer:
         self._statuses, self._reasons = classifier.statuses, classifier.reasons
         self._classifier = classifier
         fallback = breaker.options.fallback
-        self._fallback = None
+        self._fallback: tuple[int, bytes, bytes] | None = None
         if fallback is not None:
             self._fallback = (fallback.status, fallback.body.encode(), fallback.content_type.encode())
         self._note = f"breaker {breaker.name} "

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from proxy.clock import Clock
-from proxy.metrics import FastCounter
+from proxy.metrics import FastCounter, Metrics
 from proxy.options.units import (
     format_duration,
 )
@@ -47,7 +47,9 @@ STATE_NAMES = ("closed", "open", "half_open")
 class CircuitBreaker:
     """The breaker's state; shared by every route in its scope. Works on the injected clock."""
 
-    def __init__(self, name: str, options: BreakerOptions, clock: Clock, metrics=None) -> None:
+    def __init__(
+        self, name: str, options: BreakerOptions, clock: Clock, metrics: Metrics | None = None
+    ) -> None:
         self.name = name
         self.options = options
         self.clock = clock
@@ -76,7 +78,7 @@ class CircuitBreaker:
         self._slow_rate = options.slow_call_rate
         self._bind_metrics(metrics)
 
-    def _bind_metrics(self, metrics) -> None:
+    def _bind_metrics(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
         if metrics is None:
             self._state_gauge = None
@@ -184,7 +186,7 @@ class CircuitBreaker:
             self.permits = self.options.half_open_calls
             self.in_flight = 0
             self.trial_calls = self.trial_failures = self.trial_slow = 0
-        if self._state_gauge is not None:
+        if self._state_gauge is not None and self._metrics is not None:
             self._state_gauge.set(to)
             key = (came, to)
             child = self._transitions.get(key)
@@ -231,7 +233,7 @@ class CircuitBreaker:
 
     # -- checkpoint (proxy.ops.checkpoint) -------------------------------------
 
-    def checkpoint_snapshot(self) -> dict:
+    def checkpoint_snapshot(self) -> dict[str, Any]:
         """Open/half-open state for a checkpoint; the time left open as a wall-clock instant."""
         now = self.clock.now()
         return {
@@ -242,7 +244,7 @@ class CircuitBreaker:
             "trips": self.trips,
         }
 
-    def checkpoint_restore(self, data: dict) -> None:
+    def checkpoint_restore(self, data: dict[str, Any]) -> None:
         """Re-open a breaker that was open (or half-open) in the previous process.
 
         Only when its settings are the same; an open breaker gets the time it had left (converted
@@ -261,7 +263,7 @@ class CircuitBreaker:
         self.open_until = self.clock.now() + min(max(left, 0.0), self.open_for)
         self._transition(OPEN, "restored from checkpoint")
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         self.window.expire(self.clock.now())
         window = self.window
         return {

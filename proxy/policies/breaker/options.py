@@ -117,6 +117,7 @@ class BreakerOptions(PolicyModel):
     )
     failure_rate: Percent = Field(
         default="50%",
+        validate_default=True,
         description="Open when this share of the calls in the window failed (once minimum_calls are in it).",
     )
     slow_call_duration: Annotated[Duration | None, Field(gt=0)] = Field(
@@ -125,10 +126,12 @@ class BreakerOptions(PolicyModel):
     )
     slow_call_rate: Percent = Field(
         default="100%",
+        validate_default=True,
         description="Open when this share of the calls in the window were slow (needs slow_call_duration).",
     )
     window: Window = Field(
         default=20,
+        validate_default=True,
         description="The calls the rates are computed over: a number (the last N calls) or a duration like 30s (time based).",
     )
     minimum_calls: Count = Field(
@@ -138,10 +141,11 @@ class BreakerOptions(PolicyModel):
     )
     open_for: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
+        validate_default=True,
         description="How long the breaker stays open before letting trial calls through. Doubles on each re-trip.",
     )
     max_open_for: Annotated[Duration, Field(gt=0)] = Field(
-        default="5m", description="Ceiling of open_for's growth."
+        default="5m", validate_default=True, description="Ceiling of open_for's growth."
     )
     half_open_calls: Count = Field(
         default=3,

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy.clock import Clock
+from proxy.kernel.exchange import Reply
 
 __all__ = ["Bulkhead", "Rejected", "SlotReply"]
 
@@ -49,13 +54,13 @@ class Bulkhead:
         "__weakref__",
     )
 
-    def __init__(self, max_concurrent: int, max_queued: int, queue_timeout: float, clock) -> None:
+    def __init__(self, max_concurrent: int, max_queued: int, queue_timeout: float, clock: Clock) -> None:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.queue_timeout = queue_timeout
         self.clock = clock
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         # Reload hand-over (see carry_over): the bulkhead this one replaces, and the one replacing it.
         self._previous: Bulkhead | None = None
         self._successor: Bulkhead | None = None
@@ -72,7 +77,9 @@ class Bulkhead:
             return True
         return False
 
-    async def acquire(self, timeout: float | None = None, disconnect=None) -> float:
+    async def acquire(
+        self, timeout: float | None = None, disconnect: Callable[[], Awaitable[None]] | None = None
+    ) -> float:
         """Wait for a slot (FIFO); returns the seconds spent queued. Raises :class:`Rejected`.
 
         ``disconnect``, when given, is an awaitable factory that returns when
@@ -90,13 +97,13 @@ class Bulkhead:
         started = clock.now()
         wait = self.queue_timeout if timeout is None else min(self.queue_timeout, timeout)
         loop = asyncio.get_running_loop()
-        slot = loop.create_future()
+        slot: asyncio.Future[None] = loop.create_future()
         self._waiters.append(slot)
-        helpers = [asyncio.ensure_future(clock.sleep(wait))]
+        helpers: list[asyncio.Future[None]] = [asyncio.ensure_future(clock.sleep(wait))]
         if disconnect is not None:
             helpers.append(asyncio.ensure_future(disconnect()))
         for helper in helpers:
-            helper.add_done_callback(lambda h, slot=slot: slot.done() or slot.cancel())
+            helper.add_done_callback(lambda _: slot.done() or slot.cancel())
         try:
             await slot
         except asyncio.CancelledError:
@@ -119,7 +126,7 @@ class Bulkhead:
                 helper.cancel()
         return clock.now() - started
 
-    def _forget(self, slot: asyncio.Future) -> None:
+    def _forget(self, slot: asyncio.Future[None]) -> None:
         if self._successor is not None:
             self._successor._forget(slot)
             return
@@ -178,9 +185,9 @@ class SlotReply:
 
     __slots__ = ("_reply", "_bulkhead", "status", "headers")
 
-    def __init__(self, reply, bulkhead: Bulkhead) -> None:
+    def __init__(self, reply: Reply, bulkhead: Bulkhead) -> None:
         self._reply = reply
-        self._bulkhead = bulkhead
+        self._bulkhead: Bulkhead | None = bulkhead
         self.status = reply.status
         self.headers = reply.headers
 
@@ -193,8 +200,12 @@ class SlotReply:
         return self._reply.has_body()
 
     @property
-    def trailers(self):
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
         return self._reply.trailers
+
+    @property
+    def complete(self) -> bool:
+        return self._reply.complete
 
     async def read(self) -> bytes:
         try:
@@ -212,7 +223,7 @@ class SlotReply:
         finally:
             self._release()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # Anything else of the upstream response (http_version, keep_alive, ...).
         if name.startswith("_"):
             raise AttributeError(name)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
+from proxy.clock import Clock
 from proxy.config.models import Route
-from proxy.kernel.exchange import ClientGone, Handler, LocalReply, wait_disconnect
+from proxy.kernel.exchange import ClientGone, Exchange, Handler, LocalReply, Reply, wait_disconnect
+from proxy.metrics import Metrics
 from proxy.policies.bulkhead.bulkhead import Bulkhead, ClientLeft, Rejected, SlotReply
 from proxy.policies.bulkhead.options import BulkheadOptions
 from proxy.policies.context import LayerContext
@@ -15,7 +18,7 @@ from proxy.policies.context import LayerContext
 class RouteBulkhead:
     """A route's bulkhead with its metric children, built once per policy load."""
 
-    def __init__(self, route_name: str, options: BulkheadOptions, clock, metrics) -> None:
+    def __init__(self, route_name: str, options: BulkheadOptions, clock: Clock, metrics: Metrics) -> None:
         self.options = options
         self.bulkhead = Bulkhead(options.max_concurrent, options.max_queued, options.queue_timeout, clock)
         self.clock = clock
@@ -31,12 +34,12 @@ class RouteBulkhead:
         metrics.bulkhead_in_flight.labels(route_name).set_function(lambda: _read(ref, "in_flight"))
         metrics.bulkhead_queued.labels(route_name).set_function(lambda: _read(ref, "queued"))
 
-    def reject(self, reason: str, ex) -> LocalReply:
+    def reject(self, reason: str, ex: Exchange) -> LocalReply:
         self.rejected[reason].inc()
         ex.note(reason)
         return LocalReply(reason, headers=[(b"retry-after", self.retry_after)])
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         b = self.bulkhead
         return {
             "max_concurrent": b.max_concurrent,
@@ -47,7 +50,7 @@ class RouteBulkhead:
         }
 
 
-def _read(ref, attribute: str) -> float:
+def _read(ref: weakref.ref[Bulkhead], attribute: str) -> float:
     target = ref()
     return float(getattr(target, attribute)) if target is not None else 0.0
 
@@ -62,7 +65,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     bulkhead = state.bulkhead
     clock = ctx.clock
 
-    async def bulkhead_layer(ex):
+    async def bulkhead_layer(ex: Exchange) -> Reply:
         if not bulkhead.try_acquire():
             receive = getattr(ex, "receive", None)
             disconnect = None if receive is None else (lambda: wait_disconnect(receive))

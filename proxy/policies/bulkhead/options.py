@@ -31,6 +31,7 @@ class BulkheadOptions(PolicyModel):
     )
     queue_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="200ms",
+        validate_default=True,
         description=(
             "Longest wait in the queue; a request still waiting then gets 503 bulkhead_timeout (the route's "
             "timeout also bounds the wait). Short, so a saturated upstream sheds load instead of building latency."
@@ -38,5 +39,6 @@ class BulkheadOptions(PolicyModel):
     )
     retry_after: Annotated[Duration, Field(ge=0)] = Field(
         default="1s",
+        validate_default=True,
         description="Retry-After sent with the 503 (whole seconds, rounded up).",
     )

@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from proxy.kernel.exchange import LocalReply
+from proxy.config.models import Route
+from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
+from proxy.policies.context import LayerContext
 from proxy.policies.ratelimit.gcra import NS
-from proxy.policies.ratelimit.lease import LeaseTable
-from proxy.policies.ratelimit.limits import RouteRateLimit, policy_item
-from proxy.policies.ratelimit.options import period_of
-from proxy.state.redis import RedisUnavailable, fleet_state
+from proxy.policies.ratelimit.lease import Lease, LeaseTable
+from proxy.policies.ratelimit.limits import Key, KeyOf, RouteRateLimit, policy_item
+from proxy.policies.ratelimit.options import RateLimitOptions, period_of
+from proxy.state.redis import RedisState, RedisUnavailable, fleet_state
 
 # KEYS: one bucket per global limit. ARGV: per limit, step (emission interval, us), tau
 # ((burst - 1) * step, us) and shadow (1: never refuses). Returns
@@ -113,6 +117,8 @@ return out
 US = 1_000_000
 # Renewals one request waits for at most before it is refused (concurrent requests share renewals).
 MAX_RENEWALS = 3
+# A lease short of tokens: (limit, lease, key value).
+_Pending = tuple["_GlobalLimit", Lease, Key]
 
 
 class _GlobalLimit:
@@ -130,7 +136,8 @@ class _GlobalLimit:
         "leases",
     )
 
-    def __init__(self, options, key_of, prefix: bytes) -> None:
+    def __init__(self, options: RateLimitOptions, key_of: KeyOf, prefix: bytes) -> None:
+        assert options.name is not None and options.burst is not None  # filled in by RateLimitOptions
         self.options = options
         self.name = options.name
         self.key_of = key_of
@@ -143,7 +150,13 @@ class _GlobalLimit:
         self.args = (repr(self.step), repr(self.tau), "1" if self.shadow else "0")
         self.leases: LeaseTable | None = None  # set when the route leases
 
-    def redis_key(self, key) -> bytes:
+    @property
+    def table(self) -> LeaseTable:
+        """The lease table, on a route that leases."""
+        assert self.leases is not None
+        return self.leases
+
+    def redis_key(self, key: Key) -> bytes:
         return self.prefix + (key if type(key) is bytes else str(key).encode())
 
     def remaining(self, used: int) -> int:
@@ -157,11 +170,17 @@ class _GlobalLimit:
 class GlobalRateLimit:
     """The rate limits of one route with at least one ``scope: global`` limit."""
 
-    def __init__(self, route, limits, ctx, state) -> None:
+    def __init__(
+        self,
+        route: Route,
+        limits: tuple[RateLimitOptions, ...],
+        ctx: LayerContext,
+        state: RedisState | None,
+    ) -> None:
         self.route = route.name
         self.clock = ctx.clock
         self.state = state
-        self.on_failure = ctx.policy.state.redis.on_failure if state is not None else "local"
+        self.on_failure = state.options.on_failure if state is not None else "local"
         local = [o for o in limits if o.scope != "global"]
         glob = [o for o in limits if o.scope == "global"]
         # Limits with scope local stay in this sidecar's memory, decided before the Redis call.
@@ -171,7 +190,7 @@ class GlobalRateLimit:
         prefix = state.prefix if state is not None else b"fender:"
         tag = "{" + route.name + "}" if len(glob) > 1 else route.name  # one Cluster slot per route
         self.limits = [
-            _GlobalLimit(o, lim.key_of, prefix + b"rl:%s:%s:" % (tag.encode(), o.name.encode()))
+            _GlobalLimit(o, lim.key_of, prefix + b"rl:%s:%s:" % (tag.encode(), lim.name.encode()))
             for o, lim in zip(glob, self.fallback.limits, strict=True)
         ]
         self.args = [a for limit in self.limits for a in limit.args]
@@ -186,10 +205,12 @@ class GlobalRateLimit:
         self.failure_allowed = family.labels(route.name, "failure_allowed")
         self.failure_refused = family.labels(route.name, "failure_refused")
         self.script = state.script("gcra", GCRA_LUA) if state is not None else None
+        # Per request, one script call for the route's global limits, or (leasing) the leases.
+        self.decide: Callable[[Exchange], Awaitable[LocalReply | None]] = self._decide_direct
         # Leasing unless a global limit is exact or shadow (those need every request in Redis).
         self.leasing = state is not None and not any(o.exact or o.shadow for o in glob)
-        if self.leasing:
-            redis = ctx.policy.state.redis
+        if self.leasing and state is not None:
+            redis = state.options
             for limit in self.limits:
                 max_batch = math.floor(limit.burst * redis.lease_share)
                 limit.leases = LeaseTable(ctx.clock, redis.lease_time, max_batch, limit.options.max_keys)
@@ -197,10 +218,10 @@ class GlobalRateLimit:
             self.m_renewals = ctx.metrics.ratelimit_lease_renewals.labels(route.name)
             self.m_granted = ctx.metrics.ratelimit_lease_tokens.labels(route.name, "granted")
             self.m_expired = ctx.metrics.ratelimit_lease_tokens.labels(route.name, "expired")
-            self._background: set[asyncio.Task] = set()
+            self._background: set[asyncio.Task[None]] = set()
             self.decide = self._decide_leased
 
-    async def decide(self, ex):
+    async def _decide_direct(self, ex: Exchange) -> LocalReply | None:
         if self.local is not None:
             refusal = self.local.decide(ex, round(self.clock.now() * NS))
             if refusal is not None:
@@ -235,7 +256,7 @@ class GlobalRateLimit:
 
     # ------------------------------------------------------------------ leases
 
-    async def _decide_leased(self, ex, counted: bool = False):
+    async def _decide_leased(self, ex: Exchange, counted: bool = False) -> LocalReply | None:
         """Admit from this sidecar's leases, renewing them as needed (``counted``: demand already noted)."""
         if self.local is not None:
             refusal = self.local.decide(ex, round(self.clock.now() * NS))
@@ -243,13 +264,13 @@ class GlobalRateLimit:
                 return refusal
         limits = self.limits
         keys = [limit.key_of(ex) for limit in limits]
-        leases = [limit.leases.get(key) for limit, key in zip(limits, keys, strict=True)]
+        leases = [limit.table.get(key) for limit, key in zip(limits, keys, strict=True)]
         if not counted:
             for lease in leases:
                 lease.demand += 1
         now = self.clock.now()
         for _ in range(MAX_RENEWALS):
-            short = []
+            short: list[_Pending] = []
             for limit, lease, key in zip(limits, leases, keys, strict=True):
                 if not lease.tokens or now >= lease.expires:
                     if lease.tokens:
@@ -263,7 +284,7 @@ class GlobalRateLimit:
                 low = [
                     (limit, lease, key)
                     for limit, lease, key in zip(limits, leases, keys, strict=True)
-                    if limit.leases.low(lease)
+                    if limit.table.low(lease)
                 ]
                 if low:
                     self._renew_in_background(low)
@@ -284,7 +305,7 @@ class GlobalRateLimit:
             now = self.clock.now()
         return self._lease_refusal(ex, leases, now, 1.0)
 
-    async def _renewed(self, short: list) -> None:
+    async def _renewed(self, short: list[_Pending]) -> None:
         """Wait for a renewal of each lease in ``short``: the one in flight, or a new one for the rest."""
         waiting = {id(lease.renewal): lease.renewal for _, lease, _ in short if lease.renewal is not None}
         fresh = [item for item in short if item[1].renewal is None]
@@ -294,26 +315,27 @@ class GlobalRateLimit:
         for task in waiting.values():
             await asyncio.shield(task)
 
-    def _start_renewal(self, pairs: list) -> asyncio.Task:
+    def _start_renewal(self, pairs: list[_Pending]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(self._renew(pairs))
         for _, lease, _ in pairs:
             lease.renewal = task
         return task
 
-    def _renew_in_background(self, pairs: list) -> None:
+    def _renew_in_background(self, pairs: list[_Pending]) -> None:
         task = self._start_renewal(pairs)
         self._background.add(task)
         task.add_done_callback(_forget(self._background))
 
-    async def _renew(self, pairs: list) -> None:
+    async def _renew(self, pairs: list[_Pending]) -> None:
         """One script call leasing a batch for every (limit, lease, key) in ``pairs``."""
         try:
+            assert self.state is not None  # leasing needs Redis
             now = self.clock.now()
-            keys = []
-            args = []
-            wanted = []
+            keys: list[bytes] = []
+            args: list[str] = []
+            wanted: list[int] = []
             for limit, lease, key in pairs:
-                want = limit.leases.want(lease, now)
+                want = limit.table.want(lease, now)
                 wanted.append(want)
                 keys.append(limit.redis_key(key))
                 args += (limit.args[0], limit.args[1], str(want))
@@ -323,12 +345,12 @@ class GlobalRateLimit:
             for i, (limit, lease, _) in enumerate(pairs):
                 got, wait_us, used_us = out[3 * i], out[3 * i + 1], out[3 * i + 2]
                 self.m_granted.inc(got)
-                limit.leases.granted(lease, wanted[i], got, wait_us / US, used_us, now)
+                limit.table.granted(lease, wanted[i], got, wait_us / US, used_us, now)
         finally:
             for _, lease, _ in pairs:
                 lease.renewal = None
 
-    def _lease_refusal(self, ex, leases, now: float, wait: float):
+    def _lease_refusal(self, ex: Exchange, leases: list[Lease], now: float, wait: float) -> LocalReply:
         self.limited.inc()
         ex.note("ratelimit limited (global, leased)")
         headers = [
@@ -338,7 +360,7 @@ class GlobalRateLimit:
         ]
         return LocalReply("rate_limited", "global limit", headers=headers)
 
-    def _lease_state(self, leases, now: float, shown: list) -> bytes:
+    def _lease_state(self, leases: list[Lease], now: float, shown: list[_GlobalLimit]) -> bytes:
         # The fleet bucket as of the last renewal (aged since), plus what this sidecar holds.
         parts = []
         for limit, lease in zip(self.limits, leases, strict=True):
@@ -349,14 +371,14 @@ class GlobalRateLimit:
                 parts.append(limit.label + b";r=%d;t=%d" % (remaining, limit.reset(used)))
         return b", ".join(parts)
 
-    def _state(self, used: list, shown: list) -> bytes:
+    def _state(self, used: list[int], shown: list[_GlobalLimit]) -> bytes:
         parts = []
         for limit, u in zip(self.limits, used, strict=True):
             if limit in shown:
                 parts.append(limit.label + b";r=%d;t=%d" % (limit.remaining(u), limit.reset(u)))
         return b", ".join(parts)
 
-    def _failed(self, ex):
+    def _failed(self, ex: Exchange) -> LocalReply | None:
         mode = self.on_failure
         if mode == "local":
             ex.note("ratelimit redis unavailable: local limits")
@@ -369,7 +391,7 @@ class GlobalRateLimit:
         ex.note("ratelimit redis unavailable: refused")
         return LocalReply("rate_limit_unavailable", headers=[(b"retry-after", b"1")])
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         out = self.fallback.snapshot()
         for item in out["limits"]:
             item["scope"] = "global"
@@ -380,13 +402,13 @@ class GlobalRateLimit:
         out["leasing"] = self.leasing
         if self.leasing:
             for item, limit in zip(out["limits"][-len(self.limits) :], self.limits, strict=True):
-                item["leases"] = len(limit.leases)
-                item["leased_tokens"] = limit.leases.held()
+                item["leases"] = len(limit.table)
+                item["leased_tokens"] = limit.table.held()
         return out
 
 
-def _forget(tasks: set):
-    def done(task: asyncio.Task) -> None:
+def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a failed background renewal was counted by the Redis client
@@ -394,7 +416,9 @@ def _forget(tasks: set):
     return done
 
 
-def build_global_layer(route, limits, next_handler, ctx):
+def build_global_layer(
+    route: Route, limits: tuple[RateLimitOptions, ...], next_handler: Handler, ctx: LayerContext
+) -> Handler:
     state = fleet_state(ctx)
     limit = GlobalRateLimit(route, limits, ctx, state)
     ctx.expose("ratelimit", route.name, limit)
@@ -402,7 +426,7 @@ def build_global_layer(route, limits, next_handler, ctx):
     if limit.leasing and limit.local is None and len(limit.limits) == 1:
         return _single_leased_layer(limit, next_handler)
 
-    async def global_rate_limit_layer(ex):
+    async def global_rate_limit_layer(ex: Exchange) -> Reply:
         refusal = await decide(ex)
         if refusal is not None:
             return refusal
@@ -411,7 +435,7 @@ def build_global_layer(route, limits, next_handler, ctx):
     return global_rate_limit_layer
 
 
-def _single_leased_layer(state: GlobalRateLimit, next_handler):
+def _single_leased_layer(state: GlobalRateLimit, next_handler: Handler) -> Handler:
     """The common shape, one leased global limit: a token in hand admits without a coroutine of its own.
 
     Same outcomes, metrics and headers as ``GlobalRateLimit._decide_leased``, which takes over
@@ -419,22 +443,22 @@ def _single_leased_layer(state: GlobalRateLimit, next_handler):
     """
     limit = state.limits[0]
     key_of = limit.key_of
-    table = limit.leases
+    table = limit.table
     get = table.get
     now = state.clock.now
     allowed = state.allowed.inc
     decide = state._decide_leased
     shown = bool(state.shown)
     policy_field = (b"ratelimit-policy", state.shown_policy_header)
-    leases = [None]
+    leases = [Lease(0.0)]  # a placeholder: the one lease is put in before each use
 
-    async def renewing(ex):
+    async def renewing(ex: Exchange) -> Reply:
         refusal = await decide(ex, True)
         if refusal is not None:
             return refusal
         return await next_handler(ex)
 
-    def single_leased_layer(ex):
+    def single_leased_layer(ex: Exchange) -> Awaitable[Reply]:
         key = key_of(ex)
         lease = get(key)
         lease.demand += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import ItemsView
 from typing import Any
 
 from proxy.policies.ratelimit.options import RateLimitOptions, period_of
@@ -40,6 +41,7 @@ class Limiter:
     @classmethod
     def from_options(cls, options: RateLimitOptions) -> Limiter:
         period_ns = max(1, round(period_of(options.rate) * NS))
+        assert options.burst is not None  # filled in by RateLimitOptions when left out
         return cls(options.rate.count, period_ns, options.burst, options.max_keys)
 
     def __len__(self) -> int:
@@ -109,5 +111,5 @@ class Limiter:
         """A ``check`` result as whole seconds for Retry-After (rounded up, at least 1)."""
         return max(1, -(-wait_scaled // (self.count * NS)))
 
-    def items(self):
+    def items(self) -> ItemsView[Any, int]:
         return self._table.items()

@@ -24,15 +24,23 @@ Response headers follow draft-ietf-httpapi-ratelimit-headers-11 (May 2026):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
+from proxy.clock import Clock
 from proxy.config.models import Route
-from proxy.kernel.exchange import Handler, Reply
+from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
 from proxy.policies.context import LayerContext
 from proxy.policies.ratelimit.fleet import build_global_layer
 from proxy.policies.ratelimit.gcra import NS
 from proxy.policies.ratelimit.limits import RouteRateLimit, client_address, keep_buckets
 
 
-async def _ready(reply: Reply) -> Reply:
+async def _ready(reply: LocalReply) -> Reply:
+    return reply
+
+
+def _refusal(reply: LocalReply | None) -> LocalReply:
+    assert reply is not None  # take() refused, so decide() refuses too (same buckets, no await between)
     return reply
 
 
@@ -53,7 +61,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
         return _single_limit_layer(state, next_handler, clock)
     decide = state.decide
 
-    def rate_limit_layer(ex):
+    def rate_limit_layer(ex: Exchange) -> Awaitable[Reply]:
         # A plain function returning the next layer's awaitable: admission needs nothing after
         # the call, so this layer adds no coroutine to the request's await chain.
         refusal = decide(ex, round(clock.now() * NS))
@@ -64,7 +72,7 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     return rate_limit_layer
 
 
-def _single_limit_layer(state: RouteRateLimit, next_handler, clock):
+def _single_limit_layer(state: RouteRateLimit, next_handler: Handler, clock: Clock) -> Handler:
     """The layer for the common shape, one enforced limit: admission in one bucket update.
 
     Everything it reads is bound here, once per policy load; a refusal goes to
@@ -87,11 +95,11 @@ def _single_limit_layer(state: RouteRateLimit, next_handler, clock):
     policy_field = (b"ratelimit-policy", state.shown_policy_header)
     state_format = limit.label + b";r=%d;t=%d"
 
-    def single_limit_layer(ex):
+    def single_limit_layer(ex: Exchange) -> Awaitable[Reply]:
         now_ns = round(now() * NS)
         tat = take(ex.client or "unknown" if key_of is None else key_of(ex), now_ns)
         if not tat:
-            return _ready(decide(ex, now_ns))
+            return _ready(_refusal(decide(ex, now_ns)))
         allowed()
         if shown:
             used = tat - now_ns * scale  # the bucket now holds tat (> now) for this key: used > 0

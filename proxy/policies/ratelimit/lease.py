@@ -19,8 +19,12 @@ The clock is injected (``proxy/clock.py``); times are its seconds.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import OrderedDict
+from collections.abc import Hashable
+
+from proxy.clock import Clock
 
 # Shortest interval a demand estimate divides by (requests arriving together do not make it infinite).
 MIN_ELAPSED = 0.001
@@ -38,7 +42,7 @@ class Lease:
         self.since = now  # when that count started
         self.next_at = 0.0  # the fleet bucket's next token (when the last renewal came back short)
         self.size = 1  # the batch last asked for
-        self.renewal = None  # the renewal in flight (an asyncio future), if any
+        self.renewal: asyncio.Task[None] | None = None  # the renewal in flight, if any
         self.used = 0  # the fleet bucket's TAT - now (us) at the last renewal, for the RateLimit header
         self.used_at = now
 
@@ -48,17 +52,17 @@ class LeaseTable:
 
     __slots__ = ("clock", "lease_time", "max_batch", "max_keys", "_leases")
 
-    def __init__(self, clock, lease_time: float, max_batch: int, max_keys: int) -> None:
+    def __init__(self, clock: Clock, lease_time: float, max_batch: int, max_keys: int) -> None:
         self.clock = clock
         self.lease_time = lease_time
         self.max_batch = max(1, max_batch)
         self.max_keys = max_keys
-        self._leases: OrderedDict = OrderedDict()
+        self._leases: OrderedDict[Hashable, Lease] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def get(self, key) -> Lease:
+    def get(self, key: Hashable) -> Lease:
         """The lease of ``key`` (a new, empty one the first time), as the most recently used."""
         leases = self._leases
         lease = leases.get(key)

@@ -8,26 +8,32 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from proxy.kernel.exchange import LocalReply
-from proxy.metrics import FastCounter
+from proxy.clock import Clock
+from proxy.kernel.exchange import Exchange, LocalReply
+from proxy.metrics import FastCounter, Metrics
 from proxy.policies.context import LayerContext
 from proxy.policies.ratelimit.gcra import MAX_KEY_BYTES, MISSING, Limiter
 from proxy.policies.ratelimit.options import RateLimitOptions, period_of
 
+# What a request is counted by: the client's address, a header's value (or its digest), the route.
+Key = str | bytes
+KeyOf = Callable[[Exchange], Key]
 
-def client_address(ex) -> Any:
+
+def client_address(ex: Exchange) -> Key:
     return ex.client or "unknown"
 
 
-def _route_key(ex) -> Any:
+def _route_key(ex: Exchange) -> Key:
     return ""
 
 
-def _header_key(name: bytes):
-    def key(ex) -> Any:
+def _header_key(name: bytes) -> KeyOf:
+    def key(ex: Exchange) -> Key:
         for header, value in ex.request_headers:
             if header == name:
                 if len(value) > MAX_KEY_BYTES:
@@ -39,7 +45,7 @@ def _header_key(name: bytes):
     return key
 
 
-def key_function(key: str):
+def key_function(key: str) -> KeyOf:
     if key == "client_ip":
         return client_address
     if key == "route":
@@ -56,7 +62,12 @@ def policy_item(options: RateLimitOptions) -> bytes:
     period = period_of(options.rate)
     window = max(1, math.ceil(period))
     quota = math.floor(Fraction(options.rate.count) * window / period)
-    return _sf_string(options.name) + b";q=%d;w=%d" % (quota, window)
+    return _sf_string(_name_of(options)) + b";q=%d;w=%d" % (quota, window)
+
+
+def _name_of(options: RateLimitOptions) -> str:
+    assert options.name is not None  # filled in by RateLimitOptions when left out
+    return options.name
 
 
 class _Limit:
@@ -64,17 +75,19 @@ class _Limit:
 
     def __init__(self, options: RateLimitOptions) -> None:
         self.options = options
-        self.name = options.name
+        self.name = _name_of(options)
         self.limiter = Limiter.from_options(options)
         self.key_of = key_function(options.key)
         self.shadow = options.shadow
-        self.label = _sf_string(options.name)
+        self.label = _sf_string(self.name)
 
 
 class RouteRateLimit:
     """Every limit of one route, with its metric children; built once per policy load."""
 
-    def __init__(self, route_name: str, limits: tuple[RateLimitOptions, ...], clock, metrics) -> None:
+    def __init__(
+        self, route_name: str, limits: tuple[RateLimitOptions, ...], clock: Clock, metrics: Metrics
+    ) -> None:
         self.route = route_name
         self.clock = clock
         self.limits = [_Limit(o) for o in limits]
@@ -94,11 +107,11 @@ class RouteRateLimit:
     def key_count(self) -> int:
         return sum(len(limit.limiter) for limit in self.limits)
 
-    def decide(self, ex, now_ns: int):
+    def decide(self, ex: Exchange, now_ns: int) -> LocalReply | None:
         """Admit (returns None, consuming from every bucket) or refuse (returns the 429 reply)."""
         keys = [limit.key_of(ex) for limit in self.limits]
-        refused = None
-        shadow_refused = None
+        refused: list[_Limit] | None = None
+        shadow_refused: list[_Limit] | None = None
         wait = 0
         for limit, key in zip(self.limits, keys, strict=True):
             scaled = limit.limiter.check(key, now_ns)
@@ -133,7 +146,7 @@ class RouteRateLimit:
             ex.response_headers.append((b"ratelimit", self._state(keys, now_ns, self.shown)))
         return None
 
-    def _state(self, keys: list, now_ns: int, shown: list | None = None) -> bytes:
+    def _state(self, keys: list[Key], now_ns: int, shown: list[_Limit] | None = None) -> bytes:
         shown = self.enforced if shown is None else shown
         parts = []
         for limit, key in zip(self.limits, keys, strict=True):
@@ -146,7 +159,7 @@ class RouteRateLimit:
             )
         return b", ".join(parts)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """State for the admin API."""
         return {
             "limits": [
@@ -164,7 +177,7 @@ class RouteRateLimit:
         }
 
 
-def _keys_of(ref) -> float:
+def _keys_of(ref: weakref.ref[RouteRateLimit]) -> float:
     target = ref()
     return float(target.key_count) if target is not None else 0.0
 
@@ -178,4 +191,8 @@ def keep_buckets(state: RouteRateLimit, ctx: LayerContext) -> None:
     """
     for limit in state.limits:
         fresh = limit.limiter
-        limit.limiter = ctx.keep(("ratelimit", state.route, limit.name), limit.options, lambda f=fresh: f)
+        limit.limiter = ctx.keep(("ratelimit", state.route, limit.name), limit.options, _given(fresh))
+
+
+def _given(limiter: Limiter) -> Callable[[], Limiter]:
+    return lambda: limiter

@@ -6,7 +6,7 @@ import math
 import re
 from decimal import Decimal
 from fractions import Fraction
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
@@ -135,7 +135,7 @@ def _as_tuple(value: RateLimitOptions | tuple[RateLimitOptions, ...]) -> tuple[R
     limits = (value,) if isinstance(value, RateLimitOptions) else tuple(value)
     if not limits:
         raise policy_error("give at least one limit, or leave rate_limit out")
-    seen: dict[str, int] = {}
+    seen: dict[str | None, int] = {}
     for index, limit in enumerate(limits):
         if limit.name in seen:
             raise policy_error(
@@ -152,10 +152,14 @@ def _shape(value: Any) -> str:
     return "list" if isinstance(value, list | tuple) else "limit"
 
 
-RateLimits = Annotated[
-    Annotated[RateLimitOptions, Tag("limit")] | Annotated[tuple[RateLimitOptions, ...], Tag("list")],
-    # Only the branch matching the shape is validated, so errors name the real problem.
-    Discriminator(_shape),
-    AfterValidator(_as_tuple),
-]
+if TYPE_CHECKING:
+    # What the field holds once validated (_as_tuple), whichever shape was written.
+    RateLimits = tuple[RateLimitOptions, ...]
+else:
+    RateLimits = Annotated[
+        Annotated[RateLimitOptions, Tag("limit")] | Annotated[tuple[RateLimitOptions, ...], Tag("list")],
+        # Only the branch matching the shape is validated, so errors name the real problem.
+        Discriminator(_shape),
+        AfterValidator(_as_tuple),
+    ]
 """``rate_limit:`` on a route: one limit mapping, or a list of limits that all apply."""

@@ -30,10 +30,12 @@ class BackoffOptions(PolicyModel):
 
     initial: Annotated[Duration, Field(gt=0)] = Field(
         default="25ms",
+        validate_default=True,
         description="Base wait before the first retry (Envoy's default base interval is 25ms).",
     )
     max: Annotated[Duration, Field(gt=0)] = Field(
         default="1s",
+        validate_default=True,
         description="Longest single wait between two tries, whatever the growth.",
     )
     multiplier: Annotated[float, Strict(), Field(ge=1, le=10)] = Field(

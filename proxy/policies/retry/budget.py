@@ -12,7 +12,7 @@ Over any one window: ``retries <= ratio * requests + min_per_second * window``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, Strict
 
@@ -28,6 +28,7 @@ class BudgetOptions(PolicyModel):
 
     ratio: Percent = Field(
         default="20%",
+        validate_default=True,
         description=(
             "Retries allowed as a share of requests over the window: 20% means at most one retry per five "
             "requests (Linkerd's and Envoy's default)."
@@ -39,6 +40,7 @@ class BudgetOptions(PolicyModel):
     )
     window: Annotated[Duration, Field(gt=0)] = Field(
         default="10s",
+        validate_default=True,
         description="How long requests and retries count against the budget (Linkerd's ttl, 10s).",
     )
 
@@ -108,6 +110,6 @@ class RetryBudget:
         self._ret_sum += 1
         return True
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         self._roll()
         return {"requests": self._req_sum, "retries": self._ret_sum}

@@ -23,14 +23,16 @@ each replica tried in ``ex.tried`` and the replica picker avoids them.
 
 from __future__ import annotations
 
-from typing import Any
+from prometheus_client import Counter
 
 from proxy.clock import Clock
+from proxy.config.models import Route
 from proxy.grpc import request_is_grpc
 from proxy.kernel.classify import GRPC_CONDITIONS, Classifier
-from proxy.kernel.exchange import Exchange, LocalReply, Reply
+from proxy.kernel.exchange import BodyStreamFn, Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
-from proxy.metrics import FastCounter
+from proxy.metrics import FastCounter, Metrics
+from proxy.policies.context import LayerContext
 from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
 from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
@@ -40,11 +42,11 @@ from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
 class RetryMetrics:
     __slots__ = ("_m", "route", "attempts", "retries", "skipped", "budget_exhausted", "backoff")
 
-    def __init__(self, metrics, route: str) -> None:
+    def __init__(self, metrics: Metrics, route: str) -> None:
         self._m = metrics
         self.route = route
-        self.attempts: dict[str, Any] = {}
-        self.retries: dict[str, Any] = {}
+        self.attempts: dict[str, FastCounter] = {}
+        self.retries: dict[str, Counter] = {}
         self.skipped = {
             r: metrics.retries_skipped.labels(route, r)
             for r in ("deadline", "not_replayable", "not_idempotent", "retry_after")
@@ -54,7 +56,7 @@ class RetryMetrics:
         for outcome in (*STATUS_CLASSES, *TRY_FAULTS, "other"):
             self.attempts[outcome] = FastCounter(metrics.retry_attempts.labels(route, outcome))
 
-    def retry(self, reason: str):
+    def retry(self, reason: str) -> Counter:
         child = self.retries.get(reason)
         if child is None:
             child = self.retries[reason] = self._m.retries.labels(self.route, reason)
@@ -79,7 +81,9 @@ class RetryLayer:
         "_classifier",
     )
 
-    def __init__(self, options: RetryOptions, next_handler, clock: Clock, metrics: RetryMetrics) -> None:
+    def __init__(
+        self, options: RetryOptions, next_handler: Handler, clock: Clock, metrics: RetryMetrics
+    ) -> None:
         self.next = next_handler
         self.clock = clock
         self.attempts = options.attempts
@@ -208,7 +212,7 @@ class _ReplayCopy:
 
     __slots__ = ("_stream", "_limit", "_parts", "_size", "body")
 
-    def __init__(self, stream, limit: int) -> None:
+    def __init__(self, stream: BodyStreamFn, limit: int) -> None:
         self._stream = stream
         self._limit = limit
         self._parts: list[bytes] | None = []
@@ -217,7 +221,7 @@ class _ReplayCopy:
 
     @property
     def done(self) -> bool:
-        return self._stream.done
+        return bool(getattr(self._stream, "done", True))
 
     async def __call__(self) -> bytes:
         chunk = await self._stream()
@@ -242,7 +246,7 @@ def _one_message(body: bytes) -> bool:
     return not body or (len(body) >= 5 and int.from_bytes(body[1:5], "big") == len(body) - 5)
 
 
-def build_layer(route, next_handler, ctx) -> RetryLayer | None:
+def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> RetryLayer | None:
     options: RetryOptions | None = getattr(route, "retry", None)
     if options is None or options.attempts <= 1:
         return None

@@ -87,6 +87,7 @@ class RetryOptions(PolicyModel):
     )
     max_replay_body: Annotated[Size, Field(le=16 * 1024 * 1024)] = Field(
         default="64KiB",
+        validate_default=True,
         description=(
             "Largest request body kept in memory so it can be sent again; larger (or chunked) bodies stream and "
             "are not retried. At most 16MiB; every request in flight may hold this much."
