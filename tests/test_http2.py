@@ -346,8 +346,6 @@ async def test_alpn_h2_over_tls_selects_http2(start_fender, echo_upstream, tmp_p
     import uvicorn
     from uvicorn.server import ServerState
 
-    from proxy.server.protocol import FenderHttpProtocol
-
     openssl = _tool("openssl", "openssl")
     curl = _tool("curl", "curl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
@@ -361,12 +359,12 @@ async def test_alpn_h2_over_tls_selects_http2(start_fender, echo_upstream, tmp_p
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2", "http/1.1"])
     config = uvicorn.Config(
-        fender.dataplane, http=FenderHttpProtocol, loop="none", lifespan="off", log_config=None
+        fender.dataplane, http=fender.protocol, loop="none", lifespan="off", log_config=None
     )
     config.load()
     state = ServerState()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FenderHttpProtocol(config, state), "127.0.0.1", 0, ssl=context)
+    server = await loop.create_server(lambda: fender.protocol(config, state), "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     try:
         versions = []

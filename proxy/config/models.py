@@ -197,6 +197,7 @@ class Http2Options(PolicyModel):
     )
     max_header_list_size: Annotated[Size, Field(ge=1024, le=1 << 24)] = Field(
         default="32KiB",
+        validate_default=True,
         description=(
             "Largest decoded request header list (names, values and 32 bytes per field, RFC 9113 6.5.2), "
             "advertised in SETTINGS and enforced on the HPACK-decoded size, so a small compressed block "
@@ -206,6 +207,7 @@ class Http2Options(PolicyModel):
     )
     initial_window: Annotated[Size, Field(ge=65535, le=(1 << 31) - 1)] = Field(
         default="1MiB",
+        validate_default=True,
         description=(
             "Flow-control window per stream for request bodies: the most a client may send on one stream "
             "before Fender (reading as the upstream takes it) opens the window again. The connection's "

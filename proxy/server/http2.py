@@ -65,12 +65,12 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
-    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hpack import NeverIndexedHeaderTuple as _NotIndexed
 from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 
 from proxy.metrics import Metrics
@@ -82,7 +82,7 @@ PREFACE_HEAD = PREFACE[:18]  # what llhttp reads as a request head before it sto
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/server/protocol.py), offered here too.
-EXTENSIONS = {"fender.response.body": {}, "fender.response.interim": {}}
+EXTENSIONS: dict[str, dict] = {"fender.response.body": {}, "fender.response.interim": {}}
 _DISCONNECT = {"type": "http.disconnect"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -93,10 +93,24 @@ _CONNECTION_SPECIFIC = frozenset(
 _RESPONSE_DROP = _CONNECTION_SPECIFIC | {b"te"}
 # Field-name characters (RFC 9110 5.6.2 tchar) without upper case (RFC 9113 8.2.1).
 _NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-_BAD_VALUE = (b"\x00", b"\r", b"\n")
+_EDGE = (0x20, 0x09)  # space, tab
 _UNDERSCORE = ord("_")
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
 _REFUSED_SCOPE = {"method": "GET"}  # a stream answered by the protocol itself never reaches the app
+# Response fields whose values differ per response: kept out of the HPACK dynamic table, which
+# they would only churn (and h2's encoder searches that table linearly for every field).
+_UNIQUE = frozenset(
+    {
+        b"date",
+        b"x-request-id",
+        b"content-length",
+        b"fender-trace",
+        b"set-cookie",
+        b"etag",
+        b"age",
+        b"grpc-message",
+    }
+)
 _CONNECTION_WINDOWS = 8  # the connection's receive window, in stream windows
 _FLOOD_BUFFER = 1 << 20  # unread answers (PING and SETTINGS ACKs...) past which a flood is assumed
 
@@ -135,9 +149,14 @@ class _Connection(H2Connection):
     work continues after the client reset them) and refuses the extra ones.
     """
 
+    prune_above = 256  # streams (open and closed) h2 may hold before they are pruned
+
     @property
     def open_inbound_streams(self) -> int:
-        super().open_inbound_streams  # noqa: B018 - h2 prunes its closed streams in the accessor
+        # h2 prunes its closed streams in this accessor, walking every stream; pruning once
+        # the table has grown (not per new stream) keeps it bounded for a fraction of the cost.
+        if len(self.streams) > self.prune_above:
+            super().open_inbound_streams  # noqa: B018
         return 0
 
 
@@ -253,7 +272,9 @@ class _Stream:
         out = [(b":status", _STATUS.get(status) or b"%d" % status)]
         for name, value in headers:
             name = name.lower()
-            if name not in _RESPONSE_DROP:
+            if name in _UNIQUE:
+                out.append(_NotIndexed(name, value))
+            elif name not in _RESPONSE_DROP:
                 out.append((name, value))
         return out
 
@@ -409,6 +430,7 @@ class FenderH2Protocol(asyncio.Protocol):
         )
         # The decoded-size cap holds from the first header block, not only once SETTINGS is acknowledged.
         h2.decoder.max_header_list_size = self.max_header_list_size
+        h2.prune_above = 2 * self.max_concurrent_streams + 64
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.streams: dict[int, _Stream] = {}
         self.write_paused = False
@@ -461,36 +483,34 @@ class FenderH2Protocol(asyncio.Protocol):
             self._close_now()
             return
         for event in events:
-            kind = type(event)
-            if kind is DataReceived:
+            if isinstance(event, DataReceived):
                 self._on_data(event)
-            elif kind is RequestReceived:
+            elif isinstance(event, RequestReceived):
                 self._on_request(event)
                 if self._closing:
                     return
-            elif kind is StreamEnded:
+            elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.more_body = False
                     stream.wake()
-            elif kind is WindowUpdated:
+            elif isinstance(event, WindowUpdated):
                 self._on_window(event.stream_id)
-            elif kind is StreamReset:
+            elif isinstance(event, StreamReset):
                 self._on_reset(event)
                 if self._closing:
                     return
-            elif kind is PingReceived or kind is RemoteSettingsChanged:
+            elif isinstance(event, PingReceived | RemoteSettingsChanged):
                 if self._flood(control=True):
                     return
-                if kind is RemoteSettingsChanged:
+                if isinstance(event, RemoteSettingsChanged):
                     self._on_window(0)  # a new initial window may open every stream's window
-            elif kind is ConnectionTerminated:
+            elif isinstance(event, ConnectionTerminated):
                 self._peer_gone = True
                 if not self.streams:
                     self._close_now()
                     return
-            elif kind is TrailersReceived:
-                pass  # request trailers are dropped, as chunked trailer fields on HTTP/1.1
+            # TrailersReceived: request trailers are dropped, as chunked trailer fields on HTTP/1.1
         self.flush()
         if self.write_paused and self.transport.get_write_buffer_size() > _FLOOD_BUFFER:
             # The client sends frames that need an answer and reads none of them.
@@ -521,7 +541,8 @@ class FenderH2Protocol(asyncio.Protocol):
         if self._goaway_sent or self._peer_gone or len(self.streams) >= self.max_concurrent_streams:
             self._reset(sid, ErrorCodes.REFUSED_STREAM, "refused")
             return
-        scope = self._scope(event.headers, event.stream_ended)
+        ended = event.stream_ended is not None
+        scope = self._scope(event.headers, ended)
         if scope is None:
             self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
             return
@@ -530,9 +551,7 @@ class FenderH2Protocol(asyncio.Protocol):
         if not isinstance(scope, str) and self.limit_concurrency is not None:
             if len(self.connections) >= self.limit_concurrency:
                 scope = "connection_limit"
-        stream = _Stream(
-            self, sid, scope if not isinstance(scope, str) else _REFUSED_SCOPE, event.stream_ended
-        )
+        stream = _Stream(self, sid, scope if not isinstance(scope, str) else _REFUSED_SCOPE, ended)
         self.streams[sid] = stream
         if self._timer is not None:
             self._timer.cancel()
@@ -555,11 +574,10 @@ class FenderH2Protocol(asyncio.Protocol):
         count = 0
         underscores = self.underscores
         for name, value in headers:
-            if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
-                return None
-            for bad in _BAD_VALUE:
-                if bad in value:
-                    return None
+            if value and (
+                value[0] in _EDGE or value[-1] in _EDGE or 0 in value or 10 in value or 13 in value
+            ):
+                return None  # NUL, LF, CR anywhere, or space or tab at either end (RFC 9113 8.2.1)
             if name[:1] == b":":
                 if regular or name not in _REQUEST_PSEUDO:
                     return None
@@ -676,7 +694,7 @@ class FenderH2Protocol(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if not event.remote_reset:
             return
-        self.reset_counter["client_reset"].inc()
+        self._count_reset("client_reset")
         if stream is not None:
             stream.disconnected = True
             stream.wake()
@@ -690,9 +708,9 @@ class FenderH2Protocol(asyncio.Protocol):
                 if stream.window_waiter is not None:
                     stream.wake()
         else:
-            stream = self.streams.get(sid)
-            if stream is not None and stream.window_waiter is not None:
-                stream.wake()
+            one = self.streams.get(sid)
+            if one is not None and one.window_waiter is not None:
+                one.wake()
 
     def ack(self, sid: int, size: int) -> None:
         """The application read ``size`` flow-controlled bytes of a stream: open the windows again."""
@@ -802,7 +820,7 @@ class FenderH2Protocol(asyncio.Protocol):
             stream.complete = True
             stream.disconnected = True
             stream.wake()
-        self.reset_counter[reason].inc()
+        self._count_reset(reason)
         if self._closing:
             return
         try:
@@ -879,6 +897,11 @@ class FenderH2Protocol(asyncio.Protocol):
         self.flush()
         if not self.transport.is_closing():
             self.transport.write(frame.serialize())
+
+    def _count_reset(self, reason: str) -> None:
+        counter = self.reset_counter.get(reason)
+        if counter is not None:
+            counter.inc()
 
     def _count_goaway(self, reason: str) -> None:
         counter = self.goaway_counter.get(reason)
@@ -977,7 +1000,7 @@ def take_over(protocol, data: bytes, mode: str) -> FenderH2Protocol:
     ``h2`` selects this protocol with the same line.
     """
     transport = protocol.transport
-    h2 = FenderH2Protocol(
+    h2 = protocol.h2_protocol(
         protocol.app,
         protocol.loop,
         protocol.connections,

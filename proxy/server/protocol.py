@@ -411,13 +411,16 @@ class FenderHttpProtocol(asyncio.Protocol):
     max_requests_per_connection = 1000
     underscores = 1  # _UNDERSCORE_ACTIONS
     rejected: dict = {}  # reason -> pre-bound counter child
-    http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to FenderH2Protocol
+    http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to h2_protocol
+    h2_protocol: type[FenderH2Protocol] = FenderH2Protocol  # this listener's (see for_listener)
 
     @classmethod
     def for_listener(cls) -> type[FenderHttpProtocol]:
         """A subclass of its own for one Fender's listener, so two Fenders in one process (tests,
         an embedding) never share limits; the limits stay class attributes, as cheap to read."""
-        return type(cls.__name__, (cls,), {"rejected": {}})
+        # Its HTTP/2 protocol too (a connection that opens with the preface, or ALPN h2, switches to it).
+        h2 = type(FenderH2Protocol.__name__, (FenderH2Protocol,), {"rejected": {}})
+        return type(cls.__name__, (cls,), {"rejected": {}, "h2_protocol": h2})
 
     @classmethod
     def configure(cls, server, metrics: Metrics) -> None:
@@ -437,7 +440,7 @@ class FenderHttpProtocol(asyncio.Protocol):
             for reason in _HEAD_ERROR_RESPONSES
         }
         cls.http2 = server.http2.enabled
-        FenderH2Protocol.configure(server, metrics, cls.underscores, cls.rejected)
+        cls.h2_protocol.configure(server, metrics, cls.underscores, cls.rejected)
 
     def __init__(self, config, server_state, app_state=None, _loop=None) -> None:
         if not config.loaded:

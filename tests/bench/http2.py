@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
             cwd=ROOT,
         )
-        wait_port(fender_port)
+        wait_port(fender_port, timeout=120)
         targets = {"fender": f"http://127.0.0.1:{fender_port}/pass"}
         if have_nginx:
             targets["nginx"] = f"http://127.0.0.1:{nginx_port}/pass"
