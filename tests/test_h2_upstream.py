@@ -39,6 +39,8 @@ async def pools():
     made: list[H2Pool] = []
 
     def make(port: int, **options) -> H2Pool:
+        # A loaded machine may take a while to answer SETTINGS: the default 1s would make tests flaky.
+        options.setdefault("connect_timeout", 5.0)
         pool = H2Pool("127.0.0.1", port, **options)
         made.append(pool)
         return pool
