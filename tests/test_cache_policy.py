@@ -11,7 +11,7 @@ from proxy.clock import ManualClock
 from proxy.config import parse_policy
 from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
-from proxy.policies.cache import policy as rfc
+from proxy.policies.cache import rfc9111 as rfc
 from proxy.policies.cache.layer import CacheLayer, shared_store
 from proxy.policies.cache.store import ENTRY_OVERHEAD, HEADER_OVERHEAD, Entry, MemoryStore, Variants
 from proxy.policies.context import LayerContext

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
-from proxy.policies.cache import policy as rfc
+from proxy.policies.cache import codec
+from proxy.policies.cache import rfc9111 as rfc
 from proxy.policies.cache.store import Entry, Variants
-from proxy.state import codec
 from tests.conftest import policy_text
 from tests.support.cache import NOW, Origin, analyse, cached_fender, clock, metric, origin  # noqa: F401  (fixtures)
 from tests.support.raw_upstream import RawUpstream

@@ -15,9 +15,9 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config.loader import PolicyError, load_policy, parse_policy
+from proxy.policies.cache import codec
 from proxy.policies.cache.store import Entry, Variants
 from proxy.server.fender import Fender, bind_socket
-from proxy.state import codec
 from proxy.state.redis import RedisBreaker
 from tests.conftest import policy_text
 from tests.support.fleet import (

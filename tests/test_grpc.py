@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.kernel.classify import Classifier
-from proxy.policies.cache.layer import _request
+from proxy.policies.cache.request import request_of
 from tests.support.grpc_peers import EchoService, GrpcReplica, channel, frame, grpc, method, unframe
 from tests.support.procs import wait_until
 
@@ -344,8 +344,8 @@ async def test_grpc_health_checks_take_a_not_serving_replica_out(replicas, start
 
 
 def test_the_cache_never_serves_a_grpc_call():
-    assert _request([(b"content-type", b"application/grpc+proto")]).origin_only is True
-    assert _request([(b"content-type", b"application/json")]).origin_only is False
+    assert request_of([(b"content-type", b"application/grpc+proto")]).origin_only is True
+    assert request_of([(b"content-type", b"application/json")]).origin_only is False
 
 
 def test_grpc_names_in_retry_on_and_failure_on():

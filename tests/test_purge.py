@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from proxy.config.loader import PolicyError, parse_policy
+from proxy.policies.cache import codec
 from proxy.policies.cache.purge import MAX_TAGS, tags_of
 from proxy.policies.cache.store import Entry, Variants
-from proxy.state import codec
 from tests.conftest import policy_text
 from tests.support.fleet import HOST, drain_writes, prefix, start_fleet
 from tests.support.metrics import get_metrics, metric_value

@@ -10,8 +10,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.admin.host import AdminHost
-from proxy.policies.cache.policy import normalise_query
 from proxy.policies.cache.purge import MAX_TAG_LENGTH, drop_prefix, drop_tags, tags_of
+from proxy.policies.cache.rfc9111 import normalise_query
 from proxy.state.keys import target_of
 
 _HIT_RESULTS = ("hit", "stale", "revalidated", "coalesced")

@@ -3,8 +3,6 @@
 - ``options.py``: the top-level ``state:`` section (backend memory | redis);
 - ``redis.py``: the Redis client wrapper (one per Fender): timeouts, its own
   breaker, metrics, pub/sub invalidations;
-- ``codec.py``: the versioned, length- and checksum-checked format of cached
-  responses in Redis;
 - ``ratelimit.py``: global rate limits (one atomic Lua GCRA script per decision).
 """
 

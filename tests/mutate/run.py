@@ -44,14 +44,14 @@ MUTATIONS = (
     # -- the four rules issue 26 found uncovered --------------------------------------------------
     Mutation(
         "5xx-replaces-stored-good",
-        "proxy/policies/cache/layer.py",
-        "if failed and (stale is not None or isinstance(reply, LocalReply)):",
-        "if failed and isinstance(reply, LocalReply):",
+        "proxy/policies/cache/replies.py",
+        "if failed and (stale is not None or local):",
+        "if failed and local:",
         ("tests/test_cache.py",),
     ),
     Mutation(
         "only-first-selecting-header",
-        "proxy/policies/cache/layer.py",
+        "proxy/policies/cache/store.py",
         "zip(entry.vary, entry.selection, strict=True)",
         "zip(entry.vary[:1], entry.selection[:1], strict=True)",
         ("tests/test_cache.py",),
@@ -90,7 +90,7 @@ MUTATIONS = (
     ),
     Mutation(
         "vary-ignored",
-        "proxy/policies/cache/layer.py",
+        "proxy/policies/cache/route.py",
         "names = self.key_headers + (analysis.vary or ())",
         "names = self.key_headers",
         ("tests/test_cache.py",),

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.policies.cache import policy as rfc
+from proxy.policies.cache import rfc9111 as rfc
 from tests.conftest import policy_text
 from tests.support.raw_upstream import RawUpstream
 

@@ -54,6 +54,7 @@ class CacheOptions(PolicyModel):
     )
     default_ttl: Duration = Field(
         default="0s",
+        validate_default=True,
         description=(
             "Freshness given to a response that carries no freshness information at all (no max-age, "
             "s-maxage, Expires or Last-Modified) and whose status is cacheable by default (200, 404, ...). "
@@ -66,6 +67,7 @@ class CacheOptions(PolicyModel):
     )
     stale_while_revalidate: Duration = Field(
         default="0s",
+        validate_default=True,
         description=(
             "After a response goes stale, serve it for this long more while one background request "
             "refreshes it (RFC 5861). The response's own stale-while-revalidate applies too (the larger "
@@ -74,6 +76,7 @@ class CacheOptions(PolicyModel):
     )
     stale_if_error: Duration = Field(
         default="0s",
+        validate_default=True,
         description=(
             "Forward recovery: when the upstream answers 5xx, times out, refuses connections or the "
             "breaker is open, serve a stale response up to this long past its freshness. 0s: only what "
@@ -82,6 +85,7 @@ class CacheOptions(PolicyModel):
     )
     coalesce_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default="5s",
+        validate_default=True,
         description=(
             "Concurrent misses for one URL wait for the first one's upstream response this long at most "
             "(like nginx proxy_cache_lock_timeout 5s); after it, each goes to the upstream itself."
@@ -89,6 +93,7 @@ class CacheOptions(PolicyModel):
     )
     max_request_stale_if_error: Duration = Field(
         default="10m",
+        validate_default=True,
         description=(
             "A client's own `Cache-Control: stale-if-error=N` (RFC 5861, request direction) lets that "
             "request have a stale response up to N past its freshness when the upstream fails, but never "
@@ -136,6 +141,7 @@ class CacheOptions(PolicyModel):
     )
     uncacheable_ttl: Duration = Field(
         default="60s",
+        validate_default=True,
         description=(
             "After an upstream answer for a URL turns out not storable, concurrent misses for that URL stop "
             "waiting for each other for this long (Varnish's hit-for-miss): an uncacheable URL under load "
@@ -149,6 +155,7 @@ class CacheStoreOptions(PolicyModel):
 
     max_size: Annotated[Size, Field(gt=0)] = Field(
         default="64MiB",
+        validate_default=True,
         description=(
             "Memory for all stored responses (headers + bodies); beyond it the least recently used are "
             "evicted. 64MiB suits a sidecar; raise it for a catalog-style upstream."
@@ -156,6 +163,7 @@ class CacheStoreOptions(PolicyModel):
     )
     max_object_size: Annotated[Size, Field(gt=0)] = Field(
         default="8MiB",
+        validate_default=True,
         description=(
             "Largest single response stored; larger bodies stream through to the client uncached, "
             "never buffered whole."

@@ -9,6 +9,8 @@ per-tag index in memory would cost on every store.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 from proxy.state.keys import target_of
 
@@ -17,6 +19,23 @@ from proxy.state.keys import target_of
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 128
 _SEPARATORS = re.compile(rb"[,\s]+")
+
+
+class _Tagged(Protocol):
+    tags: tuple[bytes, ...]
+
+
+class _Stored(Protocol):
+    @property
+    def entries(self) -> Sequence[_Tagged]: ...
+
+
+class Purgeable(Protocol):
+    """What a purge needs of a store (the in-memory store, store.py)."""
+
+    def keys(self) -> Iterator[bytes]: ...
+    def peek(self, key: bytes) -> _Stored | None: ...
+    def delete(self, key: bytes) -> bool: ...
 
 
 def tags_of(values: list[bytes]) -> tuple[bytes, ...]:
@@ -29,7 +48,7 @@ def tags_of(values: list[bytes]) -> tuple[bytes, ...]:
     return tuple(tags)
 
 
-def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:
+def drop_prefix(store: Purgeable, host: bytes | None, prefix: bytes) -> list[bytes]:
     """Delete every key whose target starts with ``prefix`` (on ``host``, or any host): the keys."""
     dropped = []
     for key in store.keys():
@@ -39,7 +58,7 @@ def drop_prefix(store, host: bytes | None, prefix: bytes) -> list[bytes]:
     return dropped
 
 
-def drop_tags(store, tags) -> list[bytes]:
+def drop_tags(store: Purgeable, tags: Iterable[bytes]) -> list[bytes]:
     """Delete every key one of whose stored variants carries one of ``tags``: the keys."""
     wanted = set(tags)
     dropped = []

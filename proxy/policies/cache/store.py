@@ -1,7 +1,7 @@
 """Where cached responses live: a small interface and the in-memory LRU store.
 
-The policy logic (layer.py) only calls ``get``, ``put``, ``delete`` and
-``keys``; the fleet issue's Redis tier implements the same four under it.
+The cache layer only calls ``get``, ``put``, ``delete`` and ``keys``; the
+fleet tier (fleet.py) keeps a copy of what is put in Redis, under it.
 A key is the primary cache key (host + normalised target, bytes); the value
 is a :class:`Variants` holding one stored response per Vary selection.
 """
@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from proxy.policies.cache import rfc9111 as rfc
 from proxy.policies.cache.purge import drop_prefix, drop_tags
 
 # Python's own memory per stored response beyond header and body bytes, so max_size tracks
@@ -113,6 +114,18 @@ class Entry:
         """current_age (RFC 9111 4.2.3) in whole seconds."""
         return int(self.initial_age + now - self.response_time)
 
+    def usable(self, d: rfc.RequestDirectives, now: float) -> str | None:
+        """'fresh' or 'max_stale' when the client's directives let this be used without the upstream."""
+        remaining = self.fresh_until - now
+        if d.max_age is not None and self.age(now) > d.max_age:
+            if d.max_stale is None or self.must_validate:
+                return None
+        if remaining > 0:
+            return "fresh" if remaining >= d.min_fresh else None
+        if d.max_stale is not None and not self.no_stale and -remaining <= d.max_stale:
+            return "max_stale"
+        return None
+
 
 class Variants:
     """The stored responses of one URL, newest first."""
@@ -122,6 +135,17 @@ class Variants:
     def __init__(self, entries: list[Entry] | None = None) -> None:
         self.entries: list[Entry] = entries or []
         self.size = sum(e.size for e in self.entries)
+
+    def select(self, headers: list[tuple[bytes, bytes]]) -> Entry | None:
+        """The newest stored variant whose Vary selection matches this request (RFC 9111 4.1)."""
+        for entry in self.entries:
+            if not entry.vary:
+                return entry
+            if all(
+                rfc.selecting_value(headers, n) == v for n, v in zip(entry.vary, entry.selection, strict=True)
+            ):
+                return entry
+        return None
 
     def with_entry(self, entry: Entry) -> Variants:
         """A new Variants with ``entry`` replacing the variant of the same selection."""

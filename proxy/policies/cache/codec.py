@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from typing import Any
 
 from proxy.policies.cache.store import Entry, Variants
 
@@ -90,7 +91,7 @@ def decode(blob: bytes, offset: float) -> Variants | None:
         return None
 
 
-def _entry(m: dict, body: bytes, offset: float) -> Entry:
+def _entry(m: dict[str, Any], body: bytes, offset: float) -> Entry:
     # Rebuild with the constructor (so served_headers and size are computed as for a fresh
     # entry), then set the absolute times exactly as the storing sidecar computed them.
     entry = Entry(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+from typing import TypeGuard
 from urllib.parse import urlsplit
 
 from proxy.kernel.fields import HOP_BY_HOP as _HOP_BY_HOP
@@ -231,7 +232,7 @@ class RequestDirectives:
         if "max-stale" in cc:
             arg = cc["max-stale"]
             # max-stale without a value: any staleness is acceptable.
-            self.max_stale = float("inf") if arg is None else (delta_seconds(arg) or 0)
+            self.max_stale: float | None = float("inf") if arg is None else (delta_seconds(arg) or 0)
         else:
             self.max_stale = None
         self.min_fresh = delta_seconds(cc.get("min-fresh")) or 0 if "min-fresh" in cc else 0
@@ -447,7 +448,7 @@ def merge_304(
     return kept
 
 
-def _is_strong(tag: bytes | None) -> bool:
+def _is_strong(tag: bytes | None) -> TypeGuard[bytes]:
     return tag is not None and not tag.strip().startswith(b"W/")
 
 
