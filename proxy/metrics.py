@@ -238,6 +238,14 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: fault injection
+        self.faults_injected = Counter(
+            "fender_faults_injected_total",
+            "Faults a route's fault: section injected into tries (chaos drills), by route and kind: delay, abort.",
+            ["route", "kind"],
+            registry=r,
+        )
+
         # metrics: circuit breakers
         self.breaker_state = Gauge(
             "fender_breaker_state",

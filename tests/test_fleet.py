@@ -585,10 +585,11 @@ async def test_local_and_global_limits_on_one_route(redis_server, echo_upstream,
         admin = (await client.get(a.admin_url + "/admin/ratelimits")).json()["routes"]["all"]
     assert [r.status_code for r in replies] == [200, 200, 429, 200, 429]
     assert replies[2].headers["ratelimit-policy"] == '"per-key";q=1;w=60'
-    # A 429 from the global limit describes both limits: the local one admitted and added its own.
+    # A 429 from the global limit describes both limits: the local one admitted, and kept its token
+    # (issue 24: a request the fleet refuses spends nothing locally; k2's bucket is still full, r=2).
     assert replies[4].headers["ratelimit-policy"] == '"fleet";q=1;w=60, "per-key";q=1;w=60'
     assert replies[4].headers["ratelimit"].startswith('"fleet";r=0;t=')
-    assert '"per-key";r=1;t=' in replies[4].headers["ratelimit"]
+    assert '"per-key";r=2;t=' in replies[4].headers["ratelimit"]
     ok = [
         metric_value(await get_metrics(f), "fender_redis_calls_total", op="ratelimit", outcome="ok")
         for f in (a, b)

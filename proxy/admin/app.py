@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy.admin import admission, breakers, cache, ops, status, upstreams
+from proxy.admin import admission, breakers, cache, fault, ops, status, upstreams
 from proxy.admin.host import AdminHost
 from proxy.config import dump_policy
 from proxy.config.redact import redact
@@ -141,6 +141,9 @@ def build_admin_app(fender: AdminHost) -> Starlette:
 
     # admin: cache
     endpoints += cache.routes(fender)
+
+    # admin: fault injection
+    endpoints += fault.routes(fender)
 
     # admin: operations
     endpoints += status.routes(fender)

@@ -148,6 +148,20 @@ _MODULE_SCHEMAS = {
         queued=_INT,
         queue_timeout_seconds=_NUMBER,
     ),
+    "Fault": _object(
+        ["route", "enabled", "delay", "abort", "only_if_header", "max_active", "active", "injected"],
+        route={"type": "string"},
+        enabled={"type": "boolean"},
+        delay={"type": ["object", "null"]},
+        abort={"type": ["object", "null"]},
+        only_if_header={"type": "array", "items": {"type": "string"}},
+        max_active={"type": ["integer", "null"]},
+        active=_INT,
+        injected=_object(["delay", "abort"], delay=_INT, abort=_INT),
+        skipped_max_active=_INT,
+        changed_by_admin={"type": "boolean"},
+        as_in_file={"type": "boolean"},
+    ),
 }
 
 
@@ -305,6 +319,46 @@ DOCS: dict[str, dict[str, dict[str, Any]]] = {
                 "404": _json("no such upstream, replica or action", _ref("Error")),
             },
         }
+    },
+    "/admin/faults": {
+        "get": {
+            "summary": "Fault injection per route (routes with a fault: section): running settings and counts.",
+            "responses": {"200": _json("faults", _object(["routes"], routes=_map(_ref("Fault"))))},
+        }
+    },
+    "/admin/routes/{name}/fault": {
+        "post": {
+            "summary": "Switch a drill on or off, change its settings (fields of fault:, each whole), or reset "
+            'them to the policy file\'s with {"reset": true}.',
+            "parameters": [_path_param("name", "route name")],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {
+                                    "type": "object",
+                                    "examples": [
+                                        {"enabled": True},
+                                        {"abort": {"status": 503, "percent": "20%"}},
+                                    ],
+                                },
+                                _object(["reset"], reset={"const": True}),
+                            ]
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("the route's fault injection after the change", _ref("Fault")),
+                "400": _json(
+                    "not JSON, or settings a fault: section would refuse (with their path)", _ref("Error")
+                ),
+                "404": _json("no such route, or it has no fault: section", _ref("Error")),
+                "413": _json("body over 16KiB", _ref("Error")),
+            },
+        },
     },
     "/admin/cache/purge": {
         "post": {

@@ -68,6 +68,23 @@ def _breaker(snapshot: dict) -> dict:
     }
 
 
+def _fault(snapshot: dict) -> dict:
+    """A route's fault injection as the page shows it: on or off, what it injects, how much so far."""
+    parts = []
+    if snapshot["delay"] is not None:
+        parts.append(f"delay {snapshot['delay']['fixed']} on {snapshot['delay']['percent']}")
+    if snapshot["abort"] is not None:
+        parts.append(f"abort {snapshot['abort']['status']} on {snapshot['abort']['percent']}")
+    return {
+        "enabled": snapshot["enabled"],
+        "summary": ", ".join(parts),
+        "scoped": bool(snapshot["only_if_header"]),
+        "active": snapshot["active"],
+        "injected": snapshot["injected"]["delay"] + snapshot["injected"]["abort"],
+        "changed_by_admin": snapshot["changed_by_admin"],
+    }
+
+
 def _cache(fender: AdminHost) -> dict:
     runtime = fender.dataplane.runtime
     store = runtime.exposed.get("cache", {}).get("store")
@@ -102,11 +119,14 @@ def gather(fender: AdminHost) -> dict:
     tunnels: dict[str, int] = {}
     for tunnel in fender.dataplane.tunnels.open:
         tunnels[tunnel.route_name] = tunnels.get(tunnel.route_name, 0) + 1
+    faults = runtime.exposed.get("fault", {})
     routes = []
     for route in runtime.routes:
         entry: dict[str, Any] = {"name": route.name, "upstream": route.options.upstream}
         entry.update(traffic[route.name])
         entry["open_tunnels"] = tunnels.get(route.name, 0)
+        fault = faults.get(route.name)
+        entry["fault"] = _fault(fault.snapshot()) if fault is not None else None
         routes.append(entry)
     upstreams = []
     for name, upstream in runtime.upstreams.items():

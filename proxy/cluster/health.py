@@ -1,12 +1,14 @@
 """Active health checks: one background task per replica, probing an HTTP path.
 
 Each task sleeps a jittered interval (so a fleet of sidecars started together
-does not probe in lockstep), sends ``GET <path>`` over its own one-connection
+does not probe in lockstep), sends ``<method> <path>`` (GET unless configured; with the
+configured Host and extra headers) over its own one-connection
 pool (Fender's HTTP/1.1 client, never the pool that carries traffic) and
 reports pass or fail to the replica picker, which owns the state machine
 (``healthy_threshold`` passes in a row to come back, ``unhealthy_threshold``
-fails in a row to go down). Time comes from the injected clock; the probe
-itself is bounded by ``timeout`` in real time.
+fails in a row to go down). A probe passes when its status is in ``expect_status`` and, with
+``expect_body``, the first 64 KiB of its body contain that text. Time comes from the injected
+clock; the probe itself is bounded by ``timeout`` in real time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import contextlib
 import random
 
 from proxy.clock import Clock
-from proxy.cluster.options import ERROR, FAIL, PASS, TIMEOUT, HealthCheckOptions, parse_status_ranges
+from proxy.cluster.options import (
+    ERROR,
+    FAIL,
+    MAX_EXPECT_BODY,
+    PASS,
+    TIMEOUT,
+    HealthCheckOptions,
+    parse_status_ranges,
+)
 from proxy.cluster.picker import ReplicaPicker
 from proxy.grpc import grpc_status
 from proxy.upstream import UpstreamError, UpstreamPool
@@ -41,6 +51,10 @@ class HealthChecker:
         self._rng = rng or random.Random()
         self._ranges = parse_status_ranges(options.expect_status)
         self._target = options.path.encode("latin-1")
+        self._method = options.method.encode("ascii")
+        self._host = options.host.encode("latin-1") if options.host is not None else None
+        self._extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in options.headers.items()]
+        self._expect_body = options.expect_body.encode() if options.expect_body is not None else None
         self._tasks: list[asyncio.Task[None]] = []
         pool_class = H2Pool if options.grpc else UpstreamPool
         self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
@@ -96,27 +110,38 @@ class HealthChecker:
             return await self._probe_grpc(index)
         pool = self._pools[index]
         state = self.picker.states[index]
+        host = self._host if self._host is not None else state.replica.authority
+        headers = [(b"host", host), (b"user-agent", b"fender-health-check"), *self._extra]
         try:
             response = await pool.request(
-                b"GET",
+                self._method,
                 self._target,
-                [(b"host", state.replica.authority), (b"user-agent", b"fender-health-check")],
+                headers,
                 head_timeout=self.options.timeout,
                 idle_timeout=self.options.timeout,
             )
         except UpstreamError as error:
             return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        wanted = self._expect_body
+        body = b""
+        complete = True
         try:
             async with asyncio.timeout(self.options.timeout):
-                while await response.read():
-                    pass
+                while chunk := await response.read():
+                    if wanted is not None and len(body) < MAX_EXPECT_BODY:
+                        body += chunk[: MAX_EXPECT_BODY - len(body)]
         except (UpstreamError, TimeoutError):
             response.close()
+            complete = False
         status = response.status
-        for low, high in self._ranges:
-            if low <= status <= high:
-                return PASS
-        return FAIL
+        if not any(low <= status <= high for low, high in self._ranges):
+            return FAIL
+        if wanted is not None and wanted not in body:
+            # A body cut short may still have held the text further on: that is a timeout or an error.
+            if not complete and len(body) < MAX_EXPECT_BODY:
+                return ERROR
+            return FAIL
+        return PASS
 
     async def _probe_grpc(self, index: int) -> str:
         """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""

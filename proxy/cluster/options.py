@@ -6,12 +6,13 @@ nothing here imports the mechanisms.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from proxy.options.base import Count, PolicyModel, Text, keep_ordered
+from proxy.options.base import Count, HeaderName, PolicyModel, Text, _check_host, keep_ordered
 from proxy.options.units import Duration, Percent, describe_value, format_duration, policy_error
 
 _RANGE_RE = re.compile(r"([1-5][0-9]{2})(?:-([1-5][0-9]{2}))?")
@@ -44,6 +45,42 @@ StatusRange = Annotated[
     int | Text,
     Field(json_schema_extra={"examples": [200, "200-299"]}),
 ]
+
+
+# Fields a probe's `headers:` may not set: framing and connection handling are the client's, and
+# Host has its own knob.
+_PROBE_FIELDS_REFUSED = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+     "proxy-connection"}
+)  # fmt: skip
+# Bytes of a probe's response body searched for expect_body (the rest is read and dropped).
+MAX_EXPECT_BODY = 64 * 1024
+
+
+def _check_probe_host(value: str) -> str:
+    """A Host value: ``name``, ``name:port``, ``1.2.3.4[:port]`` or ``[v6][:port]``."""
+    hint = "write it like app.internal or app.internal:8000"
+    port: str | None
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise policy_error(f"{describe_value(value)} is not a host ({hint})") from None
+        if not sep or (rest and not rest.startswith(":")):
+            raise policy_error(f"{describe_value(value)} is not a host ({hint})")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, None
+        try:
+            _check_host(host, "app.internal")
+        except ValueError as exc:
+            raise policy_error(f"{exc} ({hint})") from None
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise policy_error(f"{describe_value(value)}: the port must be a number from 1 to 65535")
+    return value.lower()
 
 
 class HealthCheckOptions(PolicyModel):
@@ -112,6 +149,56 @@ class HealthCheckOptions(PolicyModel):
         description='With grpc: true, the service name asked about; "" (the default) is the server as a whole.',
     )
 
+    method: Literal["GET", "HEAD", "OPTIONS"] = Field(
+        default="GET",
+        description="Method of the probe request. HEAD asks for no body (so expect_body cannot be used with it).",
+    )
+    host: Text | None = Field(
+        default=None,
+        description=(
+            "Host header of the probe (app.internal or app.internal:8000), for replicas that route on it. "
+            "Unset: the replica's own host:port."
+        ),
+    )
+    headers: dict[HeaderName, Text] = Field(
+        default_factory=dict,
+        description=(
+            "Extra request headers of the probe, name to value (e.g. an API key the health endpoint wants). "
+            "Host has its own knob; framing and connection headers are Fender's."
+        ),
+        json_schema_extra={"additionalProperties": False},
+    )
+    expect_body: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Text the response body must contain for a pass (a plain substring, case-sensitive, in the first "
+            "64KiB of the body), on top of expect_status. Unset: the body is not looked at."
+        ),
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _probe_host(cls, value: str | None) -> str | None:
+        return None if value is None else _check_probe_host(value)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _probe_headers(cls, value: Any) -> Any:
+        # Before the names are lowercased, so a problem is reported at the key as written.
+        if not isinstance(value, dict):
+            return value
+        for name, text in value.items():
+            if not isinstance(name, str):
+                continue
+            if name.lower() in _PROBE_FIELDS_REFUSED:
+                hint = "use health_check.host" if name.lower() == "host" else "Fender frames the probe itself"
+                raise policy_error(f'a probe cannot set "{name}" ({hint})', name)
+            if isinstance(text, str) and any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in text):
+                raise policy_error("a header value cannot contain control characters (CR, LF, NUL ...)", name)
+        return value
+
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
@@ -124,6 +211,12 @@ class HealthCheckOptions(PolicyModel):
     def _check_statuses(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
         parse_status_ranges(value)
         return value
+
+    @model_validator(mode="after")
+    def _body_needs_a_body(self) -> HealthCheckOptions:
+        if self.expect_body is not None and self.method == "HEAD":
+            raise policy_error("expect_body needs a response body: HEAD gets none (use GET)", "expect_body")
+        return self
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> HealthCheckOptions:

@@ -38,6 +38,7 @@ from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions,
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.bulkhead.options import BulkheadOptions
+from proxy.policies.fault.options import FaultOptions
 from proxy.policies.ratelimit.options import RateLimits
 from proxy.policies.retry.options import RetryOptions
 
@@ -67,6 +68,7 @@ from proxy.options.base import (  # noqa: E402  (re-exported: the models' buildi
     NAME_PATTERN,
     Count,
     Flag,
+    HeaderName,
     IpNetwork,
     Name,
     PolicyModel,
@@ -793,19 +795,6 @@ Method = Annotated[
 ]
 
 
-def _check_header_name(value: str) -> str:
-    if not _TOKEN_RE.fullmatch(value):
-        raise policy_error(f"{describe_value(value)} is not a valid header name")
-    return value.lower()
-
-
-HeaderName = Annotated[
-    str,
-    Strict(),
-    AfterValidator(_check_header_name),
-    WithJsonSchema({"type": "string", "pattern": r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}),
-]
-
 _PATH_FIELDS = ("path_prefix", "path", "path_regex")
 
 
@@ -1063,6 +1052,16 @@ class Route(PolicyModel):
         ),
     )
 
+    # section: fault
+    fault: FaultOptions | None = Field(
+        default=None,
+        description=(
+            "Fault injection for chaos drills: delay or abort some of this route's tries in the upstream's place, "
+            "so retries, the breaker and the cache meet them as real faults; switchable through "
+            "`POST /admin/routes/NAME/fault`. Absent: off."
+        ),
+    )
+
     # section: explain and deadline propagation
     propagate_deadline: Flag = Field(
         default=True,
@@ -1253,6 +1252,23 @@ class Policy(PolicyModel):
                     (
                         ("routes", index, "upstream"),
                         f'unknown upstream "{route.upstream}" ({hint}defined upstreams: {", ".join(self.upstreams)})',
+                    )
+                )
+
+        # A retry budget shared per upstream has one set of settings: the routes sharing it agree.
+        shared_budget: dict[str, tuple[int, Any]] = {}
+        for index, route in enumerate(self.routes):
+            budget = route.retry.budget if route.retry is not None else None
+            if budget is None or budget.scope != "upstream":
+                continue
+            first, settings = shared_budget.setdefault(route.upstream, (index, budget))
+            if settings != budget:
+                problems.append(
+                    (
+                        ("routes", index, "retry", "budget"),
+                        f'routes[{first}] ("{self.routes[first].name}") shares upstream "{route.upstream}"\'s '
+                        "retry budget (scope: upstream) with other settings: give both the same ratio, "
+                        "min_per_second and window (or scope: route)",
                     )
                 )
 

@@ -2,7 +2,7 @@
 
 A pipeline is a chain of layers, tower-style: each layer wraps the next and is a
 :data:`~proxy.kernel.exchange.Handler`, ``async (Exchange) -> Reply``. The order is
-:data:`proxy.policies.chain.ORDER` (rate limit, cache, circuit breaker, bulkhead, retry), then
+:data:`proxy.policies.chain.ORDER` (rate limit, cache, circuit breaker, bulkhead, retry, fault), then
 the forwarder; with ``tracing:`` a server span wraps the whole and a client span each try.
 A policy's ``build_layer`` returns None when the route does not use it, so a route pays only
 for the policies it names. See docs/architecture.md.

@@ -56,6 +56,15 @@ class Handover:
         self.objects[key] = (settings, obj)
         return cast(T, obj)
 
+    def reusable(self, key: Hashable, settings: Any) -> Any | None:
+        """The previous runtime's object that :meth:`keep` would reuse for ``key`` and ``settings``, or None.
+
+        For an object whose identity depends on its neighbours' (a breaker choosing a name no
+        kept breaker carries) before those neighbours were asked for.
+        """
+        old = self.previous.objects.get(key) if self.previous is not None else None
+        return old[1] if old is not None and old[0] == settings else None
+
     def owned_ids(self) -> set[int]:
         return {id(obj) for _, obj in self.objects.values()}
 

@@ -43,6 +43,8 @@ REASONS: Final[dict[str, Reason]] = {
     "bulkhead_timeout": Reason(503, "no bulkhead slot in time", "local"),
     "rate_limit_unavailable": Reason(503, "the shared rate-limit state is unavailable", "local"),
     "only_if_cached": Reason(504, "nothing usable is stored", "local"),
+    # Chaos drills: the route's fault: section answered in the upstream's place (status as configured).
+    "fault_injected": Reason(503, "fault injected by the route's fault policy", "local"),
     # Refused while reading the request head (the server protocol answers and closes).
     "header_timeout": Reason(408, "the request head did not arrive in time", "local"),
     "underscore_header": Reason(400, "header names with underscores are refused", "local"),

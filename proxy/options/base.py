@@ -23,7 +23,17 @@ from pydantic import (
 
 from proxy.options.units import describe_value, policy_error
 
-__all__ = ["PolicyModel", "Name", "Count", "Flag", "Text", "IpNetwork", "NAME_PATTERN", "keep_ordered"]
+__all__ = [
+    "PolicyModel",
+    "Name",
+    "Count",
+    "Flag",
+    "Text",
+    "HeaderName",
+    "IpNetwork",
+    "NAME_PATTERN",
+    "keep_ordered",
+]
 
 
 class PolicyModel(BaseModel):
@@ -94,6 +104,23 @@ Flag = Annotated[bool, Strict()]
 
 Text = Annotated[str, Strict()]
 """Text; numbers are refused rather than silently converted."""
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_header_name(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise policy_error(f"{describe_value(value)} is not a valid header name")
+    return value.lower()
+
+
+HeaderName = Annotated[
+    str,
+    Strict(),
+    AfterValidator(_check_header_name),
+    WithJsonSchema({"type": "string", "pattern": r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}),
+]
+"""An HTTP field name (an RFC 9110 token), lowercased."""
 
 _HOSTNAME_RE = re.compile(
     # DNS names; "_" is allowed too because container service names often use it.

@@ -47,6 +47,10 @@ class LayerContext:
         """
         return self.handover.keep(key, settings, build)
 
+    def reusable(self, key: Hashable, settings: Any) -> Any | None:
+        """What :meth:`keep` would hand back from the previous runtime for this key and settings, or None."""
+        return self.handover.reusable(key, settings)
+
     def checkpoint(self, name: str, snapshot: Snapshot, restore: Restore) -> None:
         """Have ``snapshot()`` saved in each checkpoint and ``restore(data)`` called with it at start.
 

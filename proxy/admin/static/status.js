@@ -218,6 +218,18 @@
     return parts;
   }
 
+  // A route's fault injection (chaos drill): off, or what it injects and how many so far.
+  function renderFault(f) {
+    if (!f) return el("span", { class: "muted" }, "\u2013");
+    if (!f.enabled) return badge("neutral", "armed, off");
+    const scope = f.scoped ? " (marked requests)" : "";
+    const by = f.changed_by_admin ? " \u00b7 set by admin" : "";
+    return [
+      badge("warn", "injecting"),
+      el("span", { class: "since" }, f.summary + scope + " \u00b7 " + f.injected + " so far, " + f.active + " delaying" + by),
+    ];
+  }
+
   function renderRoutes(routes) {
     const rows = routes.map((r) => {
       const errKind = r.error_rate === null ? "neutral" : r.error_rate >= 0.05 ? "bad" : r.error_rate > 0 ? "warn" : "ok";
@@ -234,11 +246,12 @@
         cell("Bulkhead-rejected", String(r.bulkhead_rejected), "num"),
         cell("Retries", String(r.retries), "num"),
         cell("Tunnels", String(r.open_tunnels || 0), "num"),
+        cell("Fault", renderFault(r.fault), "fault"),
         cell("Last 5 min", sparkline(hist.rate_per_second, hist.error_rate)),
       );
     });
     return table(
-      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Tunnels", "Last 5 min"],
+      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Tunnels", "Fault", "Last 5 min"],
       rows,
       "No routes.",
     );

@@ -76,13 +76,9 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     options = route.circuit_breaker
     if options is None:
         return None
-    if options.scope == "route":
-        owner = route.name
-    else:
-        owner = route.upstream
+    key, owner = _breaker_key(route, options)
     # Routes in one scope with equal settings share the breaker: the same key within a build
-    # gives the same object, and a reload with equal settings keeps it (state and all).
-    key = ("breaker", options.scope, owner, options)
+    # gives the same object, and a reload with equal settings keeps it (state, name and all).
     breaker = ctx.keep(key, options, lambda: _new_breaker(owner, route, options, ctx))
     ctx.expose("breaker", breaker.name, breaker)
     try:
@@ -93,9 +89,31 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Handl
     return BreakerLayer(breaker, next_handler, ctx.clock)
 
 
+def _breaker_key(route: Route, options: BreakerOptions) -> tuple[tuple[str, str, str, BreakerOptions], str]:
+    owner = route.name if options.scope == "route" else route.upstream
+    return ("breaker", options.scope, owner, options), owner
+
+
 def _new_breaker(owner: str, route: Route, options: BreakerOptions, ctx: LayerContext) -> CircuitBreaker:
-    # A second breaker for one upstream (other settings on another route) is named upstream.route.
-    name = owner if owner not in ctx.exposed_of("breaker") else f"{route.upstream}.{route.name}"
+    """A fresh breaker, named so no other breaker of this build has its name (admin API, checkpoints).
+
+    The owner's name when free, else upstream.route (a second breaker for one upstream: other
+    settings on another route). Taken are the names of the breakers built so far and those of
+    every breaker this build keeps from the previous runtime, which keep their names, even when
+    their routes come later in the file.
+    """
+    taken = set(ctx.exposed_of("breaker"))
+    for other in ctx.policy.routes:
+        other_options = other.circuit_breaker
+        if other_options is not None:
+            kept = ctx.reusable(_breaker_key(other, other_options)[0], other_options)
+            if kept is not None:
+                taken.add(kept.name)
+    name = owner if owner not in taken else f"{route.upstream}.{route.name}"
+    serial = 2
+    while name in taken:
+        name = f"{route.upstream}.{route.name}.{serial}"
+        serial += 1
     return CircuitBreaker(name, options, ctx.clock, ctx.metrics)
 
 

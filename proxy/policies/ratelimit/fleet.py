@@ -206,7 +206,7 @@ class GlobalRateLimit:
         self.failure_refused = family.labels(route.name, "failure_refused")
         self.script = state.script("gcra", GCRA_LUA) if state is not None else None
         # Per request, one script call for the route's global limits, or (leasing) the leases.
-        self.decide: Callable[[Exchange], Awaitable[LocalReply | None]] = self._decide_direct
+        self._decide_global: Callable[[Exchange], Awaitable[LocalReply | None]] = self._decide_direct
         # Leasing unless a global limit is exact or shadow (those need every request in Redis).
         self.leasing = state is not None and not any(o.exact or o.shadow for o in glob)
         if self.leasing and state is not None:
@@ -219,13 +219,31 @@ class GlobalRateLimit:
             self.m_granted = ctx.metrics.ratelimit_lease_tokens.labels(route.name, "granted")
             self.m_expired = ctx.metrics.ratelimit_lease_tokens.labels(route.name, "expired")
             self._background: set[asyncio.Task[None]] = set()
-            self.decide = self._decide_leased
+            self._decide_global = self._decide_leased
+
+    async def decide(self, ex: Exchange) -> LocalReply | None:
+        """The route's local limits look first, the global ones decide, then the local ones consume.
+
+        A local limit's token is spent only when the global limits admitted too: a request the
+        fleet refuses leaves the local buckets as they were. The local limits are asked again
+        after the global ones (a concurrent request may have taken their last token meanwhile);
+        that rare refusal comes after a global token was spent.
+        """
+        local = self.local
+        if local is None:
+            return await self._decide_global(ex)
+        refusal = local.decide(ex, round(self.clock.now() * NS), consume=False)
+        if refusal is not None:
+            return refusal
+        refusal = await self._decide_global(ex)
+        now_ns = round(self.clock.now() * NS)
+        if refusal is not None:
+            local.describe(ex, now_ns)
+            return refusal
+        return local.decide(ex, now_ns)
 
     async def _decide_direct(self, ex: Exchange) -> LocalReply | None:
-        if self.local is not None:
-            refusal = self.local.decide(ex, round(self.clock.now() * NS))
-            if refusal is not None:
-                return refusal
+        """The global limits, one script call a request."""
         if self.state is None:
             return self.fallback.decide(ex, round(self.clock.now() * NS))
         keys = [limit.redis_key(limit.key_of(ex)) for limit in self.limits]
@@ -258,10 +276,6 @@ class GlobalRateLimit:
 
     async def _decide_leased(self, ex: Exchange, counted: bool = False) -> LocalReply | None:
         """Admit from this sidecar's leases, renewing them as needed (``counted``: demand already noted)."""
-        if self.local is not None:
-            refusal = self.local.decide(ex, round(self.clock.now() * NS))
-            if refusal is not None:
-                return refusal
         limits = self.limits
         keys = [limit.key_of(ex) for limit in limits]
         leases = [limit.table.get(key) for limit, key in zip(limits, keys, strict=True)]

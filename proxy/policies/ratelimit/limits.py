@@ -107,8 +107,12 @@ class RouteRateLimit:
     def key_count(self) -> int:
         return sum(len(limit.limiter) for limit in self.limits)
 
-    def decide(self, ex: Exchange, now_ns: int) -> LocalReply | None:
-        """Admit (returns None, consuming from every bucket) or refuse (returns the 429 reply)."""
+    def decide(self, ex: Exchange, now_ns: int, consume: bool = True) -> LocalReply | None:
+        """Admit (returns None, consuming from every bucket) or refuse (returns the 429 reply).
+
+        With ``consume`` False an admission only looks: nothing is taken, counted or added to the
+        response (the fleet layer asks so before its global limits, then again once they admitted).
+        """
         keys = [limit.key_of(ex) for limit in self.limits]
         refused: list[_Limit] | None = None
         shadow_refused: list[_Limit] | None = None
@@ -133,6 +137,8 @@ class RouteRateLimit:
                 (b"ratelimit", self._state(keys, now_ns)),
             ]
             return LocalReply("rate_limited", f"limit {names}", headers=headers)
+        if not consume:
+            return None
         for limit, key in zip(self.limits, keys, strict=True):
             if shadow_refused is None or limit not in shadow_refused:
                 limit.limiter.commit(key, now_ns)
@@ -145,6 +151,13 @@ class RouteRateLimit:
             ex.response_headers.append((b"ratelimit-policy", self.shown_policy_header))
             ex.response_headers.append((b"ratelimit", self._state(keys, now_ns, self.shown)))
         return None
+
+    def describe(self, ex: Exchange, now_ns: int) -> None:
+        """Add the RateLimit headers of the shown limits as they stand, consuming nothing."""
+        if self.shown:
+            keys = [limit.key_of(ex) for limit in self.limits]
+            ex.response_headers.append((b"ratelimit-policy", self.shown_policy_header))
+            ex.response_headers.append((b"ratelimit", self._state(keys, now_ns, self.shown)))
 
     def _state(self, keys: list[Key], now_ns: int, shown: list[_Limit] | None = None) -> bytes:
         shown = self.enforced if shown is None else shown

@@ -8,11 +8,16 @@ does not block retries now. When the budget is spent, failures go back to the
 client at once instead of multiplying the load on an upstream that is down.
 
 Over any one window: ``retries <= ratio * requests + min_per_second * window``.
+
+``scope: route`` (the default) gives each route its own budget; ``scope: upstream`` one budget
+per upstream, shared by every route using that upstream with that scope (as Envoy's is per
+cluster), so many routes failing against one upstream cannot each add their own share of
+retries. A shared budget is kept across reloads that leave its settings as they were.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
@@ -42,6 +47,14 @@ class BudgetOptions(PolicyModel):
         default="10s",
         validate_default=True,
         description="How long requests and retries count against the budget (Linkerd's ttl, 10s).",
+    )
+    scope: Literal["route", "upstream"] = Field(
+        default="route",
+        description=(
+            "route: this route's own budget. upstream: one budget for the upstream, shared by every route "
+            "sending to it with scope upstream (Envoy's is per cluster); those routes must give it the same "
+            "ratio, min_per_second and window."
+        ),
     )
 
 

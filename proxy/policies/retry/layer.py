@@ -250,4 +250,13 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Retry
     options: RetryOptions | None = getattr(route, "retry", None)
     if options is None or options.attempts <= 1:
         return None
-    return RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
+    layer = RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
+    budget = options.budget
+    if budget.scope == "upstream":
+        # One budget per upstream (the same key within a build gives the same object), kept by a
+        # reload with equal settings; the policy checks that its routes agree on them.
+        layer.budget = ctx.keep(
+            ("retry-budget", route.upstream), budget, lambda: RetryBudget(budget, ctx.clock)
+        )
+        ctx.expose("retry_budget", route.upstream, layer.budget)
+    return layer
