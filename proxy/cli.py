@@ -48,6 +48,9 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
             check_listener(bind_socket, address, label, (at,))
         except StartupError as error:
             problems.append(error)
+    from proxy.ops.preflight import tls_file_problems
+
+    problems += [StartupError(message, at) for at, message in tls_file_problems(policy)]
     # The messages name what they are about: no path before them.
     issues = [document.issue(error.at, str(error)) for error in problems]
     return [PolicyIssue(i.source, i.line, i.col, "", i.message) for i in issues]
@@ -213,6 +216,10 @@ def cmd_run(args, demo: bool = False) -> int:
     try:
         for missing in missing_packages(policy):
             raise missing
+        from proxy.ops.preflight import tls_file_problems
+
+        for at, message in tls_file_problems(policy):  # certificate files Fender cannot use
+            raise StartupError(message, at)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_run(policy, args.policy, demo, args.server, warnings))
     except StartupError as error:

@@ -57,6 +57,7 @@ REASON_STATUS: dict[str, int] = {
     "bulkhead_timeout": UNAVAILABLE,
     "no_healthy_replica": UNAVAILABLE,
     "connect_failure": UNAVAILABLE,
+    "tls_failure": UNAVAILABLE,  # the handshake failed: nothing was sent (as connect_failure)
     "connect_timeout": UNAVAILABLE,
     "pool_overflow": UNAVAILABLE,
     "reset": UNAVAILABLE,

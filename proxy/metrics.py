@@ -154,6 +154,29 @@ class Metrics:
             ["upstream", "replica"],
             registry=r,
         )
+        # metrics: TLS (proxy/server/tls.py, proxy/upstream/tls.py)
+        self.tls_handshake_errors = Counter(
+            "fender_tls_handshake_errors_total",
+            "Client connections to a TLS listener (proxy or admin) that did not complete a handshake, by "
+            "reason: timeout, plain_http, not_tls, closed, client_cert, protocol, overload, other.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.upstream_tls_handshakes = Counter(
+            "fender_upstream_tls_handshakes_total",
+            "TLS handshakes with https:// replicas, by upstream and session (full, or resumed from an "
+            "earlier connection's session). Keep-alive pools make them rare: compare with "
+            "fender_upstream_requests_total.",
+            ["upstream", "session"],
+            registry=r,
+        )
+        self.tls_certificate_reloads = Counter(
+            "fender_tls_certificate_reloads_total",
+            "Certificate files of a TLS listener that changed on disk, by listener and result (applied: new "
+            "handshakes use them; refused: unusable, the previous pair stays).",
+            ["listener", "result"],
+            registry=r,
+        )
         self.policy = Info(
             "fender_policy",
             "The running policy: its source file and version.",

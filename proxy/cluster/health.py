@@ -56,10 +56,9 @@ class HealthChecker:
         self._extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in options.headers.items()]
         self._expect_body = options.expect_body.encode() if options.expect_body is not None else None
         self._tasks: list[asyncio.Task[None]] = []
-        pool_class = H2Pool if options.grpc else UpstreamPool
         self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
-        self._pools = [
-            pool_class(
+        self._pools: list[UpstreamPool | H2Pool] = [
+            H2Pool(
                 state.replica.host,
                 state.replica.port,
                 unix_path=state.replica.unix_path,
@@ -68,6 +67,20 @@ class HealthChecker:
                 connect_timeout=options.timeout,
                 keepalive_idle_timeout=max(options.interval * 3, 5.0),
                 max_pending=0,
+            )
+            if options.grpc
+            else UpstreamPool(
+                state.replica.host,
+                state.replica.port,
+                unix_path=state.replica.unix_path,
+                max_connections=1,
+                max_keepalive=1,
+                connect_timeout=options.timeout,
+                keepalive_idle_timeout=max(options.interval * 3, 5.0),
+                max_pending=0,
+                tls=None
+                if getattr(state.replica, "tls", None) is None
+                else state.replica.tls.client(state.replica.host),
             )
             for state in picker.states
         ]

@@ -19,25 +19,36 @@ from proxy.config.models import Replica as ReplicaOptions
 from proxy.kernel.exchange import Exchange
 from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
+from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
 from proxy.upstream.http2 import H2Pool
+from proxy.upstream.tls import UpstreamTLS
 
 
 class ReplicaRuntime:
-    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority")
+    __slots__ = ("name", "host", "port", "unix_path", "priority", "weight", "pool", "authority", "tls")
 
-    def __init__(self, replica: ReplicaOptions, pool_options: PoolOptions, protocol: str = "http1") -> None:
+    def __init__(
+        self,
+        replica: ReplicaOptions,
+        pool_options: PoolOptions,
+        pool_class: type[UpstreamPool] = UpstreamPool,
+        tls: UpstreamTLS | None = None,
+        protocol: str = "http1",
+    ) -> None:
         self.host: str = replica.host
+        # The upstream's TLS settings for an https:// replica, else None.
+        self.tls: UpstreamTLS | None = tls if getattr(replica, "tls", False) else None
         self.port: int = replica.port
         self.unix_path: str | None = replica.unix_path
         self.name: str = replica.name  # host:port, or unix:PATH
         self.authority: bytes = replica.authority.encode()
         self.priority: int = replica.priority
         self.weight: int = replica.weight
-        # protocol: auto is HTTP/1.1 on cleartext (HTTP/2 would be chosen by ALPN over TLS, see
-        # proxy.upstream.http2.alpn_protocols); h2 is prior knowledge.
+        # protocol: h2 is prior knowledge on cleartext. An https:// replica speaks HTTP/1.1 over TLS
+        # whatever the protocol (ALPN for h2 and auto is not wired yet: proxy.upstream.http2.alpn_protocols).
         self.pool: UpstreamPool | H2Pool
-        if protocol == "h2":
+        if protocol == "h2" and self.tls is None:
             self.pool = H2Pool(
                 replica.host,
                 replica.port,
@@ -50,7 +61,7 @@ class ReplicaRuntime:
                 max_concurrent_streams=pool_options.max_concurrent_streams,
             )
         else:
-            self.pool = UpstreamPool(
+            self.pool = pool_class(
                 replica.host,
                 replica.port,
                 unix_path=replica.unix_path,
@@ -59,6 +70,7 @@ class ReplicaRuntime:
                 connect_timeout=pool_options.connect_timeout,
                 keepalive_idle_timeout=pool_options.idle_timeout,
                 max_pending=pool_options.max_pending,
+                tls=None if self.tls is None else self.tls.client(replica.host),
             )
 
 
@@ -69,7 +81,25 @@ class UpstreamRuntime:
         self.name = name
         self.options = options
         self.clock = clock
-        self.replicas = [ReplicaRuntime(r, options.pool, options.protocol) for r in options.replicas]
+        # TLS settings for the https:// replicas (raises TLSFileError when a file cannot be used).
+        self.tls = (
+            UpstreamTLS(getattr(options, "tls", None) or UpstreamTLSOptions(), f"upstreams.{name}.tls")
+            if any(getattr(r, "tls", False) for r in options.replicas)
+            else None
+        )
+        self.replicas = [
+            ReplicaRuntime(r, options.pool, tls=self.tls, protocol=options.protocol) for r in options.replicas
+        ]
+        if self.tls is not None:
+            handshakes = metrics.upstream_tls_handshakes
+            full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
+
+            def counted(again: bool) -> None:
+                (resumed if again else full).inc()
+
+            for replica in self.replicas:
+                if isinstance(replica.pool, UpstreamPool):
+                    replica.pool.on_tls_handshake = counted
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
@@ -125,6 +155,8 @@ class UpstreamRuntime:
         """Start the health-check tasks once the runtime goes live."""
         if self.health is not None:
             self.health.start()
+        if self.tls is not None:
+            self.tls.start()  # watch the certificate files
 
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
@@ -151,12 +183,20 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool and old.options.protocol == self.options.protocol:
+        if (
+            old.options.pool == self.options.pool
+            and getattr(old.options, "tls", None) == getattr(self.options, "tls", None)
+            and old.options.protocol == self.options.protocol
+        ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
                 pool = pools.get(replica.name)
                 if pool is not None and pool is not replica.pool:
                     unused, replica.pool = replica.pool, pool
+                    if pool.tls is not None and self.tls is not None:
+                        # The kept pool follows this runtime's TLS files (watched here from now on).
+                        pool.tls.owner = self.tls
+                        pool.tls.generation = -1
                     self._state_of[replica].pool = pool
                     old._given_pools.add(id(pool))
                     await unused.close()
@@ -184,6 +224,8 @@ class UpstreamRuntime:
     async def close(self) -> None:
         if self.health is not None:
             await self.health.close()
+        if self.tls is not None:
+            await self.tls.close()
         await asyncio.gather(
             *(r.pool.close() for r in self.replicas if id(r.pool) not in self._given_pools),
             return_exceptions=True,

@@ -78,6 +78,7 @@ from proxy.options.base import (  # noqa: E402  (re-exported: the models' buildi
     is_loopback,
     keep_ordered,
 )
+from proxy.options.tls import ListenerTLSOptions, UpstreamTLSOptions  # noqa: E402
 from proxy.policies.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 from proxy.state.options import StateOptions  # noqa: E402
 from proxy.tracing.options import TracingOptions  # noqa: E402
@@ -390,6 +391,15 @@ class ServerOptions(PolicyModel):
             "header_timeout and max_header_bytes). Read at start only."
         ),
     )
+    tls: ListenerTLSOptions | None = Field(
+        default=None,
+        description=(
+            "Serve HTTPS on the listen address: cert_file and key_file (rotated live when they change on "
+            "disk), client certificates (client_ca_file, client_auth), min_version. The handshake counts "
+            "inside header_timeout; plain HTTP sent to the port gets a 400. uvicorn engine only. Turning it "
+            "on or off needs a restart. See docs/tls.md."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -434,21 +444,17 @@ def _parse_unix_url(url: str) -> str:
 def _parse_replica_url(url: str) -> tuple[str, int, str | None]:
     """Check a replica URL and return ``(host, port, unix_path)``; the host has no brackets.
 
-    A ``unix://`` URL gives ``("", 0, path)``; an ``http://`` one ``(host, port, None)``."""
+    A ``unix://`` URL gives ``("", 0, path)``; an ``http://`` or ``https://`` one ``(host, port, None)``
+    (port 80 or 443 when left out)."""
     if url[:5].lower() == "unix:":
         return "", 0, _parse_unix_url(url)
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise policy_error(f"{describe_value(url)} has no scheme: write http://{url.lstrip('/')}")
     scheme = scheme.lower()
-    if scheme == "https":
+    if scheme != "http" and scheme != "https":
         raise policy_error(
-            f"{describe_value(url)}: TLS to upstreams is not supported yet "
-            "(use http://, e.g. to a local TLS-originating sidecar)"
-        )
-    if scheme != "http":
-        raise policy_error(
-            f'{describe_value(url)}: only http:// and unix:// URLs are supported, not "{scheme}://"'
+            f'{describe_value(url)}: only http://, https:// and unix:// URLs are supported, not "{scheme}://"'
         )
     try:
         parts = urlsplit(url)
@@ -486,7 +492,7 @@ def _parse_replica_url(url: str) -> tuple[str, int, str | None]:
     if port_text is None or port_text == "":
         if port_text == "":
             raise policy_error(f"{describe_value(url)}: the port is empty ({_URL_HINT})")
-        return host, 80, None
+        return host, 443 if scheme == "https" else 80, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise policy_error(f"{describe_value(url)}: the port must be a number from 1 to 65535")
     return host, int(port_text), None
@@ -621,14 +627,15 @@ class Replica(PolicyModel):
 
     url: Text = Field(
         description=(
-            "Where the replica listens: http://HOST:PORT (port 80 if left out), or unix:///PATH for a unix "
-            "socket (gunicorn, uwsgi; an absolute path). No path, query or user info; https is not supported "
-            "yet."
+            "Where the replica listens: http://HOST:PORT (port 80 if left out), https://HOST:PORT (TLS, "
+            "port 443 if left out; see the upstream's tls block), or unix:///PATH for a unix socket "
+            "(gunicorn, uwsgi; an absolute path). No path, query or user info."
         ),
         json_schema_extra={
-            "pattern": "^(http|unix)://",
+            "pattern": "^(https?|unix)://",
             "examples": [
                 "http://127.0.0.1:9001",
+                "https://api.payments.example",
                 "http://catalog.internal:8080",
                 "unix:///run/app/gunicorn.sock",
             ],
@@ -678,6 +685,11 @@ class Replica(PolicyModel):
         return self._unix_path
 
     @property
+    def tls(self) -> bool:
+        """True for an ``https://`` replica."""
+        return self.url[:6].lower() == "https:"
+
+    @property
     def name(self) -> str:
         """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket.
 
@@ -709,7 +721,16 @@ class Upstream(PolicyModel):
         description=(
             "What Fender speaks to the replicas: http1 (HTTP/1.1), h2 (HTTP/2 with prior knowledge on "
             "cleartext: many requests multiplexed on one connection; needed for gRPC replicas) or auto "
-            "(HTTP/1.1 on cleartext; HTTP/2 chosen by ALPN once TLS replicas are supported). See docs/http2.md."
+            "(HTTP/1.1 on cleartext; HTTP/2 by ALPN over TLS is not wired yet: https:// replicas get HTTP/1.1). "
+            "See docs/http2.md."
+        ),
+    )
+    tls: UpstreamTLSOptions | None = Field(
+        default=None,
+        description=(
+            "How the https:// replicas are spoken to: trust (ca_file), the name to verify (server_name), a "
+            "client certificate (cert_file, key_file), min_version. Without it https:// replicas are verified "
+            "against the system trust store and their own host names. See docs/tls.md."
         ),
     )
 
@@ -764,6 +785,15 @@ class Upstream(PolicyModel):
                 )
             seen[replica.name] = index
         return replicas
+
+    @model_validator(mode="after")
+    def _tls_for_https(self) -> Upstream:
+        if self.tls is not None and not any(replica.tls for replica in self.replicas):
+            raise policy_error(
+                "tls applies to https:// replicas and this upstream has none (write the replicas as https://)",
+                "tls",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- routes
@@ -1152,6 +1182,13 @@ class Policy(PolicyModel):
         default=None,
         description="Bearer token required on /admin/* endpoints (not on /healthz, /readyz, /metrics). Fender refuses to start with an admin listener beyond loopback without it.",
     )
+    admin_tls: ListenerTLSOptions | None = Field(
+        default=None,
+        description=(
+            "Serve the admin listener over HTTPS (the same block as server.tls; the files are watched and "
+            "rotated live). A non-loopback admin listener still needs admin_auth. Read at start."
+        ),
+    )
 
     # section: shared (Redis fleet tier)
     state: StateOptions = Field(
@@ -1222,6 +1259,15 @@ class Policy(PolicyModel):
                     (where,),
                     f"listen ({self.listen}) and admin ({self.admin}) would bind the same port; "
                     "give them different ports",
+                )
+            )
+
+        if self.server.tls is not None and self.server.engine == "granian":
+            problems.append(
+                (
+                    ("server", "tls"),
+                    "server.tls needs the uvicorn engine (granian's HTTPS is not wired up): remove "
+                    "server.engine: granian",
                 )
             )
 

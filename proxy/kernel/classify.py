@@ -51,6 +51,8 @@ class Classifier:
                 grpc[GRPC_CODES[item]] = item
             else:
                 reasons.add(item)
+                if item == "connect_failure":
+                    reasons.add("tls_failure")  # a failed TLS handshake is a failed connect (nothing sent)
         self.statuses: frozenset[int] = frozenset(statuses)
         self.reasons: frozenset[str] = frozenset(reasons)
         # gRPC status -> its condition name; empty (the usual case) costs the HTTP path one test.

@@ -827,6 +827,7 @@ class H2Pool:
     """HTTP/2 client for one upstream replica: the :class:`UpstreamPool` contract over streams."""
 
     protocol = "h2"
+    tls = None  # TLS replicas use the HTTP/1.1 pool (see cluster/upstream.py)
 
     def __init__(
         self,

@@ -340,8 +340,10 @@ class RawUpstream:
         host: str = "127.0.0.1",
         unix_path: str | None = None,
         expect_errors: bool = False,
+        ssl=None,
     ) -> None:
         self.handler = handler
+        self.ssl = ssl  # an ssl.SSLContext (server side): serve HTTPS
         self.stream_request_body = stream_request_body
         self.host = host
         self.unix_path = unix_path  # listen on this unix socket file instead of host:port
@@ -361,7 +363,7 @@ class RawUpstream:
         if self.unix_path is not None:
             self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), self.unix_path)
         else:
-            self._server = await loop.create_server(lambda: _ServerProtocol(self), self.host, 0)
+            self._server = await loop.create_server(lambda: _ServerProtocol(self), self.host, 0, ssl=self.ssl)
             self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -167,8 +167,9 @@ class BreakerOptions(PolicyModel):
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(TRY_FAULTS)
-            + "; or a gRPC status of a trailers-only answer (unavailable, internal, deadline_exceeded...). "
-            "Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
+            + " (connect_failure includes tls_failure); or a gRPC status of a trailers-only answer (unavailable, "
+            "internal, deadline_exceeded...). Other upstream answers count as successes; Fender's own answers "
+            "(rate limit, bulkhead) are not counted."
         ),
     )
     scope: Literal["upstream", "route"] = Field(

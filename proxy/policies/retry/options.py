@@ -69,9 +69,11 @@ class RetryOptions(PolicyModel):
         default=("connect_failure", "connect_timeout", "reset", "stream_reset", "502", "503", "504"),
         description=(
             "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504), "
-            "faults: " + ", ".join(TRY_FAULTS) + "; and gRPC statuses of a trailers-only answer "
-            "(unavailable, resource_exhausted, deadline_exceeded, internal, cancelled, unknown...): a call "
-            "answered with one is retried whatever its method (see docs/grpc.md)."
+            "faults: "
+            + ", ".join(TRY_FAULTS)
+            + " (connect_failure includes tls_failure); and gRPC statuses of "
+            "a trailers-only answer (unavailable, resource_exhausted, deadline_exceeded, internal, cancelled, "
+            "unknown...): a call answered with one is retried whatever its method (see docs/grpc.md)."
         ),
     )
     budget: BudgetOptions = Field(
