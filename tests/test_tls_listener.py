@@ -125,6 +125,26 @@ async def test_curl_with_cacert_speaks_https_and_the_upstream_sees_x_forwarded_p
     assert out == b"proto=https 200 0"
 
 
+@pytest.mark.parametrize(("flag", "version"), [("--http2", b"2"), ("--http1.1", b"1.1")])
+async def test_the_tls_listener_offers_h2_by_alpn_and_http1_to_clients_that_want_it(
+    start_fender, certs, flag, version
+):
+    # ALPN on the real TLS listener: h2 first when server.http2 is on (the default), http/1.1 kept.
+    curl = shutil.which("curl")
+    if curl is None:
+        missing("curl not installed: apt-get install -y curl")
+    async with RawUpstream(headers_back) as up:
+        fender = await start_fender(policy(up.port, tls_block(certs.server)))
+        proc = await asyncio.create_subprocess_exec(
+            curl, "-sS", flag, "--cacert", certs.ca_file, f"https://localhost:{fender.data_port}/x",
+            "-o", "-", "-w", " %{http_code} %{http_version}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    assert out == b"proto=https 200 " + version
+
+
 async def test_openssl_s_client_verifies_the_chain_and_gets_an_answer(start_fender, certs):
     openssl = shutil.which("openssl")
     if openssl is None:

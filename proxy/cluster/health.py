@@ -78,9 +78,7 @@ class HealthChecker:
                 connect_timeout=options.timeout,
                 keepalive_idle_timeout=max(options.interval * 3, 5.0),
                 max_pending=0,
-                tls=None
-                if getattr(state.replica, "tls", None) is None
-                else state.replica.tls.client(state.replica.host),
+                tls=None if state.replica.tls is None else state.replica.tls.client(state.replica.host),
             )
             for state in picker.states
         ]

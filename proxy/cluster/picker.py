@@ -42,6 +42,7 @@ from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retr
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamPool
 from proxy.upstream.http2 import H2Pool
+from proxy.upstream.tls import UpstreamTLS
 
 __all__ = ["Replica", "ReplicaPicker", "ReplicaState"]
 
@@ -57,6 +58,7 @@ class Replica(Protocol):
     priority: int
     weight: int
     pool: UpstreamPool | H2Pool
+    tls: UpstreamTLS | None  # https replicas: the upstream's TLS settings (health checks use them)
 
 
 class ReplicaState:

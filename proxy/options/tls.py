@@ -73,6 +73,7 @@ class UpstreamTLSOptions(PolicyModel):
     )
     watch_interval: Annotated[Duration, Field(gt=0)] = Field(
         default="5s",
+        validate_default=True,
         description=(
             "How often the certificate, key and CA files are checked for changes on disk (cert-manager and "
             "Vault rotate them in place); a changed file is used by the next new connection."
@@ -138,6 +139,7 @@ class ListenerTLSOptions(PolicyModel):
     )
     watch_interval: Annotated[Duration, Field(gt=0)] = Field(
         default="5s",
+        validate_default=True,
         description="How often the certificate, key and client CA files are checked for changes on disk.",
     )
 

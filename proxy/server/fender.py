@@ -27,7 +27,7 @@ from proxy.ops.preflight import StartupError, bind_listener
 from proxy.ops.reload import Reloader, file_sha256
 from proxy.server.protocol import FenderHttpProtocol
 from proxy.server.tls import HandshakeErrors, ServerTLS, TLSAcceptor
-from proxy.upstream.tlscontext import TLSFileError
+from proxy.upstream.tlscontext import ALPN_H2_HTTP1, ALPN_HTTP1, TLSFileError
 
 log = logging.getLogger("fender")
 
@@ -333,7 +333,10 @@ class Fender:
         """
         policy = self.policy
         self.admin_token = resolve_admin_token(policy)
-        self.tls = self._server_tls(policy.server.tls, ("server", "tls"), "proxy")
+        # The data listener offers h2 first in ALPN when HTTP/2 is on (the protocol switches on
+        # selected_alpn_protocol(), server/protocol.py); the admin listener stays HTTP/1.1.
+        data_alpn = ALPN_H2_HTTP1 if policy.server.http2.enabled else ALPN_HTTP1
+        self.tls = self._server_tls(policy.server.tls, ("server", "tls"), "proxy", data_alpn)
         self.admin_tls = self._server_tls(getattr(policy, "admin_tls", None), ("admin_tls",), "admin")
         if self.checkpointer is not None:
             self.checkpointer.restore(self.runtime)
@@ -404,14 +407,16 @@ class Fender:
             if upstream.tls is not None:
                 upstream.tls.refresh()
 
-    def _server_tls(self, options, at: tuple[str, ...], listener: str) -> ServerTLS | None:
+    def _server_tls(
+        self, options, at: tuple[str, ...], listener: str, alpn: tuple[str, ...] = ("http/1.1",)
+    ) -> ServerTLS | None:
         """A listener's TLS context from its block, or None; a file that cannot be used is a StartupError."""
         if options is None:
             return None
         counter = self.metrics.tls_certificate_reloads
         try:
             return ServerTLS(
-                options, ".".join(at), on_rotate=lambda result: counter.labels(listener, result).inc()
+                options, ".".join(at), alpn, on_rotate=lambda result: counter.labels(listener, result).inc()
             )
         except TLSFileError as exc:
             raise StartupError(str(exc), (*at, exc.field)) from None

@@ -731,7 +731,7 @@ class FenderHttpProtocol(asyncio.Protocol):
         if authority is not None:
             scope["fender.authority"] = authority
         if self.tls_info is not None:
-            scope["fender.tls"] = self.tls_info  # type: ignore[assignment]
+            scope["fender.tls"] = self.tls_info
         if parser.should_upgrade():
             offer = upgrade_offer(self._headers)
             if offer is not None:

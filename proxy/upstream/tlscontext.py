@@ -20,10 +20,11 @@ import os
 import ssl
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ALPN_HTTP1", "TLSFileError", "client_context", "server_context", "FileStamp"]
+__all__ = ["ALPN_H2_HTTP1", "ALPN_HTTP1", "TLSFileError", "client_context", "server_context", "FileStamp"]
 
 # What the contexts offer in ALPN. HTTP/2 (issue 21) passes ("h2", "http/1.1") instead.
 ALPN_HTTP1: tuple[str, ...] = ("http/1.1",)
+ALPN_H2_HTTP1: tuple[str, ...] = ("h2", "http/1.1")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
