@@ -28,7 +28,9 @@ from proxy.cluster.options import (
     parse_status_ranges,
 )
 from proxy.cluster.picker import ReplicaPicker
+from proxy.grpc import grpc_status
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 
 __all__ = ["HealthChecker"]
 
@@ -54,8 +56,20 @@ class HealthChecker:
         self._extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in options.headers.items()]
         self._expect_body = options.expect_body.encode() if options.expect_body is not None else None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pools = [
-            UpstreamPool(
+        self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
+        self._pools: list[UpstreamPool | H2Pool] = [
+            H2Pool(
+                state.replica.host,
+                state.replica.port,
+                unix_path=state.replica.unix_path,
+                max_connections=1,
+                max_keepalive=1,
+                connect_timeout=options.timeout,
+                keepalive_idle_timeout=max(options.interval * 3, 5.0),
+                max_pending=0,
+            )
+            if options.grpc
+            else UpstreamPool(
                 state.replica.host,
                 state.replica.port,
                 unix_path=state.replica.unix_path,
@@ -103,6 +117,8 @@ class HealthChecker:
 
     async def probe(self, index: int) -> str:
         """One probe of one replica: PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        if self._grpc_body is not None:
+            return await self._probe_grpc(index)
         pool = self._pools[index]
         state = self.picker.states[index]
         host = self._host if self._host is not None else state.replica.authority
@@ -137,3 +153,78 @@ class HealthChecker:
                 return ERROR
             return FAIL
         return PASS
+
+    async def _probe_grpc(self, index: int) -> str:
+        """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
+        pool = self._pools[index]
+        state = self.picker.states[index]
+        body = self._grpc_body
+        assert body is not None
+        try:
+            response = await pool.request(
+                b"POST",
+                _GRPC_HEALTH_PATH,
+                [
+                    (b"host", state.replica.authority),
+                    (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers"),
+                    (b"user-agent", b"fender-health-check"),
+                ],
+                body=body,
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        body = b""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                for _ in range(64):
+                    chunk = await response.read()
+                    if not chunk:
+                        break
+                    body += chunk
+                    if len(body) > 4096:
+                        break  # a health answer is a few bytes
+        except (UpstreamError, TimeoutError):
+            response.close()
+            return ERROR
+        response.close()
+        if response.status != 200:
+            return FAIL
+        status = grpc_status(response.trailers or response.headers)
+        if status != 0:
+            return FAIL
+        return PASS if _serving(body) else FAIL
+
+
+_GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+_SERVING = 1
+
+
+def _grpc_health_request(service: str) -> bytes:
+    """A gRPC message holding HealthCheckRequest{service} (protobuf field 1, a string)."""
+    name = service.encode()
+    message = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serving(body: bytes) -> bool:
+    """The HealthCheckResponse in a gRPC body says SERVING (field 1, varint, value 1)."""
+    if len(body) < 5 or body[0] != 0:
+        return False
+    message = body[5 : 5 + int.from_bytes(body[1:5], "big")]
+    # Tag 0x08 is field 1 as a varint; SERVING is 1 (one byte). UNKNOWN (0) is the empty message.
+    return len(message) >= 2 and message[0] == 0x08 and message[1] == _SERVING

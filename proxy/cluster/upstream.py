@@ -21,6 +21,7 @@ from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
 from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 from proxy.upstream.tls import UpstreamTLS
 
 
@@ -33,6 +34,7 @@ class ReplicaRuntime:
         pool_options: PoolOptions,
         pool_class: type[UpstreamPool] = UpstreamPool,
         tls: UpstreamTLS | None = None,
+        protocol: str = "http1",
     ) -> None:
         self.host: str = replica.host
         # The upstream's TLS settings for an https:// replica, else None.
@@ -43,17 +45,33 @@ class ReplicaRuntime:
         self.authority: bytes = replica.authority.encode()
         self.priority: int = replica.priority
         self.weight: int = replica.weight
-        self.pool: UpstreamPool = pool_class(
-            replica.host,
-            replica.port,
-            unix_path=replica.unix_path,
-            max_connections=pool_options.max_connections,
-            max_keepalive=pool_options.max_keepalive,
-            connect_timeout=pool_options.connect_timeout,
-            keepalive_idle_timeout=pool_options.idle_timeout,
-            max_pending=pool_options.max_pending,
-            tls=None if self.tls is None else self.tls.client(replica.host),
-        )
+        # protocol: h2 is prior knowledge on cleartext. An https:// replica speaks HTTP/1.1 over TLS
+        # whatever the protocol (ALPN for h2 and auto is not wired yet: proxy.upstream.http2.alpn_protocols).
+        self.pool: UpstreamPool | H2Pool
+        if protocol == "h2" and self.tls is None:
+            self.pool = H2Pool(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
+                max_concurrent_streams=pool_options.max_concurrent_streams,
+            )
+        else:
+            self.pool = pool_class(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
+                tls=None if self.tls is None else self.tls.client(replica.host),
+            )
 
 
 class UpstreamRuntime:
@@ -69,7 +87,9 @@ class UpstreamRuntime:
             if any(getattr(r, "tls", False) for r in options.replicas)
             else None
         )
-        self.replicas = [ReplicaRuntime(r, options.pool, tls=self.tls) for r in options.replicas]
+        self.replicas = [
+            ReplicaRuntime(r, options.pool, tls=self.tls, protocol=options.protocol) for r in options.replicas
+        ]
         if self.tls is not None:
             handshakes = metrics.upstream_tls_handshakes
             full, resumed = handshakes.labels(name, "full"), handshakes.labels(name, "resumed")
@@ -78,10 +98,12 @@ class UpstreamRuntime:
                 (resumed if again else full).inc()
 
             for replica in self.replicas:
-                replica.pool.on_tls_handshake = counted
+                if isinstance(replica.pool, UpstreamPool):
+                    replica.pool.on_tls_handshake = counted
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
+        self._stream_gauges = metrics.pool_streams
         health = options.health_check
         self.picker = ReplicaPicker(
             name,
@@ -139,8 +161,11 @@ class UpstreamRuntime:
     def export_pool_gauges(self) -> None:
         """Copy pool sizes into gauges; called at scrape time, not per request."""
         for replica in self.replicas:
-            self._pool_gauges.labels(self.name, replica.name, "in_use").set(replica.pool.in_use)
-            self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
+            pool = replica.pool
+            self._pool_gauges.labels(self.name, replica.name, "in_use").set(pool.in_use)
+            self._pool_gauges.labels(self.name, replica.name, "idle").set(pool.idle)
+            if isinstance(pool, H2Pool):
+                self._stream_gauges.labels(self.name, replica.name).set(pool.streams)
 
     # -- reload hand-over and checkpoints ---------------------------------------------------------
     # An upstream whose settings did not change is reused as a whole (runtime.keep). When they
@@ -158,8 +183,10 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool and getattr(old.options, "tls", None) == getattr(
-            self.options, "tls", None
+        if (
+            old.options.pool == self.options.pool
+            and getattr(old.options, "tls", None) == getattr(self.options, "tls", None)
+            and old.options.protocol == self.options.protocol
         ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:
