@@ -149,6 +149,12 @@ class Metrics:
             ["upstream", "replica", "state"],
             registry=r,
         )
+        self.pool_streams = Gauge(
+            "fender_upstream_pool_streams",
+            "HTTP/2 streams open to each replica of a protocol: h2 upstream (requests in flight, all its connections).",
+            ["upstream", "replica"],
+            registry=r,
+        )
         # metrics: TLS (proxy/server/tls.py, proxy/upstream/tls.py)
         self.tls_handshake_errors = Counter(
             "fender_tls_handshake_errors_total",

@@ -136,6 +136,20 @@ class HealthCheckOptions(PolicyModel):
         description='Statuses that count as a pass: single codes (204) or ranges ("200-299"). Anything else fails.',
     )
 
+    grpc: bool = Field(
+        default=False,
+        description=(
+            "Probe with the standard gRPC health protocol (grpc.health.v1.Health/Check over HTTP/2, "
+            "whatever the upstream's protocol) instead of GET path: a pass is the status SERVING; "
+            "path and expect_status are then unused."
+        ),
+    )
+    service: Text = Field(
+        default="",
+        max_length=200,
+        description='With grpc: true, the service name asked about; "" (the default) is the server as a whole.',
+    )
+
     method: Literal["GET", "HEAD", "OPTIONS"] = Field(
         default="GET",
         description="Method of the probe request. HEAD asks for no body (so expect_body cannot be used with it).",

@@ -25,6 +25,7 @@ from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
 from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 from proxy.upstream.tls import UpstreamTLS
 
 log = logging.getLogger("fender")
@@ -54,6 +55,7 @@ class ReplicaRuntime:
         pool_class: type[UpstreamPool] = UpstreamPool,
         resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
         tls: UpstreamTLS | None = None,
+        protocol: str = "http1",
     ) -> None:
         self.host: str = replica.host
         # The upstream's TLS settings for an https:// replica, else None.
@@ -71,18 +73,34 @@ class ReplicaRuntime:
         self.resolve = resolve  # a host name's addresses, from the DNS name cache
         # Only a host name's pool takes the resolver (test pool classes need not know it).
         extra: dict[str, Any] = {} if resolve is None else {"resolve": resolve}
-        self.pool: UpstreamPool = pool_class(
-            replica.host,
-            replica.port,
-            unix_path=replica.unix_path,
-            max_connections=pool_options.max_connections,
-            max_keepalive=pool_options.max_keepalive,
-            connect_timeout=pool_options.connect_timeout,
-            keepalive_idle_timeout=pool_options.idle_timeout,
-            max_pending=pool_options.max_pending,
-            tls=None if self.tls is None else self.tls.client(self.tls_name),
-            **extra,
-        )
+        # protocol: h2 is prior knowledge on cleartext. An https:// replica speaks HTTP/1.1 over TLS
+        # whatever the protocol (ALPN for h2 and auto is not wired yet: proxy.upstream.http2.alpn_protocols).
+        self.pool: UpstreamPool | H2Pool
+        if protocol == "h2" and self.tls is None:
+            self.pool = H2Pool(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
+                max_concurrent_streams=pool_options.max_concurrent_streams,
+            )
+        else:
+            self.pool = pool_class(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
+                max_connections=pool_options.max_connections,
+                max_keepalive=pool_options.max_keepalive,
+                connect_timeout=pool_options.connect_timeout,
+                keepalive_idle_timeout=pool_options.idle_timeout,
+                max_pending=pool_options.max_pending,
+                tls=None if self.tls is None else self.tls.client(self.tls_name),
+                **extra,
+            )
 
 
 class UpstreamRuntime:
@@ -131,6 +149,7 @@ class UpstreamRuntime:
         self.metrics = UpstreamMetrics(metrics, name)
         self.faults = FaultLog(name, clock)  # the error log's lines for this upstream's faults
         self._pool_gauges = metrics.pool_connections
+        self._stream_gauges = metrics.pool_streams
         health = options.health_check
         self.picker = ReplicaPicker(
             name,
@@ -157,8 +176,10 @@ class UpstreamRuntime:
         resolve = None
         if spec.needs_lookup and self.dns is not None:
             resolve = self.dns.cache.for_host(spec.host, self.name)
-        replica = ReplicaRuntime(spec, self.options.pool, resolve=resolve, tls=self.tls)
-        if self._tls_handshakes is not None:
+        replica = ReplicaRuntime(
+            spec, self.options.pool, resolve=resolve, tls=self.tls, protocol=self.options.protocol
+        )
+        if self._tls_handshakes is not None and isinstance(replica.pool, UpstreamPool):
             replica.pool.on_tls_handshake = self._tls_handshakes  # counted for replicas DNS adds too
         return replica
 
@@ -245,7 +266,7 @@ class UpstreamRuntime:
             log.warning("%s: no replicas left: requests get 503 no_healthy_replica", self.name)
 
     @staticmethod
-    async def _retire(pool: UpstreamPool) -> None:
+    async def _retire(pool: UpstreamPool | H2Pool) -> None:
         """A replica DNS removed: idle connections close now, in-use ones when their request ends;
         requests already waiting for a connection get theirs (they wait at most connect_timeout)."""
         if pool.pending:
@@ -261,8 +282,11 @@ class UpstreamRuntime:
         if self.discovery is not None:
             self.discovery.export_gauges()
         for replica in self.replicas:
-            self._pool_gauges.labels(self.name, replica.name, "in_use").set(replica.pool.in_use)
-            self._pool_gauges.labels(self.name, replica.name, "idle").set(replica.pool.idle)
+            pool = replica.pool
+            self._pool_gauges.labels(self.name, replica.name, "in_use").set(pool.in_use)
+            self._pool_gauges.labels(self.name, replica.name, "idle").set(pool.idle)
+            if isinstance(pool, H2Pool):
+                self._stream_gauges.labels(self.name, replica.name).set(pool.streams)
 
     # -- reload hand-over and checkpoints ---------------------------------------------------------
     # An upstream whose settings did not change is reused as a whole (runtime.keep). When they
@@ -287,8 +311,10 @@ class UpstreamRuntime:
         old, self._previous = self._previous, None
         if old is None:
             return
-        if old.options.pool == self.options.pool and getattr(old.options, "tls", None) == getattr(
-            self.options, "tls", None
+        if (
+            old.options.pool == self.options.pool
+            and getattr(old.options, "tls", None) == getattr(self.options, "tls", None)
+            and old.options.protocol == self.options.protocol
         ):
             pools = {r.name: r.pool for r in old.replicas}
             for replica in self.replicas:

@@ -591,6 +591,17 @@ class PoolOptions(PolicyModel):
         ),
     )
 
+    max_concurrent_streams: Count = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description=(
+            "With protocol: h2, most streams (requests in flight) on one connection to a replica; the "
+            "replica's own SETTINGS_MAX_CONCURRENT_STREAMS lowers it. Another connection opens when every "
+            "open one is full, up to max_connections. Unused with HTTP/1.1."
+        ),
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _default_keepalive(cls, data: Any) -> Any:
@@ -812,6 +823,15 @@ class Upstream(PolicyModel):
     pool: PoolOptions = Field(
         default_factory=PoolOptions,
         description="Connection pool limits, applied to each replica separately.",
+    )
+    protocol: Literal["http1", "h2", "auto"] = Field(
+        default="http1",
+        description=(
+            "What Fender speaks to the replicas: http1 (HTTP/1.1), h2 (HTTP/2 with prior knowledge on "
+            "cleartext: many requests multiplexed on one connection; needed for gRPC replicas) or auto "
+            "(HTTP/1.1 on cleartext; HTTP/2 by ALPN over TLS is not wired yet: https:// replicas get HTTP/1.1). "
+            "See docs/http2.md."
+        ),
     )
     tls: UpstreamTLSOptions | None = Field(
         default=None,

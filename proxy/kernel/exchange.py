@@ -88,6 +88,7 @@ class Exchange:
         "upstream_target",
         "interim",
         "tracing",
+        "grpc_deadline",
     )
 
     def __init__(
@@ -146,6 +147,8 @@ class Exchange:
         # or an unsampled request's traceparent bytes. Any: the tracer sits above the kernel, which
         # cannot name its type, and its layers test the class by identity (which mypy cannot narrow).
         self.tracing: Any = None
+        # The client sent grpc-timeout: each try sends the time left upstream in grpc-timeout.
+        self.grpc_deadline = False
 
     def relay_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Pass a 103 Early Hints (or other 1xx) from the upstream to the client as it arrives.
