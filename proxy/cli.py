@@ -94,7 +94,19 @@ def cmd_validate(args) -> int:
             "environment references set",
         ]
         print(f"{args.policy}: this machine: {', '.join(checked)}")
+        _report_names(policy)
     return 0
+
+
+def _report_names(policy) -> None:
+    """Look up every name of the policy once (only with --env) and say what each gave. A name that
+    does not resolve is reported, not an error: `run` starts all the same and keeps asking."""
+    if not any(r.needs_lookup for u in policy.upstreams.values() for r in u.replicas):
+        return
+    from proxy.cluster.dns.report import lookup_report
+
+    for resolved, line in asyncio.run(lookup_report(policy)):
+        print(line, file=sys.stdout if resolved else sys.stderr)
 
 
 def cmd_schema(args) -> int:

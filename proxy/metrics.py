@@ -14,6 +14,7 @@ when the policy loads, so the request path never calls ``.labels()``.
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from functools import partial
 from itertools import count
@@ -338,6 +339,27 @@ class Metrics:
             "fender_health_checks_total",
             "Active health-check probes by upstream, replica and result (pass, fail, timeout, error).",
             ["upstream", "replica", "result"],
+            registry=r,
+        )
+
+        # metrics: replicas from DNS
+        self.dns_lookups = Counter(
+            "fender_dns_lookups_total",
+            "DNS lookups for an upstream's names (resolve: true, srv: and plain host names), by outcome: ok, "
+            "nxdomain, empty, timeout, servfail, refused, unreachable or error.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.dns_replicas = Gauge(
+            "fender_dns_replicas",
+            "Replicas of an upstream that come from DNS answers (entries with resolve: true or srv:) now.",
+            ["upstream"],
+            registry=r,
+        )
+        self.dns_answer_age = Gauge(
+            "fender_dns_answer_age_seconds",
+            "Age of the last good DNS answer in use for a name of an upstream (grows while lookups fail).",
+            ["upstream", "name"],
             registry=r,
         )
 
@@ -713,6 +735,16 @@ class UpstreamMetrics:
             child = self._metrics.upstream_requests.labels(self.name, replica, outcome)
             child = self._outcomes[key] = FastCounter(child)
         return child
+
+    def forget(self, replica: str) -> None:
+        """DNS removed ``replica``: drop its series (pod addresses come and go; series must not pile up)."""
+        for key in [k for k in self._outcomes if k[0] == replica]:
+            del self._outcomes[key]
+            with contextlib.suppress(KeyError):
+                self._metrics.upstream_requests.remove(self.name, *key)
+        for kind in ("in_use", "idle"):
+            with contextlib.suppress(KeyError):
+                self._metrics.pool_connections.remove(self.name, replica, kind)
 
 
 class TunnelMetrics:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    ConfigDict,
     Field,
     PlainValidator,
     PrivateAttr,
@@ -33,7 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.cluster.options import Balance, HealthCheckOptions, OutlierDetectionOptions
+from proxy.cluster.options import Balance, DnsOptions, HealthCheckOptions, OutlierDetectionOptions
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
 from proxy.policies.breaker.options import BreakerOptions
@@ -623,13 +624,21 @@ class PoolOptions(PolicyModel):
 
 
 class Replica(PolicyModel):
-    """One instance of an upstream service."""
+    """One instance of an upstream service, or a name standing for several (``resolve: true``, ``srv:``)."""
 
-    url: Text = Field(
+    model_config = ConfigDict(
+        **PolicyModel.model_config,
+        json_schema_extra={"anyOf": [{"required": ["url"]}, {"required": ["srv"]}]},
+    )
+
+    url: Text | None = Field(
+        default=None,
         description=(
             "Where the replica listens: http://HOST:PORT (port 80 if left out), https://HOST:PORT (TLS, "
             "port 443 if left out; see the upstream's tls block), or unix:///PATH for a unix socket "
-            "(gunicorn, uwsgi; an absolute path). No path, query or user info."
+            "(gunicorn, uwsgi; an absolute path). No path, query or user info. A host name is looked up "
+            "with the dns: settings (cached for its TTL); with several addresses each connect tries them "
+            "in order, each with its share of pool.connect_timeout. Give either url or srv."
         ),
         json_schema_extra={
             "pattern": "^(https?|unix)://",
@@ -641,19 +650,39 @@ class Replica(PolicyModel):
             ],
         },
     )
+    resolve: Flag = Field(
+        default=False,
+        description=(
+            "true: every address the url's host name resolves to (A and AAAA) is a replica of its own, with "
+            "this entry's priority and weight, named HOST:PORT (NAME); the set follows the name's TTL (see "
+            "dns:). The Host sent upstream stays the url's. Off: the name is one replica."
+        ),
+    )
+    srv: Text | None = Field(
+        default=None,
+        description=(
+            "An SRV name (like _http._tcp.catalog.shop.svc.cluster.local): each target is resolved and each "
+            "of its addresses is a replica on the target's port, the SRV priority as its priority (failover "
+            "tier, lower first) and the SRV weight as its weight (at least 1, at most 1000). Instead of url."
+        ),
+        json_schema_extra={"examples": ["_http._tcp.catalog.shop.svc.cluster.local"]},
+    )
     priority: Count = Field(
         default=0,
         ge=0,
         description=(
             "Failover tier: 0 is preferred. Traffic goes to the lowest-numbered tier that has healthy "
-            "replicas; higher tiers are standbys."
+            "replicas; higher tiers are standbys. (An srv entry takes it from the SRV records.)"
         ),
     )
     weight: Count = Field(
         default=1,
         ge=1,
         le=1000,
-        description="Share of traffic among the healthy replicas of the same priority, from 1 to 1000 (relative).",
+        description=(
+            "Share of traffic among the healthy replicas of the same priority, from 1 to 1000 (relative). "
+            "(An srv entry takes it from the SRV records.)"
+        ),
     )
 
     _host: str = PrivateAttr(default="")
@@ -662,21 +691,86 @@ class Replica(PolicyModel):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
-        _parse_replica_url(url)
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _parse_replica_url(url)
         return url
 
+    @field_validator("srv")
+    @classmethod
+    def _check_srv(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        lowered = name.strip().lower()
+        if not _valid_hostname(lowered) or "." not in lowered.rstrip("."):
+            raise policy_error(
+                f"{describe_value(name)} is not an SRV name (write it like _http._tcp.catalog.shop.svc.cluster.local)"
+            )
+        return lowered.rstrip(".")
+
+    @model_validator(mode="after")
+    def _one_way_to_find_it(self) -> Replica:
+        if self.url is None and self.srv is None:
+            raise policy_error(
+                "a replica needs a url (write {url: http://127.0.0.1:9001}) or an srv name", "url"
+            )
+        if self.url is not None and self.srv is not None:
+            raise policy_error("give either url or srv, not both", "srv")
+        if self.srv is not None:
+            written = [f for f in ("priority", "weight", "resolve") if f in self.model_fields_set]
+            if written:
+                raise policy_error(
+                    f"an srv entry takes its priorities, weights and ports from the SRV records: remove "
+                    f"{written[0]}",
+                    written[0],
+                )
+        elif self.resolve:
+            host, _, unix_path = _parse_replica_url(self.url)  # type: ignore[arg-type]
+            if unix_path is not None:
+                raise policy_error(
+                    "resolve: true needs an http:// URL with a host name, not a unix socket", "resolve"
+                )
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                raise policy_error(
+                    f"resolve: true needs a host name to look up, and {host} is an IP address (remove resolve)",
+                    "resolve",
+                )
+        return self
+
     def model_post_init(self, context: Any, /) -> None:
-        self._host, self._port, self._unix_path = _parse_replica_url(self.url)
+        if self.url is not None:
+            self._host, self._port, self._unix_path = _parse_replica_url(self.url)
+
+    @property
+    def discovered(self) -> bool:
+        """True for an entry that stands for the addresses of a name (resolve: true, or srv)."""
+        return self.resolve or self.srv is not None
+
+    @property
+    def needs_lookup(self) -> bool:
+        """True when connecting needs a DNS answer: a discovered entry or a url with a host name."""
+        if self.discovered:
+            return True
+        if self._unix_path is not None:
+            return False
+        try:
+            ipaddress.ip_address(self._host)
+        except ValueError:
+            return True
+        return False
 
     @property
     def host(self) -> str:
-        """Host to connect to (IPv6 without brackets, names lower-cased); "" for a unix socket."""
+        """Host to connect to (IPv6 without brackets, names lower-cased); "" for a unix socket or srv."""
         return self._host
 
     @property
     def port(self) -> int:
-        """TCP port to connect to; 0 for a unix socket."""
+        """TCP port to connect to; 0 for a unix socket (or an srv entry: the records give the ports)."""
         return self._port
 
     @property
@@ -687,17 +781,31 @@ class Replica(PolicyModel):
     @property
     def tls(self) -> bool:
         """True for an ``https://`` replica."""
-        return self.url[:6].lower() == "https:"
+        return self.url is not None and self.url[:6].lower() == "https:"  # an srv entry has no url
 
     @property
     def name(self) -> str:
-        """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket.
+        """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket,
+        ``srv:NAME`` for an srv entry.
 
-        The replica's name in metrics, logs, traces and the admin API."""
+        The replica's name in metrics, logs, traces and the admin API (an entry with resolve: true
+        or srv: names each address it gives ``address:port (name)``)."""
+        if self.srv is not None:
+            return f"srv:{self.srv}"
         if self._unix_path is not None:
             return f"unix:{self._unix_path}"
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{host}:{self._port}"
+
+    @property
+    def address(self) -> str:
+        """Where it connects: the same as :attr:`name` for a replica from the policy."""
+        return self.name
+
+    @property
+    def source(self) -> str:
+        """Where the replica came from, for the admin API and the status page."""
+        return "policy"
 
     @property
     def authority(self) -> str:
@@ -1163,6 +1271,16 @@ class Policy(PolicyModel):
     cache: CacheStoreOptions = Field(
         default_factory=CacheStoreOptions,
         description="The in-memory store shared by every route with a `cache:` section (size bounds, LRU).",
+    )
+
+    # section: dns
+    dns: DnsOptions = Field(
+        default_factory=DnsOptions,
+        description=(
+            "How replicas given by name are looked up: name servers, timeout, TTL bounds, how many addresses "
+            "a name may give, how long a name that stopped existing keeps its last answer. Used by entries "
+            "with resolve: true or srv:, and by plain host names in replica URLs."
+        ),
     )
 
     # section: checkpoint and drain

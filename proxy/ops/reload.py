@@ -37,7 +37,7 @@ from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
 from proxy.ops.host import ReloadHost
 from proxy.ops.preflight import tls_file_problems
-from proxy.upstream.reachable import tcp_reachable
+from proxy.upstream.reachable import replica_reachable
 
 log = logging.getLogger("fender")
 
@@ -288,9 +288,7 @@ class Reloader:
             for name in list(unreached):
                 upstream = runtime.upstreams[name]
                 timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
-                results = await asyncio.gather(
-                    *(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in upstream.replicas)
-                )
+                results = await asyncio.gather(*(replica_reachable(r, timeout) for r in upstream.replicas))
                 if any(results):
                     unreached.discard(name)
             if not unreached or clock.now() >= deadline:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .connection import Connection, UpgradeResponse, UpstreamResponse
+from .dial import dial
 from .errors import (
     ConnectFailure,
     ConnectTimeout,
@@ -47,6 +48,7 @@ class UpstreamPool:
         max_pending: int = 1000,
         max_response_head: int = 65536,
         unix_path: str | None = None,
+        resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
         tls: ClientTLS | None = None,
     ) -> None:
         self.host = host
@@ -56,6 +58,8 @@ class UpstreamPool:
         self.tls_resumed = 0  # of which resumed a session
         self.on_tls_handshake: Callable[[bool], None] | None = None  # told (resumed?) after each one
         self.port = port
+        # A host name: its addresses come from the DNS name cache (proxy.cluster.dns), tried in order.
+        self.resolve = resolve
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
         self.unix_path = unix_path
@@ -306,7 +310,9 @@ class UpstreamPool:
             return await self._connect_tls(tls)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                if self.unix_path is None:
+                if self.resolve is not None:
+                    conn = await self._dial_name(loop)
+                elif self.unix_path is None:
                     _, conn = await loop.create_connection(
                         lambda: Connection(self._release, self._discard_idle, loop), self.host, self.port
                     )
@@ -336,6 +342,17 @@ class UpstreamPool:
             )
         return conn
 
+    async def _dial_name(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        """A host name: its addresses from the DNS name cache (the lookup, usually a cache hit, counts
+        against the connect timeout too), then each in order with its share of what is left."""
+        assert self.resolve is not None
+        started = loop.time()
+        addresses = await self.resolve()  # an OSError (the lookup's failure) when it has none
+        left = self.connect_timeout - (loop.time() - started)
+        return await dial(
+            loop, lambda: Connection(self._release, self._discard_idle, loop), addresses, self.port, left
+        )
+
     async def _connect_tls(self, tls: ClientTLS) -> Connection:
         """``_connect`` for an https:// replica: TCP, then the handshake, both within connect_timeout.
 
@@ -345,7 +362,7 @@ class UpstreamPool:
         tcp_done = False
         try:
             async with asyncio.timeout(self.connect_timeout):
-                sock = await _tcp_connect(loop, self.host, self.port)
+                sock = await _tcp_connect(loop, self.host, self.port, self.resolve)
                 tcp_done = True
                 transport, conn = await loop.create_connection(
                     lambda: Connection(self._release, self._discard_idle, loop, tls=True),
@@ -471,9 +488,21 @@ class UpstreamPool:
                 fut.set_exception(ConnectFailure("pool closed"))
 
 
-async def _tcp_connect(loop: asyncio.AbstractEventLoop, host: str, port: int):
-    """A connected non-blocking TCP socket (the first address that answers), before any TLS."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+async def _tcp_connect(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
+):
+    """A connected non-blocking TCP socket (the first address that answers), before any TLS.
+
+    A host name with a resolver takes its addresses from the DNS name cache (proxy.cluster.dns)."""
+    if resolve is not None:
+        infos = []
+        for ip in await resolve():  # addresses, so getaddrinfo does no lookup
+            infos.extend(await loop.getaddrinfo(ip, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+    else:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     last: OSError | None = None
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
