@@ -62,7 +62,10 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench/streams.py $(STREAMS_ARGS)
 	$(BIN)/python tests/bench/tracing.py $(TRACING_ARGS)
 	$(BIN)/python tests/bench/hedge.py $(HEDGE_ARGS)
+	$(BIN)/python tests/bench/dns_replicas.py $(DNS_ARGS)
 	$(BIN)/python tests/bench/http2.py $(HTTP2_ARGS)
+	$(BIN)/python tests/bench/grpc.py $(GRPC_ARGS)
+	$(BIN)/python tests/bench/tls.py $(TLS_ARGS)
 
 ## Only the streaming rows of `make bench`: SSE write-to-read latency at 100 events/s and WebSocket
 ## echo through 1 and 50 tunnels, Fender vs direct vs nginx (proxy_buffering off). Writes

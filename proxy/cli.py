@@ -48,6 +48,9 @@ def _machine_issues(document: PolicyDocument) -> list[PolicyIssue]:
             check_listener(bind_socket, address, label, (at,))
         except StartupError as error:
             problems.append(error)
+    from proxy.ops.preflight import tls_file_problems
+
+    problems += [StartupError(message, at) for at, message in tls_file_problems(policy)]
     # The messages name what they are about: no path before them.
     issues = [document.issue(error.at, str(error)) for error in problems]
     return [PolicyIssue(i.source, i.line, i.col, "", i.message) for i in issues]
@@ -91,7 +94,19 @@ def cmd_validate(args) -> int:
             "environment references set",
         ]
         print(f"{args.policy}: this machine: {', '.join(checked)}")
+        _report_names(policy)
     return 0
+
+
+def _report_names(policy) -> None:
+    """Look up every name of the policy once (only with --env) and say what each gave. A name that
+    does not resolve is reported, not an error: `run` starts all the same and keeps asking."""
+    if not any(r.needs_lookup for u in policy.upstreams.values() for r in u.replicas):
+        return
+    from proxy.cluster.dns.report import lookup_report
+
+    for resolved, line in asyncio.run(lookup_report(policy)):
+        print(line, file=sys.stdout if resolved else sys.stderr)
 
 
 def cmd_schema(args) -> int:
@@ -213,6 +228,10 @@ def cmd_run(args, demo: bool = False) -> int:
     try:
         for missing in missing_packages(policy):
             raise missing
+        from proxy.ops.preflight import tls_file_problems
+
+        for at, message in tls_file_problems(policy):  # certificate files Fender cannot use
+            raise StartupError(message, at)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_run(policy, args.policy, demo, args.server, warnings))
     except StartupError as error:

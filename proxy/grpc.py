@@ -56,9 +56,10 @@ REASON_STATUS: dict[str, int] = {
     "bulkhead_full": UNAVAILABLE,
     "bulkhead_timeout": UNAVAILABLE,
     "concurrency_limited": UNAVAILABLE,
-    "fault_injected": UNAVAILABLE,
     "no_healthy_replica": UNAVAILABLE,
     "connect_failure": UNAVAILABLE,
+    "tls_failure": UNAVAILABLE,  # the handshake failed: nothing was sent (as connect_failure)
+    "fault_injected": UNAVAILABLE,  # a drill's abort stands in for a failing upstream
     "connect_timeout": UNAVAILABLE,
     "pool_overflow": UNAVAILABLE,
     "reset": UNAVAILABLE,

@@ -14,6 +14,7 @@ when the policy loads, so the request path never calls ``.labels()``.
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from functools import partial
 from itertools import count
@@ -146,6 +147,35 @@ class Metrics:
             "fender_upstream_pool_connections",
             "Connections in each replica's pool, by state (in_use, idle).",
             ["upstream", "replica", "state"],
+            registry=r,
+        )
+        self.pool_streams = Gauge(
+            "fender_upstream_pool_streams",
+            "HTTP/2 streams open to each replica of a protocol: h2 upstream (requests in flight, all its connections).",
+            ["upstream", "replica"],
+            registry=r,
+        )
+        # metrics: TLS (proxy/server/tls.py, proxy/upstream/tls.py)
+        self.tls_handshake_errors = Counter(
+            "fender_tls_handshake_errors_total",
+            "Client connections to a TLS listener (proxy or admin) that did not complete a handshake, by "
+            "reason: timeout, plain_http, not_tls, closed, client_cert, protocol, overload, other.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.upstream_tls_handshakes = Counter(
+            "fender_upstream_tls_handshakes_total",
+            "TLS handshakes with https:// replicas, by upstream and session (full, or resumed from an "
+            "earlier connection's session). Keep-alive pools make them rare: compare with "
+            "fender_upstream_requests_total.",
+            ["upstream", "session"],
+            registry=r,
+        )
+        self.tls_certificate_reloads = Counter(
+            "fender_tls_certificate_reloads_total",
+            "Certificate files of a TLS listener that changed on disk, by listener and result (applied: new "
+            "handshakes use them; refused: unusable, the previous pair stays).",
+            ["listener", "result"],
             registry=r,
         )
         self.policy = Info(
@@ -373,6 +403,27 @@ class Metrics:
             "fender_health_checks_total",
             "Active health-check probes by upstream, replica and result (pass, fail, timeout, error).",
             ["upstream", "replica", "result"],
+            registry=r,
+        )
+
+        # metrics: replicas from DNS
+        self.dns_lookups = Counter(
+            "fender_dns_lookups_total",
+            "DNS lookups for an upstream's names (resolve: true, srv: and plain host names), by outcome: ok, "
+            "nxdomain, empty, timeout, servfail, refused, unreachable or error.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.dns_replicas = Gauge(
+            "fender_dns_replicas",
+            "Replicas of an upstream that come from DNS answers (entries with resolve: true or srv:) now.",
+            ["upstream"],
+            registry=r,
+        )
+        self.dns_answer_age = Gauge(
+            "fender_dns_answer_age_seconds",
+            "Age of the last good DNS answer in use for a name of an upstream (grows while lookups fail).",
+            ["upstream", "name"],
             registry=r,
         )
 
@@ -748,6 +799,16 @@ class UpstreamMetrics:
             child = self._metrics.upstream_requests.labels(self.name, replica, outcome)
             child = self._outcomes[key] = FastCounter(child)
         return child
+
+    def forget(self, replica: str) -> None:
+        """DNS removed ``replica``: drop its series (pod addresses come and go; series must not pile up)."""
+        for key in [k for k in self._outcomes if k[0] == replica]:
+            del self._outcomes[key]
+            with contextlib.suppress(KeyError):
+                self._metrics.upstream_requests.remove(self.name, *key)
+        for kind in ("in_use", "idle"):
+            with contextlib.suppress(KeyError):
+                self._metrics.pool_connections.remove(self.name, replica, kind)
 
 
 class TunnelMetrics:

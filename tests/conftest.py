@@ -386,6 +386,7 @@ def fender_process(tmp_path):
 UNIT_FILES = {
     "test_cache_policy.py",
     "test_config.py",
+    "test_dns_refresh.py",
     "test_metrics_fast.py",
     "test_mutate_list.py",
     "test_paths_headers_router.py",
@@ -394,6 +395,7 @@ UNIT_FILES = {
 EXTERNAL_FILES = {
     "test_cache_rfc_round2.py",  # redis-server (its fleet cases)
     "test_deploy.py",  # promtool
+    "test_dns.py",  # dnsmasq
     "test_fleet.py",  # redis-server
     "test_leases.py",  # redis-server
     "test_purge.py",  # redis-server

@@ -742,7 +742,7 @@ def test_bad_url_schemes() -> None:
         upstreams:
           catalog:
             replicas:
-              - url: https://127.0.0.1:9001
+              - url: https://127.0.0.1:9001/v1
               - url: ftp://127.0.0.1:9002
               - {url: "127.0.0.1:9003"}
               - url: http://127.0.0.1:9004/api
@@ -752,10 +752,10 @@ def test_bad_url_schemes() -> None:
         """
     )
     assert found == [
-        'policy.yaml:4:14: upstreams.catalog.replicas[0].url: "https://127.0.0.1:9001": '
-        "TLS to upstreams is not supported yet (use http://, e.g. to a local TLS-originating sidecar)",
+        'policy.yaml:4:14: upstreams.catalog.replicas[0].url: "https://127.0.0.1:9001/v1": '
+        "a replica URL cannot have a path ('/v1'); the request path is passed through unchanged",
         'policy.yaml:5:14: upstreams.catalog.replicas[1].url: "ftp://127.0.0.1:9002": '
-        'only http:// and unix:// URLs are supported, not "ftp://"',
+        'only http://, https:// and unix:// URLs are supported, not "ftp://"',
         'policy.yaml:6:15: upstreams.catalog.replicas[2].url: "127.0.0.1:9003" has no scheme: '
         "write http://127.0.0.1:9003",
         'policy.yaml:7:14: upstreams.catalog.replicas[3].url: "http://127.0.0.1:9004/api": '

@@ -64,6 +64,35 @@ def test_kubernetes_sidecar_is_complete_and_its_policy_is_valid():
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in docs["Service"]["spec"]["ports"]}
 
 
+def test_the_headless_service_example_gives_fender_every_pod_as_a_replica():
+    docs = {d["kind"]: d for d in yaml_documents(DEPLOY / "kubernetes" / "headless-service.yaml")}
+    service = docs["Service"]
+    assert service["spec"]["clusterIP"] == "None"  # headless: the DNS answer lists the pods
+    policy = parse_policy(docs["ConfigMap"]["data"]["policy.yaml"], "headless-service.yaml ConfigMap")
+    (entry,) = policy.upstreams["catalog"].replicas
+    meta = service["metadata"]
+    assert entry.resolve and entry.host == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert entry.port in {p["port"] for p in service["spec"]["ports"]}
+    assert policy.upstreams["catalog"].health_check is not None  # new pods are checked before traffic
+    assert policy.dns.resolvers == ()  # the pod's resolv.conf: the cluster DNS
+
+
+def test_kubernetes_tls_example_mounts_its_secrets_where_the_policy_reads_them():
+    docs = {d["kind"]: d for d in yaml_documents(DEPLOY / "kubernetes" / "tls-sidecar.yaml")}
+    policy = parse_policy(docs["ConfigMap"]["data"]["policy.yaml"], "tls-sidecar.yaml ConfigMap")
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    fender = next(c for c in pod["containers"] if c["name"] == "fender")
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mounted = {m["mountPath"]: m["name"] for m in fender["volumeMounts"]}
+    files = [policy.server.tls.cert_file, policy.server.tls.key_file]
+    tls = policy.upstreams["payments"].tls
+    files += [tls.ca_file, tls.cert_file, tls.key_file]
+    for path in files:
+        directory = path.rsplit("/", 1)[0]
+        assert mounted.get(directory) in secrets, path  # every file comes from a mounted Secret
+    assert policy.upstreams["payments"].replicas[0].tls
+
+
 def test_the_redis_cluster_example_policy_is_valid():
     policy = parse_policy((DEPLOY / "redis" / "fleet-policy.yaml").read_text(), "fleet-policy.yaml")
     redis = policy.state.redis

@@ -18,7 +18,7 @@ from proxy.admin import admission, breakers, cache, fault, ops, status, upstream
 from proxy.admin.host import AdminHost
 from proxy.config import dump_policy
 from proxy.config.redact import redact
-from proxy.upstream.reachable import tcp_reachable
+from proxy.upstream.reachable import replica_reachable
 
 # How long a readiness probe result is reused: probes from kubelet and from
 # people must not turn into a connection storm against the upstreams.
@@ -55,7 +55,7 @@ class Readiness:
     async def _upstream(upstream) -> dict:
         timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
         replicas = upstream.replicas
-        ok = await asyncio.gather(*(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in replicas))
+        ok = await asyncio.gather(*(replica_reachable(r, timeout) for r in replicas))
         return {
             "reachable": any(ok),
             "replicas": {

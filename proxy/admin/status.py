@@ -138,6 +138,7 @@ def gather(fender: AdminHost) -> dict:
     for name, upstream in runtime.upstreams.items():
         snapshot = upstream.picker.snapshot()
         snapshot["name"] = name
+        snapshot["dns"] = upstream.dns_snapshot()  # where replicas from DNS come from, how fresh
         upstreams.append(snapshot)
     return redact(
         {

@@ -17,7 +17,12 @@ def routes(fender: AdminHost) -> list[Route]:
     async def upstreams(request: Request) -> Response:
         runtime = fender.dataplane.runtime
         return JSONResponse(
-            {"upstreams": {name: upstream.picker.snapshot() for name, upstream in runtime.upstreams.items()}}
+            {
+                "upstreams": {
+                    name: {**upstream.picker.snapshot(), "dns": upstream.dns_snapshot()}
+                    for name, upstream in runtime.upstreams.items()
+                }
+            }
         )
 
     return [Route("/admin/upstreams", upstreams), *drain_routes(fender)]

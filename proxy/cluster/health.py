@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from typing import Any
 
 from proxy.clock import Clock
 from proxy.cluster.options import (
@@ -27,8 +28,10 @@ from proxy.cluster.options import (
     HealthCheckOptions,
     parse_status_ranges,
 )
-from proxy.cluster.picker import ReplicaPicker
+from proxy.cluster.picker import ReplicaPicker, ReplicaState
+from proxy.grpc import grpc_status
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
 
 __all__ = ["HealthChecker"]
 
@@ -42,6 +45,7 @@ class HealthChecker:
         picker: ReplicaPicker,
         clock: Clock,
         rng: random.Random | None = None,
+        pool_class: type[UpstreamPool] = UpstreamPool,
     ) -> None:
         self.options = options
         self.picker = picker
@@ -53,57 +57,118 @@ class HealthChecker:
         self._host = options.host.encode("latin-1") if options.host is not None else None
         self._extra = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in options.headers.items()]
         self._expect_body = options.expect_body.encode() if options.expect_body is not None else None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._pools = [
-            UpstreamPool(
-                state.replica.host,
-                state.replica.port,
-                unix_path=state.replica.unix_path,
+        self._pool_class = pool_class
+        self._started = False
+        self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
+        # Per replica state (by identity): its probe pool, and its task once started.
+        self._probes: dict[int, tuple[ReplicaState, UpstreamPool | H2Pool]] = {}
+        self._task_of: dict[int, asyncio.Task[None]] = {}
+        for state in picker.states:
+            self._add(state)
+
+    @property
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        return list(self._task_of.values())
+
+    @property
+    def _pools(self) -> list[UpstreamPool | H2Pool]:
+        """The probe pools in the picker's replica order."""
+        return [self._probes[id(state)][1] for state in self.picker.states if id(state) in self._probes]
+
+    def _add(self, state: ReplicaState) -> None:
+        replica = state.replica
+        pool: UpstreamPool | H2Pool
+        if self.options.grpc:  # the standard gRPC health service speaks HTTP/2
+            pool = H2Pool(
+                replica.host,
+                replica.port,
+                unix_path=replica.unix_path,
                 max_connections=1,
                 max_keepalive=1,
-                connect_timeout=options.timeout,
-                keepalive_idle_timeout=max(options.interval * 3, 5.0),
+                connect_timeout=self.options.timeout,
+                keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
                 max_pending=0,
             )
-            for state in picker.states
-        ]
+            self._probes[id(state)] = (state, pool)
+            return
+        pool = self._pool_class(
+            replica.host,
+            replica.port,
+            unix_path=replica.unix_path,
+            max_connections=1,
+            max_keepalive=1,
+            connect_timeout=self.options.timeout,
+            keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
+            max_pending=0,
+            tls=None if replica.tls is None else replica.tls.client(replica.tls_name),
+            **_resolve_kwargs(replica),
+        )
+        self._probes[id(state)] = (state, pool)
+
+    def _start_one(self, state: ReplicaState) -> None:
+        key = id(state)
+        if key not in self._task_of:
+            self._task_of[key] = asyncio.create_task(self._run(state), name=f"health-check {state.name}")
 
     def start(self) -> None:
-        if self._tasks:
+        if self._started:
             return
-        for index in range(len(self._pools)):
-            task = asyncio.create_task(
-                self._run(index), name=f"health-check {self.picker.states[index].name}"
-            )
-            self._tasks.append(task)
+        self._started = True
+        for state, _ in list(self._probes.values()):
+            self._start_one(state)
+
+    async def sync(self, added: list[ReplicaState], removed: list[ReplicaState]) -> None:
+        """DNS changed the replicas: probe the new ones, stop probing the removed ones."""
+        for state in added:
+            if id(state) not in self._probes:
+                self._add(state)
+                if self._started:
+                    self._start_one(state)
+        stopped: list[asyncio.Task[None] | UpstreamPool | H2Pool] = []
+        for state in removed:
+            entry = self._probes.pop(id(state), None)
+            task = self._task_of.pop(id(state), None)
+            if task is not None:
+                task.cancel()
+                stopped.append(task)
+            if entry is not None:
+                stopped.append(entry[1])
+        for item in stopped:
+            if isinstance(item, asyncio.Task):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await item
+            else:
+                await item.close()
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._task_of = list(self._task_of.values()), {}
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.gather(*(pool.close() for pool in self._pools), return_exceptions=True)
+        await asyncio.gather(*(pool.close() for _, pool in self._probes.values()), return_exceptions=True)
 
     def _wait(self) -> float:
         jitter = self.options.jitter
         return self.options.interval * (1.0 + self._rng.uniform(-jitter, jitter))
 
-    async def _run(self, index: int) -> None:
+    async def _run(self, state: ReplicaState) -> None:
         clock = self.clock
         # The first probe lands somewhere in the first interval (jitter across a fleet).
         await clock.sleep(self._rng.uniform(0.0, self.options.interval * max(self.options.jitter, 0.05)))
         while True:
             started = clock.now()
-            result = await self.probe(index)
-            self.picker.record_check(index, result, clock.now() - started, clock.now())
+            result = await self.probe(state)
+            self.picker.record_check(state, result, clock.now() - started, clock.now())
             await clock.sleep(self._wait())
 
-    async def probe(self, index: int) -> str:
-        """One probe of one replica: PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
-        pool = self._pools[index]
-        state = self.picker.states[index]
+    async def probe(self, index: int | ReplicaState) -> str:
+        """One probe of one replica (its index or state): PASS, FAIL (unexpected status), TIMEOUT or ERROR."""
+        state = self.picker.states[index] if isinstance(index, int) else index
+        pool = self._probes[id(state)][1]
+        if self._grpc_body is not None:
+            return await self._probe_grpc(state, pool)
         host = self._host if self._host is not None else state.replica.authority
         headers = [(b"host", host), (b"user-agent", b"fender-health-check"), *self._extra]
         try:
@@ -136,3 +201,82 @@ class HealthChecker:
                 return ERROR
             return FAIL
         return PASS
+
+    async def _probe_grpc(self, state: ReplicaState, pool: UpstreamPool | H2Pool) -> str:
+        """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
+        body = self._grpc_body
+        assert body is not None
+        try:
+            response = await pool.request(
+                b"POST",
+                _GRPC_HEALTH_PATH,
+                [
+                    (b"host", state.replica.authority),
+                    (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers"),
+                    (b"user-agent", b"fender-health-check"),
+                ],
+                body=body,
+                head_timeout=self.options.timeout,
+                idle_timeout=self.options.timeout,
+            )
+        except UpstreamError as error:
+            return TIMEOUT if error.reason in ("timeout", "connect_timeout") else ERROR
+        body = b""
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                for _ in range(64):
+                    chunk = await response.read()
+                    if not chunk:
+                        break
+                    body += chunk
+                    if len(body) > 4096:
+                        break  # a health answer is a few bytes
+        except (UpstreamError, TimeoutError):
+            response.close()
+            return ERROR
+        response.close()
+        if response.status != 200:
+            return FAIL
+        status = grpc_status(response.trailers or response.headers)
+        if status != 0:
+            return FAIL
+        return PASS if _serving(body) else FAIL
+
+
+_GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+_SERVING = 1
+
+
+def _grpc_health_request(service: str) -> bytes:
+    """A gRPC message holding HealthCheckRequest{service} (protobuf field 1, a string)."""
+    name = service.encode()
+    message = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serving(body: bytes) -> bool:
+    """The HealthCheckResponse in a gRPC body says SERVING (field 1, varint, value 1)."""
+    if len(body) < 5 or body[0] != 0:
+        return False
+    message = body[5 : 5 + int.from_bytes(body[1:5], "big")]
+    # Tag 0x08 is field 1 as a varint; SERVING is 1 (one byte). UNKNOWN (0) is the empty message.
+    return len(message) >= 2 and message[0] == 0x08 and message[1] == _SERVING
+
+
+def _resolve_kwargs(replica: Any) -> dict[str, Any]:
+    """A replica given by host name connects through the DNS name cache (see proxy.cluster.dns)."""
+    resolve = getattr(replica, "resolve", None)
+    return {} if resolve is None else {"resolve": resolve}

@@ -30,11 +30,12 @@ replica's state changes (or a timed ejection/pass-over runs out).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import accumulate
 from typing import Any, Protocol
 
@@ -46,6 +47,8 @@ from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.http2 import H2Pool
+from proxy.upstream.tls import UpstreamTLS
 
 __all__ = ["Replica", "ReplicaPicker", "ReplicaState"]
 
@@ -60,7 +63,12 @@ class Replica(Protocol):
     authority: bytes
     priority: int
     weight: int
-    pool: UpstreamPool
+    pool: UpstreamPool | H2Pool
+    address: str  # host:port or unix:PATH (checkpoints match by it; a DNS replica's name adds the name)
+    source: str  # "policy", "resolve NAME" or "srv NAME"
+    resolve: Callable[[], Awaitable[Sequence[str]]] | None  # a host name's addresses (DNS name cache)
+    tls: UpstreamTLS | None  # https replicas: the upstream's TLS settings (health checks use them)
+    tls_name: str  # the name its certificate is verified against
 
 
 class ReplicaState:
@@ -93,6 +101,7 @@ class ReplicaState:
         "changed_at",
         "warming_since",
         "slow_starts_counter",
+        "probation",
     )
 
     def __init__(self, replica: Replica, index: int, level: int) -> None:
@@ -101,7 +110,7 @@ class ReplicaState:
         self.index = index
         self.level = level
         self.weight: int = replica.weight
-        self.pool: UpstreamPool = replica.pool
+        self.pool: UpstreamPool | H2Pool = replica.pool
         self.active_healthy = True  # until active checks say otherwise (traffic flows from the start)
         self.passes = 0  # consecutive passing probes
         self.fails = 0  # consecutive failing probes
@@ -122,6 +131,9 @@ class ReplicaState:
         self.changed_at = 0.0
         self.warming_since = 0.0  # when slow start began (0: at full share)
         self.slow_starts_counter: Counter | None = None
+        # Added by DNS while active checks run: out of rotation (and of panic) until its first probe
+        # passes; a failed first probe leaves it unhealthy (healthy_threshold passes bring it in).
+        self.probation = False
 
     @property
     def health(self) -> str:
@@ -209,14 +221,8 @@ class ReplicaPicker:
         self.health_thresholds = health_thresholds
         self.clock = clock
         self._rng = rng or random.Random()
-        self.priorities = sorted({r.priority for r in replicas})
-        level_of = {p: i for i, p in enumerate(self.priorities)}
-        self.states = [ReplicaState(r, i, level_of[r.priority]) for i, r in enumerate(replicas)]
-        self.levels: list[list[ReplicaState]] = [[] for _ in self.priorities]
-        for state in self.states:
-            self.levels[state.level].append(state)
-        self._by_name = {s.name: s for s in self.states}
-        self._eject_limit = [self._limit(len(level)) for level in self.levels]
+        self.states: list[ReplicaState] = []
+        self._index_states([ReplicaState(r, i, 0) for i, r in enumerate(replicas)])
         self._level_plans: list[_Plan] = []
         self._plan = _NO_PLAN  # set by the first _rebuild below
         self._position = 0
@@ -226,6 +232,49 @@ class ReplicaPicker:
         for state in self.states:
             state.changed_at = clock.now()
         self._rebuild(clock.now())
+
+    def _index_states(self, states: list[ReplicaState]) -> None:
+        """Levels, indexes and lookups for ``states`` (at build time, and when DNS changes the set)."""
+        self.priorities = sorted({s.replica.priority for s in states})
+        level_of = {p: i for i, p in enumerate(self.priorities)}
+        self.levels: list[list[ReplicaState]] = [[] for _ in self.priorities]
+        for index, state in enumerate(states):
+            state.index = index
+            state.level = level_of[state.replica.priority]
+            state.weight = state.replica.weight
+            self.levels[state.level].append(state)
+        self.states = states
+        self._by_name = {s.name: s for s in states}
+        self._eject_limit = [self._limit(len(level)) for level in self.levels]
+
+    def set_replicas(
+        self, replicas: Sequence[Replica], gate: bool = True
+    ) -> tuple[list[ReplicaState], list[ReplicaState]]:
+        """DNS changed the set: keep the state of replicas that stay (by name), add the new ones (in
+        probation until their first passing probe when active checks run and ``gate``), forget the
+        removed ones. Returns ``(added, removed)`` states."""
+        now = self.clock.now()
+        previous = self._by_name
+        states = []
+        added = []
+        for replica in replicas:
+            state = previous.get(replica.name)
+            if state is None or state.replica is not replica:
+                state = ReplicaState(replica, 0, 0)
+                state.changed_at = now
+                if gate and self.health_thresholds is not None:
+                    state.active_healthy = False
+                    state.probation = True
+                    state.health_word = "unhealthy"
+                added.append(state)
+            states.append(state)
+        kept = {id(s) for s in states}
+        removed = [s for s in self.states if id(s) not in kept]
+        self._index_states(states)
+        self._bind_states(added)
+        self._unbind_states(removed)
+        self._rebuild(now)
+        return added, removed
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -244,8 +293,15 @@ class ReplicaPicker:
         self._active_gauge = metrics.upstream_active_priority.labels(up)
         self._panic_gauge = metrics.upstream_panic.labels(up)
         self.check_duration = metrics.health_check_duration.labels(up)
+        self._bind_states(self.states)
 
-        for state in self.states:
+    def _bind_states(self, states: list[ReplicaState]) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+
+        up = self.upstream
+        for state in states:
             state.healthy_gauge = metrics.replica_healthy.labels(up, state.name)
             state.ejections_counter = metrics.replica_ejections.labels(up, state.name)
             if self.slow_start:
@@ -258,6 +314,23 @@ class ReplicaPicker:
                 state.check_counters = {
                     result: metrics.health_checks.labels(up, state.name, result) for result in RESULTS
                 }
+
+    def _unbind_states(self, states: list[ReplicaState]) -> None:
+        """Series of replicas DNS removed go away: pod addresses come and go, series must not pile up."""
+        metrics = self._metrics
+        if metrics is None:
+            return
+        up = self.upstream
+        for state in states:
+            if state.name in self._by_name:
+                continue  # replaced by a replica of the same name (its weight changed): same series
+            for family, labels in (
+                (metrics.replica_healthy, (up, state.name)),
+                (metrics.replica_ejections, (up, state.name)),
+                *((metrics.health_checks, (up, state.name, r)) for r in RESULTS),
+            ):
+                with contextlib.suppress(KeyError):
+                    family.remove(*labels)
 
     def _failover_counter(self, source: str, target: str) -> Counter | None:
         key = (source, target)
@@ -404,9 +477,12 @@ class ReplicaPicker:
                 # (the rebuild at the old expiry sees the new one and reschedules itself).
                 self._rebuild(now)
 
-    def record_check(self, index: int, result: str, duration: float, now: float) -> None:
-        """One active probe result (from :class:`~proxy.cluster.health.HealthChecker`)."""
-        state = self.states[index]
+    def record_check(self, index: int | ReplicaState, result: str, duration: float, now: float) -> None:
+        """One active probe result (from :class:`~proxy.cluster.health.HealthChecker`), for the
+        replica at ``index`` or the given state."""
+        state = self.states[index] if isinstance(index, int) else index
+        if self._by_name.get(state.name) is not state:
+            return  # DNS removed it while the probe ran
         state.last_check = now
         state.last_result = result
         state.last_duration = duration
@@ -415,6 +491,10 @@ class ReplicaPicker:
             state.check_counters[result].inc()
         healthy_threshold, unhealthy_threshold = self.health_thresholds or (1, 1)
         changed = False
+        if state.probation:
+            state.probation = False
+            if result == "pass":
+                state.passes = healthy_threshold  # its first probe passed: it takes traffic now
         if result == "pass":
             state.passes += 1
             state.fails = 0
@@ -507,20 +587,26 @@ class ReplicaPicker:
             plans.append(_Plan(str(self.priorities[index]), index, eligible))
         self._level_plans = plans
         threshold = self.panic_threshold
-        panic = threshold > 0 and all(
-            len(p.replicas) < threshold * len(self.levels[i]) for i, p in enumerate(plans)
+        # Replicas DNS added that wait for their first probe count neither way (never checked yet).
+        panic = (
+            threshold > 0
+            and bool(self.states)
+            and all(
+                len(p.replicas) < threshold * sum(1 for r in self.levels[i] if not r.probation)
+                for i, p in enumerate(plans)
+            )
         )
         if panic:
-            plan = _Plan("panic", None, [s for s in self.states if not s.drained])
+            plan = _Plan("panic", None, [s for s in self.states if not s.drained and not s.probation])
         else:
             plan = next((p for p in plans if p.replicas), None) or _Plan("none", None, [])
         previous = self._plan
         if previous is _NO_PLAN:
             self._plan = plan
             previous = plan
-        elif (plan.label, [r.index for r in plan.replicas]) != (
+        elif (plan.label, [id(r) for r in plan.replicas]) != (
             previous.label,
-            [r.index for r in previous.replicas],
+            [id(r) for r in previous.replicas],
         ):
             self._plan = plan
             self._position = 0
@@ -567,14 +653,15 @@ class ReplicaPicker:
         self._rebuild(self.clock.now())
 
     def export_state(self) -> dict[str, dict[str, Any]]:
-        """Replica health and ejections for a checkpoint, by host:port, times on the wall clock."""
+        """Replica health and ejections for a checkpoint, by address (host:port, also for a replica
+        from DNS: its name may differ next time), times on the wall clock."""
         now, wall = self.clock.now(), time.time()
 
         def to_wall(t: float) -> float:
             return wall + (t - now) if t else 0.0
 
         return {
-            s.name: {
+            s.replica.address: {
                 "active_healthy": s.active_healthy,
                 "passes": s.passes,
                 "fails": s.fails,
@@ -587,11 +674,14 @@ class ReplicaPicker:
             for s in self.states
         }
 
-    def import_state(self, data: dict[str, Any], health: bool, outlier: bool) -> list[str]:
+    def import_state(
+        self, data: dict[str, Any], health: bool, outlier: bool, states: list[ReplicaState] | None = None
+    ) -> list[str]:
         """Restore :meth:`export_state` output of a previous process; returns the replicas restored.
 
-        Only replicas still in the upstream are touched; ``health`` / ``outlier`` say whether the
-        health check / outlier detection settings are the same as when it was written.
+        Only replicas still in the upstream are touched (only ``states`` when given: those DNS just
+        added); ``health`` / ``outlier`` say whether the health check / outlier detection settings
+        are the same as when it was written.
         """
         now, wall = self.clock.now(), time.time()
 
@@ -599,11 +689,12 @@ class ReplicaPicker:
             return now + (t - wall) if t else 0.0
 
         restored = []
-        for state in self.states:
-            saved = data.get(state.name)
+        for state in self.states if states is None else states:
+            saved = data.get(state.replica.address)
             if not isinstance(saved, dict):
                 continue
             if health:
+                state.probation = False  # what the previous process learned stands for a first probe
                 state.active_healthy = bool(saved["active_healthy"])
                 state.passes, state.fails = int(saved["passes"]), int(saved["fails"])
             if outlier:
@@ -648,6 +739,8 @@ class ReplicaPicker:
             replicas.append(
                 {
                     "name": s.name,
+                    "address": s.replica.address,
+                    "source": s.replica.source,
                     "priority": s.replica.priority,
                     "weight": s.weight,
                     "state": state,

@@ -50,6 +50,16 @@ def policy_warnings(policy) -> list[tuple[Loc, str]]:
     for index, route in enumerate(routes):
         out += _route_limits(policy, index, route)
         out += _rate_limits(index, route)
+    for name, upstream in policy.upstreams.items():
+        tls = getattr(upstream, "tls", None)
+        if tls is not None and not tls.verify:
+            out.append(
+                (
+                    ("upstreams", name, "tls", "verify"),
+                    f'upstream "{name}": TLS certificates are not verified (verify: false): anyone on the path '
+                    "can read and change this traffic; give tls.ca_file instead",
+                )
+            )
     return out
 
 

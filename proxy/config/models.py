@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    ConfigDict,
     Field,
     PlainValidator,
     PrivateAttr,
@@ -36,6 +37,7 @@ from pydantic_core import PydanticCustomError
 from proxy.cluster.options import (
     SLOW_START_DESCRIPTION,
     Balance,
+    DnsOptions,
     HealthCheckOptions,
     OutlierDetectionOptions,
 )
@@ -84,6 +86,7 @@ from proxy.options.base import (  # noqa: E402  (re-exported: the models' buildi
     is_loopback,
     keep_ordered,
 )
+from proxy.options.tls import ListenerTLSOptions, UpstreamTLSOptions  # noqa: E402
 from proxy.policies.cache.options import CacheOptions, CacheStoreOptions  # noqa: E402
 from proxy.state.options import StateOptions  # noqa: E402
 from proxy.tracing.options import TracingOptions  # noqa: E402
@@ -396,6 +399,15 @@ class ServerOptions(PolicyModel):
             "header_timeout and max_header_bytes). Read at start only."
         ),
     )
+    tls: ListenerTLSOptions | None = Field(
+        default=None,
+        description=(
+            "Serve HTTPS on the listen address: cert_file and key_file (rotated live when they change on "
+            "disk), client certificates (client_ca_file, client_auth), min_version. The handshake counts "
+            "inside header_timeout; plain HTTP sent to the port gets a 400. uvicorn engine only. Turning it "
+            "on or off needs a restart. See docs/tls.md."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -440,21 +452,17 @@ def _parse_unix_url(url: str) -> str:
 def _parse_replica_url(url: str) -> tuple[str, int, str | None]:
     """Check a replica URL and return ``(host, port, unix_path)``; the host has no brackets.
 
-    A ``unix://`` URL gives ``("", 0, path)``; an ``http://`` one ``(host, port, None)``."""
+    A ``unix://`` URL gives ``("", 0, path)``; an ``http://`` or ``https://`` one ``(host, port, None)``
+    (port 80 or 443 when left out)."""
     if url[:5].lower() == "unix:":
         return "", 0, _parse_unix_url(url)
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise policy_error(f"{describe_value(url)} has no scheme: write http://{url.lstrip('/')}")
     scheme = scheme.lower()
-    if scheme == "https":
+    if scheme != "http" and scheme != "https":
         raise policy_error(
-            f"{describe_value(url)}: TLS to upstreams is not supported yet "
-            "(use http://, e.g. to a local TLS-originating sidecar)"
-        )
-    if scheme != "http":
-        raise policy_error(
-            f'{describe_value(url)}: only http:// and unix:// URLs are supported, not "{scheme}://"'
+            f'{describe_value(url)}: only http://, https:// and unix:// URLs are supported, not "{scheme}://"'
         )
     try:
         parts = urlsplit(url)
@@ -492,7 +500,7 @@ def _parse_replica_url(url: str) -> tuple[str, int, str | None]:
     if port_text is None or port_text == "":
         if port_text == "":
             raise policy_error(f"{describe_value(url)}: the port is empty ({_URL_HINT})")
-        return host, 80, None
+        return host, 443 if scheme == "https" else 80, None
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise policy_error(f"{describe_value(url)}: the port must be a number from 1 to 65535")
     return host, int(port_text), None
@@ -590,6 +598,17 @@ class PoolOptions(PolicyModel):
         ),
     )
 
+    max_concurrent_streams: Count = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description=(
+            "With protocol: h2, most streams (requests in flight) on one connection to a replica; the "
+            "replica's own SETTINGS_MAX_CONCURRENT_STREAMS lowers it. Another connection opens when every "
+            "open one is full, up to max_connections. Unused with HTTP/1.1."
+        ),
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _default_keepalive(cls, data: Any) -> Any:
@@ -612,36 +631,65 @@ class PoolOptions(PolicyModel):
 
 
 class Replica(PolicyModel):
-    """One instance of an upstream service."""
+    """One instance of an upstream service, or a name standing for several (``resolve: true``, ``srv:``)."""
 
-    url: Text = Field(
+    model_config = ConfigDict(
+        **PolicyModel.model_config,
+        json_schema_extra={"anyOf": [{"required": ["url"]}, {"required": ["srv"]}]},
+    )
+
+    url: Text | None = Field(
+        default=None,
         description=(
-            "Where the replica listens: http://HOST:PORT (port 80 if left out), or unix:///PATH for a unix "
-            "socket (gunicorn, uwsgi; an absolute path). No path, query or user info; https is not supported "
-            "yet."
+            "Where the replica listens: http://HOST:PORT (port 80 if left out), https://HOST:PORT (TLS, "
+            "port 443 if left out; see the upstream's tls block), or unix:///PATH for a unix socket "
+            "(gunicorn, uwsgi; an absolute path). No path, query or user info. A host name is looked up "
+            "with the dns: settings (cached for its TTL); with several addresses each connect tries them "
+            "in order, each with its share of pool.connect_timeout. Give either url or srv."
         ),
         json_schema_extra={
-            "pattern": "^(http|unix)://",
+            "pattern": "^(https?|unix)://",
             "examples": [
                 "http://127.0.0.1:9001",
+                "https://api.payments.example",
                 "http://catalog.internal:8080",
                 "unix:///run/app/gunicorn.sock",
             ],
         },
+    )
+    resolve: Flag = Field(
+        default=False,
+        description=(
+            "true: every address the url's host name resolves to (A and AAAA) is a replica of its own, with "
+            "this entry's priority and weight, named HOST:PORT (NAME); the set follows the name's TTL (see "
+            "dns:). The Host sent upstream stays the url's. Off: the name is one replica."
+        ),
+    )
+    srv: Text | None = Field(
+        default=None,
+        description=(
+            "An SRV name (like _http._tcp.catalog.shop.svc.cluster.local): each target is resolved and each "
+            "of its addresses is a replica on the target's port, the SRV priority as its priority (failover "
+            "tier, lower first) and the SRV weight as its weight (at least 1, at most 1000). Instead of url."
+        ),
+        json_schema_extra={"examples": ["_http._tcp.catalog.shop.svc.cluster.local"]},
     )
     priority: Count = Field(
         default=0,
         ge=0,
         description=(
             "Failover tier: 0 is preferred. Traffic goes to the lowest-numbered tier that has healthy "
-            "replicas; higher tiers are standbys."
+            "replicas; higher tiers are standbys. (An srv entry takes it from the SRV records.)"
         ),
     )
     weight: Count = Field(
         default=1,
         ge=1,
         le=1000,
-        description="Share of traffic among the healthy replicas of the same priority, from 1 to 1000 (relative).",
+        description=(
+            "Share of traffic among the healthy replicas of the same priority, from 1 to 1000 (relative). "
+            "(An srv entry takes it from the SRV records.)"
+        ),
     )
 
     _host: str = PrivateAttr(default="")
@@ -650,21 +698,86 @@ class Replica(PolicyModel):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
-        _parse_replica_url(url)
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _parse_replica_url(url)
         return url
 
+    @field_validator("srv")
+    @classmethod
+    def _check_srv(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        lowered = name.strip().lower()
+        if not _valid_hostname(lowered) or "." not in lowered.rstrip("."):
+            raise policy_error(
+                f"{describe_value(name)} is not an SRV name (write it like _http._tcp.catalog.shop.svc.cluster.local)"
+            )
+        return lowered.rstrip(".")
+
+    @model_validator(mode="after")
+    def _one_way_to_find_it(self) -> Replica:
+        if self.url is None and self.srv is None:
+            raise policy_error(
+                "a replica needs a url (write {url: http://127.0.0.1:9001}) or an srv name", "url"
+            )
+        if self.url is not None and self.srv is not None:
+            raise policy_error("give either url or srv, not both", "srv")
+        if self.srv is not None:
+            written = [f for f in ("priority", "weight", "resolve") if f in self.model_fields_set]
+            if written:
+                raise policy_error(
+                    f"an srv entry takes its priorities, weights and ports from the SRV records: remove "
+                    f"{written[0]}",
+                    written[0],
+                )
+        elif self.resolve:
+            host, _, unix_path = _parse_replica_url(self.url)  # type: ignore[arg-type]
+            if unix_path is not None:
+                raise policy_error(
+                    "resolve: true needs an http:// URL with a host name, not a unix socket", "resolve"
+                )
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                raise policy_error(
+                    f"resolve: true needs a host name to look up, and {host} is an IP address (remove resolve)",
+                    "resolve",
+                )
+        return self
+
     def model_post_init(self, context: Any, /) -> None:
-        self._host, self._port, self._unix_path = _parse_replica_url(self.url)
+        if self.url is not None:
+            self._host, self._port, self._unix_path = _parse_replica_url(self.url)
+
+    @property
+    def discovered(self) -> bool:
+        """True for an entry that stands for the addresses of a name (resolve: true, or srv)."""
+        return self.resolve or self.srv is not None
+
+    @property
+    def needs_lookup(self) -> bool:
+        """True when connecting needs a DNS answer: a discovered entry or a url with a host name."""
+        if self.discovered:
+            return True
+        if self._unix_path is not None:
+            return False
+        try:
+            ipaddress.ip_address(self._host)
+        except ValueError:
+            return True
+        return False
 
     @property
     def host(self) -> str:
-        """Host to connect to (IPv6 without brackets, names lower-cased); "" for a unix socket."""
+        """Host to connect to (IPv6 without brackets, names lower-cased); "" for a unix socket or srv."""
         return self._host
 
     @property
     def port(self) -> int:
-        """TCP port to connect to; 0 for a unix socket."""
+        """TCP port to connect to; 0 for a unix socket (or an srv entry: the records give the ports)."""
         return self._port
 
     @property
@@ -673,14 +786,33 @@ class Replica(PolicyModel):
         return self._unix_path
 
     @property
-    def name(self) -> str:
-        """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket.
+    def tls(self) -> bool:
+        """True for an ``https://`` replica."""
+        return self.url is not None and self.url[:6].lower() == "https:"  # an srv entry has no url
 
-        The replica's name in metrics, logs, traces and the admin API."""
+    @property
+    def name(self) -> str:
+        """``host:port`` (IPv6 in brackets), or ``unix:PATH`` (nginx's spelling) for a unix socket,
+        ``srv:NAME`` for an srv entry.
+
+        The replica's name in metrics, logs, traces and the admin API (an entry with resolve: true
+        or srv: names each address it gives ``address:port (name)``)."""
+        if self.srv is not None:
+            return f"srv:{self.srv}"
         if self._unix_path is not None:
             return f"unix:{self._unix_path}"
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{host}:{self._port}"
+
+    @property
+    def address(self) -> str:
+        """Where it connects: the same as :attr:`name` for a replica from the policy."""
+        return self.name
+
+    @property
+    def source(self) -> str:
+        """Where the replica came from, for the admin API and the status page."""
+        return "policy"
 
     @property
     def authority(self) -> str:
@@ -698,6 +830,23 @@ class Upstream(PolicyModel):
     pool: PoolOptions = Field(
         default_factory=PoolOptions,
         description="Connection pool limits, applied to each replica separately.",
+    )
+    protocol: Literal["http1", "h2", "auto"] = Field(
+        default="http1",
+        description=(
+            "What Fender speaks to the replicas: http1 (HTTP/1.1), h2 (HTTP/2 with prior knowledge on "
+            "cleartext: many requests multiplexed on one connection; needed for gRPC replicas) or auto "
+            "(HTTP/1.1 on cleartext; HTTP/2 by ALPN over TLS is not wired yet: https:// replicas get HTTP/1.1). "
+            "See docs/http2.md."
+        ),
+    )
+    tls: UpstreamTLSOptions | None = Field(
+        default=None,
+        description=(
+            "How the https:// replicas are spoken to: trust (ca_file), the name to verify (server_name), a "
+            "client certificate (cert_file, key_file), min_version. Without it https:// replicas are verified "
+            "against the system trust store and their own host names. See docs/tls.md."
+        ),
     )
 
     # Replica selection and health sections (failover): balance, health_check,
@@ -754,6 +903,15 @@ class Upstream(PolicyModel):
                 )
             seen[replica.name] = index
         return replicas
+
+    @model_validator(mode="after")
+    def _tls_for_https(self) -> Upstream:
+        if self.tls is not None and not any(replica.tls for replica in self.replicas):
+            raise policy_error(
+                "tls applies to https:// replicas and this upstream has none (write the replicas as https://)",
+                "tls",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- routes
@@ -1146,6 +1304,16 @@ class Policy(PolicyModel):
         description="The in-memory store shared by every route with a `cache:` section (size bounds, LRU).",
     )
 
+    # section: dns
+    dns: DnsOptions = Field(
+        default_factory=DnsOptions,
+        description=(
+            "How replicas given by name are looked up: name servers, timeout, TTL bounds, how many addresses "
+            "a name may give, how long a name that stopped existing keeps its last answer. Used by entries "
+            "with resolve: true or srv:, and by plain host names in replica URLs."
+        ),
+    )
+
     # section: checkpoint and drain
     reload: ReloadOptions = Field(
         default_factory=ReloadOptions,
@@ -1162,6 +1330,13 @@ class Policy(PolicyModel):
     admin_auth: AdminAuthOptions | None = Field(
         default=None,
         description="Bearer token required on /admin/* endpoints (not on /healthz, /readyz, /metrics). Fender refuses to start with an admin listener beyond loopback without it.",
+    )
+    admin_tls: ListenerTLSOptions | None = Field(
+        default=None,
+        description=(
+            "Serve the admin listener over HTTPS (the same block as server.tls; the files are watched and "
+            "rotated live). A non-loopback admin listener still needs admin_auth. Read at start."
+        ),
     )
 
     # section: shared (Redis fleet tier)
@@ -1233,6 +1408,15 @@ class Policy(PolicyModel):
                     (where,),
                     f"listen ({self.listen}) and admin ({self.admin}) would bind the same port; "
                     "give them different ports",
+                )
+            )
+
+        if self.server.tls is not None and self.server.engine == "granian":
+            problems.append(
+                (
+                    ("server", "tls"),
+                    "server.tls needs the uvicorn engine (granian's HTTPS is not wired up): remove "
+                    "server.engine: granian",
                 )
             )
 

@@ -69,10 +69,15 @@ class AccessLog:
             }
             if trace_id is not None:
                 record["trace_id"] = trace_id
+            tls = scope.get("fender.tls")
+            if tls is not None:
+                record["tls"] = tls[0]
+                record["client_cert"] = tls[1]
             log.info("%s", json.dumps(record, separators=(",", ":")))
             return
+        tls = scope.get("fender.tls")
         log.info(
-            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms%s',
+            '%s "%s %s" %d route=%s upstream=%s replica=%s tries=%d cache=%s error=%s rid=%s %.1fms%s%s',
             client or "-",
             method,
             target,
@@ -86,7 +91,12 @@ class AccessLog:
             ex.request_id.decode("latin-1"),
             duration_ms,
             "" if trace_id is None else f" trace={trace_id}",
+            "" if tls is None else f" tls={tls[0]} client_cert={_quoted(tls[1])}",
         )
+
+
+def _quoted(subject: str | None) -> str:
+    return "-" if subject is None else '"' + subject.replace('"', "'") + '"'
 
 
 class _BareLines(logging.StreamHandler):

@@ -66,6 +66,11 @@ class BodyStream:
         self._received = 0
         self._done = False
 
+    @property
+    def done(self) -> bool:
+        """The whole body was received (nothing more will be read from the client)."""
+        return self._done
+
     async def __call__(self) -> bytes:
         while not self._done:
             try:
@@ -278,6 +283,11 @@ class DataPlane:
         if head.deadline_ms is not None and head.deadline_ms < route.timeout * 1000:
             # A calling Fender gives up after this long: never work past that (deadline propagation).
             exchange.deadline = runtime.clock.now() + head.deadline_ms / 1000
+        if head.grpc_timeout is not None:
+            # A gRPC client's deadline: never past the route's timeout; the time left goes upstream.
+            exchange.grpc_deadline = True
+            if head.grpc_timeout < exchange.deadline - runtime.clock.now():
+                exchange.deadline = runtime.clock.now() + head.grpc_timeout
         if route.explain or (head.explain and _trusted_peer(client, runtime)):
             exchange.trace = []  # layers add entries with ex.note(); sent back as Fender-Trace
         if body_stream is None:
@@ -369,8 +379,14 @@ class DataPlane:
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None:
-                    # A long body: notice a client that leaves, so the upstream read stops too.
-                    watcher = asyncio.ensure_future(wait_disconnect(receive))
+                    stream = ex.body_stream
+                    if stream is not None and not getattr(stream, "done", True):
+                        # Still uploading (a bidirectional stream): receive() belongs to the upload,
+                        # which notices a client that leaves.
+                        pass
+                    else:
+                        # A long body: notice a client that leaves, so the upstream read stops too.
+                        watcher = asyncio.ensure_future(wait_disconnect(receive))
                 elif watcher.done():
                     reply.close()
                     return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.cluster.upstream import UpstreamRuntime
+from proxy.grpc import format_timeout as format_grpc_timeout
 from proxy.kernel.exchange import BodyTooLarge, Exchange, LocalReply, Reply, RequestBodyTimeout
 from proxy.upstream import UpstreamError
 
@@ -53,6 +54,8 @@ class Forwarder:
         if self._propagate and head_timeout < 1e9:
             # Deadline propagation: how long this try will wait, so the upstream can give up with us.
             headers.append((b"fender-deadline-ms", b"%d" % int(head_timeout * 1000)))
+        if ex.grpc_deadline:
+            headers.append((b"grpc-timeout", format_grpc_timeout(head_timeout)))
         metrics = self._metrics
         try:
             response = await replica.pool.request(

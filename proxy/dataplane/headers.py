@@ -14,6 +14,7 @@ import os
 import time
 from email.utils import formatdate
 
+from proxy.grpc import parse_timeout as parse_grpc_timeout
 from proxy.kernel.fields import HOP_BY_HOP
 
 # Dropped from requests as well: framing is ours, forwarding headers are rebuilt below.
@@ -28,6 +29,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     # Fender's own request headers (deadline propagation, explanations): read here, re-created by Fender.
     b"fender-deadline-ms",
     b"fender-explain",
+    # gRPC's deadline: read here (it may shorten the route's timeout), re-created with the time left.
+    b"grpc-timeout",
 }
 # Response framing is passed through: Content-Length tells uvicorn the length. Trailer is
 # end-to-end (RFC 9110 6.6.2): it announces the trailer fields relayed to a TE: trailers client.
@@ -138,6 +141,7 @@ class RequestHead:
         "deadline_ms",
         "explain",
         "te_trailers",
+        "grpc_timeout",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -155,6 +159,7 @@ class RequestHead:
         self.deadline_ms: int | None = None  # Fender-Deadline-Ms from a calling Fender
         self.explain = False  # Fender-Explain: 1 (honoured only from trusted peers)
         self.te_trailers = False  # TE: trailers (the client reads response trailers; passed upstream)
+        self.grpc_timeout: float | None = None  # grpc-timeout in seconds (a gRPC client's deadline)
         connection: list[bytes] | None = None
         drop = _REQUEST_DROP
         for name, value in headers:
@@ -200,6 +205,8 @@ class RequestHead:
                 connection.append(value)
             elif name == b"te":
                 self.te_trailers = self.te_trailers or value.lower().find(b"trailers") >= 0
+            elif name == b"grpc-timeout":
+                self.grpc_timeout = parse_grpc_timeout(value)
             # every other hop-by-hop field is simply dropped
         if connection is not None:
             named = _named_by_connection(connection)

@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.cluster.dns.entries import Dns, uses_dns
 from proxy.cluster.upstream import UpstreamRuntime
 from proxy.config.models import Policy, Route
 from proxy.dataplane.accesslog import AccessLog
@@ -114,9 +115,19 @@ class Runtime:
         self.checkpoints = CheckpointProviders()
         # Stateful objects by kind and name, for the admin API (bulkhead/checkout, cache/store, ...).
         self.exposed: dict[str, dict[str, Any]] = {}
+        # One resolver and name cache per dns: section; an upstream with names is rebuilt (keeping
+        # its DNS answers, see UpstreamRuntime.carry_over) when that section changes.
+        dns_options = policy.dns
+        dns = (
+            self.handover.keep(("dns",), dns_options, lambda: Dns(dns_options, clock, metrics))
+            if any(uses_dns(up) for up in policy.upstreams.values())
+            else None
+        )
         self.upstreams = {
             name: self.handover.keep(
-                ("upstream", name), up, functools.partial(UpstreamRuntime, name, up, metrics, clock)
+                ("upstream", name),
+                (up, dns_options) if uses_dns(up) else up,
+                functools.partial(UpstreamRuntime, name, up, metrics, clock, dns),
             )
             for name, up in policy.upstreams.items()
         }

@@ -88,6 +88,7 @@ class Exchange:
         "upstream_target",
         "interim",
         "tracing",
+        "grpc_deadline",
     )
 
     def __init__(
@@ -146,6 +147,8 @@ class Exchange:
         # or an unsampled request's traceparent bytes. Any: the tracer sits above the kernel, which
         # cannot name its type, and its layers test the class by identity (which mypy cannot narrow).
         self.tracing: Any = None
+        # The client sent grpc-timeout: each try sends the time left upstream in grpc-timeout.
+        self.grpc_deadline = False
 
     def for_attempt(self, try_timeout: float | None = None) -> Exchange:
         """A view of this request for one try, as tower's ``clone_request``: what a try writes is its own.

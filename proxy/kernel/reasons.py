@@ -55,8 +55,10 @@ REASONS: Final[dict[str, Reason]] = {
     # Faults of the upstream or of the way to it (a try can end with these before a response head;
     # reset_mid_body comes after it). TRY_FAULTS below keeps this order.
     "connect_failure": Reason(502, "could not connect to the upstream", "fault"),
+    "tls_failure": Reason(502, "the TLS handshake with the upstream failed", "fault"),
     "connect_timeout": Reason(504, "timed out connecting to the upstream", "fault"),
     "reset": Reason(502, "the upstream closed the connection before sending a response", "fault"),
+    "stream_reset": Reason(502, "the upstream reset the HTTP/2 stream", "fault"),
     "timeout": Reason(504, "the upstream did not answer in time", "fault"),
     "bad_response": Reason(502, "the upstream sent an invalid response", "fault"),
     # Fender's own limit on the way to the upstream.

@@ -28,3 +28,7 @@ class ReloadHost(Protocol):
     def swap(self, runtime: Runtime) -> Runtime:
         """Make ``runtime`` the live one; returns the one it replaced."""
         ...
+
+    def refresh_tls(self, policy: Policy) -> None:
+        """Re-read the certificate files of the listeners and upstreams (a reload; files checked)."""
+        ...

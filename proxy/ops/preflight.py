@@ -15,6 +15,10 @@ import importlib.util
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
+
+from proxy.options.tls import UpstreamTLSOptions
+from proxy.upstream.tlscontext import TLSFileError, client_context, server_context
 
 __all__ = [
     "StartupError",
@@ -23,6 +27,7 @@ __all__ = [
     "check_listener",
     "missing_packages",
     "socket_reason",
+    "tls_file_problems",
 ]
 
 
@@ -91,4 +96,29 @@ def missing_packages(policy) -> list[StartupError]:
                     f"{'.'.join(at)}: {value} needs the {module} package (pip install 'fender[{extra}]')", at
                 )
             )
+    return problems
+
+
+def tls_file_problems(policy) -> list[tuple[tuple[str | int, ...], str]]:
+    """Build each context the policy's TLS blocks describe; every file that fails, located."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    blocks: list[tuple[tuple[str | int, ...], Any]] = []
+    server_tls = getattr(policy.server, "tls", None)
+    if server_tls is not None:
+        blocks.append((("server", "tls"), server_tls))
+    admin_tls = getattr(policy, "admin_tls", None)
+    if admin_tls is not None:
+        blocks.append((("admin_tls",), admin_tls))
+    for name, upstream in policy.upstreams.items():
+        if getattr(upstream, "tls", None) is not None:
+            blocks.append((("upstreams", name, "tls"), upstream.tls))
+    for at, options in blocks:
+        where = ".".join(str(part) for part in at)
+        try:
+            if isinstance(options, UpstreamTLSOptions):
+                client_context(options, where=where)
+            else:
+                server_context(options, where=where)
+        except TLSFileError as exc:
+            problems.append(((*at, exc.field), str(exc)))
     return problems

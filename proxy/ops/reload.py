@@ -36,14 +36,15 @@ from proxy.config.models import Policy
 from proxy.dataplane.runtime import Runtime
 from proxy.ops.checkpoint import policy_fingerprint
 from proxy.ops.host import ReloadHost
-from proxy.upstream.reachable import tcp_reachable
+from proxy.ops.preflight import tls_file_problems
+from proxy.upstream.reachable import replica_reachable
 
 log = logging.getLogger("fender")
 
 HISTORY = 10  # previous good policies kept for rollback
 PROBE_TIMEOUT_CAP = 1.0
 # Settings that live in the listeners: a reload records them but they apply at the next start.
-RESTART_FIELDS = ("listen", "admin", "admin_auth", "checkpoint")
+RESTART_FIELDS = ("listen", "admin", "admin_auth", "checkpoint", "admin_tls")
 RESTART_SERVER_FIELDS = ("keepalive_timeout", "max_connections")
 
 
@@ -74,10 +75,16 @@ def _iso(ts: float | None) -> str | None:
 
 
 def read_policy_file(path: str) -> tuple[Policy, str, list[str]]:
-    """Parse the file; returns (policy, sha256 of its bytes, warnings) or raises PolicyError."""
+    """Parse the file; returns (policy, sha256 of its bytes, warnings) or raises PolicyError.
+
+    The certificate, key and CA files the policy names are read too: one that cannot be used is
+    a policy error at the line naming it (the running policy and its files stay)."""
     document = read_policy_document(path)
     # Unset environment references are errors here, and a file read always has its digest.
     assert document.policy is not None and document.sha256 is not None
+    problems = tls_file_problems(document.policy)
+    if problems:
+        raise PolicyError([document.issue(at, message) for at, message in problems])
     return document.policy, document.sha256, [issue.as_warning() for issue in document.warnings]
 
 
@@ -103,6 +110,8 @@ def restart_required(old_policy, new_policy) -> list[str]:
         for name in RESTART_SERVER_FIELDS
         if getattr(old_policy.server, name) != getattr(new_policy.server, name)
     ]
+    if (old_policy.server.tls is None) != (new_policy.server.tls is None):
+        fields.append("server.tls")  # turning HTTPS on or off; other changes of the block apply live
     return fields
 
 
@@ -143,6 +152,7 @@ class Reloader:
             self._failed_sha = file_sha256(self.path)
             return self._fail(trigger, [str(issue) for issue in exc.issues])
         if policy == self.current.policy:
+            self.fender.refresh_tls(policy)  # the certificate files are re-read on every reload
             self.current.file_sha256 = sha
             self._failed_sha = None
             attempt = self._record(trigger, "unchanged")
@@ -153,6 +163,7 @@ class Reloader:
             self._failed_sha = sha
         else:
             self._failed_sha = None
+            self.fender.refresh_tls(policy)
         return attempt
 
     async def rollback(self, reason: str = "manual") -> Attempt | None:
@@ -277,9 +288,7 @@ class Reloader:
             for name in list(unreached):
                 upstream = runtime.upstreams[name]
                 timeout = min(upstream.options.pool.connect_timeout, PROBE_TIMEOUT_CAP)
-                results = await asyncio.gather(
-                    *(tcp_reachable(r.host, r.port, timeout, r.unix_path) for r in upstream.replicas)
-                )
+                results = await asyncio.gather(*(replica_reachable(r, timeout) for r in upstream.replicas))
                 if any(results):
                     unreached.discard(name)
             if not unreached or clock.now() >= deadline:

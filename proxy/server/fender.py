@@ -23,9 +23,11 @@ from proxy.metrics import Metrics
 from proxy.ops.auth import resolve_admin_token
 from proxy.ops.checkpoint import Checkpointer
 from proxy.ops.history import TrafficHistory
-from proxy.ops.preflight import bind_listener
+from proxy.ops.preflight import StartupError, bind_listener
 from proxy.ops.reload import Reloader, file_sha256
 from proxy.server.protocol import FenderHttpProtocol
+from proxy.server.tls import HandshakeErrors, ServerTLS, TLSAcceptor
+from proxy.upstream.tlscontext import ALPN_H2_HTTP1, ALPN_HTTP1, TLSFileError
 
 log = logging.getLogger("fender")
 
@@ -121,9 +123,50 @@ class _Server(_ExitFlag, uvicorn.Server):
     graceful shutdown.
     """
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        tls: ServerTLS | None = None,
+        header_timeout=None,
+        handshake_errors: HandshakeErrors | None = None,
+    ) -> None:
         self._exit = asyncio.Event()
+        # HTTPS: connections are accepted by a TLSAcceptor (proxy/server/tls.py) in place of
+        # asyncio's server; header_timeout() bounds the handshake plus the first request head.
+        self.tls = tls
+        self._header_timeout = header_timeout
+        self._handshake_errors = handshake_errors
         super().__init__(config)
+
+    async def startup(self, sockets=None) -> None:
+        if self.tls is None or not sockets:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            # As uvicorn's own startup builds its protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        errors = self._handshake_errors or HandshakeErrors()
+        # uvicorn only calls close() and wait_closed() of its servers: an acceptor has both.
+        self.servers = [
+            TLSAcceptor(  # type: ignore[misc]
+                sock,
+                create_protocol,
+                self.tls,
+                self._header_timeout,
+                errors,
+                config.backlog,
+                # uvicorn's limit is max_connections + 1 (see Fender._configs)
+                max_pending=lambda: (config.limit_concurrency or 2049) - 1,
+            )
+            for sock in sockets
+        ]
+        self.started = True
 
     # Signals are handled once for both listeners by Fender, not by each server.
     def capture_signals(self):
@@ -217,6 +260,8 @@ class Fender:
         self.history = TrafficHistory(self.metrics, clock, ticker=SYSTEM_CLOCK)
         self.admin_app = build_admin_app(self)
         self._servers: list[_Server | _GranianServer] = []
+        self.tls: ServerTLS | None = None  # server.tls as a context, watched (None: plain HTTP)
+        self.admin_tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task] = []
         self._drain_task: asyncio.Task | None = None
         self._skip_delay = asyncio.Event()
@@ -288,6 +333,11 @@ class Fender:
         """
         policy = self.policy
         self.admin_token = resolve_admin_token(policy)
+        # The data listener offers h2 first in ALPN when HTTP/2 is on (the protocol switches on
+        # selected_alpn_protocol(), server/protocol.py); the admin listener stays HTTP/1.1.
+        data_alpn = ALPN_H2_HTTP1 if policy.server.http2.enabled else ALPN_HTTP1
+        self.tls = self._server_tls(policy.server.tls, ("server", "tls"), "proxy", data_alpn)
+        self.admin_tls = self._server_tls(getattr(policy, "admin_tls", None), ("admin_tls",), "admin")
         if self.checkpointer is not None:
             self.checkpointer.restore(self.runtime)
         data_sock = data_sock or bind_listener(bind_socket, policy.listen, "proxy listener", ("listen",))
@@ -309,8 +359,18 @@ class Fender:
                 server = _GranianServer(self.dataplane, host, port, policy.server)
             else:
                 config.load()
-                server = _Server(config)
+                tls = self.tls if index == 0 else self.admin_tls
+                server = _Server(
+                    config,
+                    tls,
+                    header_timeout=lambda: self.protocol.header_timeout,
+                    handshake_errors=HandshakeErrors(
+                        self.metrics.tls_handshake_errors, "proxy" if index == 0 else "admin"
+                    ),
+                )
                 server.lifespan = config.lifespan_class(config)
+                if tls is not None:
+                    tls.start()
             await server.startup(sockets=[sock])
             self._servers.append(server)
             self._tasks.append(asyncio.ensure_future(self._run(server)))
@@ -323,13 +383,43 @@ class Fender:
             action(*args)
         self._early_signals.clear()
         log.info(
-            "proxy on %s:%d, admin on %s:%d, policy %s",
+            "proxy on %s://%s:%d, admin on %s://%s:%d, policy %s",
+            "http" if self.tls is None else "https",
             policy.listen.host,
             self.data_port,
+            "http" if self.admin_tls is None else "https",
             policy.admin.host,
             self.admin_port,
             self.source or "-",
         )
+
+    def refresh_tls(self, policy) -> None:
+        """On a reload (its files checked already): re-read changed certificate files, take a changed
+        server.tls block; upstream TLS settings of a kept upstream re-read their files too."""
+        if self.tls is not None and policy.server.tls is not None:
+            try:
+                self.tls.update(policy.server.tls)
+            except TLSFileError as exc:
+                log.error("server.tls: %s; the previous settings stay", exc)
+        if self.admin_tls is not None:
+            self.admin_tls.refresh()
+        for upstream in self.runtime.upstreams.values():
+            if upstream.tls is not None:
+                upstream.tls.refresh()
+
+    def _server_tls(
+        self, options, at: tuple[str, ...], listener: str, alpn: tuple[str, ...] = ("http/1.1",)
+    ) -> ServerTLS | None:
+        """A listener's TLS context from its block, or None; a file that cannot be used is a StartupError."""
+        if options is None:
+            return None
+        counter = self.metrics.tls_certificate_reloads
+        try:
+            return ServerTLS(
+                options, ".".join(at), alpn, on_rotate=lambda result: counter.labels(listener, result).inc()
+            )
+        except TLSFileError as exc:
+            raise StartupError(str(exc), (*at, exc.field)) from None
 
     @staticmethod
     async def _run(server: _Server | _GranianServer) -> None:
@@ -356,6 +446,9 @@ class Fender:
         self._finished = True
         await self.history.stop()
         await self.reloader.stop()
+        for tls in (self.tls, self.admin_tls):
+            if tls is not None:
+                await tls.close()
         if self.checkpointer is not None:
             await self.checkpointer.stop()
             await self.checkpointer.write()

@@ -68,6 +68,7 @@ from proxy.kernel.fields import HOP_BY_HOP
 from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
 from proxy.server.http2 import PREFACE_HEAD, FenderH2Protocol, take_over
+from proxy.server.tls import client_cert_subject
 from proxy.tunnel import TunnelEnd, upgrade_offer
 
 log = logging.getLogger("uvicorn.error")  # quiet_aborts() filters the expected aborts on this logger
@@ -411,6 +412,9 @@ class FenderHttpProtocol(asyncio.Protocol):
     max_requests_per_connection = 1000
     underscores = 1  # _UNDERSCORE_ACTIONS
     rejected: dict = {}  # reason -> pre-bound counter child
+    # Set by a TLS listener (proxy/server/tls.py) to the accept time: the first head is timed from
+    # it, so the handshake counts inside header_timeout. None: timed from connection_made.
+    opened_at: float | None = None
     http2 = True  # server.http2.enabled: the h2c preface and ALPN h2 switch to h2_protocol
     h2_protocol: type[FenderH2Protocol] = FenderH2Protocol  # this listener's (see for_listener)
 
@@ -457,6 +461,8 @@ class FenderHttpProtocol(asyncio.Protocol):
         self.server: tuple[str, int] | None = None
         self.client: tuple[str, int] | None = None
         self.scheme = "http"
+        # A TLS connection's (version, client certificate subject or None), for the access log.
+        self.tls_info: tuple[str, str | None] | None = None
         # The request being parsed and the one whose application task runs (they differ when pipelined).
         self.current: _Exchange | None = None
         self.active: _Exchange | None = None
@@ -505,7 +511,11 @@ class FenderHttpProtocol(asyncio.Protocol):
             if self.http2 and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                 take_over(self, b"", "alpn")
                 return
-        now = self.loop.time()
+            self.tls_info = (
+                ssl_object.version() if ssl_object is not None else "TLS",
+                client_cert_subject(transport),
+            )
+        now = self.opened_at or self.loop.time()
         self._head_started = now  # the first head is timed from the connection opening
         self._arm(now + self.header_timeout)
 
@@ -720,6 +730,8 @@ class FenderHttpProtocol(asyncio.Protocol):
         }
         if authority is not None:
             scope["fender.authority"] = authority
+        if self.tls_info is not None:
+            scope["fender.tls"] = self.tls_info
         if parser.should_upgrade():
             offer = upgrade_offer(self._headers)
             if offer is not None:

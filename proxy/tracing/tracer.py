@@ -213,14 +213,27 @@ class ServerSpanLayer:
 class ClientSpanLayer:
     """Around the forwarder: the traceparent for this try, and its client span when sampled."""
 
-    __slots__ = ("next", "tracer", "upstream", "_peers")
+    __slots__ = ("next", "tracer", "upstream", "_peers", "_runtime")
 
     def __init__(self, next_handler, tracer: Tracer, upstream) -> None:
         self.next = next_handler
         self.tracer = tracer
         self.upstream = upstream.name
-        # The attributes naming each replica, made once (the names come from the policy).
+        self._runtime = upstream
+        # The attributes naming each replica, made once (the names come from the policy; those DNS
+        # adds later are made when first traced, see _peer).
         self._peers = {r.name: _peer_attributes(r) for r in upstream.replicas}
+
+    def _peer(self, name: str | None) -> dict | None:
+        """A replica DNS added after this layer was built: its attributes, made on first use."""
+        replicas = self._runtime.replicas
+        for replica in replicas:
+            if replica.name == name:
+                if len(self._peers) > 2 * len(replicas) + 16:  # addresses come and go: stay bounded
+                    self._peers = {r.name: _peer_attributes(r) for r in replicas}
+                peer = self._peers[replica.name] = _peer_attributes(replica)
+                return peer
+        return None
 
     def __call__(self, ex: Exchange):
         state = ex.tracing
@@ -244,7 +257,7 @@ class ClientSpanLayer:
         reply = await self.next(ex)
         span.end_ns = state.last_end = time.time_ns()
         a = span.attributes = {"http.request.method": ex.method, "fender.upstream": self.upstream}
-        peer = self._peers.get(ex.replica_name)  # None when no replica could take the try
+        peer = self._peers.get(ex.replica_name) or self._peer(ex.replica_name)  # None: no replica took it
         if peer is not None:
             a.update(peer)
         a["fender.attempt"] = attempt

@@ -9,6 +9,7 @@ from .errors import (
     RequestBodyError,
     ResetBeforeHeaders,
     ResetMidBody,
+    TLSFailure,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "RequestBodyError",
     "ResetBeforeHeaders",
     "ResetMidBody",
+    "TLSFailure",
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",

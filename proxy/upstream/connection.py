@@ -23,7 +23,16 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from proxy.tunnel import TunnelEnd
 
-from .errors import BadResponse, ResetBeforeHeaders, ResetMidBody, UpstreamError, UpstreamTimeout, os_words
+from .errors import (
+    BadResponse,
+    ResetBeforeHeaders,
+    ResetMidBody,
+    TLSFailure,
+    UpstreamError,
+    UpstreamTimeout,
+    os_words,
+)
+from .tls import is_tls_alert, tls_words
 
 # Response-body flow control: stop reading the socket when more than this much
 # body is buffered and unread.  read() takes the whole buffer, so reading
@@ -68,11 +77,16 @@ def _over(limit: int) -> str:
     )
 
 
-def _parser_fault(exc: HttpParserError) -> UpstreamError:
+def _parser_fault(exc: HttpParserError, data: bytes, first: bool) -> UpstreamError:
     """Map an httptools error to BadResponse (keeping our own errors raised in callbacks)."""
     cause = exc.__context__
     if isinstance(cause, UpstreamError):
         return cause
+    if first and data[1:2] == b"\x03" and data[:1] in (b"\x15", b"\x16"):
+        # A TLS record (an alert, or a handshake) in answer to a plaintext request.
+        return BadResponse(
+            f"unparseable response: {exc} (a TLS record)", cause="the replica speaks TLS: use https://"
+        )
     return BadResponse(f"unparseable response: {exc}")
 
 
@@ -409,6 +423,7 @@ class Connection(asyncio.Protocol):
         "_poller",
         "_head_timer",
         "_head_timer_at",
+        "tls",
     )
 
     def __init__(
@@ -416,7 +431,9 @@ class Connection(asyncio.Protocol):
         release: Callable[[Connection, bool], None],
         discard_idle: Callable[[Connection], None],
         loop: asyncio.AbstractEventLoop,
+        tls: bool = False,
     ) -> None:
+        self.tls = tls  # over TLS (an https:// replica)
         # The owning pool's callbacks: give the slot back (reusable or not); drop a dead idle one.
         self.release = release
         self.discard_idle = discard_idle
@@ -638,7 +655,7 @@ class Connection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             if self._resp is resp:
-                self.fail(_parser_fault(exc))
+                self.fail(_parser_fault(exc, data, resp._raw_head_bytes == 0 and not resp._head_done))
             return
         if self._resp is not resp:
             return
@@ -693,6 +710,21 @@ class Connection(asyncio.Protocol):
                 self._message_done(resp)
             else:
                 self.fail(ResetMidBody(f"upstream closed mid-body: {exc or 'EOF'}", cause=os_words(exc)))
+        elif exc is not None and is_tls_alert(exc):
+            # A TLS 1.3 replica refuses a client certificate after our side of the handshake
+            # finished: the request never reached it, so this is a connect-time TLS fault.
+            self.fail(TLSFailure(f"TLS handshake refused by the upstream: {exc}", cause=tls_words(exc)))
+        elif self.tls and self.idle_since == 0.0 and resp._raw_head_bytes == 0:
+            # Closed before a byte of the first answer on a new TLS connection: how a TLS 1.3 server
+            # that drops its alert refuses a client certificate. The request may have reached it.
+            self.fail(
+                TLSFailure(
+                    f"upstream closed a new TLS connection before the response head: {exc or 'EOF'}",
+                    request_sent=True,
+                    cause="the replica closed a new TLS connection before answering (does it require a "
+                    "client certificate? see tls.cert_file)",
+                )
+            )
         else:
             self.fail(
                 ResetBeforeHeaders(

@@ -52,6 +52,16 @@ class ConnectTimeout(UpstreamError):
     request_sent = False
 
 
+class TLSFailure(UpstreamError):
+    """The TLS handshake with an ``https://`` replica failed (verification, alert, not TLS at all).
+
+    Nothing of the request was sent: it counts as a connect failure for retries, breakers and
+    outlier detection; ``cause`` says precisely what failed (``certificate has expired``...)."""
+
+    reason = "tls_failure"
+    request_sent = False
+
+
 class PoolOverflow(UpstreamError):
     """No connection became free within the wait, or too many requests were already waiting."""
 

@@ -10,10 +10,12 @@ handed straight to the oldest waiter (FIFO) without touching the idle stack.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .connection import Connection, UpgradeResponse, UpstreamResponse
+from .dial import dial
 from .errors import (
     ConnectFailure,
     ConnectTimeout,
@@ -22,6 +24,7 @@ from .errors import (
     ResetBeforeHeaders,
     os_words,
 )
+from .tls import ClientTLS, tls_fault
 
 # Idle connections younger than this are reused without the poll(2) liveness probe.
 STALE_PROBE_AFTER = 0.1
@@ -45,9 +48,18 @@ class UpstreamPool:
         max_pending: int = 1000,
         max_response_head: int = 65536,
         unix_path: str | None = None,
+        resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.host = host
+        # An https:// replica: connections are TLS with this context and name (proxy/upstream/tls.py).
+        self.tls = tls
+        self.tls_handshakes = 0  # full or resumed handshakes done (connections_opened of a TLS pool)
+        self.tls_resumed = 0  # of which resumed a session
+        self.on_tls_handshake: Callable[[bool], None] | None = None  # told (resumed?) after each one
         self.port = port
+        # A host name: its addresses come from the DNS name cache (proxy.cluster.dns), tried in order.
+        self.resolve = resolve
         # A unix-socket replica: connect to this file instead of host:port (same protocol and
         # accounting; asyncio sets TCP_NODELAY on TCP sockets only, so nothing TCP-only is applied).
         self.unix_path = unix_path
@@ -293,9 +305,14 @@ class UpstreamPool:
         """Open a connection into a slot already counted in ``in_use``."""
         loop = self._loop
         assert loop is not None  # set by request(), the only way in
+        tls = self.tls
+        if tls is not None:
+            return await self._connect_tls(tls)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                if self.unix_path is None:
+                if self.resolve is not None:
+                    conn = await self._dial_name(loop)
+                elif self.unix_path is None:
                     _, conn = await loop.create_connection(
                         lambda: Connection(self._release, self._discard_idle, loop), self.host, self.port
                     )
@@ -318,6 +335,67 @@ class UpstreamPool:
         conn.checked_out = True
         if conn.closed:
             # Accepted and closed before we could write anything.
+            self._release(conn, False)
+            raise ConnectFailure(
+                f"{self.address} closed the connection before the request",
+                cause="closed by the upstream before the request",
+            )
+        return conn
+
+    async def _dial_name(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        """A host name: its addresses from the DNS name cache (the lookup, usually a cache hit, counts
+        against the connect timeout too), then each in order with its share of what is left."""
+        assert self.resolve is not None
+        started = loop.time()
+        addresses = await self.resolve()  # an OSError (the lookup's failure) when it has none
+        left = self.connect_timeout - (loop.time() - started)
+        return await dial(
+            loop, lambda: Connection(self._release, self._discard_idle, loop), addresses, self.port, left
+        )
+
+    async def _connect_tls(self, tls: ClientTLS) -> Connection:
+        """``_connect`` for an https:// replica: TCP, then the handshake, both within connect_timeout.
+
+        A handshake fault is a TLSFailure (request_sent False: nothing of the request left)."""
+        loop = self._loop
+        assert loop is not None  # set by request() before any connect
+        tcp_done = False
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await _tcp_connect(loop, self.host, self.port, self.resolve)
+                tcp_done = True
+                transport, conn = await loop.create_connection(
+                    lambda: Connection(self._release, self._discard_idle, loop, tls=True),
+                    sock=sock,
+                    ssl=tls.before_connect(),
+                    server_hostname=tls.server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                )
+        except BaseException as exc:
+            self._in_use -= 1
+            self._wake_for_slot()
+            if isinstance(exc, TimeoutError):
+                if tcp_done:
+                    raise tls_fault(exc, self.address, tls.server_name) from None
+                raise ConnectTimeout(
+                    f"connect to {self.address} timed out",
+                    cause=f"no connection within {self.connect_timeout:g}s",
+                ) from None
+            if not tcp_done and isinstance(exc, OSError):
+                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
+            if isinstance(exc, Exception):
+                raise tls_fault(exc, self.address, tls.server_name) from exc
+            raise
+        self.connections_opened += 1
+        self.tls_handshakes += 1
+        resumed = tls.session_reused(transport)
+        if resumed:
+            self.tls_resumed += 1
+        if self.on_tls_handshake is not None:
+            self.on_tls_handshake(resumed)
+        tls.connected(transport)
+        conn.checked_out = True
+        if conn.closed:
             self._release(conn, False)
             raise ConnectFailure(
                 f"{self.address} closed the connection before the request",
@@ -408,6 +486,38 @@ class UpstreamPool:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(ConnectFailure("pool closed"))
+
+
+async def _tcp_connect(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
+):
+    """A connected non-blocking TCP socket (the first address that answers), before any TLS.
+
+    A host name with a resolver takes its addresses from the DNS name cache (proxy.cluster.dns)."""
+    if resolve is not None:
+        infos = []
+        for ip in await resolve():  # addresses, so getaddrinfo does no lookup
+            infos.extend(await loop.getaddrinfo(ip, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+    else:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    last: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last or OSError(f"{host} has no address")
 
 
 def _expire_waiter(fut: asyncio.Future, wait: float) -> None:

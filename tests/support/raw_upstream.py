@@ -340,13 +340,16 @@ class RawUpstream:
         host: str = "127.0.0.1",
         unix_path: str | None = None,
         expect_errors: bool = False,
+        port: int = 0,
+        ssl=None,
     ) -> None:
         self.handler = handler
+        self.ssl = ssl  # an ssl.SSLContext (server side): serve HTTPS
         self.stream_request_body = stream_request_body
         self.host = host
         self.unix_path = unix_path  # listen on this unix socket file instead of host:port
         self.expect_errors = expect_errors  # errors are part of the test: do not raise them on exit
-        self.port = 0
+        self.port = port  # 0: one from the OS (several loopback addresses can share a port given here)
         self.connections = 0
         self.disconnects = 0
         self.requests: list[Request] = []
@@ -361,7 +364,9 @@ class RawUpstream:
         if self.unix_path is not None:
             self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), self.unix_path)
         else:
-            self._server = await loop.create_server(lambda: _ServerProtocol(self), self.host, 0)
+            self._server = await loop.create_server(
+                lambda: _ServerProtocol(self), self.host, self.port, ssl=self.ssl
+            )
             self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -540,22 +545,23 @@ class NeverAccepts:
             ...  # connecting to 127.0.0.1:dead.port hangs until the client's connect timeout
     """
 
-    def __init__(self, fillers: int = 4) -> None:
-        self.port = 0
+    def __init__(self, fillers: int = 4, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
         self._fillers = fillers
         self._listener: socket.socket | None = None
         self._held: list[socket.socket] = []
 
     async def __aenter__(self) -> NeverAccepts:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind((self.host, self.port))
         self._listener.listen(0)
         self.port = self._listener.getsockname()[1]
         for _ in range(self._fillers):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             try:
-                s.connect(("127.0.0.1", self.port))
+                s.connect((self.host, self.port))
             except BlockingIOError:
                 pass  # queued, or its SYN is being dropped: either way the queue is full
             self._held.append(s)

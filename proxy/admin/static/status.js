@@ -290,6 +290,7 @@
           "tr",
           { "data-replica": r.name, "data-upstream": u.name },
           cell("Replica", el("code", {}, r.name)),
+          cell("From", r.source === "policy" ? "policy" : el("code", {}, r.source)),
           cell("Priority", String(r.priority), "num"),
           cell("Health", el("span", { class: "health" }, health)),
           cell("Traffic", el("span", { class: "serving" }, serving)),
@@ -301,11 +302,24 @@
           cell("Action", el("div", { class: "actions" }, button)),
         );
       });
+      // Names the replicas come from: what the last lookup said and how old the answer in use is.
+      const names = (u.dns || []).map((d) => {
+        const [kind, word] = d.last_outcome === "ok" ? ["ok", "ok"] : ["bad", d.last_outcome || "not asked yet"];
+        const age = d.answer_age_seconds === null ? "no answer yet" : `answer ${fmtDuration(d.answer_age_seconds)} old`;
+        return el(
+          "li",
+          { "data-dns": d.name },
+          el("code", {}, `${d.type} ${d.name}`), " ", badge(kind, word),
+          ` ${d.replicas} replica${d.replicas === 1 ? "" : "s"}, ${age}`,
+          d.last_error ? el("span", { class: "since" }, d.last_error) : "",
+        );
+      });
       return el(
         "div",
         { class: "upstream", "data-upstream": u.name },
         el("h3", {}, el("code", {}, u.name), " ", level),
-        table(["Replica", "Priority", "Health", "Traffic", "In flight", "Slow start", "Last check", "Action"], rows, "No replicas."),
+        names.length ? el("ul", { class: "dns" }, names) : "",
+        table(["Replica", "From", "Priority", "Health", "Traffic", "In flight", "Slow start", "Last check", "Action"], rows, "No replicas."),
       );
     });
   }

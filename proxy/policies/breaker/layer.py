@@ -16,7 +16,7 @@ from proxy.policies.context import LayerContext
 
 
 class BreakerLayer:
-    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_fallback", "_note")
+    __slots__ = ("breaker", "next", "clock", "_statuses", "_reasons", "_classifier", "_fallback", "_note")
 
     def __init__(self, breaker: CircuitBreaker, next_handler: Handler, clock: Clock) -> None:
         self.breaker = breaker
@@ -24,6 +24,7 @@ class BreakerLayer:
         self.clock = clock
         classifier = Classifier(breaker.options.failure_on)
         self._statuses, self._reasons = classifier.statuses, classifier.reasons
+        self._classifier = classifier
         fallback = breaker.options.fallback
         self._fallback: tuple[int, bytes, bytes] | None = None
         if fallback is not None:
@@ -64,7 +65,10 @@ class BreakerLayer:
                 breaker.release(token)
         else:
             now = self.clock.now()
-            breaker.record(token, reply.status in self._statuses, now - started, now)
+            failed = reply.status in self._statuses
+            if not failed and self._classifier.grpc:
+                failed = self._classifier.grpc_fails(reply.headers) is not None  # trailers-only gRPC answer
+            breaker.record(token, failed, now - started, now)
         return reply
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
+from proxy.kernel.classify import GRPC_CONDITIONS
 from proxy.kernel.reasons import TRY_FAULTS
 from proxy.options.base import Count, PolicyModel, Text, keep_ordered
 from proxy.options.units import (
@@ -77,13 +78,13 @@ def _check_failure_class(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise policy_error(f"expected a failure class like 5xx, 503 or timeout, got {describe_value(value)}")
-    if value in ("5xx", "4xx") or value in TRY_FAULTS:
+    if value in ("5xx", "4xx") or value in TRY_FAULTS or value in GRPC_CONDITIONS:
         return value
     if value.isdigit() and 400 <= int(value) <= 599:
         return value
     raise policy_error(
         f"{describe_value(value)} is not a failure class (use 5xx, 4xx, a status from 400 to 599, "
-        f"or one of {', '.join(TRY_FAULTS)})"
+        f"one of {', '.join(TRY_FAULTS)}, or a gRPC status like unavailable)"
     )
 
 
@@ -154,11 +155,21 @@ class BreakerOptions(PolicyModel):
     )
     failure_on: tuple[FailureClass, ...] = Field(
         # bad_response too: an upstream answering garbage (wrong port, broken server) is failing.
-        default=("5xx", "timeout", "connect_failure", "connect_timeout", "reset", "bad_response"),
+        default=(
+            "5xx",
+            "timeout",
+            "connect_failure",
+            "connect_timeout",
+            "reset",
+            "stream_reset",
+            "bad_response",
+        ),
         description=(
             "What counts as a failure: 5xx or 4xx (upstream status classes), a status like 503, or a fault: "
             + ", ".join(TRY_FAULTS)
-            + ". Other upstream answers count as successes; Fender's own answers (rate limit, bulkhead) are not counted."
+            + " (connect_failure includes tls_failure); or a gRPC status of a trailers-only answer (unavailable, "
+            "internal, deadline_exceeded...). Other upstream answers count as successes; Fender's own answers "
+            "(rate limit, bulkhead) are not counted."
         ),
     )
     scope: Literal["upstream", "route"] = Field(

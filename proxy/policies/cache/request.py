@@ -3,6 +3,7 @@ headers of the request the cache sends upstream in its place."""
 
 from __future__ import annotations
 
+from proxy.grpc import is_grpc
 from proxy.policies.cache import rfc9111 as rfc
 from proxy.policies.cache.store import Entry
 
@@ -18,6 +19,7 @@ _INTEREST = frozenset(
         b"if-unmodified-since",
         b"if-range",
         b"range",
+        b"content-type",  # a gRPC call (application/grpc) is never served from nor stored in the cache
     }
 )
 # Preconditions only the origin can evaluate (RFC 9111 4.3.2) and range requests: passed through.
@@ -64,6 +66,9 @@ class Request:
                 )
             elif name == b"if-modified-since":
                 self.if_modified_since = value
+            elif name == b"content-type":
+                if is_grpc(value):
+                    self.origin_only = True  # gRPC: the origin answers every call (issue 21)
             else:
                 self.origin_only = True
         self.conditional = self.if_none_match is not None or self.if_modified_since is not None

@@ -30,8 +30,9 @@ from prometheus_client import Counter
 
 from proxy.clock import Clock
 from proxy.config.models import Route
-from proxy.kernel.classify import Classifier
-from proxy.kernel.exchange import Exchange, Handler, LocalReply, Reply
+from proxy.grpc import request_is_grpc
+from proxy.kernel.classify import GRPC_CONDITIONS, Classifier
+from proxy.kernel.exchange import BodyStreamFn, Exchange, Handler, LocalReply, Reply
 from proxy.kernel.reasons import TRY_FAULTS, retry_after_of
 from proxy.metrics import FastCounter, Metrics
 from proxy.policies.context import LayerContext
@@ -82,6 +83,7 @@ class RetryLayer:
         "_reasons",
         "_metrics",
         "_by_status",
+        "_classifier",
     )
 
     def __init__(
@@ -98,6 +100,7 @@ class RetryLayer:
         self.honor_retry_after = options.honor_retry_after
         classifier = Classifier(options.retry_on)
         statuses = classifier.statuses
+        self._classifier = classifier
         self._statuses = statuses
         self._reasons = classifier.reasons
         self._metrics = metrics
@@ -121,6 +124,8 @@ class RetryLayer:
         known = self._by_status.get(status)
         if known is not None:
             known[0]()
+            if known[1] is None and self._classifier.grpc:
+                return self._classifier.grpc_fails(reply.headers)
             return known[1]
         metrics.attempts[STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]].inc()
         return str(status) if status in self._statuses else None
@@ -130,9 +135,11 @@ class RetryLayer:
         ex.response_headers.append((b"x-fender-retry", why.replace("_", "-").encode()))
         ex.note(f"retry skipped: {why}")
 
-    def _safe_to_resend(self, ex: Exchange, reply: Reply) -> bool:
+    def _safe_to_resend(self, ex: Exchange, reply: Reply, condition: str) -> bool:
         if ex.method in self.methods:
             return True
+        if condition in GRPC_CONDITIONS:
+            return True  # listing a gRPC status declares such calls retryable (gRPC's retry policy)
         if isinstance(reply, LocalReply) and reply.error is not None and not reply.error.request_sent:
             return True  # nothing reached the upstream: resending is no duplicate
         return any(name == b"idempotency-key" for name, _ in ex.request_headers)
@@ -148,6 +155,10 @@ class RetryLayer:
         # most requests take); each retry gets its own view (Exchange.for_attempt).
         attempt = ex
         ex.try_timeout = per_try_timeout
+        if self._classifier.grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
+            # A gRPC body comes without a length (HTTP/2), so it streams; a copy is kept while it stays
+            # within max_replay_body, so a unary call answered UNAVAILABLE can be sent again.
+            ex.body_stream = _ReplayCopy(ex.body_stream, self.max_replay)
         tried = 1
         previous_wait = self.backoff.initial
         while True:
@@ -159,10 +170,17 @@ class RetryLayer:
                 return reply
             if ex.upgrade is not None and not isinstance(reply, LocalReply):
                 return reply  # an upgrade is retried only before the upstream answered
-            if ex.body_stream is not None or len(ex.body) > self.max_replay:
+            if ex.body_stream is not None:
+                copy = ex.body_stream
+                if not isinstance(copy, _ReplayCopy) or copy.body is None:
+                    self._skip(ex, "not_replayable")
+                    return reply
+                # The whole body is here: the next try sends it from memory.
+                ex.body, ex.body_stream, ex.content_length = copy.body, None, None
+            elif len(ex.body) > self.max_replay:
                 self._skip(ex, "not_replayable")
                 return reply
-            if not self._safe_to_resend(ex, reply):
+            if not self._safe_to_resend(ex, reply, condition):
                 self._skip(ex, "not_idempotent")
                 return reply
             now = clock.now()
@@ -195,6 +213,49 @@ class RetryLayer:
             tried += 1
             attempt = ex.for_attempt(per_try_timeout)
             started = clock.now()
+
+
+class _ReplayCopy:
+    """A request body stream that keeps what passed through, up to ``limit`` bytes.
+
+    ``body`` is the whole body once the stream ended within the limit holding at most one gRPC message,
+    else None (still streaming, too large, or a client stream: the call is then not replayable, as a
+    streaming RPC is never retried once a message went)."""
+
+    __slots__ = ("_stream", "_limit", "_parts", "_size", "body")
+
+    def __init__(self, stream: BodyStreamFn, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self.body: bytes | None = None
+
+    @property
+    def done(self) -> bool:
+        return bool(getattr(self._stream, "done", True))
+
+    async def __call__(self) -> bytes:
+        chunk = await self._stream()
+        parts = self._parts
+        if parts is not None:
+            if chunk:
+                self._size += len(chunk)
+                if self._size > self._limit:
+                    self._parts = None
+                else:
+                    parts.append(chunk)
+            else:
+                body = b"".join(parts)
+                self._parts = None
+                if _one_message(body):
+                    self.body = body
+        return chunk
+
+
+def _one_message(body: bytes) -> bool:
+    """The body is at most one gRPC message: a unary call (more is a client stream, never replayed)."""
+    return not body or (len(body) >= 5 and int.from_bytes(body[1:5], "big") == len(body) - 5)
 
 
 def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> RetryLayer | None:

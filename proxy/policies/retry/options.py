@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema
 
+from proxy.kernel.classify import GRPC_CONDITIONS
 from proxy.kernel.reasons import KNOWN_METHODS, TRY_FAULTS
 from proxy.options.base import Count, Flag, PolicyModel
 from proxy.options.units import (
@@ -30,13 +31,13 @@ def _check_condition(value: Any) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise policy_error(f"expected a retry condition like 503 or reset, got {describe_value(value)}")
-    if value in TRY_FAULTS or value in ("5xx", "gateway_error"):
+    if value in TRY_FAULTS or value in ("5xx", "gateway_error") or value in GRPC_CONDITIONS:
         return value
     if value.isdigit() and 400 <= int(value) <= 599:
         return value
     raise policy_error(
         f"{describe_value(value)} is not a retry condition (use a status from 400 to 599, 5xx, "
-        f"gateway_error (502, 503, 504), or one of {', '.join(TRY_FAULTS)})"
+        f"gateway_error (502, 503, 504), one of {', '.join(TRY_FAULTS)}, or a gRPC status like unavailable)"
     )
 
 
@@ -75,10 +76,14 @@ class RetryOptions(PolicyModel):
         default_factory=BackoffOptions, description="Wait between tries: exponential with jitter."
     )
     retry_on: tuple[RetryCondition, ...] = Field(
-        default=("connect_failure", "connect_timeout", "reset", "502", "503", "504"),
+        default=("connect_failure", "connect_timeout", "reset", "stream_reset", "502", "503", "504"),
         description=(
-            "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504) and "
-            "faults: " + ", ".join(TRY_FAULTS) + "."
+            "Outcomes that are retried: upstream statuses (503, or 5xx, or gateway_error for 502/503/504), "
+            "faults: "
+            + ", ".join(TRY_FAULTS)
+            + " (connect_failure includes tls_failure); and gRPC statuses of "
+            "a trailers-only answer (unavailable, resource_exhausted, deadline_exceeded, internal, cancelled, "
+            "unknown...): a call answered with one is retried whatever its method (see docs/grpc.md)."
         ),
     )
     budget: BudgetOptions = Field(
