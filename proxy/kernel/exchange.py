@@ -189,6 +189,7 @@ class Exchange:
         view.upstream_target = self.upstream_target
         view.interim = self.interim
         view.tracing = self.tracing
+        view.grpc_deadline = self.grpc_deadline
         return view
 
     def settle(self, attempt: Exchange) -> None:
