@@ -12,6 +12,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -31,6 +32,10 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0))
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        """Run ``callback()`` after ``seconds`` (a timer without a task); ``.cancel()`` stops it."""
+        return asyncio.get_running_loop().call_later(max(seconds, 0.0), callback)
 
 
 class ManualClock:
@@ -56,6 +61,13 @@ class ManualClock:
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
         await future
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> asyncio.Future:
+        """Run ``callback()`` once the clock has been advanced ``seconds``; ``.cancel()`` stops it."""
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: None if f.cancelled() else callback())
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        return future
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose time has come."""

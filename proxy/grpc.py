@@ -55,6 +55,7 @@ REASON_STATUS: dict[str, int] = {
     "breaker_open": UNAVAILABLE,
     "bulkhead_full": UNAVAILABLE,
     "bulkhead_timeout": UNAVAILABLE,
+    "concurrency_limited": UNAVAILABLE,
     "no_healthy_replica": UNAVAILABLE,
     "connect_failure": UNAVAILABLE,
     "tls_failure": UNAVAILABLE,  # the handshake failed: nothing was sent (as connect_failure)

@@ -262,6 +262,70 @@ class Metrics:
             registry=r,
         )
 
+        # metrics: adaptive concurrency
+        self.adaptive_limit = Gauge(
+            "fender_adaptive_concurrency_limit",
+            "A route's adaptive concurrency limit now (requests in flight it admits).",
+            ["route"],
+            registry=r,
+        )
+        self.adaptive_in_flight = Gauge(
+            "fender_adaptive_concurrency_in_flight",
+            "Requests in flight under a route's adaptive concurrency limit.",
+            ["route"],
+            registry=r,
+        )
+        self.adaptive_shed = Counter(
+            "fender_adaptive_concurrency_shed_total",
+            "Requests answered 503 concurrency_limited, by reason: queue_full (shed as the oldest waiter) "
+            "or queue_timeout.",
+            ["route", "reason"],
+            registry=r,
+        )
+
+        # metrics: slow start
+        self.replica_slow_starts = Counter(
+            "fender_replica_slow_starts_total",
+            "Slow starts begun: a replica came back into rotation (un-ejected, healthy again, undrained, new "
+            "in a reload) on an upstream with slow_start.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+        self.replica_slow_start_share = Gauge(
+            "fender_replica_slow_start_share",
+            "Share of its picks a replica keeps now: from 0.1 when it comes back to 1 at the end of slow_start.",
+            ["upstream", "replica"],
+            registry=r,
+        )
+
+        # metrics: hedged requests
+        self.hedges_sent = Counter(
+            "fender_hedges_sent_total",
+            "Hedges sent: extra tries of a request whose try had not answered after the route's hedge delay.",
+            ["route"],
+            registry=r,
+        )
+        self.hedge_winners = Counter(
+            "fender_hedge_winners_total",
+            "Hedged tries decided, by which try's answer won: first (the hedge lost) or hedge.",
+            ["route", "winner"],
+            registry=r,
+        )
+        self.hedges_skipped = Counter(
+            "fender_hedges_skipped_total",
+            "Hedges not sent, by reason: budget (the hedge budget), retry_budget, deadline, not_idempotent, "
+            "not_replayable (counted once per try when the request may not be hedged at all).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.hedge_delay = Gauge(
+            "fender_hedge_delay_seconds",
+            "The delay after which a slow try gets a hedge (the observed percentile or the fixed duration); "
+            "0 before enough tries were seen.",
+            ["route"],
+            registry=r,
+        )
+
         # metrics: fault injection
         self.faults_injected = Counter(
             "fender_faults_injected_total",

@@ -121,10 +121,16 @@ def gather(fender: AdminHost) -> dict:
         tunnels[tunnel.route_name] = tunnels.get(tunnel.route_name, 0) + 1
     faults = runtime.exposed.get("fault", {})
     routes = []
+    hedgers = runtime.exposed.get("hedge", {})
+    limiters = runtime.exposed.get("adaptive", {})
     for route in runtime.routes:
         entry: dict[str, Any] = {"name": route.name, "upstream": route.options.upstream}
         entry.update(traffic[route.name])
         entry["open_tunnels"] = tunnels.get(route.name, 0)
+        hedger = hedgers.get(route.name)
+        entry["hedge"] = hedger.snapshot() if hedger is not None else None
+        limiter = limiters.get(route.name)
+        entry["adaptive_concurrency"] = limiter.snapshot() if limiter is not None else None
         fault = faults.get(route.name)
         entry["fault"] = _fault(fault.snapshot()) if fault is not None else None
         routes.append(entry)

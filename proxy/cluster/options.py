@@ -239,6 +239,15 @@ RESULTS = (PASS, FAIL, TIMEOUT, ERROR)
 
 Balance = Literal["round_robin", "least_request", "random"]
 
+# slow_start: a replica back in rotation starts at this share of its weight, growing linearly to
+# all of it over the window (Envoy's min_weight_percent, 10%).
+SLOW_START_FLOOR = 0.10
+SLOW_START_DESCRIPTION = (
+    "Ramp a replica that comes back (un-ejected, healthy again after failing checks, undrained, or new "
+    "in a reload) from 10% of its share of traffic to all of it over this long, instead of its full "
+    "weight at once; cold caches and JIT-less starts get time. Unset: full share at once."
+)
+
 
 class OutlierDetectionOptions(PolicyModel):
     """Passive health: learn from real traffic and eject replicas that keep failing."""

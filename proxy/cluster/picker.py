@@ -10,7 +10,11 @@ State per replica (owned here, fed by the data path and the health checker):
   once; with active checks it returns early after ``healthy_threshold`` passes
   (Envoy's ``successful_active_health_check_uneject_host``);
 * overload: a 429 or 503 with ``Retry-After`` passes the replica over for
-  that long (at most ``MAX_RETRY_AFTER``).
+  that long (at most ``MAX_RETRY_AFTER``);
+* slow start (``slow_start``): a replica that comes back (un-ejected, healthy
+  again, undrained, new in a reload) takes a share of its picks that grows
+  linearly from ``SLOW_START_FLOOR`` to all of them over the window; a pick
+  it declines goes to a replica of the same plan that is not warming.
 
 A replica is *eligible* when healthy, not ejected and not passed over. Traffic
 goes to the lowest priority level with an eligible replica, spread by the
@@ -27,6 +31,7 @@ replica's state changes (or a timed ejection/pass-over runs out).
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from bisect import bisect_right
@@ -37,7 +42,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from proxy.clock import Clock
-from proxy.cluster.options import RESULTS, OutlierDetectionOptions
+from proxy.cluster.options import RESULTS, SLOW_START_FLOOR, OutlierDetectionOptions
 from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
@@ -94,6 +99,8 @@ class ReplicaState:
         "drained",
         "health_word",
         "changed_at",
+        "warming_since",
+        "slow_starts_counter",
         "probation",
     )
 
@@ -122,6 +129,8 @@ class ReplicaState:
         self.drained = False  # an operator took it out of rotation (POST .../drain)
         self.health_word = "healthy"  # last state seen by _rebuild, for "time since last change"
         self.changed_at = 0.0
+        self.warming_since = 0.0  # when slow start began (0: at full share)
+        self.slow_starts_counter: Counter | None = None
         # Added by DNS while active checks run: out of rotation (and of panic) until its first probe
         # passes; a failed first probe leaves it unhealthy (healthy_threshold passes bring it in).
         self.probation = False
@@ -194,6 +203,7 @@ class ReplicaPicker:
         replicas: Sequence[Replica],
         *,
         balance: str = "round_robin",
+        slow_start: float = 0.0,
         panic_threshold: float = 0.5,
         outlier: OutlierDetectionOptions | None = None,
         health_thresholds: tuple[int, int] | None = None,
@@ -203,6 +213,8 @@ class ReplicaPicker:
     ) -> None:
         self.upstream = upstream
         self.balance = balance
+        self.slow_start = slow_start  # seconds; 0: off
+        self._warming: set[ReplicaState] = set()  # replicas in their slow start (empty: nothing to do)
         self.panic_threshold = panic_threshold
         self.outlier = outlier
         # (healthy_threshold, unhealthy_threshold) when active checks run, else None.
@@ -292,6 +304,12 @@ class ReplicaPicker:
         for state in states:
             state.healthy_gauge = metrics.replica_healthy.labels(up, state.name)
             state.ejections_counter = metrics.replica_ejections.labels(up, state.name)
+            if self.slow_start:
+                state.slow_starts_counter = metrics.replica_slow_starts.labels(up, state.name)
+                # The share in force, computed at scrape time (nothing per request).
+                metrics.replica_slow_start_share.labels(up, state.name).set_function(
+                    functools.partial(self.share_of, state)
+                )
             if self.health_thresholds is not None:
                 state.check_counters = {
                     result: metrics.health_checks.labels(up, state.name, result) for result in RESULTS
@@ -355,9 +373,52 @@ class ReplicaPicker:
                 picked = first
         else:
             picked = self._weighted(plan)
+        if self._warming and picked.warming_since:
+            picked = self._slow_start(plan, picked)
         if tried and picked.name in tried:
             return self._untried(plan, tried) or picked
         return picked
+
+    # -- slow start --------------------------------------------------------------------------------
+
+    def share_of(self, state: ReplicaState, now: float | None = None) -> float:
+        """The share of its picks a replica keeps now: 1.0 unless it is in its slow start."""
+        if not state.warming_since:
+            return 1.0
+        elapsed = (self.clock.now() if now is None else now) - state.warming_since
+        if elapsed >= self.slow_start:
+            return 1.0
+        return max(SLOW_START_FLOOR, elapsed / self.slow_start)
+
+    def _slow_start(self, plan: _Plan, picked: ReplicaState) -> ReplicaState:
+        """A warming replica keeps a pick with probability share_of; otherwise a warm one takes it."""
+        share = self.share_of(picked)
+        if share >= 1.0:
+            picked.warming_since = 0.0
+            self._warming.discard(picked)
+            return picked
+        if self._rng.random() < share:
+            return picked
+        warm = [r for r in plan.replicas if not r.warming_since]
+        if not warm:
+            return picked  # all warming together: nobody to hand the pick to
+        if len(warm) == 1:
+            return warm[0]
+        total = sum(r.weight for r in warm)
+        point = self._rng.random() * total
+        for r in warm:
+            point -= r.weight
+            if point < 0:
+                return r
+        return warm[-1]
+
+    def _warm(self, state: ReplicaState, now: float) -> None:
+        """``state`` comes back into rotation: start its slow start (when configured)."""
+        if self.slow_start:
+            state.warming_since = now or 1e-9  # never 0.0, which means "not warming"
+            self._warming.add(state)
+            if state.slow_starts_counter is not None:
+                state.slow_starts_counter.inc()
 
     def _weighted(self, plan: _Plan) -> ReplicaState:
         return plan.replicas[bisect_right(plan.cumulative, self._rng.random() * plan.total)]
@@ -440,6 +501,7 @@ class ReplicaPicker:
             if not state.active_healthy and state.passes >= healthy_threshold:
                 state.active_healthy = True
                 changed = True
+                self._warm(state, now)
             if state.ejected_until and state.passes >= healthy_threshold:
                 # Envoy's successful_active_health_check_uneject_host: no need to wait out the ejection.
                 self._return(state, now)
@@ -490,6 +552,7 @@ class ReplicaPicker:
         state.ejected_until = 0.0
         state.returned_at = now
         state.failures = 0
+        self._warm(state, now)
 
     # -- plans -------------------------------------------------------------------------------------
 
@@ -569,11 +632,16 @@ class ReplicaPicker:
         previous = {state.name: state for state in old.states}
         health = self.health_thresholds is not None and old.health_thresholds is not None
         outlier = self.outlier is not None and old.outlier is not None
+        now = self.clock.now()
         for state in self.states:
             was = previous.get(state.name)
             if was is None:
+                self._warm(state, now)  # new in this reload: it joins replicas that carry traffic
                 continue
             state.overloaded_until = was.overloaded_until
+            if was.warming_since and self.slow_start:
+                state.warming_since = was.warming_since
+                self._warming.add(state)
             if health:
                 state.active_healthy, state.passes, state.fails = was.active_healthy, was.passes, was.fails
                 state.last_check, state.last_result = was.last_check, was.last_result
@@ -656,6 +724,8 @@ class ReplicaPicker:
         state = self._by_name[name]
         if state.drained != drained:
             state.drained = drained
+            if not drained:
+                self._warm(state, self.clock.now())
             self._rebuild(self.clock.now())
         return state
 
@@ -676,6 +746,9 @@ class ReplicaPicker:
                     "state": state,
                     "state_for_seconds": round(now - s.changed_at, 3),
                     "drained": s.drained,
+                    "slow_start_share": None
+                    if self.share_of(s, now) >= 1.0
+                    else round(self.share_of(s, now), 3),
                     "serving": any(r is s for r in self._plan.replicas),
                     "in_flight": s.in_flight,
                     "last_check": None
@@ -696,6 +769,7 @@ class ReplicaPicker:
         plan = self._plan
         return {
             "balance": self.balance,
+            "slow_start_seconds": self.slow_start or None,
             "active_priority": self.priorities[plan.level] if plan.level is not None else None,
             "panic": plan.label == "panic",
             "health_checks": self.health_thresholds is not None,

@@ -155,6 +155,7 @@ class UpstreamRuntime:
             name,
             self.replicas,
             balance=options.balance,
+            slow_start=getattr(options, "slow_start", None) or 0.0,
             panic_threshold=options.panic_threshold,
             outlier=options.outlier_detection,
             health_thresholds=None
@@ -191,6 +192,17 @@ class UpstreamRuntime:
         """
         state = self.picker.choose(ex.tried if ex is not None else None)
         return None if state is None else state.replica
+
+    def slow_start_note(self) -> str | None:
+        """For Fender-Trace: the replicas in their slow start and the share each keeps, or None."""
+        picker = self.picker
+        if not picker._warming:
+            return None
+        now = self.clock.now()
+        shares = sorted(
+            f"{s.name} {share:.0%}" for s in picker._warming if (share := picker.share_of(s, now)) < 1.0
+        )
+        return "slow start: " + ", ".join(shares) if shares else None
 
     def observe(
         self,

@@ -34,14 +34,21 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from proxy.cluster.options import Balance, DnsOptions, HealthCheckOptions, OutlierDetectionOptions
+from proxy.cluster.options import (
+    SLOW_START_DESCRIPTION,
+    Balance,
+    DnsOptions,
+    HealthCheckOptions,
+    OutlierDetectionOptions,
+)
 from proxy.ops.options import AdminAuthOptions, CheckpointOptions, DrainOptions, ReloadOptions
 from proxy.options.units import Duration, Percent, Size, describe_value, format_size, policy_error
+from proxy.policies.adaptive.options import AdaptiveConcurrencyOptions
 from proxy.policies.breaker.options import BreakerOptions
 from proxy.policies.bulkhead.options import BulkheadOptions
 from proxy.policies.fault.options import FaultOptions
 from proxy.policies.ratelimit.options import RateLimits
-from proxy.policies.retry.options import RetryOptions
+from proxy.policies.retry.options import HedgeOptions, RetryOptions
 
 __all__ = [
     "PolicyModel",
@@ -854,6 +861,9 @@ class Upstream(PolicyModel):
             "power of two choices) or random."
         ),
     )
+    slow_start: Annotated[Duration | None, Field(gt=0, le=3600)] = Field(
+        default=None, description=SLOW_START_DESCRIPTION
+    )
     health_check: HealthCheckOptions | None = Field(
         default=None,
         description=(
@@ -1169,10 +1179,31 @@ class Route(PolicyModel):
         ),
     )
 
+    # section: adaptive_concurrency
+    adaptive_concurrency: AdaptiveConcurrencyOptions | None = Field(
+        default=None,
+        description=(
+            "A concurrency limit that follows the upstream's latency (a gradient, as Netflix's Gradient2), "
+            "with a short LIFO queue beyond it; a request that gets no slot in time is answered 503 "
+            "concurrency_limited. Off when absent."
+        ),
+    )
+
     # section: retry
     retry: RetryOptions | None = Field(
         default=None,
         description="Retry failed tries with backoff, within the route's timeout and a retry budget. Absent: no retries.",
+    )
+
+    # section: hedge
+    hedge: HedgeOptions | None = Field(
+        default=None,
+        description=(
+            "Hedged requests: when a try has not answered after the route's observed p95 (or a fixed delay), "
+            "send one more to another replica; the first answer wins and the other is cancelled. Only for "
+            "requests a retry could resend (idempotent or with an Idempotency-Key, replayable body), within "
+            "a hedge budget, the retry budget and the deadline. Absent: off."
+        ),
     )
 
     # section: circuit_breaker

@@ -45,6 +45,10 @@ class Forwarder:
         ex.upstream_name = upstream.name
         ex.replica_name = replica.name
         ex.tried.append(replica.name)
+        if ex.trace is not None and upstream.picker._warming:
+            warming = upstream.slow_start_note()
+            if warming is not None:
+                ex.note(warming)
         host = self._host or (replica.authority if (self.rewrite_host or ex.host is None) else ex.host)
         headers = [(b"host", host), *ex.headers]
         if self._propagate and head_timeout < 1e9:

@@ -150,6 +150,53 @@ class Exchange:
         # The client sent grpc-timeout: each try sends the time left upstream in grpc-timeout.
         self.grpc_deadline = False
 
+    def for_attempt(self, try_timeout: float | None = None) -> Exchange:
+        """A view of this request for one try, as tower's ``clone_request``: what a try writes is its own.
+
+        The retry and hedge layers give each try its own view, so tries that run at the same
+        time (a hedge beside the first try) cannot overwrite each other's ``try_timeout``,
+        ``replica_name``, ``upstream_name`` or ``headers`` (a per-try traceparent). The view
+        shares the request itself and what is the request's across its tries: ``tried`` (every
+        replica any try chose, so the next one picks another), ``response_headers``, ``trace``
+        and ``tracing``. The layer that made the view calls :meth:`settle` with the try whose
+        answer it keeps. One allocation of slot copies, no dict (measured: ~6k instructions of
+        ~300k per request when every try made one), so the first try runs on the exchange itself
+        and only a retry or a hedge gets a view.
+        """
+        view = _new_exchange(Exchange)
+        view.method = self.method
+        view.method_bytes = self.method_bytes
+        view.target = self.target
+        view.headers = self.headers
+        view.host = self.host
+        view.body = self.body
+        view.body_stream = self.body_stream
+        view.content_length = self.content_length
+        view.request_id = self.request_id
+        view.route_name = self.route_name
+        view.started = self.started
+        view.client = self.client
+        view.request_headers = self.request_headers
+        view.deadline = self.deadline
+        view.try_timeout = try_timeout
+        view.tried = self.tried
+        view.trace = self.trace
+        view.response_headers = self.response_headers
+        view.upstream_name = None
+        view.replica_name = None
+        view.receive = self.receive
+        view.upgrade = self.upgrade
+        view.upstream_target = self.upstream_target
+        view.interim = self.interim
+        view.tracing = self.tracing
+        view.grpc_deadline = self.grpc_deadline
+        return view
+
+    def settle(self, attempt: Exchange) -> None:
+        """Keep ``attempt``'s answer as the request's: its replica is the one the logs name."""
+        self.upstream_name = attempt.upstream_name
+        self.replica_name = attempt.replica_name
+
     def relay_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Pass a 103 Early Hints (or other 1xx) from the upstream to the client as it arrives.
 
@@ -165,6 +212,9 @@ class Exchange:
         """Record a decision for Fender-Trace (cheap no-op unless tracing is on)."""
         if self.trace is not None:
             self.trace.append(text)
+
+
+_new_exchange = object.__new__
 
 
 async def wait_disconnect(receive: Receive) -> None:

@@ -41,6 +41,7 @@ REASONS: Final[dict[str, Reason]] = {
     "bulkhead_full": Reason(503, "too many concurrent requests for this route", "local"),
     "breaker_open": Reason(503, "the circuit breaker is open", "local"),
     "bulkhead_timeout": Reason(503, "no bulkhead slot in time", "local"),
+    "concurrency_limited": Reason(503, "over the route's adaptive concurrency limit", "local"),
     "rate_limit_unavailable": Reason(503, "the shared rate-limit state is unavailable", "local"),
     "only_if_cached": Reason(504, "nothing usable is stored", "local"),
     # Chaos drills: the route's fault: section answered in the upstream's place (status as configured).

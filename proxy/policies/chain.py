@@ -3,7 +3,8 @@
 Order (docs/architecture.md explains each position): a rate limit refuses before anything else
 is spent; the cache answers hits before the breaker or a bulkhead slot is involved; the breaker
 sees each call once, however many tries the retry layer makes inside it; the bulkhead holds one
-slot per request across its tries; retry calls the layers below once per try; fault injection is
+slot per request across its tries, and so does the adaptive concurrency limit (whose latency is
+the request's, tries included); retry calls the layers below once per try; fault injection is
 innermost, in the upstream's place, so every layer above meets an injected delay or abort as it
 would a real one (a retry retries it, a breaker counts it, the cache serves stale for it). Each entry is the
 route field that turns the policy on and its layer factory (:class:`~proxy.policies.context.BuildLayer`).
@@ -11,6 +12,7 @@ route field that turns the policy on and its layer factory (:class:`~proxy.polic
 
 from __future__ import annotations
 
+from proxy.policies.adaptive import layer as adaptive
 from proxy.policies.breaker import layer as breaker
 from proxy.policies.bulkhead import layer as bulkhead
 from proxy.policies.cache import layer as cache
@@ -24,6 +26,7 @@ ORDER: tuple[tuple[str, BuildLayer], ...] = (
     ("cache", cache.build_layer),
     ("circuit_breaker", breaker.build_layer),
     ("bulkhead", bulkhead.build_layer),
+    ("adaptive_concurrency", adaptive.build_layer),
     ("retry", retry.build_layer),
     ("fault", fault.build_layer),
 )

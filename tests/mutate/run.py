@@ -59,8 +59,8 @@ MUTATIONS = (
     Mutation(
         "retry-outside-bulkhead",
         "proxy/policies/chain.py",
-        '    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n',
-        '    ("retry", retry.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n',
+        '    ("bulkhead", bulkhead.build_layer),\n    ("adaptive_concurrency", adaptive.build_layer),\n    ("retry", retry.build_layer),\n',
+        '    ("retry", retry.build_layer),\n    ("adaptive_concurrency", adaptive.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n',
         ("tests/test_pipeline_order.py",),
     ),
     Mutation(
@@ -133,8 +133,8 @@ MUTATIONS = (
     Mutation(
         "breaker-inside-retry",
         "proxy/policies/chain.py",
-        '    ("circuit_breaker", breaker.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n',
-        '    ("bulkhead", bulkhead.build_layer),\n    ("retry", retry.build_layer),\n    ("circuit_breaker", breaker.build_layer),\n',
+        '    ("circuit_breaker", breaker.build_layer),\n    ("bulkhead", bulkhead.build_layer),\n    ("adaptive_concurrency", adaptive.build_layer),\n    ("retry", retry.build_layer),\n',
+        '    ("bulkhead", bulkhead.build_layer),\n    ("adaptive_concurrency", adaptive.build_layer),\n    ("retry", retry.build_layer),\n    ("circuit_breaker", breaker.build_layer),\n',
         ("tests/test_pipeline_order.py", "tests/test_deadline_explain.py"),
     ),
     Mutation(

@@ -245,13 +245,15 @@
         cell("Rate-limited", String(r.rate_limited), "num"),
         cell("Bulkhead-rejected", String(r.bulkhead_rejected), "num"),
         cell("Retries", String(r.retries), "num"),
+        cell("Limit", r.adaptive_concurrency ? `${r.adaptive_concurrency.in_flight}/${r.adaptive_concurrency.limit} (${r.adaptive_concurrency.shed} shed)` : "\u2014", "num"),
+        cell("Hedges", r.hedge ? `${r.hedge.sent} (${r.hedge.won} won) after ${r.hedge.delay_seconds === null ? "warming up" : fmtLatency(r.hedge.delay_seconds)}` : "\u2014", "num"),
         cell("Tunnels", String(r.open_tunnels || 0), "num"),
         cell("Fault", renderFault(r.fault), "fault"),
         cell("Last 5 min", sparkline(hist.rate_per_second, hist.error_rate)),
       );
     });
     return table(
-      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Tunnels", "Fault", "Last 5 min"],
+      ["Route", "Requests", "Errors (5xx)", "p50", "p99", "Rate-limited", "Bulkhead-rejected", "Retries", "Limit", "Hedges", "Tunnels", "Fault", "Last 5 min"],
       rows,
       "No routes.",
     );
@@ -293,6 +295,9 @@
           cell("Health", el("span", { class: "health" }, health)),
           cell("Traffic", el("span", { class: "serving" }, serving)),
           cell("In flight", String(r.in_flight), "num"),
+          cell("Slow start", r.slow_start_share === null || r.slow_start_share === undefined
+            ? (u.slow_start_seconds ? "full share" : "\u2013")
+            : badge("warn", `${Math.round(r.slow_start_share * 100)}% share`), "num"),
           cell("Last check", u.health_checks ? check : "no active checks"),
           cell("Action", el("div", { class: "actions" }, button)),
         );
@@ -314,7 +319,7 @@
         { class: "upstream", "data-upstream": u.name },
         el("h3", {}, el("code", {}, u.name), " ", level),
         names.length ? el("ul", { class: "dns" }, names) : "",
-        table(["Replica", "From", "Priority", "Health", "Traffic", "In flight", "Last check", "Action"], rows, "No replicas."),
+        table(["Replica", "From", "Priority", "Health", "Traffic", "In flight", "Slow start", "Last check", "Action"], rows, "No replicas."),
       );
     });
   }

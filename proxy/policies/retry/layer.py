@@ -17,8 +17,11 @@ Otherwise the last answer goes back as it is. Layers never write to the
 client, so a retry can only ever replace an answer nobody has seen yet; the
 upstream response it replaces is closed first (its connection is dropped).
 
-A retry goes to another replica when one is eligible: the forwarder records
-each replica tried in ``ex.tried`` and the replica picker avoids them.
+The first try runs on the exchange itself; each retry gets its own view of it
+(``Exchange.for_attempt``) carrying its per-try timeout and the replica it went to, and so does
+each hedge (proxy.policies.retry.race). A retry goes to another replica when one is eligible: the
+forwarder records each replica tried in the request's ``tried`` (shared by the views) and the
+replica picker avoids them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from proxy.metrics import FastCounter, Metrics
 from proxy.policies.context import LayerContext
 from proxy.policies.retry.backoff import Backoff
 from proxy.policies.retry.budget import RetryBudget
-from proxy.policies.retry.options import STATUS_CLASSES, RetryOptions
+from proxy.policies.retry.hedge import Hedger
+from proxy.policies.retry.options import STATUS_CLASSES, HedgeOptions, RetryOptions
+from proxy.policies.retry.race import HedgedTry, HedgeMetrics
 
 
 # Forwarder fault reasons (LocalReply.reason) that retry_on may name.
@@ -145,7 +150,11 @@ class RetryLayer:
         started = clock.now()
         budget.request(started)
         nxt = self.next
-        ex.try_timeout = self.per_try_timeout
+        per_try_timeout = self.per_try_timeout
+        # The first try runs on the exchange itself (nothing runs beside it: no copy on the path
+        # most requests take); each retry gets its own view (Exchange.for_attempt).
+        attempt = ex
+        ex.try_timeout = per_try_timeout
         if self._classifier.grpc and ex.body_stream is not None and request_is_grpc(ex.request_headers):
             # A gRPC body comes without a length (HTTP/2), so it streams; a copy is kept while it stays
             # within max_replay_body, so a unary call answered UNAVAILABLE can be sent again.
@@ -153,7 +162,9 @@ class RetryLayer:
         tried = 1
         previous_wait = self.backoff.initial
         while True:
-            reply = await nxt(ex)
+            reply = await nxt(attempt)
+            if attempt is not ex:
+                ex.settle(attempt)
             condition = self._condition(reply)
             if condition is None or tried >= self.attempts:
                 return reply
@@ -200,6 +211,7 @@ class RetryLayer:
                 ex.note(f"retry {tried} after {condition}, backoff {wait * 1000:.1f}ms")
             previous_wait = wait
             tried += 1
+            attempt = ex.for_attempt(per_try_timeout)
             started = clock.now()
 
 
@@ -248,7 +260,10 @@ def _one_message(body: bytes) -> bool:
 
 def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> RetryLayer | None:
     options: RetryOptions | None = getattr(route, "retry", None)
-    if options is None or options.attempts <= 1:
+    hedge: HedgeOptions | None = getattr(route, "hedge", None)
+    if hedge is not None and options is None:
+        options = RetryOptions(attempts=1)  # hedges without retries: the default budget and methods
+    if options is None or (options.attempts <= 1 and hedge is None):
         return None
     layer = RetryLayer(options, next_handler, ctx.clock, RetryMetrics(ctx.metrics, route.name))
     budget = options.budget
@@ -259,4 +274,14 @@ def build_layer(route: Route, next_handler: Handler, ctx: LayerContext) -> Retry
             ("retry-budget", route.upstream), budget, lambda: RetryBudget(budget, ctx.clock)
         )
         ctx.expose("retry_budget", route.upstream, layer.budget)
+    if hedge is not None:
+        _hedge(layer, route, hedge, ctx)
     return layer
+
+
+def _hedge(layer: RetryLayer, route: Route, options: HedgeOptions, ctx: LayerContext) -> None:
+    """Put a HedgedTry between the retry layer and its next handler (the forwarder's side)."""
+    # Kept across reloads with equal settings: the latency estimate is what the route learnt.
+    hedger = ctx.keep(("hedge", route.name), options, lambda: Hedger(route.name, options, ctx.clock))
+    ctx.expose("hedge", route.name, hedger)
+    layer.next = HedgedTry(layer, layer.next, hedger, HedgeMetrics(ctx.metrics, route.name, hedger)).__call__

@@ -1,15 +1,25 @@
-"""Retry settings: the route's `retry:` section (conditions, methods, backoff, budget)."""
+"""Retry settings: the route's `retry:` section (conditions, methods, backoff, budget) and `hedge:`."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import Field, PlainValidator, WithJsonSchema
+from pydantic import Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from proxy.kernel.classify import GRPC_CONDITIONS
 from proxy.kernel.reasons import KNOWN_METHODS, TRY_FAULTS
 from proxy.options.base import Count, Flag, PolicyModel
-from proxy.options.units import Duration, Size, describe_value, policy_error
+from proxy.options.units import (
+    DURATION_PATTERN,
+    Duration,
+    Percent,
+    Size,
+    describe_value,
+    format_duration,
+    parse_duration,
+    policy_error,
+)
 from proxy.policies.retry.backoff import BackoffOptions
 from proxy.policies.retry.budget import BudgetOptions
 
@@ -98,4 +108,70 @@ class RetryOptions(PolicyModel):
     honor_retry_after: Flag = Field(
         default=True,
         description="Wait as long as the upstream's Retry-After asks when that fits in the deadline; else return its answer.",
+    )
+
+
+_PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d{1,2})?)$")
+
+
+def _check_after(value: Any) -> str | float:
+    """``p50`` .. ``p99.99`` (the route's observed latency percentile) or a duration such as ``40ms``."""
+    if isinstance(value, str):
+        match = _PERCENTILE.match(value)
+        if match:
+            if not 50 <= float(match.group(1)) < 100:
+                raise policy_error(f"{value} is not a percentile to hedge after (use p50 to p99.99)")
+            return value
+        if value[:1] == "p":
+            raise policy_error(f"{describe_value(value)} is not a percentile (write p95, p99 or p99.9)")
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise policy_error("a hedge delay must be more than 0s")
+    return seconds
+
+
+def _dump_after(value: str | float) -> str:
+    return value if isinstance(value, str) else format_duration(value)
+
+
+HedgeAfter = Annotated[
+    str | float,
+    PlainValidator(_check_after),
+    PlainSerializer(_dump_after, return_type=str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(p\d{1,2}(\.\d{1,2})?|" + DURATION_PATTERN.strip("^$") + ")$",
+            "examples": ["p95", "p99", "40ms"],
+        }
+    ),
+]
+
+
+def percentile_of(after: str | float) -> float | None:
+    """The quantile (0.95 for ``p95``) a hedge delay follows, or None for a fixed delay."""
+    return float(after[1:]) / 100 if isinstance(after, str) else None
+
+
+class HedgeOptions(PolicyModel):
+    """Hedged requests: a second try to another replica when the first is slow to answer."""
+
+    after: HedgeAfter = Field(
+        default="p95",
+        description=(
+            "When a try that has not answered gets a hedge: a percentile of this route's observed response "
+            "time (p95: the slowest 5% are hedged; estimated over the recent tries, no hedge before 20 have "
+            "been seen) or a fixed duration such as 40ms."
+        ),
+    )
+    max_extra: Count = Field(
+        default=1, ge=1, le=3, description="Hedges a request may get at most (each one `after` the previous)."
+    )
+    budget: Annotated[Percent, Field(gt=0)] = Field(
+        default="5%",
+        validate_default=True,
+        description=(
+            "Share of this route's requests that may be hedged, over a 10s window: under a slow upstream "
+            "hedging adds at most this much load. Hedges also take from the retry budget and stop when it is spent."
+        ),
     )
