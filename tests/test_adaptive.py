@@ -19,8 +19,8 @@ from proxy.policies.adaptive.limit import GradientLimit, Shed
 from proxy.policies.adaptive.options import AdaptiveConcurrencyOptions
 from proxy.policies.context import LayerContext
 from tests.conftest import policy_text
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream
-from tests.test_proxy import get_metrics, metric_value
 
 KNEE = 20  # the upstream serves this many at once at its base latency; beyond, each waits its turn
 STEP = 0.005

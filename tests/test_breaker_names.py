@@ -9,8 +9,8 @@ import textwrap
 import httpx
 import pytest
 
+from tests.support.policyfile import fenders  # noqa: F401  (the fenders fixture)
 from tests.support.raw_upstream import RawUpstream, ok
-from tests.test_fault import fenders  # noqa: F401  (the fenders fixture)
 
 
 def policy(port: int, a: str, b: str, order: str = "ab", extra_route: str = "") -> str:

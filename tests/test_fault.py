@@ -2,6 +2,8 @@
 the layer in the upstream's place, and drills over real sockets (retries and the breaker meet an
 injected abort as a real one; the admin API switches a drill; a reload keeps it)."""
 
+# ruff: noqa: F811  (the fenders fixture comes from tests/support/policyfile.py)
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +14,9 @@ import textwrap
 import httpx
 import pytest
 
-from proxy.clock import SYSTEM_CLOCK, ManualClock
+from proxy.clock import ManualClock
 from proxy.cluster.upstream import UpstreamRuntime
-from proxy.config import PolicyError, load_policy, parse_policy
+from proxy.config import PolicyError, parse_policy
 from proxy.kernel.exchange import Exchange, LocalReply
 from proxy.metrics import Metrics
 from proxy.policies.chain import ORDER
@@ -22,10 +24,10 @@ from proxy.policies.context import LayerContext
 from proxy.policies.fault.injector import NOTHING, FaultInjector
 from proxy.policies.fault.layer import FaultReply, build_layer
 from proxy.policies.fault.options import FaultOptions
-from proxy.server.fender import Fender, bind_socket
+from tests.support.metrics import metric_value
+from tests.support.policyfile import at, fenders  # noqa: F401
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import RawUpstream, ok, status
-from tests.test_proxy import metric_value
 
 TOKEN = "fault-drill-token-0123456789abcdef"
 
@@ -57,16 +59,6 @@ def issues(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- options
-
-
-def at(text: str, needle: str, occurrence: int = 0) -> str:
-    """``drill.yaml:LINE:COL`` of ``needle`` in ``text`` (1-based, as the loader reports)."""
-    index = -1
-    for _ in range(occurrence + 1):
-        index = text.index(needle, index + 1)
-    line = text.count("\n", 0, index) + 1
-    column = index - (text.rfind("\n", 0, index) + 1) + 1
-    return f"drill.yaml:{line}:{column}"
 
 
 @pytest.mark.parametrize(
@@ -294,33 +286,6 @@ async def test_abort_answers_in_the_upstream_place_with_the_reason_header():
 # --------------------------------------------------------------------------- real sockets
 
 
-@pytest.fixture
-async def fenders(tmp_path):
-    """Fender on a policy file (so it can reload); stopped at the end."""
-    started: list[Fender] = []
-
-    async def start(text: str) -> Fender:
-        path = tmp_path / "policy.yaml"
-        path.write_text(text)
-        fender = Fender(load_policy(path), str(path), clock=SYSTEM_CLOCK)
-        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
-        fender.url = f"http://127.0.0.1:{fender.data_port}"
-        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
-        fender.path = path
-        started.append(fender)
-        return fender
-
-    async def reload(fender: Fender, text: str) -> None:
-        fender.path.write_text(text)
-        attempt = await fender.reloader.reload("api")
-        assert attempt.result == "applied", attempt.errors
-
-    start.reload = reload
-    yield start
-    for fender in started:
-        await fender.stop()
-
-
 async def test_retries_meet_an_injected_abort_as_a_real_503(fenders):
     route = """
         explain: true
@@ -477,7 +442,7 @@ async def test_concurrent_delays_respect_max_active_over_sockets(fenders):
 
 @pytest.mark.slow
 async def test_the_status_page_shows_a_drill_switched_on(fenders):
-    from tests.test_status_page import _need_browser
+    from tests.support.status_browser import _need_browser
 
     _need_browser()
     from playwright.async_api import async_playwright

@@ -16,8 +16,8 @@ from proxy.upstream import UpstreamTimeout
 from proxy.upstream.http2 import STREAM_WINDOW, H2Pool, StreamReset, request_headers
 from tests.conftest import raw_request
 from tests.support.h2_upstream import H2Upstream
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.procs import wait_until
-from tests.test_proxy import get_metrics, metric_value
 
 
 @pytest.fixture

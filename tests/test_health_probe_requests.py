@@ -8,10 +8,10 @@ import pytest
 from proxy.cluster.options import MAX_EXPECT_BODY
 from proxy.config import PolicyError, parse_policy
 from proxy.metrics import Metrics
+from tests.support.health import SteppingClock, settle, step
+from tests.support.picker import build, picks, policy_for, sample
+from tests.support.policyfile import at
 from tests.support.raw_upstream import RawUpstream, ok, status
-from tests.test_failover import build, picks, policy_for, sample
-from tests.test_fault import at
-from tests.test_health import SteppingClock, settle, step
 
 
 def checks(port: int, extra: str) -> str:

@@ -20,8 +20,8 @@ from proxy.policies.retry.layer import build_layer
 from proxy.policies.retry.options import HedgeOptions, RetryOptions
 from proxy.upstream.errors import ResetBeforeHeaders
 from tests.conftest import policy_text
+from tests.support.metrics import get_metrics, metric_value
 from tests.support.raw_upstream import RawUpstream
-from tests.test_proxy import get_metrics, metric_value
 
 
 def exchange(

@@ -150,7 +150,7 @@ def test_budget_limits_retries_to_ratio_plus_reserve_and_refills_after_the_windo
     clock.advance(10.5)  # everything counted has left the window
     budget.request()
     assert budget.try_spend()
-    assert budget.snapshot() == {"requests": 1, "retries": 1}
+    assert budget.snapshot() == {"requests": 1, "retries": 1, "allowed": int(1 * 0.2 + 1 * 10)}
 
 
 def test_budget_window_slides_slice_by_slice():
@@ -163,12 +163,12 @@ def test_budget_window_slides_slice_by_slice():
     for _ in range(3):
         budget.request(clock.now())
     clock.advance(4.9)  # 9.9s after the first five: all eight still count
-    assert budget.snapshot() == {"requests": 8, "retries": 0}
+    assert budget.snapshot() == {"requests": 8, "retries": 0, "allowed": int(8 * 0.2)}
     clock.advance(0.2)  # the first five's slice has left
-    assert budget.snapshot() == {"requests": 3, "retries": 0}
+    assert budget.snapshot() == {"requests": 3, "retries": 0, "allowed": int(3 * 0.2)}
     budget.request(clock.now())
     clock.advance(5.0)  # the three have left; the last one stays
-    assert budget.snapshot() == {"requests": 1, "retries": 0}
+    assert budget.snapshot() == {"requests": 1, "retries": 0, "allowed": int(1 * 0.2)}
 
 
 async def test_hard_down_upstream_attempts_stay_within_requests_times_one_plus_ratio_plus_minimum(

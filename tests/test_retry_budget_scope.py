@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from proxy.config import PolicyError, parse_policy
+from tests.support.metrics import metric_value
+from tests.support.policyfile import at, fenders  # noqa: F401  (the fenders fixture)
 from tests.support.raw_upstream import RawUpstream, status
-from tests.test_fault import at, fenders  # noqa: F401  (the fenders fixture)
-from tests.test_proxy import metric_value
 
 
 def policy(port: int, scope: str, second_budget: str = "", timeout: str = "15s") -> str:
@@ -59,7 +59,11 @@ async def test_an_upstream_budget_is_spent_by_every_route_using_it(fenders, scop
             a = await client.get("/a")  # retried: the budget's one retry
             b = await client.get("/b")  # shared: spent by route a; per route: b's own retry
             metrics = (await client.get(fender.admin_url + "/metrics")).text
+            page = (await client.get(fender.admin_url + "/admin/status")).json()
     assert a.status_code == b.status_code == 503
+    (shown,) = [u["retry_budget"] for u in page["upstreams"] if u["name"] == "up"]
+    # The status page shows a shared budget (one retry allowed and spent); a route's own is not there.
+    assert shown == ({"requests": 2, "retries": 1, "allowed": 1} if scope == "upstream" else None)
     assert "x-fender-retry" not in a.headers
     if scope == "upstream":
         assert b.headers["x-fender-retry"] == "budget-exhausted" and len(up.requests) == 3
@@ -75,11 +79,12 @@ async def test_a_reload_with_equal_settings_keeps_the_shared_budget(fenders):  #
         budget = fender.dataplane.runtime.exposed["retry_budget"]["up"]
         async with httpx.AsyncClient(base_url=fender.url) as client:
             await client.get("/a")
-            assert budget.snapshot() == {"requests": 1, "retries": 1}
+            assert budget.snapshot() == {"requests": 1, "retries": 1, "allowed": 1}
             await fenders.reload(fender, policy(up.port, "upstream", timeout="14s"))
             assert fender.dataplane.runtime.exposed["retry_budget"]["up"] is budget
             b = await client.get("/b")  # the retry spent before the reload still counts
     assert b.headers["x-fender-retry"] == "budget-exhausted" and budget.snapshot() == {
         "requests": 2,
         "retries": 1,
+        "allowed": 1,
     }

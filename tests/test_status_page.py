@@ -17,21 +17,13 @@ import pytest
 from proxy.config import parse_policy
 from proxy.server.fender import Fender, bind_socket
 from tests.conftest import policy_text
-from tests.support.need import missing
-from tests.support.status_browser import CHROMIUM_ARGS, FEW_POLLS_SECONDS, chromium_path, scenario
-
-
-def _need_browser():
-    why = None
-    if chromium_path() is None:
-        why = "chromium not installed: apt-get install chromium"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            why = "playwright not installed: pip install 'playwright>=1.40' (never `playwright install`)"
-    if why is not None:
-        missing(why)
+from tests.support.status_browser import (
+    CHROMIUM_ARGS,
+    FEW_POLLS_SECONDS,
+    _need_browser,  # noqa: F401
+    chromium_path,
+    scenario,
+)
 
 
 @pytest.mark.slow

@@ -135,9 +135,12 @@ def gather(fender: AdminHost) -> dict:
         entry["fault"] = _fault(fault.snapshot()) if fault is not None else None
         routes.append(entry)
     upstreams = []
+    budgets = runtime.exposed.get("retry_budget", {})  # budgets shared by an upstream's routes
     for name, upstream in runtime.upstreams.items():
         snapshot = upstream.picker.snapshot()
         snapshot["name"] = name
+        budget = budgets.get(name)
+        snapshot["retry_budget"] = budget.snapshot() if budget is not None else None
         snapshot["dns"] = upstream.dns_snapshot()  # where replicas from DNS come from, how fresh
         upstreams.append(snapshot)
     return redact(

@@ -27,6 +27,7 @@ import httpx
 
 from proxy.ops.history import TrafficHistory
 from tests.conftest import start_asgi, stop_asgi
+from tests.support.need import missing
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -251,3 +252,16 @@ async def scenario(start: Callable[[str], Awaitable], screenshot: Path) -> Obser
         await primary.stop()
         await standby.stop()
     return out
+
+
+def _need_browser():
+    why = None
+    if chromium_path() is None:
+        why = "chromium not installed: apt-get install chromium"
+    else:
+        try:
+            import playwright.async_api  # noqa: F401
+        except ImportError:
+            why = "playwright not installed: pip install 'playwright>=1.40' (never `playwright install`)"
+    if why is not None:
+        missing(why)

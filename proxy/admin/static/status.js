@@ -318,6 +318,10 @@
         "div",
         { class: "upstream", "data-upstream": u.name },
         el("h3", {}, el("code", {}, u.name), " ", level),
+        u.retry_budget
+          ? el("p", { class: "since", "data-retry-budget": u.name },
+              `retry budget (shared by its routes): ${u.retry_budget.retries} of ${u.retry_budget.allowed} retries allowed, ${u.retry_budget.requests} requests in the window`)
+          : "",
         names.length ? el("ul", { class: "dns" }, names) : "",
         table(["Replica", "From", "Priority", "Health", "Traffic", "In flight", "Slow start", "Last check", "Action"], rows, "No replicas."),
       );

@@ -17,7 +17,7 @@ retries. A shared budget is kept across reloads that leave its settings as they 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, Strict
 
@@ -114,6 +114,12 @@ class RetryBudget:
         self._requests[slot] += 1
         self._req_sum += 1
 
+    def snapshot(self) -> dict[str, int]:
+        """Requests and retries in the window, and how many retries it allows (status page)."""
+        self._roll()
+        allowed = int(self.ratio * self._req_sum + self.reserve)
+        return {"requests": self._req_sum, "retries": self._ret_sum, "allowed": allowed}
+
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the budget is spent."""
         slot = self._roll()
@@ -122,7 +128,3 @@ class RetryBudget:
         self._retries[slot] += 1
         self._ret_sum += 1
         return True
-
-    def snapshot(self) -> dict[str, Any]:
-        self._roll()
-        return {"requests": self._req_sum, "retries": self._ret_sum}
