@@ -240,3 +240,20 @@ routes: [{{name: r, upstream: up}}]
     with pytest.raises(PolicyError) as err:
         parse_policy(text, "p.yaml")
     assert "p.yaml:4:" in str(err.value) and words in str(err.value), str(err.value)
+
+
+async def test_the_outcome_of_a_try_to_a_replica_dns_removed_meanwhile_is_ignored():
+    # A try still under way when a new answer drops its replica ends after set_replicas: its
+    # outcome has no replica state left to update (it raised KeyError, a 500, under load).
+    from proxy.cluster.upstream import UpstreamRuntime
+
+    text = "upstreams:\n  up:\n    replicas: [{url: 'http://127.0.0.1:9'}, {url: 'http://127.0.0.2:9'}]\n"
+    text += "routes:\n  - {name: r, upstream: up}\n"
+    up = UpstreamRuntime("up", parse_policy(text).upstreams["up"], Metrics(), ManualClock())
+    gone = up.replicas[1]
+    await up.set_replicas(list(up.options.replicas[:1]), False)
+    assert gone not in up.replicas
+    up.observe(gone, 503, None, 0.1, [(b"retry-after", b"5")])  # no KeyError
+    up.observe(gone, 0, None, 0.1)
+    assert [r.name for r in up.replicas] == ["127.0.0.1:9"]
+    await up.close()

@@ -216,7 +216,9 @@ class UpstreamRuntime:
 
         A 429/503 carrying Retry-After also passes the replica over for that long (overload signal).
         """
-        state = self._state_of[replica]
+        state = self._state_of.get(replica)
+        if state is None:
+            return  # a replica DNS removed while this try was under way: nothing left to learn about
         self.picker.observe(state, status, error)
         if (status == 503 or status == 429) and headers:
             for name, value in headers:
