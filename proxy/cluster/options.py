@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from proxy.options.base import Count, HeaderName, PolicyModel, Text, _check_host, keep_ordered
+from proxy.options.base import (
+    Count,
+    HeaderName,
+    PolicyModel,
+    Text,
+    check_host_port,
+    keep_ordered,
+)
 from proxy.options.units import Duration, Percent, describe_value, format_duration, policy_error
 
 _RANGE_RE = re.compile(r"([1-5][0-9]{2})(?:-([1-5][0-9]{2}))?")
@@ -60,28 +67,7 @@ MAX_EXPECT_BODY = 64 * 1024
 
 def _check_probe_host(value: str) -> str:
     """A Host value: ``name``, ``name:port``, ``1.2.3.4[:port]`` or ``[v6][:port]``."""
-    hint = "write it like app.internal or app.internal:8000"
-    port: str | None
-    if value.startswith("["):
-        inner, sep, rest = value[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise policy_error(f"{describe_value(value)} is not a host ({hint})") from None
-        if not sep or (rest and not rest.startswith(":")):
-            raise policy_error(f"{describe_value(value)} is not a host ({hint})")
-        port = rest[1:] if rest else None
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            host, port = value, None
-        try:
-            _check_host(host, "app.internal")
-        except ValueError as exc:
-            raise policy_error(f"{exc} ({hint})") from None
-    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
-        raise policy_error(f"{describe_value(value)}: the port must be a number from 1 to 65535")
-    return value.lower()
+    return check_host_port(value, "write it like app.internal or app.internal:8000")
 
 
 class HealthCheckOptions(PolicyModel):

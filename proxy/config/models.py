@@ -83,6 +83,7 @@ from proxy.options.base import (  # noqa: E402  (re-exported: the models' buildi
     Text,
     _check_host,
     _valid_hostname,
+    check_host_port,
     is_loopback,
     keep_ordered,
 )
@@ -515,26 +516,7 @@ def _check_rewrite_host(value: Any) -> bool | str:
         raise policy_error(f"expected {hint}, got {describe_value(value)}")
     if value.lower() in ("true", "false", "yes", "no", "on", "off"):
         raise policy_error(f"{describe_value(value)} is text here: write true or false without quotes")
-    if value.startswith("["):
-        inner, sep, rest = value[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise policy_error(f"{describe_value(value)} is not a host name (expected {hint})") from None
-        if not sep or (rest and not rest.startswith(":")):
-            raise policy_error(f"{describe_value(value)} is not a host name (expected {hint})")
-        port = rest[1:] if rest else None
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            host, port = value, None
-        try:
-            _check_host(host, "app.internal")
-        except ValueError as exc:
-            raise policy_error(f"{exc} (expected {hint})") from None
-    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
-        raise policy_error(f"{describe_value(value)}: the port must be a number from 1 to 65535")
-    return value.lower()
+    return check_host_port(value, "expected " + hint)
 
 
 RewriteHost = Annotated[

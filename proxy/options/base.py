@@ -180,3 +180,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def check_host_port(value: str, hint: str) -> str:
+    """A Host value, ``name``, ``name:port``, ``1.2.3.4[:port]`` or ``[v6][:port]``, lowercased;
+    refused with ``hint`` (how to write it) in the message. Used by rewrite_host and probe hosts."""
+    port: str | None
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise policy_error(f"{describe_value(value)} is not a host ({hint})") from None
+        if not sep or (rest and not rest.startswith(":")):
+            raise policy_error(f"{describe_value(value)} is not a host ({hint})")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, None
+        try:
+            _check_host(host, "app.internal")
+        except ValueError as exc:
+            raise policy_error(f"{exc} ({hint})") from None
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise policy_error(f"{describe_value(value)}: the port must be a number from 1 to 65535")
+    return value.lower()
