@@ -19,6 +19,7 @@ __all__ = ["TracingOptions", "resolve_headers"]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONTROL = re.compile(r"[\r\n\0]")
 
 
 class TracingOptions(PolicyModel):
@@ -80,6 +81,8 @@ class TracingOptions(PolicyModel):
         for name, value in headers.items():
             if not _HEADER_NAME.match(name):
                 raise policy_error(f"{name!r} is not a valid HTTP header name", name)
+            if _CONTROL.search(value):
+                raise policy_error(f"header {name}: the value has a control character (CR, LF, NUL)", name)
             for variable in _ENV_REFERENCE.findall(value):
                 if variable not in os.environ:
                     raise policy_error(f"header {name}: environment variable {variable} is not set", name)
@@ -92,8 +95,11 @@ class TracingOptions(PolicyModel):
 
 
 def resolve_headers(headers: dict[str, str]) -> dict[str, str]:
-    """The export headers with ${NAME} replaced by the environment's values (unset: empty)."""
+    """The export headers with ${NAME} replaced by the environment's values (unset: empty).
+
+    CR, LF and NUL in an environment value are removed: they would end the header early.
+    """
     return {
-        name: _ENV_REFERENCE.sub(lambda m: os.environ.get(m.group(1), ""), value)
+        name: _CONTROL.sub("", _ENV_REFERENCE.sub(lambda m: os.environ.get(m.group(1), ""), value))
         for name, value in headers.items()
     }
