@@ -85,93 +85,83 @@ def event_attribute(key: str, value: str) -> bytes:
     return field(0x1A, _key(key) + field(0x12, field(0x0A, utf8(value))))
 
 
-class StringAttribute:
-    """An attribute whose key is fixed and whose value is a string given per span: the key pre-encoded."""
-
-    __slots__ = ("key", "_small")
-
-    def __init__(self, key: str) -> None:
-        self.key = _key(key)
-        self._small = 0x80 - 4 - len(self.key)  # values shorter than this need one-byte lengths only
-
-    def __call__(self, data: bytes) -> bytes:
-        """The attribute for ``data`` (UTF-8 bytes)."""
-        n = len(data)
-        if n < self._small:
-            return b"J%c%s\x12%c\n%c%s" % (len(self.key) + n + 4, self.key, n + 2, n, data)
-        return field(0x4A, self.key + field(0x12, field(0x0A, data)))
+def string_attribute(key: bytes, data: bytes) -> bytes:
+    """A string attribute: ``key`` from :func:`key_field`, ``data`` UTF-8 bytes."""
+    n = len(data)
+    if n + len(key) < 0x7C:  # every length fits in one byte
+        return b"J%c%s\x12%c\n%c%s" % (len(key) + n + 4, key, n + 2, n, data)
+    return field(0x4A, key + field(0x12, field(0x0A, data)))
 
 
-class Attributes:
-    """Encoded attributes made once per distinct value, for values from a small set (bounded cache)."""
-
-    __slots__ = ("key", "_cache")
-
-    LIMIT = 256  # distinct values kept; past it (a client sending many odd methods), encoded each time
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self._cache: dict = {}
-
-    def __call__(self, value: str | int) -> bytes:
-        encoded = self._cache.get(value)
-        if encoded is None:
-            encoded = attribute(self.key, value)
-            if len(self._cache) < self.LIMIT:
-                self._cache[value] = encoded
-        return encoded
+def key_field(key: str) -> bytes:
+    return _key(key)
 
 
-class DoubleAttribute:
-    """An attribute whose key is fixed and whose value is a float given per span."""
+def cached(cache: dict, limit: int, key: str, value):
+    """``attribute(key, value)`` from ``cache``, made and kept on a miss while the cache has room."""
+    encoded = cache.get(value)
+    if encoded is None:
+        encoded = attribute(key, value)
+        if len(cache) < limit:
+            cache[value] = encoded
+    return encoded
 
-    __slots__ = ("_head",)
 
-    def __init__(self, key: str) -> None:
-        encoded = _key(key)
-        # KeyValue{key, value: AnyValue{double_value: 8 bytes}}: a fixed length.
-        self._head = b"J%c%s\x12\t!" % (len(encoded) + 11, encoded)
+def double_head(key: str) -> bytes:
+    """What precedes the 8 bytes of a float attribute's value: KeyValue{key, AnyValue{double_value}}."""
+    encoded = _key(key)
+    return b"J%c%s\x12\t!" % (len(encoded) + 11, encoded)
 
-    def __call__(self, value: float) -> bytes:
-        return self._head + _DOUBLE.pack(value)
+
+def pack_double(value: float) -> bytes:
+    return _DOUBLE.pack(value)
 
 
 def span(
-    trace_id: bytes,
+    head: bytes,
     span_id: bytes,
-    parent_id: bytes,
-    trace_state: bytes,
     name: bytes,
     start_ns: int,
     end_ns: int,
     attributes: bytes,
-    events: list[tuple[int, bytes, bytes]] | None,
-    error: bytes | None,
+    extra: bytes = b"",
 ) -> bytes:
     """One Span, framed as a ``ScopeSpans.spans`` field.
 
-    ``name`` is the encoded name and kind fields (:func:`name_and_kind`), ``attributes``
-    the joined attribute fields, ``events`` (time, UTF-8 name, :func:`event_attribute` fields)
-    and ``error`` the
-    status message (UTF-8) of a span that failed.
+    ``head`` is :func:`span_head` (trace id, parent, trace state: shared by a request's spans),
+    ``name`` the encoded name and kind (:func:`name_and_kind`), ``attributes`` the joined
+    attribute fields and ``extra`` :func:`events` and :func:`error_status` fields, if any.
     """
-    parts = [b"\n\x10", trace_id, b"\x12\x08", span_id]
-    if trace_state:
-        parts.append(field(0x1A, trace_state))
-    if parent_id:
-        parts.append(b'"\x08')
-        parts.append(parent_id)
-    parts.append(name)
-    parts.append(_TIMES.pack(0x39, start_ns, 0x41, end_ns))
-    parts.append(attributes)
-    if events:
-        for time_ns, event_name, event_attributes in events:
-            event = _EVENT_TIME.pack(0x09, time_ns) + field(0x12, event_name) + event_attributes
-            parts.append(field(0x5A, event))
-    if error is not None:
-        parts.append(field(0x7A, field(0x12, error) + b"\x18\x02"))
-    body = b"".join(parts)
+    body = b"".join(
+        (head, b"\x12\x08", span_id, name, _TIMES.pack(0x39, start_ns, 0x41, end_ns), attributes, extra)
+    )
+    n = len(body)
+    if 0x80 <= n < 0x4000:
+        return b"\x12%c%c%s" % (n & 0x7F | 0x80, n >> 7, body)
     return field(0x12, body)
+
+
+def span_head(trace_id: bytes, parent_id: bytes, trace_state: bytes = b"") -> bytes:
+    """The trace id, parent span id (none: b"") and trace state fields of a span."""
+    head = b"\n\x10" + trace_id
+    if parent_id:
+        head += b'"\x08' + parent_id
+    if trace_state:
+        head += field(0x1A, trace_state)
+    return head
+
+
+def events(items: list[tuple[int, bytes, bytes]]) -> bytes:
+    """Span events: (time ns, UTF-8 name, :func:`event_attribute` fields) each."""
+    return b"".join(
+        field(0x5A, _EVENT_TIME.pack(0x09, time_ns) + field(0x12, name) + attributes)
+        for time_ns, name, attributes in items
+    )
+
+
+def error_status(message: bytes) -> bytes:
+    """The Status field of a span that failed: code ERROR, ``message`` (UTF-8)."""
+    return field(0x7A, field(0x12, message) + b"\x18\x02")
 
 
 def name_and_kind(name: str, kind: int) -> bytes:

@@ -33,61 +33,33 @@ from proxy.tracing.options import TracingOptions, resolve_headers
 from proxy.tracing.spans import (
     CLIENT,
     SERVER,
-    Attributes,
-    DoubleAttribute,
-    StringAttribute,
     attribute,
+    cached,
+    double_head,
+    error_status,
     event_attribute,
+    events,
+    key_field,
     name_and_kind,
+    pack_double,
     span,
+    span_head,
+    string_attribute,
     utf8,
 )
 
 _BULKHEAD_REASONS = ("bulkhead_full", "bulkhead_timeout")
 _EXEMPLAR_EVERY = 1_000_000_000  # ns: at most one new exemplar per histogram bucket per second
+_LIMIT = 512  # entries in each cache of encoded attributes (values beyond it are encoded each time)
 
-# Attributes whose values come from small sets: each distinct value encoded once (bounded caches).
-_METHOD = Attributes("http.request.method")
-_STATUS = Attributes("http.response.status_code")
-_TRIES = Attributes("fender.tries")
-_LOCAL_REASON = Attributes("fender.local_reason")
-_ERROR_TYPE = Attributes("error.type")
-_CACHE_STATUS = Attributes("fender.cache_status")
-_BULKHEAD = Attributes("fender.bulkhead")
-_ATTEMPT = Attributes("fender.attempt")
-_RESEND = Attributes("http.request.resend_count")
-_FAULT = Attributes("fender.fault")
-_RATE_LIMITED = attribute("fender.rate_limit", "limited")
-_RATE_ALLOWED = attribute("fender.rate_limit", "allowed")
-# Attributes with a value per request.
-_URL_PATH = StringAttribute("url.path")
-_URL_QUERY = StringAttribute("url.query")
-_SERVER_ADDRESS = StringAttribute("server.address")
-_CLIENT_ADDRESS = StringAttribute("client.address")
-_REQUEST_ID = StringAttribute("fender.request_id")
-_BACKOFF = DoubleAttribute("fender.backoff_ms")
-
-
-class _Names:
-    """A span's encoded name and kind per request method (bounded: methods are client input)."""
-
-    __slots__ = ("_format", "_kind", "_cache")
-
-    def __init__(self, name_format: str, kind: int) -> None:
-        self._format = name_format
-        self._kind = kind
-        self._cache: dict[str, bytes] = {}
-
-    def __call__(self, method: str) -> bytes:
-        encoded = self._cache.get(method)
-        if encoded is None:
-            encoded = name_and_kind(self._format.format(method), self._kind)
-            if len(self._cache) < 64:
-                self._cache[method] = encoded
-        return encoded
-
-
-_CLIENT_NAMES = _Names("{}", CLIENT)
+# Encoded attributes by value, for values that repeat: paths, hosts, client addresses (bounded caches).
+_PATHS: dict = {}
+_HOSTS: dict = {}
+_CLIENTS: dict = {}
+_REQUEST_ID = key_field("fender.request_id")
+_URL_QUERY = key_field("url.query")
+_BACKOFF = double_head("fender.backoff_ms")
+_CLIENT_NAMES: dict = {}  # client span name and kind by method
 
 
 class Tracer:
@@ -140,7 +112,17 @@ class RequestTrace:
     (An unsampled request's ``ex.tracing`` is just the traceparent bytes it forwards.)
     """
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "start_ns", "headers", "tries", "last_end", "prefix")
+    __slots__ = (
+        "trace_id",
+        "span_id",
+        "parent_id",
+        "start_ns",
+        "headers",
+        "tries",
+        "last_end",
+        "prefix",
+        "client_head",
+    )
 
     def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, headers, start_ns: int) -> None:
         self.trace_id = trace_id
@@ -151,6 +133,7 @@ class RequestTrace:
         self.tries = 0
         self.last_end = 0  # when the previous try ended (ns), for the backoff before the next
         self.prefix = b"00-" + trace_id.hex().encode() + b"-"  # of each try's traceparent
+        self.client_head = span_head(trace_id, span_id)  # each try's span: this trace, below the server span
 
 
 class ServerSpanLayer:
@@ -161,9 +144,10 @@ class ServerSpanLayer:
         "draw",
         "rate",
         "bits",
+        "route",
         "upstream",
         "names",
-        "constant",
+        "common",
         "breaker_event",
         "histogram",
         "exemplar_at",
@@ -181,9 +165,11 @@ class ServerSpanLayer:
         self.draw = tracer.draw
         self.rate = tracer.rate
         self.bits = tracer.bits
+        self.route = route.name
         self.upstream = route.upstream
-        self.names = _Names("{} " + route.name, SERVER)
-        self.constant = attribute("fender.route", route.name) + attribute("fender.upstream", route.upstream)
+        self.names: dict[str, bytes] = {}  # the span's encoded name and kind by method
+        # The attributes that follow from the method, status, tries and local reason, encoded once each.
+        self.common: dict[tuple, bytes] = {}
         self.breaker_event = event_attribute("fender.upstream", route.upstream)
         self.histogram = metrics.request_duration.labels(route.name)
         self.exemplar_at = [0] * len(self.histogram._buckets)  # when each bucket last got one (ns)
@@ -257,38 +243,35 @@ class ServerSpanLayer:
         self, state: RequestTrace, ex: Exchange, status: int, reply, notes: list[str] | None, error
     ) -> None:
         end = time.time_ns()
-        path, _, query = ex.target.partition(b"?")
-        parts = [_METHOD(ex.method), _URL_PATH(utf8(path))]
-        if query:
-            parts.append(_URL_QUERY(utf8(query)))
-        if ex.host is not None:
-            parts.append(_SERVER_ADDRESS(utf8(ex.host)))
-        if ex.client:
-            parts.append(_CLIENT_ADDRESS(ex.client.encode()))
-        parts.append(_STATUS(status))
-        parts.append(self.constant)
-        parts.append(_REQUEST_ID(utf8(ex.request_id)))
-        parts.append(_TRIES(len(ex.tried)))
-        # The notes carry no time of their own: each event is stamped with the span's end.
-        events = [(end, utf8(note), b"") for note in notes] if notes else None
         reason = reply.reason if isinstance(reply, LocalReply) else None
-        if reason is not None:
-            parts.append(_LOCAL_REASON(reason))
-            parts.append(_ERROR_TYPE(reason))
-            if reason == "breaker_open":
-                (events if events is not None else (events := [])).append(
-                    (end, b"breaker_open", self.breaker_event)
-                )
+        key = (ex.method, status, len(ex.tried), reason, state.tries > 0)
+        common = self.common.get(key) or self._common(key)
+        path, _, query = ex.target.partition(b"?")
+        parts = [common, _PATHS.get(path) or cached(_PATHS, _LIMIT, "url.path", path)]
+        if query:
+            parts.append(string_attribute(_URL_QUERY, utf8(query)))
+        host = ex.host
+        if host is not None:
+            parts.append(_HOSTS.get(host) or cached(_HOSTS, _LIMIT, "server.address", host))
+        client = ex.client
+        if client:
+            parts.append(_CLIENTS.get(client) or cached(_CLIENTS, _LIMIT, "client.address", client))
+        parts.append(string_attribute(_REQUEST_ID, ex.request_id))  # visible ASCII (headers.py)
         if ex.response_headers:
             cache = cache_result(ex.response_headers)
             if cache is not None:
-                parts.append(_CACHE_STATUS(cache))
-        if self.has_rate_limit:
-            parts.append(_RATE_LIMITED if reason == "rate_limited" else _RATE_ALLOWED)
-        if self.has_bulkhead and state.tries or reason in _BULKHEAD_REASONS:
-            parts.append(_BULKHEAD(reason if reason in _BULKHEAD_REASONS else "admitted"))
+                parts.append(attribute("fender.cache_status", cache))
+        extra = b""
+        if notes or reason == "breaker_open":
+            # The notes carry no time of their own: each event is stamped with the span's end.
+            items = [(end, utf8(note), b"") for note in notes] if notes else []
+            if reason == "breaker_open":
+                items.append((end, b"breaker_open", self.breaker_event))
+            extra = events(items)
         if error is None and status >= 500:
             error = reason or f"HTTP {status}"
+        if error is not None:
+            extra += error_status(utf8(error))
         trace_id = state.trace_id
         tracestate = b""
         if state.parent_id:
@@ -298,16 +281,13 @@ class ServerSpanLayer:
                     break
         self.tracer.exporter.add(
             span(
-                trace_id,
+                span_head(trace_id, state.parent_id, tracestate),
                 state.span_id,
-                state.parent_id,
-                tracestate,
-                self.names(ex.method),
+                self.names.get(ex.method) or self._name(ex.method),
                 state.start_ns,
                 end,
                 b"".join(parts),
-                events,
-                None if error is None else error.encode(),
+                extra,
             )
         )
         # The exemplar: this trace, on the request-duration bucket its duration falls in, at most
@@ -319,11 +299,38 @@ class ServerSpanLayer:
             self.exemplar_at[index] = end
             child._buckets[index].set_exemplar(Exemplar({"trace_id": trace_id.hex()}, seconds, end / 1e9))
 
+    def _common(self, key: tuple) -> bytes:
+        method, status, tried, reason, forwarded = key
+        parts = [
+            attribute("http.request.method", method),
+            attribute("http.response.status_code", status),
+            attribute("fender.route", self.route),
+            attribute("fender.upstream", self.upstream),
+            attribute("fender.tries", tried),
+        ]
+        if reason is not None:
+            parts.append(attribute("fender.local_reason", reason))
+            parts.append(attribute("error.type", reason))
+        if self.has_rate_limit:
+            parts.append(attribute("fender.rate_limit", "limited" if reason == "rate_limited" else "allowed"))
+        if self.has_bulkhead and forwarded or reason in _BULKHEAD_REASONS:
+            parts.append(attribute("fender.bulkhead", reason if reason in _BULKHEAD_REASONS else "admitted"))
+        encoded = b"".join(parts)
+        if len(self.common) < _LIMIT:
+            self.common[key] = encoded
+        return encoded
+
+    def _name(self, method: str) -> bytes:
+        encoded = name_and_kind(f"{method} {self.route}", SERVER)
+        if len(self.names) < 64:  # methods are the client's: stay bounded
+            self.names[method] = encoded
+        return encoded
+
 
 class ClientSpanLayer:
     """Around the forwarder: the traceparent for this try, and its client span when sampled."""
 
-    __slots__ = ("next", "tracer", "upstream", "_peers", "_runtime")
+    __slots__ = ("next", "tracer", "upstream", "common", "_peers", "_runtime")
 
     def __init__(self, next_handler, tracer: Tracer, upstream) -> None:
         self.next = next_handler
@@ -333,14 +340,20 @@ class ClientSpanLayer:
         # The encoded attributes naming each replica, made once (the names come from the policy;
         # those DNS adds later are made when first traced, see _peer).
         self._peers = {r.name: _peer_attributes(r) for r in upstream.replicas}
+        # A first try's whole attributes by method, replica and status (no backoff, no fault).
+        self.common: dict[tuple, bytes] = {}
 
     def _peer(self, name: str | None) -> bytes:
-        """A replica DNS added after this layer was built: its attributes, made on first use."""
+        """A replica's attributes; one DNS added after this layer was built is made on first use."""
+        peer = self._peers.get(name)  # type: ignore[arg-type]
+        if peer is not None:
+            return peer
         replicas = self._runtime.replicas
         for replica in replicas:
             if replica.name == name:
                 if len(self._peers) > 2 * len(replicas) + 16:  # addresses come and go: stay bounded
                     self._peers = {r.name: _peer_attributes(r) for r in replicas}
+                    self.common.clear()
                 peer = self._peers[replica.name] = _peer_attributes(replica)
                 return peer
         return b""  # no replica took it
@@ -364,40 +377,61 @@ class ClientSpanLayer:
         backoff = (start - state.last_end) / 1e6 if attempt > 1 and state.last_end else 0.0
         reply = await self.next(ex)
         end = state.last_end = time.time_ns()
-        peer = self._peers.get(ex.replica_name)
         status = reply.status
-        parts = [
-            _METHOD(ex.method),
-            self.upstream,
-            self._peer(ex.replica_name) if peer is None else peer,
-            _ATTEMPT(attempt),
-            _BACKOFF(round(backoff, 3)),
-            _STATUS(status),
-        ]
-        if attempt > 1:
-            parts.append(_RESEND(attempt - 1))
-        error = None
+        extra = b""
         if isinstance(reply, LocalReply):
-            parts.append(_ERROR_TYPE(reply.reason))
-            parts.append(_FAULT(reply.reason))
-            error = reply.reason.encode()
-        elif status >= 500:
-            error = b"HTTP %d" % status
+            reason = reply.reason
+            attributes = self._attributes(ex, status, attempt, backoff) + (
+                attribute("error.type", reason) + attribute("fender.fault", reason)
+            )
+            extra = error_status(reason.encode())
+        else:
+            if attempt == 1:
+                key = (ex.method, ex.replica_name, status)
+                attributes = self.common.get(key) or self._first(key, ex, status)
+            else:
+                attributes = self._attributes(ex, status, attempt, backoff)
+            if status >= 500:
+                extra = error_status(b"HTTP %d" % status)
         self.tracer.exporter.add(
             span(
-                state.trace_id,
+                state.client_head,
                 span_id,
-                state.span_id,
-                b"",
-                _CLIENT_NAMES(ex.method),
+                _CLIENT_NAMES.get(ex.method) or self._name(ex.method),
                 start,
                 end,
-                b"".join(parts),
-                None,
-                error,
+                attributes,
+                extra,
             )
         )
         return reply
+
+    def _attributes(self, ex: Exchange, status: int, attempt: int, backoff: float) -> bytes:
+        encoded = (
+            attribute("http.request.method", ex.method)
+            + self.upstream
+            + self._peer(ex.replica_name)
+            + attribute("fender.attempt", attempt)
+            + _BACKOFF
+            + pack_double(round(backoff, 3))
+            + attribute("http.response.status_code", status)
+        )
+        if attempt > 1:
+            encoded += attribute("http.request.resend_count", attempt - 1)
+        return encoded
+
+    def _first(self, key: tuple, ex: Exchange, status: int) -> bytes:
+        encoded = self._attributes(ex, status, 1, 0.0)
+        if len(self.common) < _LIMIT:
+            self.common[key] = encoded
+        return encoded
+
+    @staticmethod
+    def _name(method: str) -> bytes:
+        encoded = name_and_kind(method, CLIENT)
+        if len(_CLIENT_NAMES) < 64:  # methods are the client's: stay bounded
+            _CLIENT_NAMES[method] = encoded
+        return encoded
 
 
 def _peer_attributes(replica) -> bytes:
