@@ -185,7 +185,8 @@ class SpanExporter:
             self._full.inc()
             return
         queue.append(span)
-        if len(queue) == BATCH:
+        n = len(queue)
+        if n == BATCH or n == 1:  # a batch's worth, or the first span the idle task waits for
             self._wake.set()
 
     def start(self) -> None:
@@ -219,7 +220,10 @@ class SpanExporter:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                # Until a batch's worth is queued, or INTERVAL after the last export began.
+                if not self.queue:  # idle: no timer until a span arrives
+                    self._wake.clear()
+                    await self._wake.wait()
+                # Until a batch's worth is queued, or INTERVAL after the first span came.
                 due = loop.time() + self._interval
                 while len(self.queue) < BATCH:
                     self._wake.clear()

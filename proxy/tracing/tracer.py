@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
 from bisect import bisect_left
 
@@ -61,6 +62,23 @@ _URL_QUERY = key_field("url.query")
 _BACKOFF = double_head("fender.backoff_ms")
 _CLIENT_NAMES: dict = {}  # client span name and kind by method
 
+# Traceparents of unsampled new traces, made a block at a time: formatting two random ints as hex
+# per request cost ~4.9k instructions, taking one from a block ~1.6k (callgrind, per request).
+_BLOCK = 256
+_SPLIT_IDS = struct.Struct("32s16s" * _BLOCK).unpack
+_FORMAT = b"00-%s-%s-00" * _BLOCK
+_SPLIT_HEADERS = struct.Struct("55s" * _BLOCK).unpack
+_ZERO_TRACE = b"-" + b"0" * 32 + b"-"
+_ZERO_SPAN = b"-" + b"0" * 16 + b"-00"
+
+
+def _traceparents() -> tuple[bytes, ...]:
+    """A block of unsampled traceparents with fresh random trace and span ids (none all zero)."""
+    while True:  # bounded in practice: a retry happens with probability ~2^-56 per block
+        block = _FORMAT % _SPLIT_IDS(os.urandom(24 * _BLOCK).hex().encode())
+        if _ZERO_TRACE not in block and _ZERO_SPAN not in block:
+            return _SPLIT_HEADERS(block)
+
 
 class Tracer:
     """Sampling, ids and the exporter of one policy's tracing section (kept across reloads if unchanged)."""
@@ -80,6 +98,8 @@ class Tracer:
         # Ids need to be unique, not secret (as in the OpenTelemetry SDK): a Mersenne Twister seeded
         # from the OS, where SystemRandom would cost a system call per id.
         self.bits = random.Random(os.urandom(32)).getrandbits
+        # Unsampled traceparents, taken from the end; refilled a block at a time (_traceparents).
+        self.traceparents: list[bytes] = []
         self.metrics = metrics
         self.exporter = SpanExporter(
             options.traces_url,
@@ -98,6 +118,9 @@ class Tracer:
 
     def sample_root(self) -> bool:
         return self.draw() < self.rate
+
+    def refill(self) -> None:
+        self.traceparents.extend(_traceparents())
 
     def start(self) -> None:
         self.exporter.start()
@@ -144,6 +167,7 @@ class ServerSpanLayer:
         "draw",
         "rate",
         "bits",
+        "take",
         "route",
         "upstream",
         "names",
@@ -165,6 +189,7 @@ class ServerSpanLayer:
         self.draw = tracer.draw
         self.rate = tracer.rate
         self.bits = tracer.bits
+        self.take = tracer.traceparents.pop
         self.route = route.name
         self.upstream = route.upstream
         self.names: dict[str, bytes] = {}  # the span's encoded name and kind by method
@@ -188,8 +213,11 @@ class ServerSpanLayer:
         if self.draw() < self.rate:
             return self._sampled(ex, self.tracer.new_trace_id(), b"", False)
         # Not sampled: one span id (never recorded) is the upstream's parent for every try.
-        bits = self.bits
-        traceparent = b"00-%032x-%016x-00" % (bits(128) or 1, bits(64) or 1)
+        try:
+            traceparent = self.take()
+        except IndexError:
+            self.tracer.refill()
+            traceparent = self.take()
         ex.headers.append((b"traceparent", traceparent))
         ex.tracing = traceparent
         if ex.trace is not None:
@@ -199,16 +227,17 @@ class ServerSpanLayer:
     def _with_parent(self, ex: Exchange):
         """A request that came with a traceparent: continue its trace, following its sampled flag."""
         parent = incoming_context(ex.request_headers)
-        bits = self.bits
-        if parent is None:  # invalid (or two of them): a new trace, as if there were none
-            if self.draw() < self.rate:
-                return self._sampled(ex, self.tracer.new_trace_id(), b"", True)
-            trace_hex = b"%032x" % (bits(128) or 1)
-        elif parent[2]:
+        if parent is None and self.draw() < self.rate:  # invalid (or two): a new trace, as if none came
+            return self._sampled(ex, self.tracer.new_trace_id(), b"", True)
+        if parent is not None and parent[2]:
             return self._sampled(ex, parent[0], parent[1], True)
-        else:
-            trace_hex = parent[0].hex().encode()
-        traceparent = b"00-%s-%016x-00" % (trace_hex, bits(64) or 1)
+        try:
+            traceparent = self.take()
+        except IndexError:
+            self.tracer.refill()
+            traceparent = self.take()
+        if parent is not None:  # an unsampled parent: its trace, a fresh span id (the block's)
+            traceparent = b"00-%s-%s" % (parent[0].hex().encode(), traceparent[36:])
         ex.headers = [h for h in ex.headers if h[0] != b"traceparent"]
         ex.headers.append((b"traceparent", traceparent))
         ex.tracing = traceparent

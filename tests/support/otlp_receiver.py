@@ -24,6 +24,7 @@ class OtlpReceiver:
         self.resources: list = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
+        self.connections = 0  # accepted, over the receiver's life
         self.hold = asyncio.Event()
         self.hold.set()
         self._changed = asyncio.Condition()
@@ -56,6 +57,7 @@ class OtlpReceiver:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
