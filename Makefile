@@ -74,7 +74,9 @@ bench-streams: $(STAMP)
 	$(BIN)/python tests/bench/streams.py $(STREAMS_ARGS)
 
 ## Instructions per request (valgrind's callgrind): pass-through, every policy, cache hit, and
-## their ratios; deterministic where `make bench` moves with the machine. Needs valgrind.
-## Options: make bench-instructions INSTRUCTIONS_ARGS="--requests 5000"
+## their ratios; then pass-through without tracing and with tracing at 0%, 1% and 100% sampling
+## (tests/bench/tracing.py --instructions). Deterministic where `make bench` moves with the machine.
+## Needs valgrind. Options: make bench-instructions INSTRUCTIONS_ARGS="--requests 5000"
 bench-instructions: $(STAMP)
 	$(BIN)/python tests/bench/instructions.py $(INSTRUCTIONS_ARGS)
+	$(BIN)/python tests/bench/tracing.py --instructions $(INSTRUCTIONS_ARGS)

@@ -253,9 +253,10 @@ class ServerSpanLayer:
         notes = None
         if ex.trace is not None:
             ex.note(f"trace {trace_id.hex()}")
-        else:
+        elif self.unsampled_next is self.next:
             # A sampled request records the layers' decisions (ex.note: breaker state, bulkhead
             # queueing, retries, limits) as span events; no Fender-Trace goes to the client for it.
+            # (A route without policy layers has none: its only note, the try's, is the client span.)
             notes = ex.trace = []
         try:
             reply = await self.next(ex)
