@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 
 import httpx
@@ -12,7 +11,9 @@ import pytest
 
 from proxy.config import parse_policy
 from proxy.config.loader import PolicyError
+from proxy.metrics import Metrics
 from proxy.tracing.context import format_traceparent, parse_traceparent
+from proxy.tracing.tracer import Tracer
 from tests.conftest import free_port, policy_text
 from tests.support.metrics import get_metrics, metric_value
 from tests.support.otlp_receiver import OtlpReceiver, attributes
@@ -147,9 +148,13 @@ async def test_an_unsampled_parent_is_not_recorded_but_still_propagated(start_fe
 
 
 async def test_new_roots_are_sampled_at_the_configured_rate_with_a_seeded_sampler(start_fender):
-    requests, seed, rate = 60, 1234, 0.3
-    draws = random.Random(seed)
-    expected = sum(draws.random() < rate for _ in range(requests))
+    requests, seed = 60, 1234
+    # The sampled places the seeded sampler gives (geometric gaps: see Tracer.gap), taken from
+    # a tracer of the same options.
+    options = parse_policy(traced("http://127.0.0.1:9", 9, sample="30%", extra=f", sample_seed: {seed}"))
+    schedule = Tracer(options.tracing, Metrics())
+    places = [schedule.next_new_trace() is None for _ in range(requests)]
+    expected = sum(places)
     assert 0 < expected < requests
     async with OtlpReceiver() as collector, RawUpstream(ok()) as up:
         fender = await start_fender(
@@ -167,6 +172,7 @@ async def test_new_roots_are_sampled_at_the_configured_rate_with_a_seeded_sample
     assert len({s.trace_id for s in roots}) == expected
     # Every request got a fresh trace id, sampled or not (flag 01 exactly for the sampled ones).
     contexts = [upstream_traceparent(up, i) for i in range(requests)]
+    assert [c[2] for c in contexts] == places
     assert len({c[0] for c in contexts}) == requests
     assert {c[0] for c in contexts if c[2]} == {s.trace_id for s in roots}
 
@@ -265,6 +271,17 @@ async def test_a_breaker_open_reply_has_a_breaker_event_and_no_client_span(start
     assert names[-1] == "breaker_open"
     assert any(re.fullmatch(r"breaker \S+ open rejected", name) for name in names), names
     assert spans[0].status.code == 2
+
+
+def test_new_traces_are_sampled_at_the_rate_over_many_and_never_at_0_percent():
+    rates = {}
+    for sample in ("1%", "0%", "100%", "50%"):
+        options = parse_policy(traced("http://127.0.0.1:9", 9, sample=sample, extra=", sample_seed: 7"))
+        tracer = Tracer(options.tracing, Metrics())
+        rates[sample] = sum(tracer.next_new_trace() is None for _ in range(100_000)) / 100_000
+    assert 0.009 < rates["1%"] < 0.011  # +-3 standard deviations of 100k draws at 1%
+    assert 0.495 < rates["50%"] < 0.505
+    assert (rates["0%"], rates["100%"]) == (0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- export under trouble

@@ -8,15 +8,15 @@ upstream receives names that try's span as its parent. A route of a policy
 without ``tracing:`` gets neither layer, so it pays nothing.
 
 Costs (callgrind, per request of a pass-through route; tests/bench/tracing.py --instructions):
-an unsampled request pays for one header scan, one sampling draw and one
-``traceparent`` (two random ints formatted as hex, the cheapest of the ways
-measured), and calls the forwarder directly when no layer sits between the two
-span layers. A sampled request's spans are encoded as they end (proxy/tracing/spans.py),
+an unsampled new trace pays for one header scan and one ``traceparent`` taken
+from a block made ahead (no draw of its own: sampled places are drawn as gaps),
+and calls the forwarder directly when no layer sits between the two span layers. A sampled request's spans are encoded as they end (proxy/tracing/spans.py),
 their constant attributes pre-encoded.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import struct
@@ -98,8 +98,13 @@ class Tracer:
         # Ids need to be unique, not secret (as in the OpenTelemetry SDK): a Mersenne Twister seeded
         # from the OS, where SystemRandom would cost a system call per id.
         self.bits = random.Random(os.urandom(32)).getrandbits
-        # Unsampled traceparents, taken from the end; refilled a block at a time (_traceparents).
-        self.traceparents: list[bytes] = []
+        # What each new trace (a request without a valid traceparent) gets, taken from the end and
+        # refilled a block at a time: an unsampled traceparent, or None where the trace is sampled.
+        # The sampled places are drawn as geometric gaps (the number of unsampled traces before the
+        # next sampled one): the same odds as a draw per request, for a draw per sampled one.
+        self.traceparents: list[bytes | None] = []
+        self._log_unsampled = math.log1p(-self.rate) if 0 < self.rate < 1 else 0.0
+        self._until = self.gap()  # unsampled new traces before the next sampled one
         self.metrics = metrics
         self.exporter = SpanExporter(
             options.traces_url,
@@ -116,11 +121,35 @@ class Tracer:
     def new_span_id(self) -> bytes:
         return (self.bits(64) or 1).to_bytes(8, "big")
 
-    def sample_root(self) -> bool:
-        return self.draw() < self.rate
+    def gap(self) -> int:
+        """How many new traces go unsampled before the next sampled one (geometric, seeded draws)."""
+        if self.rate <= 0:
+            return 1 << 62
+        if self.rate >= 1:
+            return 0
+        return int(math.log(1.0 - self.draw()) / self._log_unsampled)
+
+    def next_new_trace(self) -> bytes | None:
+        """What the next new trace gets: an unsampled traceparent, or None when it is sampled.
+
+        (The layer takes from ``traceparents`` itself, without this call's frame.)
+        """
+        if not self.traceparents:
+            self.refill()
+        return self.traceparents.pop()
 
     def refill(self) -> None:
-        self.traceparents.extend(_traceparents())
+        if self.rate >= 1:
+            self.traceparents.extend([None] * _BLOCK)
+            return
+        block: list[bytes | None] = list(_traceparents())
+        at = self._until
+        while at < _BLOCK:  # bounded: each pass moves at least one place on
+            block[at] = None
+            at += 1 + self.gap()
+        self._until = at - _BLOCK
+        block.reverse()  # taken from the end: in order
+        self.traceparents.extend(block)
 
     def start(self) -> None:
         self.exporter.start()
@@ -164,8 +193,6 @@ class ServerSpanLayer:
         "next",
         "unsampled_next",
         "tracer",
-        "draw",
-        "rate",
         "bits",
         "take",
         "route",
@@ -186,8 +213,6 @@ class ServerSpanLayer:
         below = getattr(next_handler, "__self__", None)
         self.unsampled_next = below.next if isinstance(below, ClientSpanLayer) else next_handler
         self.tracer = tracer
-        self.draw = tracer.draw
-        self.rate = tracer.rate
         self.bits = tracer.bits
         self.take = tracer.traceparents.pop
         self.route = route.name
@@ -210,14 +235,14 @@ class ServerSpanLayer:
         for name, _ in ex.request_headers:
             if name == b"traceparent":
                 return self._with_parent(ex)
-        if self.draw() < self.rate:
-            return self._sampled(ex, self.tracer.new_trace_id(), b"", False)
-        # Not sampled: one span id (never recorded) is the upstream's parent for every try.
         try:
             traceparent = self.take()
         except IndexError:
             self.tracer.refill()
             traceparent = self.take()
+        if traceparent is None:
+            return self._sampled(ex, self.tracer.new_trace_id(), b"", False)
+        # Not sampled: one span id (never recorded) is the upstream's parent for every try.
         ex.headers.append((b"traceparent", traceparent))
         ex.tracing = traceparent
         if ex.trace is not None:
@@ -227,17 +252,18 @@ class ServerSpanLayer:
     def _with_parent(self, ex: Exchange):
         """A request that came with a traceparent: continue its trace, following its sampled flag."""
         parent = incoming_context(ex.request_headers)
-        if parent is None and self.draw() < self.rate:  # invalid (or two): a new trace, as if none came
-            return self._sampled(ex, self.tracer.new_trace_id(), b"", True)
-        if parent is not None and parent[2]:
+        if parent is None:  # invalid (or two of them): a new trace, as if none had come
+            try:
+                traceparent = self.take()
+            except IndexError:
+                self.tracer.refill()
+                traceparent = self.take()
+            if traceparent is None:
+                return self._sampled(ex, self.tracer.new_trace_id(), b"", True)
+        elif parent[2]:
             return self._sampled(ex, parent[0], parent[1], True)
-        try:
-            traceparent = self.take()
-        except IndexError:
-            self.tracer.refill()
-            traceparent = self.take()
-        if parent is not None:  # an unsampled parent: its trace, a fresh span id (the block's)
-            traceparent = b"00-%s-%s" % (parent[0].hex().encode(), traceparent[36:])
+        else:  # an unsampled parent: its trace, a span id of Fender's (never recorded)
+            traceparent = b"00-%s-%016x-00" % (parent[0].hex().encode(), self.bits(64) or 1)
         ex.headers = [h for h in ex.headers if h[0] != b"traceparent"]
         ex.headers.append((b"traceparent", traceparent))
         ex.tracing = traceparent
