@@ -172,7 +172,10 @@ class RedisState:
         self.channel = self.prefix + b"inv"
         self.purge_channel = self.prefix + b"purge"
         # Sharded pub/sub (cluster): both channels in one hash slot, so one subscription carries them.
-        self.shard_channels = {self.channel: self.prefix + b"{inv}", self.purge_channel: self.prefix + b"{inv}purge"}
+        self.shard_channels = {
+            self.channel: self.prefix + b"{inv}",
+            self.purge_channel: self.prefix + b"{inv}purge",
+        }
         self.sharded = False  # decided at every (re)subscription in cluster mode (_sharded_pubsub)
         self.index_keys = [self.prefix + b"{idx}:target", self.prefix + b"{idx}:expiry"]
         self.lock_ttl_ms = int(options.lock_ttl * 1000)
@@ -515,7 +518,9 @@ class RedisState:
                 async with self._progress:
                     self._progress.notify_all()
                 backoff = 0.05
-                purge_channel = self.shard_channels[self.purge_channel] if self.sharded else self.purge_channel
+                purge_channel = (
+                    self.shard_channels[self.purge_channel] if self.sharded else self.purge_channel
+                )
                 while not self._closed:
                     message = await self._next_message(pubsub)
                     if message is not None and (
