@@ -183,6 +183,8 @@ async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_pu
         # Purge by tag and by prefix reach the other sidecar and the cluster's L2.
         answer = await client.post(fleet[0].admin_url + "/admin/cache/purge", json={"prefix": "/c/spread/"})
         assert answer.json()["fleet"] is True and answer.json()["fleet_purged"] == 11
+        async with asyncio.timeout(5):  # the purge reached the other sidecar (its sharded channel)
+            await fleet[1].runtime.exposed["state"]["redis"].wait_purges(1)
         for i in range(1, 12):
             assert (
                 redis_cluster.master_of(state.cache_key(b"catalog.svc/c/spread/%d" % i)).command(

@@ -60,7 +60,8 @@ class RedisOptions(PolicyModel):
             "mode: cluster: how invalidations and purges travel. sharded: SPUBLISH/SSUBSCRIBE on one hash "
             "slot (Redis or Valkey 7.0 and later; only the nodes serving that slot carry them). plain: "
             "PUBLISH/SUBSCRIBE, which the cluster bus copies to every node. auto: sharded when the node "
-            "serving the channels' slot is 7.0 or later, checked at every (re)subscription. Every sidecar "
+            "serving the channels' slot says (INFO) it is 7.0 or later, checked at every (re)subscription; "
+            "plain when INFO is refused. Every sidecar "
             "of a fleet must use the same: a sharded and a plain subscriber do not hear each other."
         ),
     )

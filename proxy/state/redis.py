@@ -572,11 +572,18 @@ class RedisState:
 
     async def _sharded_pubsub(self) -> bool:
         """Cluster: whether to use sharded pub/sub (``pubsub``; auto: the channels' node is 7.0 or later)."""
+        from redis.exceptions import ResponseError
+
         choice = self.options.pubsub
         if choice != "auto":
             return choice == "sharded"
         node = self.client.get_node_from_key(self.shard_channels[self.channel])
-        info = await node.execute_command("INFO", "server")
+        try:
+            info = await node.execute_command("INFO", "server")
+        except ResponseError as exc:
+            # INFO refused (an ACL): the version is unknown, plain pub/sub works on every version.
+            log.warning("redis: INFO refused (%s): plain pub/sub (set state.redis.pubsub to choose)", exc)
+            return False
         version = str(info.get("redis_version", "0")) if isinstance(info, dict) else "0"
         major = version.partition(".")[0]
         return major.isdigit() and int(major) >= 7
