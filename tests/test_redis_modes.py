@@ -130,6 +130,7 @@ async def _shares_and_survives(fleet, client, kill, wait_recovered) -> None:
             pytest.fail("sharing did not resume after the failover")
 
 
+@pytest.mark.slow
 @pytest.mark.redis_cluster
 async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_purges(
     redis_cluster, echo_upstream, start_fender
@@ -185,6 +186,32 @@ async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_pu
         assert answer.json()["fleet"] is True and answer.json()["fleet_purged"] == 11
         async with asyncio.timeout(5):  # the purge reached the other sidecar (its sharded channel)
             await fleet[1].runtime.exposed["state"]["redis"].wait_purges(1)
+        # A manual failover of the channels' slot (CLUSTER FAILOVER on its replica; no node dies): Redis
+        # ends the shard subscriptions with SUNSUBSCRIBE, and both sidecars subscribe on the new master.
+        states = [f.runtime.exposed["state"]["redis"] for f in fleet]
+        channel = state.shard_channels[state.channel]
+        owner = redis_cluster.master_of(channel)
+        ranges = redis_cluster.ranges_of(owner)
+        counts = [s.subscriptions for s in states]
+        assert redis_cluster.replica_of(owner).command("CLUSTER", "FAILOVER") == b"+OK\r\n"
+        promoted = await asyncio.to_thread(redis_cluster.wait_promoted, owner, ranges, 15)
+        async with asyncio.timeout(10):
+            for s, count in zip(states, counts, strict=True):
+                await s.wait_subscriptions(count + 1)
+        await _until(
+            lambda: asyncio.to_thread(lambda: shard_subscribers(promoted, channel) == 2),
+            10,
+            "both sidecars subscribed on the new master",
+        )
+        assert shard_subscribers(owner, channel) == 0
+        received = states[1].received
+        await client.get(fleet[1].url + "/c/moved")
+
+        async def invalidated():
+            await client.delete(fleet[0].url + "/c/moved")
+            return states[1].received > received
+
+        await _until(invalidated, 10, "an invalidation after the manual failover")
         for i in range(1, 12):
             assert (
                 redis_cluster.master_of(state.cache_key(b"catalog.svc/c/spread/%d" % i)).command(
@@ -194,6 +221,7 @@ async def test_a_fleet_on_redis_cluster_shares_cache_limits_invalidations_and_pu
             )
 
 
+@pytest.mark.slow
 @pytest.mark.redis_cluster
 async def test_a_fleet_behind_sentinel_follows_a_master_failover(redis_sentinel, echo_upstream, start_fender):
     fleet = await start_fleet(

@@ -248,7 +248,7 @@ class RedisCluster:
     def wait_promoted(
         self, victim: ClusterNodeServer, ranges: list[tuple[int, int]], timeout: float = 30.0
     ) -> ClusterNodeServer:
-        """Bounded wait, after the master ``victim`` serving ``ranges`` was stopped, until every running
+        """Bounded wait, after the master ``victim`` serving ``ranges`` was stopped (or failed over), until every running
         node says cluster_state:ok and names the same other running, non-failed master for all of
         ``ranges`` (the promoted replica); that node."""
         deadline = time.monotonic() + timeout
@@ -268,6 +268,14 @@ class RedisCluster:
                     return running[port]
             time.sleep(0.05)
         raise RuntimeError(f"no replica took over the slots of the master on port {victim.port}")
+
+    def replica_of(self, master: ClusterNodeServer) -> ClusterNodeServer:
+        """A running replica of ``master`` (INFO replication)."""
+        for node in self.nodes:
+            if node.proc is not None and node is not master:
+                if _fields(node.command("INFO", "replication")).get("master_port") == str(master.port):
+                    return node
+        raise RuntimeError(f"the master on port {master.port} has no running replica")
 
     def wait_replicas_linked(self, timeout: float = 30.0) -> None:
         """Bounded wait until every running replica has synced with its master (link up).
