@@ -252,7 +252,8 @@ async def test_purge_by_tag_reaches_every_sidecar_and_redis(redis_server, taggin
         assert redis_server.command("EXISTS", tag_key) == b":0\r\n"
         assert redis_server.command("EXISTS", state.cache_key(b"catalog.svc/p/43")) == b":1\r\n"
         assert "fwd=miss" in (await client.get(c.url + "/p/42")).headers["cache-status"]
-        assert (await client.get(c.url + "/p/43")).headers["cache-status"].startswith("fender; hit")
+        status = (await client.get(c.url + "/p/43")).headers["cache-status"]
+        assert status.startswith("fender; hit"), (status, await redis_outcomes(c))
     text = await get_metrics(a)
     assert metric_value(text, "fender_cache_purges_total", kind="tag", source="fleet") == 1
     assert metric_value(text, "fender_cache_purged_total", kind="tag", tier="l1") == 2
