@@ -43,8 +43,11 @@ ROUTES = """
 
 
 def mode_policy(upstream_port: int, redis: str) -> str:
+    # A generous timeout: a dead node refuses connections and a down cluster answers CLUSTERDOWN at
+    # once, so the failovers here never wait for it; a tight one only makes the exact counts and hits
+    # flaky on a loaded machine (a stalled event loop times the calls out: a miss, a local decision).
     return policy_text(upstream_port, routes=ROUTES) + (
-        f"state:\n  backend: redis\n  redis:\n    key_prefix: '{prefix()}'\n    timeout: 300ms\n"
+        f"state:\n  backend: redis\n  redis:\n    key_prefix: '{prefix()}'\n    timeout: 2s\n"
         f"    open_for: 200ms\n{redis}"
     )
 
