@@ -176,7 +176,8 @@ class RedisState:
             self.channel: self.prefix + b"{inv}",
             self.purge_channel: self.prefix + b"{inv}purge",
         }
-        self.sharded = False  # decided at every (re)subscription in cluster mode (_sharded_pubsub)
+        # Decided at every (re)subscription in cluster mode (_sharded_pubsub).
+        self.sharded = options.mode == "cluster" and options.pubsub == "sharded"
         self.index_keys = [self.prefix + b"{idx}:target", self.prefix + b"{idx}:expiry"]
         self.lock_ttl_ms = int(options.lock_ttl * 1000)
         # Messages carry the sender's id, so a sidecar does not count its own invalidations as received.
