@@ -28,7 +28,7 @@ import asyncio
 import functools
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import h2.config
 import h2.connection
@@ -37,7 +37,9 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
+from .dial import tcp_connect
 from .errors import (
+    ALPNMismatch,
     BadResponse,
     ConnectFailure,
     ConnectTimeout,
@@ -49,6 +51,7 @@ from .errors import (
     UpstreamTimeout,
     os_words,
 )
+from .tls import ClientTLS, selected_alpn, tls_fault
 
 # Receive window of each stream: the most unread response body one stream may hold.
 STREAM_WINDOW = 256 * 1024
@@ -91,13 +94,14 @@ class StreamReset(UpstreamError):
     reason = "stream_reset"
 
 
-def alpn_protocols(protocol: str) -> list[str]:
-    """ALPN offer for a TLS replica: ``h2`` offers h2 only, ``auto`` h2 then http/1.1.
-
-    The hook for TLS replicas (not supported yet: replica URLs are http:// or unix://); on
-    cleartext ``h2`` is prior knowledge and ``auto`` is HTTP/1.1.
-    """
-    return ["h2"] if protocol == "h2" else ["h2", "http/1.1"]
+def alpn_protocols(protocol: str) -> tuple[str, ...]:
+    """ALPN offer to an ``https://`` replica: ``h2`` offers h2 only, ``auto`` h2 then http/1.1,
+    ``http1`` http/1.1 only (on cleartext ``h2`` is prior knowledge and ``auto`` is HTTP/1.1)."""
+    if protocol == "h2":
+        return ("h2",)
+    if protocol == "auto":
+        return ("h2", "http/1.1")
+    return ("http/1.1",)
 
 
 class H2Response:
@@ -254,6 +258,7 @@ class H2Conn(asyncio.Protocol):
         self.closed = False
         self.going_away = False  # GOAWAY received (or sent): no new stream
         self.idle_since = loop.time()
+        self.alpn_refused = ""  # over TLS: what the replica chose by ALPN when it was not h2
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -507,6 +512,14 @@ class H2Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if self.pool.tls is not None:
+            chosen = selected_alpn(transport)
+            if chosen != "h2":
+                # Not HTTP/2 by ALPN: not a byte of HTTP/2 to it; the connect raises ALPNMismatch.
+                self.alpn_refused = chosen or "none"
+                self.closed = True
+                transport.close()
+                return
         h2c = self.h2
         h2c.local_settings = h2.settings.Settings(
             client=True,
@@ -802,11 +815,15 @@ def _code_name(code) -> str:
 
 
 def request_headers(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_length: int | None,
+    scheme: bytes = b"http",
 ) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 request head for the data path's HTTP/1.1-shaped one (Host -> :authority)."""
     authority = b""
-    out = [(b":method", method), (b":scheme", b"http"), (b":path", target)]
+    out = [(b":method", method), (b":scheme", scheme), (b":path", target)]
     rest = []
     for name, value in headers:
         if name in _DROP:
@@ -827,7 +844,6 @@ class H2Pool:
     """HTTP/2 client for one upstream replica: the :class:`UpstreamPool` contract over streams."""
 
     protocol = "h2"
-    tls = None  # TLS replicas use the HTTP/1.1 pool (see cluster/upstream.py)
 
     def __init__(
         self,
@@ -842,8 +858,16 @@ class H2Pool:
         max_response_head: int = 65536,
         unix_path: str | None = None,
         max_concurrent_streams: int = 100,
+        tls: ClientTLS | None = None,
+        resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
     ) -> None:
         self.host = host
+        # An https:// replica: TLS with ALPN h2 (proxy/upstream/tls.py), sessions resumed as HTTP/1.1's.
+        self.tls = tls
+        self.tls_handshakes = 0
+        self.tls_resumed = 0
+        self.on_tls_handshake: Callable[[bool], None] | None = None
+        self.resolve = resolve  # a host name's addresses (DNS name cache), for TLS connects
         self.port = port
         self.unix_path = unix_path
         if unix_path is not None:
@@ -909,7 +933,7 @@ class H2Pool:
             length = len(body) if (body or method in (b"POST", b"PUT", b"PATCH")) else None
         else:
             length = content_length
-        h2_headers = request_headers(method, target, headers, length)
+        h2_headers = request_headers(method, target, headers, length, b"http" if self.tls is None else b"https")
         resends = 0
         while True:
             resp = H2Response(method == b"HEAD", idle_timeout, hooks)
@@ -1018,6 +1042,9 @@ class H2Pool:
     async def _connect(self) -> None:
         loop = self._loop
         assert loop is not None  # set by request()
+        if self.tls is not None:
+            await self._connect_tls(self.tls)
+            return
         conn = None
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -1050,11 +1077,79 @@ class H2Pool:
             raise ConnectFailure("pool closed")
         self._conns.append(conn)
 
+    async def _connect_tls(self, tls: ClientTLS) -> None:
+        """``_connect`` for an https:// replica: TCP, the handshake offering h2 by ALPN, the replica's
+        SETTINGS, all within connect_timeout. A replica that does not choose h2 raises ALPNMismatch."""
+        loop = self._loop
+        assert loop is not None
+        tcp_done = False
+        transport = conn = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await tcp_connect(loop, self.host, self.port, self.resolve)
+                tcp_done = True
+                transport, conn = await loop.create_connection(
+                    lambda: H2Conn(self, loop),
+                    sock=sock,
+                    ssl=tls.before_connect(),
+                    server_hostname=tls.server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                )
+                self.tls_handshakes += 1
+                resumed = tls.session_reused(transport)
+                if resumed:
+                    self.tls_resumed += 1
+                if self.on_tls_handshake is not None:
+                    self.on_tls_handshake(resumed)
+                tls.connected(transport)
+                if conn.alpn_refused:
+                    chosen = conn.alpn_refused
+                    raise ALPNMismatch(
+                        f"{self.address} did not choose h2 by ALPN (it chose {chosen})",
+                        selected="" if chosen == "none" else chosen,
+                        cause=f"the replica does not speak HTTP/2 over TLS (ALPN: {chosen}); "
+                        "use protocol: auto or http1",
+                    )
+                await conn.settings_seen
+        except ALPNMismatch:
+            raise
+        except BaseException as exc:
+            if conn is not None:
+                conn.abort()
+            if isinstance(exc, TimeoutError):
+                if conn is not None:
+                    raise ConnectTimeout(
+                        f"{self.address} sent no HTTP/2 SETTINGS within {self.connect_timeout:g}s",
+                        cause="no http/2 settings from the upstream",
+                    ) from None
+                if tcp_done:
+                    raise tls_fault(exc, self.address, tls.server_name) from None
+                raise ConnectTimeout(
+                    f"connect to {self.address} timed out",
+                    cause=f"no connection within {self.connect_timeout:g}s",
+                ) from None
+            if not tcp_done and isinstance(exc, OSError):
+                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
+            if isinstance(exc, Exception):
+                raise tls_fault(exc, self.address, tls.server_name) from exc
+            raise
+        if conn.closed:
+            raise ConnectFailure(
+                f"{self.address} closed the connection before the request",
+                cause="closed by the upstream before the request",
+            )
+        self.connections_opened += 1
+        if self._closed:
+            conn.goaway_and_close()
+            raise ConnectFailure("pool closed")
+        self._conns.append(conn)
+
     def stream_done(self, conn: H2Conn) -> None:
         """A stream slot was freed on ``conn`` (or its limit changed): wake a waiter, retire if idle."""
         if conn.closed:
             pass
-        elif conn.reserved == 0:
+        elif conn.reserved == 0 and (conn.going_away or self._closed or conn in self._conns):
+            # (A connection still connecting is not in _conns: its first SETTINGS must not retire it.)
             if conn.going_away or self._closed:
                 conn.close()
                 return
