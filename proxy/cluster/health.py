@@ -106,7 +106,9 @@ class HealthChecker:
         elif client is not None and speaks == "auto":
             pool = auto_pools(replica.host, replica.port, client, resolve, self._pool_class, **options)
         else:
-            pool = self._pool_class(replica.host, replica.port, tls=client, **options, **_resolve_kwargs(replica))
+            pool = self._pool_class(
+                replica.host, replica.port, tls=client, **options, **_resolve_kwargs(replica)
+            )
         self._probes[id(state)] = (state, pool)
 
     def _start_one(self, state: ReplicaState) -> None:

@@ -35,7 +35,10 @@ import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from h2.exceptions import InvalidBodyLengthError, ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import H2Stream
+from hyperframe.frame import DataFrame
 
 from .dial import tcp_connect
 from .errors import (
@@ -76,9 +79,59 @@ _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _MAX_GOAWAY_RESENDS = 2
 
 
+class MalformedStream(ProtocolError):
+    """h2 found a stream malformed (RFC 9113 8.1.1: content-length contradicted by DATA, an invalid
+    content-length): a stream error, which h2 alone would make a connection error."""
+
+    def __init__(self, stream_id: int, message: str) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+class Malformed:
+    """The event for a stream reset because h2 found it malformed (see MalformedStream)."""
+
+    __slots__ = ("stream_id", "message")
+
+    def __init__(self, stream_id: int, message: str = "") -> None:
+        self.stream_id = stream_id
+        self.message = message
+
+
+class CheckedStream(H2Stream):
+    """h2's stream, with its content-length checks raising MalformedStream (a stream error); both directions use it."""
+
+    def _initialize_content_length(self, headers) -> None:
+        try:
+            super()._initialize_content_length(headers)
+        except ProtocolError as exc:
+            raise MalformedStream(self.stream_id, str(exc)) from None
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        try:
+            super()._track_content_length(length, end_stream)
+        except InvalidBodyLengthError as exc:
+            raise MalformedStream(self.stream_id, str(exc)) from None
+
+
 class _ClientConnection(h2.connection.H2Connection):
     """h2's state machine, except that a GOAWAY leaves the connection open for the streams at or
     below its last stream id (RFC 9113 6.8: they may still complete); h2 alone refuses every frame after it."""
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = CheckedStream  # a response body contradicting content-length fails its stream only
+        return stream
+
+    def _receive_frame(self, frame):
+        try:
+            return super()._receive_frame(frame)
+        except MalformedStream as exc:
+            sid = exc.stream_id
+            self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            if isinstance(frame, DataFrame) and frame.flow_controlled_length:
+                self.acknowledge_received_data(frame.flow_controlled_length, sid)
+            return [Malformed(sid, str(exc))]
 
     def _receive_goaway_frame(self, frame):
         state = self.state_machine.state
@@ -621,6 +674,14 @@ class H2Conn(asyncio.Protocol):
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _on_malformed(self, event: Malformed) -> None:
+        """The replica's response broke its content-length (RST_STREAM PROTOCOL_ERROR already queued)."""
+        resp = self.streams.get(event.stream_id)
+        if resp is None:
+            return
+        resp._ended_remote = True
+        self.fail_stream(resp, BadResponse(f"malformed HTTP/2 response: {event.message}"), None)
+
     def _on_trailers(self, event) -> None:
         resp = self.streams.get(event.stream_id)
         if resp is None:
@@ -775,6 +836,7 @@ _HANDLERS = {
     h2.events.WindowUpdated: H2Conn._on_window,
     h2.events.RemoteSettingsChanged: H2Conn._on_settings,
     h2.events.ConnectionTerminated: H2Conn._on_goaway,
+    Malformed: H2Conn._on_malformed,
 }
 
 
@@ -933,7 +995,9 @@ class H2Pool:
             length = len(body) if (body or method in (b"POST", b"PUT", b"PATCH")) else None
         else:
             length = content_length
-        h2_headers = request_headers(method, target, headers, length, b"http" if self.tls is None else b"https")
+        h2_headers = request_headers(
+            method, target, headers, length, b"http" if self.tls is None else b"https"
+        )
         resends = 0
         while True:
             resp = H2Response(method == b"HEAD", idle_timeout, hooks)

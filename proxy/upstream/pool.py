@@ -403,7 +403,9 @@ class UpstreamPool:
         if self.alpn_switch and selected_alpn(transport) == "h2":
             # protocol: auto and the replica chose HTTP/2: nothing was sent; its pool switches.
             self._release(conn, False)
-            raise ALPNMismatch(f"{self.address} chose h2 by ALPN", selected="h2", cause="the replica chose h2")
+            raise ALPNMismatch(
+                f"{self.address} chose h2 by ALPN", selected="h2", cause="the replica chose h2"
+            )
         if conn.closed:
             self._release(conn, False)
             raise ConnectFailure(

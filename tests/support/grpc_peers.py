@@ -115,7 +115,10 @@ class GrpcReplica:
     """A grpcio server on 127.0.0.1 (port from the OS) serving test.Echo and grpc.health.v1."""
 
     def __init__(
-        self, service: EchoService | None = None, health: str | None = "SERVING", tls: tuple[str, str] | None = None
+        self,
+        service: EchoService | None = None,
+        health: str | None = "SERVING",
+        tls: tuple[str, str] | None = None,
     ) -> None:
         """``tls``: (cert file, key file) to serve over TLS (grpcio offers ALPN h2) instead of cleartext."""
         self.service = service or EchoService()

@@ -7,7 +7,8 @@ Paths choose the behaviour of a stream:
   TE: trailers; request trailers are kept in ``request_trailers``; ``ssl`` serves it over TLS (ALPN h2);
 * ``/refuse``: RST_STREAM REFUSED_STREAM; ``/reset``: RST_STREAM INTERNAL_ERROR;
 * ``/big?N``: N bytes of body (the stream's flow control window permitting);
-* ``/hold``: waits until ``release`` is set, then 200 ``held``.
+* ``/hold``: waits until ``release`` is set, then 200 ``held``;
+* ``/badlength``: 200 with ``content-length: 10`` and 3 bytes of DATA (a malformed response).
 
 ``goaway_after`` sends a graceful GOAWAY on a connection after that many streams arrived (last
 stream id: the last of them, still answered); ``goaway_below`` instead answers GOAWAY with a last
@@ -211,6 +212,9 @@ class _Conn:
                 self.up.held_changed.set()
                 await asyncio.wait_for(self.up.release.wait(), 10)
                 self.send(sid, [(b":status", b"200")], b"held")
+                return
+            if path == "/badlength":  # a content-length its DATA contradicts
+                self.send(sid, [(b":status", b"200"), (b"content-length", b"10")], b"abc")
                 return
             if path.startswith("/big?"):
                 await self.send_big(sid, int(path[5:]))
