@@ -22,6 +22,10 @@ HTTP/1.1 request (routing, limits, policies, metrics, access log), with
   same Host an HTTP/1.1 client would send; ``cookie`` fields are joined with
   ``; `` (RFC 9113 8.2.3); a body without ``content-length`` is marked
   ``transfer-encoding: chunked``, which is what an HTTP/1.1 replica receives;
+- request trailers (HEADERS with END_STREAM after DATA) are checked as a head
+  (no pseudo-header field), bounded by ``max_header_list_size``, stripped of
+  the fields RFC 9110 6.5.1 keeps out of trailers, and handed to the data
+  plane on the last body message (``fender.trailers``);
 - responses leave as HEADERS (lowercased, connection-specific fields
   dropped), DATA within the client's flow-control windows, and trailers; an
   empty final response is one HEADERS frame with END_STREAM (a gRPC
@@ -68,6 +72,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError, StreamClosedError
@@ -76,7 +81,9 @@ from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple as _NotIndexed
 from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
 
+from proxy.kernel.fields import PROXY_TRAILERS, TRAILERS
 from proxy.metrics import Metrics
+from proxy.upstream.connection import NOT_TRAILERS
 from proxy.upstream.http2 import CheckedStream, Malformed, MalformedStream
 
 log = logging.getLogger("uvicorn.error")
@@ -206,6 +213,7 @@ class _Stream:
         "complete",
         "task",
         "pending",
+        "trailers",
     )
 
     def __init__(self, conn: FenderH2Protocol, sid: int, scope: dict, ended: bool) -> None:
@@ -224,6 +232,7 @@ class _Stream:
         self.complete = False  # the response ended (END_STREAM sent, or the stream was reset)
         self.task: asyncio.Task | None = None
         self.pending: list | None = None  # response headers held for the first body part
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers, checked
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -255,6 +264,8 @@ class _Stream:
                 self.unacked = 0
             if not self.more_body:
                 self.final_sent = True
+                if self.trailers is not None:
+                    return {"type": "http.request", "body": data, "more_body": False, TRAILERS: self.trailers}
             return {"type": "http.request", "body": data, "more_body": self.more_body}
         while not (self.disconnected or self.complete):
             self.waiter = conn.loop.create_future()
@@ -534,6 +545,8 @@ class FenderH2Protocol(asyncio.Protocol):
                     return
                 if isinstance(event, RemoteSettingsChanged):
                     self._on_window(0)  # a new initial window may open every stream's window
+            elif isinstance(event, TrailersReceived):
+                self._on_trailers(event)
             elif isinstance(event, Malformed):
                 self._on_malformed(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
@@ -541,7 +554,6 @@ class FenderH2Protocol(asyncio.Protocol):
                 if not self.streams:
                     self._close_now()
                     return
-            # TrailersReceived: request trailers are dropped, as chunked trailer fields on HTTP/1.1
         self.flush()
         if self.write_paused and self.transport.get_write_buffer_size() > _FLOOD_BUFFER:
             # The client sends frames that need an answer and reads none of them.
@@ -722,6 +734,38 @@ class FenderH2Protocol(asyncio.Protocol):
         if event.stream_ended is not None:
             stream.more_body = False
         stream.wake()
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        """Request trailers (a HEADERS frame ending the stream after its DATA): checked as a head is
+        (RFC 9113 8.1: no pseudo-header field; 8.2), held for the last body message; the fields RFC
+        9110 6.5.1 keeps out of trailers are dropped. Malformed or over max_header_list_size: reset."""
+        sid = event.stream_id
+        stream = self.streams.get(sid)
+        if stream is None or stream.complete or stream.disconnected:
+            return
+        kept: list[tuple[bytes, bytes]] = []
+        size = 0
+        for name, value in event.headers:
+            size += len(name) + len(value) + 32
+            if (
+                not name
+                or name[:1] == b":"
+                or name.translate(None, _NAME_CHARS)
+                or name in _CONNECTION_SPECIFIC
+                or (
+                    value
+                    and (value[0] in _EDGE or value[-1] in _EDGE or 0 in value or 10 in value or 13 in value)
+                )
+            ):
+                self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
+                return
+            if name not in NOT_TRAILERS and name not in PROXY_TRAILERS and name[:7] != b"fender-":
+                kept.append((name, value))
+        if size > self.max_header_list_size:
+            self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
+            return
+        if kept:
+            stream.trailers = kept
 
     def _on_malformed(self, sid: int) -> None:
         """h2 reset a stream it found malformed (the RST_STREAM is already queued)."""

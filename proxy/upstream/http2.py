@@ -113,6 +113,18 @@ class CheckedStream(H2Stream):
         except InvalidBodyLengthError as exc:
             raise MalformedStream(self.stream_id, str(exc)) from None
 
+    def receive_headers(self, headers, end_stream, header_encoding):
+        # Trailers end the stream too: the body must have reached its content-length (h2 checks
+        # only an END_STREAM on DATA).
+        expected = self._expected_content_length
+        actual = self._actual_content_length
+        frames, events = super().receive_headers(headers, end_stream, header_encoding)
+        if expected is not None and actual != expected and isinstance(events[0], h2.events.TrailersReceived):
+            raise MalformedStream(
+                self.stream_id, f"body of {actual} bytes ended by trailers, content-length {expected}"
+            )
+        return frames, events
+
 
 class _ClientConnection(h2.connection.H2Connection):
     """h2's state machine, except that a GOAWAY leaves the connection open for the streams at or
@@ -455,8 +467,13 @@ class H2Conn(asyncio.Protocol):
                     return waited
         if resp._conn is self and not resp._ended_local:
             resp._ended_local = True
+            trailers = None if body_stream is None else getattr(body_stream, "trailers", None)
             try:
-                self.h2.end_stream(resp.stream_id)
+                if trailers:
+                    # The request's trailer fields (checked by the listener): a HEADERS frame ends the stream.
+                    self.h2.send_headers(resp.stream_id, trailers, end_stream=True)
+                else:
+                    self.h2.end_stream(resp.stream_id)
             except h2.exceptions.StreamClosedError:
                 return waited
             self.flush()

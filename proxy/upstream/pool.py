@@ -220,7 +220,16 @@ class UpstreamPool:
                 return waited
             if not chunk:
                 if remaining is None:
-                    write(b"0\r\n\r\n")
+                    trailers = getattr(body_stream, "trailers", None)
+                    if trailers:
+                        # The request's trailer fields (checked by the listener): a chunked body carries them.
+                        parts = [b"0\r\n"]
+                        for name, value in trailers:
+                            parts += (name, b": ", value, b"\r\n")
+                        parts.append(b"\r\n")
+                        write(b"".join(parts))
+                    else:
+                        write(b"0\r\n\r\n")
                 elif remaining:
                     raise RequestBodyError(f"request body ended {remaining} bytes short of content_length")
                 break
