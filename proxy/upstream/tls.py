@@ -6,7 +6,10 @@ TLS session can only be resumed through the context that made it). A new connect
 session of the pool's latest connection (OpenSSL resumes it when the replica agrees: an
 abbreviated handshake, no certificate chain sent or verified again). When the files change on
 disk, or on a reload, :meth:`UpstreamTLS.refresh` builds new contexts: new connections use them,
-pooled connections are not cut.
+pooled connections are not cut. Each :class:`ClientTLS` offers its own ALPN list (the upstream's
+``protocol``: ``http/1.1``, ``h2``, or both for ``auto``); :func:`selected_alpn` reads the replica's
+choice after the handshake (the pools refuse a connection in the wrong protocol before any byte of
+HTTP goes over it).
 
 :func:`tls_fault` turns what the ``ssl`` module raised during a handshake into a
 :class:`~proxy.upstream.errors.TLSFailure` with the precise cause in a few words.
