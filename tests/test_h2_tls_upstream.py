@@ -231,3 +231,22 @@ async def test_auto_pool_follows_a_replica_that_changes_its_choice(certs, h2_tls
             await pool.http1.request(b"GET", b"/", [(b"host", b"a")], head_timeout=5)
     finally:
         await pool.close()
+
+
+async def test_http_health_checks_of_tls_replicas_speak_the_upstreams_protocol(start_fender, certs, h2_tls):
+    """An HTTP probe of an https:// replica goes in the upstream's protocol: HTTP/2 by ALPN for h2 (an
+    HTTP/1.1 probe would fail against an h2-only replica), what the replica chooses for auto."""
+    up = await h2_tls()
+    health = "health_check: {path: /echo, interval: 100ms, timeout: 100ms, unhealthy_threshold: 1}\n"
+    for protocol, kind in (("h2", H2Pool), ("auto", AutoPool)):
+        fender = await start_fender(policy(up.port, certs, protocol, upstream=health))
+        checker = fender.runtime.upstreams["api"].health
+        assert checker is not None
+        probe = checker._pools[0]
+        assert isinstance(probe, kind)
+        before = len(up.requests)
+        # Two probes: the first one's result is in (a failed one would have taken the replica out).
+        await wait_until(lambda: len(up.requests) > before + 1, within=10, what="probes over TLS h2")
+        assert fender.runtime.upstreams["api"].picker.states[0].active_healthy
+        assert probe.tls_handshakes >= 1 and up.requests[-1][1][b":scheme"] == b"https"
+        await fender.stop()
