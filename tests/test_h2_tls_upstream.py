@@ -246,7 +246,7 @@ async def test_http_health_checks_of_tls_replicas_speak_the_upstreams_protocol(s
         assert isinstance(probe, kind)
         before = len(up.requests)
         # Two probes: the first one's result is in (a failed one would have taken the replica out).
-        await wait_until(lambda: len(up.requests) > before + 1, within=10, what="probes over TLS h2")
+        await wait_until(lambda n=before: len(up.requests) > n + 1, within=10, what="probes over TLS h2")
         assert fender.runtime.upstreams["api"].picker.states[0].active_healthy
         assert probe.tls_handshakes >= 1 and up.requests[-1][1][b":scheme"] == b"https"
         await fender.stop()
