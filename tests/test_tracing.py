@@ -75,6 +75,9 @@ def test_a_bad_tracing_section_is_refused_with_its_location():
     text = "tracing:\n  otlp_endpoint: http://c:4318\n  headers: {x-key: '${FENDER_TEST_UNSET_KEY}'}\n"
     with pytest.raises(PolicyError, match="FENDER_TEST_UNSET_KEY is not set"):
         parse_policy(text + policy_text(9), "test.yaml")
+    text = 'tracing:\n  otlp_endpoint: http://c:4318\n  headers: {x-key: "a\\r\\nx-evil: 1"}\n'
+    with pytest.raises(PolicyError, match=r"test.yaml:3:\d+.*control character"):
+        parse_policy(text + policy_text(9), "test.yaml")
 
 
 async def test_without_tracing_traceparent_passes_through_untouched(start_fender):

@@ -48,7 +48,10 @@ def test_a_span_with_every_field_decodes_with_the_official_definitions():
         ]
     )
     extra = spans.events(
-        [(15, b"retry 1 after 503", b""), (16, b"breaker_open", spans.event_attribute("fender.upstream", "up"))]
+        [
+            (15, b"retry 1 after 503", b""),
+            (16, b"breaker_open", spans.event_attribute("fender.upstream", "up")),
+        ]
     ) + spans.error_status(b"HTTP 503")
     server = spans.span(
         spans.span_head(TRACE, PARENT, b"vendor=abc"),

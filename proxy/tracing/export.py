@@ -38,7 +38,7 @@ TIMEOUT = 10.0  # per export request
 ATTEMPTS = 3  # per batch, with backoff between them; then the batch is dropped
 BACKOFF = 0.5  # first wait between attempts, doubled each time
 WARN_EVERY = 60.0  # at most one warning about an unreachable collector per this many seconds
-MAX_RESPONSE_BODY = 1 << 20  # a collector's answer is a few bytes; more than this and the connection is dropped
+MAX_RESPONSE_BODY = 1 << 20  # a collector answers a few bytes; past this the connection is dropped
 
 
 class ExportError(Exception):

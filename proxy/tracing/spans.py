@@ -58,7 +58,7 @@ def field(tag: int, data: bytes) -> bytes:
 
 def utf8(value: bytes | str) -> bytes:
     """Protobuf strings are UTF-8: header bytes (latin-1 on the wire) are re-encoded unless ASCII."""
-    if type(value) is str:
+    if isinstance(value, str):
         return value.encode("utf-8", "replace")
     return value if value.isascii() else value.decode("latin-1").encode()
 

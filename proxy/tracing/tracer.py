@@ -401,7 +401,7 @@ class ClientSpanLayer:
 
     def _peer(self, name: str | None) -> bytes:
         """A replica's attributes; one DNS added after this layer was built is made on first use."""
-        peer = self._peers.get(name)  # type: ignore[arg-type]
+        peer = self._peers.get(name)
         if peer is not None:
             return peer
         replicas = self._runtime.replicas
