@@ -8,10 +8,12 @@ so their encoded bytes are made once and reused (:class:`Attributes`); only
 the ids, times, path, addresses and request id are encoded per span.
 
 Why not the OpenTelemetry SDK or opentelemetry-proto's Python messages (measured
-under callgrind, per request of a pass-through route at 100% sampling): filling
-and serialising the official messages cost ~60k instructions for the two spans,
-this encoder ~10k. The encoding is checked by decoding with the official
-definitions (tests/test_tracing_encode.py).
+under callgrind with the tracing layers alone around a stub forwarder, per request
+at 100% sampling, two spans): lean span objects plus the official messages (upb),
+filled in place and serialised in batches of 512, cost 174k instructions (58k
+building the spans, 116k encoding them); encoding here as each span ends, with
+the constant attributes pre-encoded, costs 53k for everything. The encoding is
+checked by decoding with the official definitions (tests/test_tracing_export.py).
 
 Field numbers (opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto):
 ExportTraceServiceRequest.resource_spans 1; ResourceSpans.resource 1, .scope_spans 2;
