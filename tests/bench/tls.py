@@ -63,7 +63,7 @@ def origin_servers(plain: int, tls: int, certs: dict[str, str]) -> str:
     server {{
         listen 127.0.0.1:{tls} ssl;
         ssl_certificate {certs["cert"]}; ssl_certificate_key {certs["key"]};
-        ssl_session_cache shared:origin:1m;
+        ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:origin:1m;
         location / {{ return 200 "{BODY}"; }}
     }}"""
 
@@ -74,11 +74,11 @@ def nginx_tls_proxy(port: int, origin_tls: int, certs: dict[str, str]) -> str:
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {certs["cert"]}; ssl_certificate_key {certs["key"]};
-        ssl_session_cache shared:proxy:1m;
+        ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:proxy:1m;
         location / {{
             proxy_pass https://origin_tls; proxy_http_version 1.1; proxy_set_header Connection "";
             proxy_ssl_verify on; proxy_ssl_trusted_certificate {certs["ca"]}; proxy_ssl_name localhost;
-            proxy_ssl_server_name on; proxy_ssl_session_reuse on;
+            proxy_ssl_server_name on; proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.2 TLSv1.3;
         }}
     }}"""
 
