@@ -178,11 +178,13 @@ class TLSStream(asyncio.Transport):
         self.acceptor.handshake_done(self)
         app = self.acceptor.make_protocol(self.accepted)
         self.app = app
+        if self._sslobj.version() != "TLSv1.3":  # type: ignore[union-attr]
+            self._flush()  # TLS 1.2: the server's Finished comes after the client's
         app.connection_made(self)
+        # TLS 1.3: the session tickets OpenSSL queued wait for the first write (the response,
+        # HTTP/2's SETTINGS) or the close, one write to the socket less per connection.
         if self._incoming.pending and not self._closing:  # type: ignore[union-attr]
             self._read()  # the first request came with the client's Finished
-        else:
-            self._flush()  # session tickets
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -237,9 +239,11 @@ class TLSStream(asyncio.Transport):
             self._flush()
             self._fatal(exc)
             return
-        if self._outgoing.pending:  # type: ignore[union-attr]
-            self._flush()  # an alert (a refused renegotiation), a key update
         app = self.app
+        if self._outgoing.pending and (eof or not chunks):  # type: ignore[union-attr]
+            # An alert (a refused renegotiation), a key update: now. With application data, what
+            # is queued leaves with the answer to it (or at the close).
+            self._flush()
         if chunks and app is not None and not self._closing:
             app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if eof and self.app is not None and not self._closing:
