@@ -6,13 +6,14 @@ write in place). New handshakes use the new pair; established connections contin
 new pair that cannot be used (unreadable, not PEM, key of another certificate) is refused with a
 log line and the old one stays.
 
-:class:`TLSAcceptor` accepts the listener's connections in place of ``asyncio.Server`` (uvicorn's
-``Server`` keeps it in ``servers``: ``close`` and ``wait_closed`` are all it asks). Per connection it
-peeks at the first bytes before any TLS:
+:class:`TLSAcceptor` stands in for ``asyncio.Server`` (uvicorn's ``Server`` keeps it in ``servers``:
+``close`` and ``wait_closed`` are all it asks). The event loop accepts; each connection's protocol
+is a :class:`~proxy.server.tlsstream.TLSStream` (TLS with ``ssl.SSLObject`` and memory BIOs), which
+looks at the first bytes as they arrive:
 
-* a TLS handshake record: the handshake runs (``loop.connect_accepted_socket``), bounded by what
-  is left of ``server.header_timeout`` since the accept, and the HTTP protocol's head timer counts
-  from the accept too, so handshake plus request head fit in one header_timeout;
+* a TLS handshake record: the handshake runs, bounded by what is left of ``server.header_timeout``
+  since the accept, and the HTTP protocol's head timer counts from the accept too, so handshake
+  plus request head fit in one header_timeout;
 * plain HTTP (``GET /``...): a clear 400 in plain text, as nginx does ("plain HTTP request sent to
   the HTTPS port"), then a close;
 * anything else, a stall, a failed handshake: the connection is closed, counted in

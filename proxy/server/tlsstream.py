@@ -40,7 +40,7 @@ _OPEN = 2  # handshake done, the application protocol runs
 _DONE = 3  # refused, failed or closed: nothing more is read or written
 
 
-class TLSStream(asyncio.Transport):
+class TLSStream(asyncio.Transport, asyncio.Protocol):
     """TLS for one accepted connection (see the module docstring).
 
     ``acceptor`` is the listener's :class:`proxy.server.tls.TLSAcceptor`: it gives the context,
@@ -71,15 +71,16 @@ class TLSStream(asyncio.Transport):
         self.raw: asyncio.Transport = None  # type: ignore[assignment]
         self.app: Any = None
         self.state = _FIRST
-        self._sslobj: ssl.SSLObject | None = None
-        self._incoming = self._outgoing = None  # type: ignore[assignment]
+        self._sslobj: ssl.SSLObject = None  # type: ignore[assignment]
+        self._incoming: ssl.MemoryBIO = None  # type: ignore[assignment]
+        self._outgoing: ssl.MemoryBIO = None  # type: ignore[assignment]
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._app_lost = False
 
     # -- the TCP transport's protocol -------------------------------------------------------
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self.raw = transport
         acceptor = self.acceptor
         if not acceptor.admit(self):
@@ -136,7 +137,9 @@ class TLSStream(asyncio.Transport):
         if state == _FIRST:
             self.acceptor.handshake_done(self, "closed", "closed before sending anything")
         elif state == _HANDSHAKE:
-            self.acceptor.handshake_done(self, "closed", "the client closed the connection during the handshake")
+            self.acceptor.handshake_done(
+                self, "closed", "the client closed the connection during the handshake"
+            )
         elif state == _DONE:
             self.acceptor.handshake_done(self)  # a no-op unless the handshake had not ended
         app = self.app
@@ -145,7 +148,7 @@ class TLSStream(asyncio.Transport):
             app.connection_lost(exc)
         # No reference cycles left behind: the protocol above holds this object, not the reverse.
         self.app = None
-        self._sslobj = None
+        self._sslobj = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         app = self.app
@@ -162,7 +165,7 @@ class TLSStream(asyncio.Transport):
     def _handshake(self) -> None:
         sslobj = self._sslobj
         try:
-            sslobj.do_handshake()  # type: ignore[union-attr]
+            sslobj.do_handshake()
         except _SSL_AGAIN:
             self._flush()
             return
@@ -178,12 +181,12 @@ class TLSStream(asyncio.Transport):
         self.acceptor.handshake_done(self)
         app = self.acceptor.make_protocol(self.accepted)
         self.app = app
-        if self._sslobj.version() != "TLSv1.3":  # type: ignore[union-attr]
+        if self._sslobj.version() != "TLSv1.3":
             self._flush()  # TLS 1.2: the server's Finished comes after the client's
         app.connection_made(self)
         # TLS 1.3: the session tickets OpenSSL queued wait for the first write (the response,
         # HTTP/2's SETTINGS) or the close, one write to the socket less per connection.
-        if self._incoming.pending and not self._closing:  # type: ignore[union-attr]
+        if self._incoming.pending and not self._closing:
             self._read()  # the first request came with the client's Finished
 
     def _timed_out(self) -> None:
@@ -226,7 +229,7 @@ class TLSStream(asyncio.Transport):
         eof = False
         try:
             while True:
-                chunk = sslobj.read(_READ_SIZE)  # type: ignore[union-attr]
+                chunk = sslobj.read(_READ_SIZE)
                 if not chunk:
                     eof = True  # close_notify
                     break
@@ -240,7 +243,7 @@ class TLSStream(asyncio.Transport):
             self._fatal(exc)
             return
         app = self.app
-        if self._outgoing.pending and (eof or not chunks):  # type: ignore[union-attr]
+        if self._outgoing.pending and (eof or not chunks):
             # An alert (a refused renegotiation), a key update: now. With application data, what
             # is queued leaves with the answer to it (or at the close).
             self._flush()
@@ -262,23 +265,23 @@ class TLSStream(asyncio.Transport):
         if outgoing is not None and outgoing.pending:
             self.raw.write(outgoing.read())
 
-    def write(self, data) -> None:  # type: ignore[override]
+    def write(self, data) -> None:
         if self._closing or self.state != _OPEN:
             return
         sslobj = self._sslobj
         try:
             if len(data) <= _WRITE_CHUNK:
-                sslobj.write(data)  # type: ignore[union-attr]
-                self.raw.write(self._outgoing.read())  # type: ignore[union-attr]
+                sslobj.write(data)
+                self.raw.write(self._outgoing.read())
                 return
             view = memoryview(data)
             for start in range(0, len(view), _WRITE_CHUNK):
-                sslobj.write(view[start : start + _WRITE_CHUNK])  # type: ignore[union-attr]
-                self.raw.write(self._outgoing.read())  # type: ignore[union-attr]
+                sslobj.write(view[start : start + _WRITE_CHUNK])
+                self.raw.write(self._outgoing.read())
         except (ssl.SSLError, OSError) as exc:
             self._fatal(exc)
 
-    def writelines(self, list_of_data) -> None:  # type: ignore[override]
+    def writelines(self, list_of_data) -> None:
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
@@ -326,10 +329,10 @@ class TLSStream(asyncio.Transport):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.raw.set_write_buffer_limits(high, low)
 
-    def set_protocol(self, protocol) -> None:  # type: ignore[override]
+    def set_protocol(self, protocol) -> None:
         self.app = protocol
 
-    def get_protocol(self):  # type: ignore[override]
+    def get_protocol(self):
         return self.app
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -347,4 +350,3 @@ class TLSStream(asyncio.Transport):
                 return sslobj.compression()
         raw = self.raw
         return default if raw is None else raw.get_extra_info(name, default)
-
