@@ -171,6 +171,24 @@ class _Server(_ExitFlag, uvicorn.Server):
         self.servers = acceptors  # type: ignore[assignment]
         self.started = True
 
+    async def _stop_accepting(self) -> None:
+        """Stop accepting, then let the connections already accepted reach their protocol.
+
+        asyncio accepts a connection in one loop turn and attaches its transport to the server
+        in the next; closing the server in between drops that socket unclosed (CPython 3.11's
+        ``Server._attach`` asserts and the error is swallowed). Taking the listeners off the
+        selector first, then a few loop turns (accept task, transport, ``connection_made``),
+        makes them ordinary connections, which the shutdown below closes or lets finish.
+        """
+        loop = asyncio.get_running_loop()
+        listening = [sock for server in self.servers for sock in getattr(server, "sockets", None) or ()]
+        if not listening:
+            return
+        for sock in listening:
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+
     # Signals are handled once for both listeners by Fender, not by each server.
     def capture_signals(self):
         return contextlib.nullcontext()
@@ -187,6 +205,7 @@ class _Server(_ExitFlag, uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         state = self.server_state
+        await self._stop_accepting()
         for server in self.servers:
             server.close()
         if state.connections and not state.tasks:

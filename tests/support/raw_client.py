@@ -118,15 +118,19 @@ class RawClient:
             pass
         return True
 
-    async def response(self, timeout: float = 5.0) -> Response:
-        """The next complete response; raises TimeoutError, or returns an incomplete one if the server closed."""
+    async def response(self, timeout: float = 5.0, learn_close: bool = True) -> Response:
+        """The next complete response; raises TimeoutError, or returns an incomplete one if the server closed.
+
+        With ``learn_close`` (the default) a last response waits up to 50 ms to learn whether the
+        server closes right after it (``closed``); a loop of keep-alive requests that never looks
+        at ``closed`` passes False and does not pay that wait per request."""
         deadline = time.monotonic() + timeout
         while True:
             responses = self._parser.responses
             if len(responses) > self._taken and (responses[self._taken].complete or self.closed):
                 r = responses[self._taken]
                 self._taken += 1
-                if self._taken == len(responses) and not self.closed:
+                if learn_close and self._taken == len(responses) and not self.closed:
                     # Learn whether the server closes right after it (bounded, short).
                     await self._feed(0.05)
                     r.closed = self.closed
