@@ -599,6 +599,16 @@ class Metrics:
             "limits follow on_failure), else 0.",
             registry=r,
         )
+        self.redis_pubsub = Gauge(
+            "fender_redis_pubsub",
+            "1 for the pub/sub Fender's invalidations and purges travel on while subscribed: mode plain "
+            "(PUBLISH/SUBSCRIBE) or sharded (SPUBLISH/SSUBSCRIBE, Redis Cluster 7.0 and later); both 0 "
+            "while the subscription is down.",
+            ["mode"],
+            registry=r,
+        )
+        for mode in ("plain", "sharded"):
+            self.redis_pubsub.labels(mode)
 
         # metrics: HTTP/2 on the data listener (proxy/server/http2.py)
         self.http2_connections = Counter(

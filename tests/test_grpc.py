@@ -253,8 +253,10 @@ async def test_grpc_timeout_never_lengthens_the_route_timeout(replicas, start_fe
             content=body,
             headers={"content-type": "application/grpc", "te": "trailers", "grpc-timeout": "20S"},
         )
-    assert r.headers["x-fender-error"] == "timeout"
     assert r.headers["grpc-status"] == "4"  # DEADLINE_EXCEEDED
+    # Either Fender's route timeout answers, or (a loaded machine delaying Fender's timer) the
+    # replica enforces the 300 ms Fender sent it first: both show the 20 s was never granted.
+    assert r.headers.get("x-fender-error", "timeout") == "timeout"
     assert replica.service.time_remaining is not None
     assert 0 < replica.service.time_remaining <= 0.3
 

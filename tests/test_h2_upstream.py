@@ -371,3 +371,21 @@ async def test_bodies_read_after_their_stream_ended_give_the_connection_window_b
         await wait_until(lambda resp=resp: resp.complete, within=5)
         assert len(await read_all(resp)) == 200000
     assert up.connections == 1
+
+
+async def test_a_response_contradicting_its_content_length_fails_only_its_stream(h2_upstream, pools):
+    """RFC 9113 8.1.1: a malformed response is a stream error; the other streams of the connection
+    (one held while it happens) complete and the connection stays in the pool."""
+    from proxy.upstream import BadResponse
+
+    up = await h2_upstream()
+    pool = pools(up.port)
+    held = asyncio.ensure_future(get(pool, "/hold"))
+    await wait_until(lambda: up.held == 1, within=5)
+    bad = await get(pool, "/badlength")  # the head is fine; the body breaks it
+    with pytest.raises(BadResponse, match="malformed HTTP/2 response"):
+        await read_all(bad)
+    up.release.set()
+    assert await read_all(await held) == b"held"
+    assert await read_all(await get(pool, "/echo")) == b""
+    assert (up.connections, pool.connections_opened) == (1, 1)

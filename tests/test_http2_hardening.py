@@ -244,3 +244,62 @@ async def test_drain_sends_goaway_and_lets_streams_finish(start_fender):
             assert await client.wait_closed()
         await asyncio.wait_for(drain, 10)
     assert [r.target for r in up.requests] == [b"/hold"]
+
+
+# --------------------------------------------------------------------------- stream errors, not connection errors
+
+
+async def _open_then_finish(client: H2Client, path: str) -> int:
+    """A POST whose body is still coming: it is in flight while the malformed stream is reset."""
+    return client.request(path, "POST", [(b"content-length", b"4")], body=b"ab", end=False)
+
+
+def _finish(client: H2Client, sid: int) -> None:
+    client.conn.send_data(sid, b"cd", end_stream=True)
+    client.flush()
+
+
+async def test_content_length_contradicted_by_data_resets_only_that_stream(start_fender, echo_upstream):
+    """RFC 9113 8.1.1: DATA longer or shorter than content-length (or a content-length that is no
+    number) makes the request malformed, a stream error (RST_STREAM PROTOCOL_ERROR). The stream in
+    flight before it and one opened after it, on the same connection, complete."""
+    fender = await start_fender(policy_text(echo_upstream.port))
+    cases = [
+        ([(b"content-length", b"3")], b"toolong"),  # DATA past the length
+        ([(b"content-length", b"10")], b"short"),  # END_STREAM before the length
+        ([(b"content-length", b"1x")], b"x"),  # not a number
+    ]
+    async with H2Client(fender.data_port, validate=False) as client:
+        for fields, body in cases:
+            before = await _open_then_finish(client, "/before")
+            bad = client.request("/bad", "POST", fields, body=body)
+            bad_answer = await client.response(bad)
+            assert bad_answer.reset == ErrorCodes.PROTOCOL_ERROR and not bad_answer.status
+            _finish(client, before)
+            after = client.request("/after")
+            assert (await client.response(before)).status == 200
+            assert (await client.response(after)).status == 200
+        assert client.goaway is None and not client.closed
+    assert [r["path"] for r in echo_upstream.requests].count("/bad") == 0
+    assert len(echo_upstream.requests) == 6
+    text = await _metrics(fender)
+    assert _metric(text, "fender_http2_stream_resets_total", reason="malformed") == 3
+    assert _metric(text, "fender_http2_goaway_total", reason="protocol_error") == 0
+
+
+async def test_header_list_over_the_limit_is_a_431_on_its_stream(start_fender, echo_upstream):
+    """A header list decoded past max_header_list_size (but short of a bomb) is refused on its stream
+    with 431; the connection and its other streams go on."""
+    fender = await start_fender(
+        policy_text(echo_upstream.port, server="http2: {max_header_list_size: 8KiB}\n")
+    )
+    async with H2Client(fender.data_port, validate=False) as client:
+        before = await _open_then_finish(client, "/before")
+        big = [(b"x-big-%d" % n, b"v" * 1000) for n in range(12)]  # ~12 KiB decoded, 8 KiB allowed
+        refused = await client.response(client.request("/big", headers=big))
+        assert refused.status == 431 and refused.headers[b"x-fender-error"] == b"header_too_large"
+        _finish(client, before)
+        assert (await client.response(before)).status == 200
+        assert (await client.response(client.request("/after"))).status == 200
+        assert client.goaway is None and not client.closed
+    assert [r["path"] for r in echo_upstream.requests] == ["/before", "/after"]

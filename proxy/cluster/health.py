@@ -3,7 +3,9 @@
 Each task sleeps a jittered interval (so a fleet of sidecars started together
 does not probe in lockstep), sends ``<method> <path>`` (GET unless configured; with the
 configured Host and extra headers) over its own one-connection
-pool (Fender's HTTP/1.1 client, never the pool that carries traffic) and
+pool (never the pool that carries traffic: Fender's HTTP/1.1 client; for an ``https://`` replica
+of an upstream with ``protocol: h2`` or ``auto``, that protocol by ALPN; the gRPC health
+protocol always over HTTP/2, ALPN ``h2`` on TLS) and
 reports pass or fail to the replica picker, which owns the state machine
 (``healthy_threshold`` passes in a row to come back, ``unhealthy_threshold``
 fails in a row to go down). A probe passes when its status is in ``expect_status`` and, with
@@ -31,9 +33,12 @@ from proxy.cluster.options import (
 from proxy.cluster.picker import ReplicaPicker, ReplicaState
 from proxy.grpc import grpc_status
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.alpn import AutoPool, auto_pools
 from proxy.upstream.http2 import H2Pool
 
 __all__ = ["HealthChecker"]
+
+ALPN_H2 = ("h2",)
 
 
 class HealthChecker:
@@ -61,7 +66,7 @@ class HealthChecker:
         self._started = False
         self._grpc_body = _grpc_health_request(options.service) if options.grpc else None
         # Per replica state (by identity): its probe pool, and its task once started.
-        self._probes: dict[int, tuple[ReplicaState, UpstreamPool | H2Pool]] = {}
+        self._probes: dict[int, tuple[ReplicaState, UpstreamPool | H2Pool | AutoPool]] = {}
         self._task_of: dict[int, asyncio.Task[None]] = {}
         for state in picker.states:
             self._add(state)
@@ -71,38 +76,39 @@ class HealthChecker:
         return list(self._task_of.values())
 
     @property
-    def _pools(self) -> list[UpstreamPool | H2Pool]:
+    def _pools(self) -> list[UpstreamPool | H2Pool | AutoPool]:
         """The probe pools in the picker's replica order."""
         return [self._probes[id(state)][1] for state in self.picker.states if id(state) in self._probes]
 
     def _add(self, state: ReplicaState) -> None:
         replica = state.replica
-        pool: UpstreamPool | H2Pool
-        if self.options.grpc:  # the standard gRPC health service speaks HTTP/2
-            pool = H2Pool(
-                replica.host,
-                replica.port,
-                unix_path=replica.unix_path,
-                max_connections=1,
-                max_keepalive=1,
-                connect_timeout=self.options.timeout,
-                keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
-                max_pending=0,
-            )
+        pool: UpstreamPool | H2Pool | AutoPool
+        options: dict[str, Any] = {
+            "unix_path": replica.unix_path,
+            "max_connections": 1,
+            "max_keepalive": 1,
+            "connect_timeout": self.options.timeout,
+            "keepalive_idle_timeout": max(self.options.interval * 3, 5.0),
+            "max_pending": 0,
+        }
+        tls = replica.tls
+        resolve = getattr(replica, "resolve", None)
+        if self.options.grpc:  # the standard gRPC health service speaks HTTP/2 (ALPN h2 over TLS)
+            client = None if tls is None else tls.client(replica.tls_name, ALPN_H2)
+            pool = H2Pool(replica.host, replica.port, tls=client, resolve=resolve, **options)
             self._probes[id(state)] = (state, pool)
             return
-        pool = self._pool_class(
-            replica.host,
-            replica.port,
-            unix_path=replica.unix_path,
-            max_connections=1,
-            max_keepalive=1,
-            connect_timeout=self.options.timeout,
-            keepalive_idle_timeout=max(self.options.interval * 3, 5.0),
-            max_pending=0,
-            tls=None if replica.tls is None else replica.tls.client(replica.tls_name),
-            **_resolve_kwargs(replica),
-        )
+        client = None if tls is None else tls.client(replica.tls_name)
+        speaks = getattr(replica.pool, "protocol", "http1")
+        if client is not None and speaks == "h2":
+            # An https:// replica is probed in the protocol it is spoken to (cleartext: HTTP/1.1).
+            pool = H2Pool(replica.host, replica.port, tls=client, resolve=resolve, **options)
+        elif client is not None and speaks == "auto":
+            pool = auto_pools(replica.host, replica.port, client, resolve, self._pool_class, **options)
+        else:
+            pool = self._pool_class(
+                replica.host, replica.port, tls=client, **options, **_resolve_kwargs(replica)
+            )
         self._probes[id(state)] = (state, pool)
 
     def _start_one(self, state: ReplicaState) -> None:
@@ -124,7 +130,7 @@ class HealthChecker:
                 self._add(state)
                 if self._started:
                     self._start_one(state)
-        stopped: list[asyncio.Task[None] | UpstreamPool | H2Pool] = []
+        stopped: list[asyncio.Task[None] | UpstreamPool | H2Pool | AutoPool] = []
         for state in removed:
             entry = self._probes.pop(id(state), None)
             task = self._task_of.pop(id(state), None)
@@ -202,7 +208,7 @@ class HealthChecker:
             return FAIL
         return PASS
 
-    async def _probe_grpc(self, state: ReplicaState, pool: UpstreamPool | H2Pool) -> str:
+    async def _probe_grpc(self, state: ReplicaState, pool: UpstreamPool | H2Pool | AutoPool) -> str:
         """grpc.health.v1.Health/Check: PASS when the answer is grpc-status 0 with status SERVING."""
         body = self._grpc_body
         assert body is not None

@@ -47,6 +47,7 @@ from proxy.kernel.classify import OUTLIER
 from proxy.kernel.reasons import MAX_RETRY_AFTER, NOT_REPLICA_FAULTS, parse_retry_after
 from proxy.metrics import Metrics
 from proxy.upstream import UpstreamError, UpstreamPool
+from proxy.upstream.alpn import AutoPool
 from proxy.upstream.http2 import H2Pool
 from proxy.upstream.tls import UpstreamTLS
 
@@ -63,7 +64,7 @@ class Replica(Protocol):
     authority: bytes
     priority: int
     weight: int
-    pool: UpstreamPool | H2Pool
+    pool: UpstreamPool | H2Pool | AutoPool
     address: str  # host:port or unix:PATH (checkpoints match by it; a DNS replica's name adds the name)
     source: str  # "policy", "resolve NAME" or "srv NAME"
     resolve: Callable[[], Awaitable[Sequence[str]]] | None  # a host name's addresses (DNS name cache)
@@ -110,7 +111,7 @@ class ReplicaState:
         self.index = index
         self.level = level
         self.weight: int = replica.weight
-        self.pool: UpstreamPool | H2Pool = replica.pool
+        self.pool: UpstreamPool | H2Pool | AutoPool = replica.pool
         self.active_healthy = True  # until active checks say otherwise (traffic flows from the start)
         self.passes = 0  # consecutive passing probes
         self.fails = 0  # consecutive failing probes

@@ -25,7 +25,8 @@ from proxy.metrics import Metrics, UpstreamMetrics
 from proxy.options.base import PolicyModel
 from proxy.options.tls import UpstreamTLSOptions
 from proxy.upstream import UpstreamError, UpstreamPool
-from proxy.upstream.http2 import H2Pool
+from proxy.upstream.alpn import AutoPool, auto_pools
+from proxy.upstream.http2 import H2Pool, alpn_protocols
 from proxy.upstream.tls import UpstreamTLS
 
 log = logging.getLogger("fender")
@@ -73,34 +74,39 @@ class ReplicaRuntime:
         self.resolve = resolve  # a host name's addresses, from the DNS name cache
         # Only a host name's pool takes the resolver (test pool classes need not know it).
         extra: dict[str, Any] = {} if resolve is None else {"resolve": resolve}
-        # protocol: h2 is prior knowledge on cleartext. An https:// replica speaks HTTP/1.1 over TLS
-        # whatever the protocol (ALPN for h2 and auto is not wired yet: proxy.upstream.http2.alpn_protocols).
-        self.pool: UpstreamPool | H2Pool
-        if protocol == "h2" and self.tls is None:
+        # protocol: h2 is prior knowledge on cleartext and ALPN h2 over TLS; auto is HTTP/1.1 on
+        # cleartext and, over TLS, what the replica chooses by ALPN (h2 or http/1.1: AutoPool).
+        self.pool: UpstreamPool | H2Pool | AutoPool
+        options: dict[str, Any] = {
+            "unix_path": replica.unix_path,
+            "max_connections": pool_options.max_connections,
+            "max_keepalive": pool_options.max_keepalive,
+            "connect_timeout": pool_options.connect_timeout,
+            "keepalive_idle_timeout": pool_options.idle_timeout,
+            "max_pending": pool_options.max_pending,
+        }
+        client = None if self.tls is None else self.tls.client(self.tls_name)
+        if protocol == "h2":
             self.pool = H2Pool(
                 replica.host,
                 replica.port,
-                unix_path=replica.unix_path,
-                max_connections=pool_options.max_connections,
-                max_keepalive=pool_options.max_keepalive,
-                connect_timeout=pool_options.connect_timeout,
-                keepalive_idle_timeout=pool_options.idle_timeout,
-                max_pending=pool_options.max_pending,
                 max_concurrent_streams=pool_options.max_concurrent_streams,
+                tls=client,
+                resolve=resolve,
+                **options,
             )
-        else:
-            self.pool = pool_class(
+        elif protocol == "auto" and client is not None:
+            self.pool = auto_pools(
                 replica.host,
                 replica.port,
-                unix_path=replica.unix_path,
-                max_connections=pool_options.max_connections,
-                max_keepalive=pool_options.max_keepalive,
-                connect_timeout=pool_options.connect_timeout,
-                keepalive_idle_timeout=pool_options.idle_timeout,
-                max_pending=pool_options.max_pending,
-                tls=None if self.tls is None else self.tls.client(self.tls_name),
-                **extra,
+                client,
+                resolve,
+                pool_class,
+                max_concurrent_streams=pool_options.max_concurrent_streams,
+                **options,
             )
+        else:
+            self.pool = pool_class(replica.host, replica.port, tls=client, **options, **extra)
 
 
 class UpstreamRuntime:
@@ -123,7 +129,11 @@ class UpstreamRuntime:
         self.clock = clock
         # TLS settings for the https:// replicas (raises TLSFileError when a file cannot be used).
         self.tls = (
-            UpstreamTLS(getattr(options, "tls", None) or UpstreamTLSOptions(), f"upstreams.{name}.tls")
+            UpstreamTLS(
+                getattr(options, "tls", None) or UpstreamTLSOptions(),
+                f"upstreams.{name}.tls",
+                alpn_protocols(options.protocol),
+            )
             if any(getattr(r, "tls", False) for r in options.replicas)
             else None
         )
@@ -180,7 +190,7 @@ class UpstreamRuntime:
         replica = ReplicaRuntime(
             spec, self.options.pool, resolve=resolve, tls=self.tls, protocol=self.options.protocol
         )
-        if self._tls_handshakes is not None and isinstance(replica.pool, UpstreamPool):
+        if self._tls_handshakes is not None and getattr(replica.pool, "tls", None) is not None:
             replica.pool.on_tls_handshake = self._tls_handshakes  # counted for replicas DNS adds too
         return replica
 
@@ -280,7 +290,7 @@ class UpstreamRuntime:
             log.warning("%s: no replicas left: requests get 503 no_healthy_replica", self.name)
 
     @staticmethod
-    async def _retire(pool: UpstreamPool | H2Pool) -> None:
+    async def _retire(pool: UpstreamPool | H2Pool | AutoPool) -> None:
         """A replica DNS removed: idle connections close now, in-use ones when their request ends;
         requests already waiting for a connection get theirs (they wait at most connect_timeout)."""
         if pool.pending:
@@ -299,7 +309,7 @@ class UpstreamRuntime:
             pool = replica.pool
             self._pool_gauges.labels(self.name, replica.name, "in_use").set(pool.in_use)
             self._pool_gauges.labels(self.name, replica.name, "idle").set(pool.idle)
-            if isinstance(pool, H2Pool):
+            if not isinstance(pool, UpstreamPool):
                 self._stream_gauges.labels(self.name, replica.name).set(pool.streams)
 
     # -- reload hand-over and checkpoints ---------------------------------------------------------

@@ -816,10 +816,11 @@ class Upstream(PolicyModel):
     protocol: Literal["http1", "h2", "auto"] = Field(
         default="http1",
         description=(
-            "What Fender speaks to the replicas: http1 (HTTP/1.1), h2 (HTTP/2 with prior knowledge on "
-            "cleartext: many requests multiplexed on one connection; needed for gRPC replicas) or auto "
-            "(HTTP/1.1 on cleartext; HTTP/2 by ALPN over TLS is not wired yet: https:// replicas get HTTP/1.1). "
-            "See docs/http2.md."
+            "What Fender speaks to the replicas: http1 (HTTP/1.1), h2 (HTTP/2: many requests multiplexed on "
+            "one connection; needed for gRPC replicas; prior knowledge on cleartext, ALPN h2 to https:// "
+            "replicas, where a replica that does not choose h2 is a tls_failure) or auto (HTTP/1.1 on "
+            "cleartext; to https:// replicas ALPN offers h2 then http/1.1 and Fender speaks what the replica "
+            "chooses). See docs/http2.md."
         ),
     )
     tls: UpstreamTLSOptions | None = Field(

@@ -26,6 +26,7 @@ from proxy.kernel.exchange import (
     RequestBodyTimeout,
     wait_disconnect,
 )
+from proxy.kernel.fields import TRAILERS
 from proxy.tunnel import Tunnel, TunnelSet
 from proxy.upstream import UpstreamError
 
@@ -55,9 +56,13 @@ def quiet_aborts() -> None:
 
 
 class BodyStream:
-    """Feeds the client's request body to the upstream client, chunk by chunk."""
+    """Feeds the client's request body to the upstream client, chunk by chunk.
 
-    __slots__ = ("_receive", "_limit", "_idle", "_received", "_done")
+    ``trailers``: the request's trailer fields once the body ended (Fender's protocols hand them on
+    the last message); the upstream client sends them after the body where its framing can carry
+    them (chunked HTTP/1.1, HTTP/2)."""
+
+    __slots__ = ("_receive", "_limit", "_idle", "_received", "_done", "trailers")
 
     def __init__(self, receive, limit: int, idle_timeout: float) -> None:
         self._receive = receive
@@ -65,6 +70,7 @@ class BodyStream:
         self._idle = idle_timeout
         self._received = 0
         self._done = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
     @property
     def done(self) -> bool:
@@ -81,7 +87,9 @@ class BodyStream:
             if message["type"] == "http.disconnect":
                 raise ClientGone
             body = message.get("body", b"")
-            self._done = not message.get("more_body", False)
+            self._done = done = not message.get("more_body", False)
+            if done:
+                self.trailers = message.get(TRAILERS)
             self._received += len(body)
             if self._limit and self._received > self._limit:
                 raise BodyTooLarge
@@ -90,8 +98,25 @@ class BodyStream:
         return b""
 
 
-async def read_body(receive, limit: int, idle_timeout: float) -> bytes:
-    """Read a small request body whole (its Content-Length is already checked)."""
+class BufferedBody:
+    """A body read whole that had trailers: sent as a stream of one chunk, so the upstream client
+    sends the trailers after it (the same contract as :class:`BodyStream`)."""
+
+    __slots__ = ("_body", "done", "trailers")
+
+    def __init__(self, body: bytes, trailers: list[tuple[bytes, bytes]]) -> None:
+        self._body = body
+        self.done = True
+        self.trailers: list[tuple[bytes, bytes]] | None = trailers
+
+    async def __call__(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+
+async def read_body(receive, limit: int, idle_timeout: float, trailers: list | None = None) -> bytes:
+    """Read a small request body whole (its Content-Length is already checked); its trailer fields,
+    if any came, are added to ``trailers``."""
     parts: list[bytes] = []
     received = 0
     try:
@@ -107,6 +132,8 @@ async def read_body(receive, limit: int, idle_timeout: float) -> bytes:
                         raise BodyTooLarge
                     parts.append(body)
                 if not message.get("more_body", False):
+                    if trailers is not None:
+                        trailers += message.get(TRAILERS, ())
                     break
     except TimeoutError:
         raise RequestBodyTimeout from None
@@ -231,13 +258,14 @@ class DataPlane:
             )
             return
         body = b""
-        body_stream = None
+        body_stream: BodyStream | BufferedBody | None = None
         content_length = None
         if length is None and not head.chunked or length == 0:
             pass
         elif length is not None and length <= route.buffer_limit:
+            trailers: list[tuple[bytes, bytes]] = []
             try:
-                body = await read_body(receive, max_body, route.idle_timeout)
+                body = await read_body(receive, max_body, route.idle_timeout, trailers)
             except BodyTooLarge:
                 await self._local(
                     runtime, route, send, method, LocalReply("body_too_large", close=True), head, scope
@@ -249,6 +277,8 @@ class DataPlane:
                 return
             except ClientGone:
                 return
+            if trailers:  # (an HTTP/2 request with content-length and trailers)
+                body_stream, content_length, body = BufferedBody(body, trailers), len(body), b""
         else:
             body_stream = BodyStream(receive, max_body, route.idle_timeout)
             content_length = length

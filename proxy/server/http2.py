@@ -22,6 +22,10 @@ HTTP/1.1 request (routing, limits, policies, metrics, access log), with
   same Host an HTTP/1.1 client would send; ``cookie`` fields are joined with
   ``; `` (RFC 9113 8.2.3); a body without ``content-length`` is marked
   ``transfer-encoding: chunked``, which is what an HTTP/1.1 replica receives;
+- request trailers (HEADERS with END_STREAM after DATA) are checked as a head
+  (no pseudo-header field), bounded by ``max_header_list_size``, stripped of
+  the fields RFC 9110 6.5.1 keeps out of trailers, and handed to the data
+  plane on the last body message (``fender.trailers``);
 - responses leave as HEADERS (lowercased, connection-specific fields
   dropped), DATA within the client's flow-control windows, and trailers; an
   empty final response is one HEADERS frame with END_STREAM (a gRPC
@@ -41,8 +45,11 @@ task still runs, even when the client reset them) get REFUSED_STREAM; more
 than ``max_resets_per_second`` client resets (Rapid Reset, CVE-2023-44487),
 more than ``max_control_frames_per_second`` SETTINGS and PING frames, or their
 answers piling up unread, end the connection with GOAWAY ENHANCE_YOUR_CALM; a
-header list over ``max_header_list_size`` decoded (an HPACK bomb) or a header
-block over it across CONTINUATION frames (CVE-2024-27316) ends it too. An idle
+header list over ``max_header_list_size`` decoded is answered 431 on its stream,
+the connection going on, but one over four times that (an HPACK bomb), or a
+header block over it across CONTINUATION frames (CVE-2024-27316), ends it too.
+A content-length that the DATA frames contradict (or one that is no number) is
+a stream error, RST_STREAM PROTOCOL_ERROR (RFC 9113 8.1.1). An idle
 connection gets GOAWAY at ``keepalive_timeout``; drain and
 ``max_requests_per_connection`` send GOAWAY with the last stream id and let
 the streams in flight finish.
@@ -65,15 +72,19 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple as _NotIndexed
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
 
+from proxy.kernel.fields import PROXY_TRAILERS, TRAILERS
 from proxy.metrics import Metrics
+from proxy.upstream.connection import NOT_TRAILERS
+from proxy.upstream.http2 import CheckedStream, Malformed, MalformedStream
 
 log = logging.getLogger("uvicorn.error")
 
@@ -112,6 +123,10 @@ _UNIQUE = frozenset(
     }
 )
 _CONNECTION_WINDOWS = 8  # the connection's receive window, in stream windows
+# A header list decoded past max_header_list_size gets 431 on its stream; past this many times the
+# limit (an HPACK bomb: a few bytes on the wire referencing a large table entry) decoding stops and
+# the connection ends, since HPACK state cannot be kept in step with a block not decoded in full.
+_HARD_HEADER_FACTOR = 4
 _FLOOD_BUFFER = 1 << 20  # unread answers (PING and SETTINGS ACKs...) past which a flood is assumed
 
 
@@ -120,8 +135,9 @@ class _FrameBuffer(FrameBuffer):
 
     h2 caps a block at 64 CONTINUATION frames of up to 16 KiB each; a block
     that never ends would still pin a megabyte per connection and burn CPU
-    (CVE-2024-27316). Here its compressed size is capped at the decoded
-    limit, max_header_list_size.
+    (CVE-2024-27316). Here its compressed size is capped at the hard decoded
+    limit (``_HARD_HEADER_FACTOR`` times max_header_list_size: below it an
+    over-size header list is a stream error, 431, above it a connection error).
     """
 
     def __init__(self, max_block: int) -> None:
@@ -151,6 +167,24 @@ class _Connection(H2Connection):
 
     prune_above = 256  # streams (open and closed) h2 may hold before they are pruned
 
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = CheckedStream  # same state, its content-length faults a stream error
+        return stream
+
+    def _receive_frame(self, frame):
+        try:
+            return super()._receive_frame(frame)
+        except MalformedStream as exc:
+            # RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR; the
+            # other streams of the connection go on. HPACK state is intact (the block was decoded).
+            sid = exc.stream_id
+            self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            if isinstance(frame, DataFrame) and frame.flow_controlled_length:
+                # Nobody reads these bytes: the connection window they took is handed back.
+                self.acknowledge_received_data(frame.flow_controlled_length, sid)
+            return [Malformed(sid)]
+
     @property
     def open_inbound_streams(self) -> int:
         # h2 prunes its closed streams in this accessor, walking every stream; pruning once
@@ -179,6 +213,7 @@ class _Stream:
         "complete",
         "task",
         "pending",
+        "trailers",
     )
 
     def __init__(self, conn: FenderH2Protocol, sid: int, scope: dict, ended: bool) -> None:
@@ -197,6 +232,7 @@ class _Stream:
         self.complete = False  # the response ended (END_STREAM sent, or the stream was reset)
         self.task: asyncio.Task | None = None
         self.pending: list | None = None  # response headers held for the first body part
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers, checked
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -228,6 +264,8 @@ class _Stream:
                 self.unacked = 0
             if not self.more_body:
                 self.final_sent = True
+                if self.trailers is not None:
+                    return {"type": "http.request", "body": data, "more_body": False, TRAILERS: self.trailers}
             return {"type": "http.request", "body": data, "more_body": self.more_body}
         while not (self.disconnected or self.complete):
             self.waiter = conn.loop.create_future()
@@ -418,7 +456,8 @@ class FenderH2Protocol(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         h2 = self.h2 = _Connection(config=config)
-        h2.incoming_buffer = _FrameBuffer(self.max_header_list_size)
+        hard_limit = self.max_header_list_size * _HARD_HEADER_FACTOR
+        h2.incoming_buffer = _FrameBuffer(hard_limit)
         h2.local_settings = type(h2.local_settings)(
             client=False,
             initial_values={
@@ -428,8 +467,9 @@ class FenderH2Protocol(asyncio.Protocol):
                 SettingCodes.ENABLE_PUSH: 0,
             },
         )
-        # The decoded-size cap holds from the first header block, not only once SETTINGS is acknowledged.
-        h2.decoder.max_header_list_size = self.max_header_list_size
+        # The decoded-size cap holds from the first header block, not only once SETTINGS is acknowledged;
+        # between the advertised limit and this one a header list is refused on its stream (431).
+        h2.decoder.max_header_list_size = hard_limit
         h2.prune_above = 2 * self.max_concurrent_streams + 64
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.streams: dict[int, _Stream] = {}
@@ -505,12 +545,15 @@ class FenderH2Protocol(asyncio.Protocol):
                     return
                 if isinstance(event, RemoteSettingsChanged):
                     self._on_window(0)  # a new initial window may open every stream's window
+            elif isinstance(event, TrailersReceived):
+                self._on_trailers(event)
+            elif isinstance(event, Malformed):
+                self._on_malformed(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
                 self._peer_gone = True
                 if not self.streams:
                     self._close_now()
                     return
-            # TrailersReceived: request trailers are dropped, as chunked trailer fields on HTTP/1.1
         self.flush()
         if self.write_paused and self.transport.get_write_buffer_size() > _FLOOD_BUFFER:
             # The client sends frames that need an answer and reads none of them.
@@ -572,8 +615,10 @@ class FenderH2Protocol(asyncio.Protocol):
         regular = False
         length = None
         count = 0
+        size = 0  # RFC 9113 6.5.2: the header list's size, 32 bytes per field besides its name and value
         underscores = self.underscores
         for name, value in headers:
+            size += len(name) + len(value) + 32
             if value and (
                 value[0] in _EDGE or value[-1] in _EDGE or 0 in value or 10 in value or 13 in value
             ):
@@ -633,7 +678,7 @@ class FenderH2Protocol(asyncio.Protocol):
             if host is not None and host != authority:
                 return None
             host = authority
-        if count > self.max_header_count:
+        if count > self.max_header_count or size > self.max_header_list_size:
             return "header_too_large"
         if host is not None:
             fields.insert(0, (b"host", host))
@@ -689,6 +734,49 @@ class FenderH2Protocol(asyncio.Protocol):
         if event.stream_ended is not None:
             stream.more_body = False
         stream.wake()
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        """Request trailers (a HEADERS frame ending the stream after its DATA): checked as a head is
+        (RFC 9113 8.1: no pseudo-header field; 8.2), held for the last body message; the fields RFC
+        9110 6.5.1 keeps out of trailers are dropped. Malformed or over max_header_list_size: reset."""
+        sid = event.stream_id
+        stream = self.streams.get(sid)
+        if stream is None or stream.complete or stream.disconnected:
+            return
+        kept: list[tuple[bytes, bytes]] = []
+        size = 0
+        for name, value in event.headers:
+            size += len(name) + len(value) + 32
+            if (
+                not name
+                or name[:1] == b":"
+                or name.translate(None, _NAME_CHARS)
+                or name in _CONNECTION_SPECIFIC
+                or (
+                    value
+                    and (value[0] in _EDGE or value[-1] in _EDGE or 0 in value or 10 in value or 13 in value)
+                )
+            ):
+                self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
+                return
+            if name not in NOT_TRAILERS and name not in PROXY_TRAILERS and name[:7] != b"fender-":
+                kept.append((name, value))
+        if size > self.max_header_list_size:
+            self._reset(sid, ErrorCodes.PROTOCOL_ERROR, "malformed")
+            return
+        if kept:
+            stream.trailers = kept
+
+    def _on_malformed(self, sid: int) -> None:
+        """h2 reset a stream it found malformed (the RST_STREAM is already queued)."""
+        self._count_reset("malformed")
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.complete = True
+            stream.disconnected = True  # the application sees the client gone: nothing more forwarded
+            stream.wake()
+            if stream.task is None:
+                self._forget(stream)
 
     def _on_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)

@@ -36,7 +36,13 @@ Hardening at the edge of a service (what llhttp in strict mode does not):
 - ``max_connections``: a request on a connection beyond it gets 503 and the
   connection closes;
 - header names with ``_``: dropped, refused (400) or allowed;
-- chunked trailer fields are dropped, never merged into the header list;
+- chunked trailer fields are never merged into the header list; they count in
+  the head limits (``max_header_bytes``, ``max_header_count``, head and trailers
+  together), framing, routing and connection fields (RFC 9110 6.5.1) and the
+  fields Fender sets itself (``kernel.fields.PROXY_TRAILERS``) are dropped,
+  and the rest reach the application on the last ``http.request`` message as
+  ``fender.trailers`` (the data plane passes them to a chunked HTTP/1.1 or an
+  HTTP/2 upstream request);
 - a Transfer-Encoding other than exactly ``chunked`` (e.g. ``gzip,
   chunked``, which llhttp accepts) gets 501, and Transfer-Encoding in an
   HTTP/1.0 request 400 (RFC 9112 6.1: its framing is faulty); HTTP
@@ -64,12 +70,13 @@ from urllib.parse import unquote
 
 import httptools
 
-from proxy.kernel.fields import HOP_BY_HOP
+from proxy.kernel.fields import HOP_BY_HOP, PROXY_TRAILERS, TRAILERS
 from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
 from proxy.server.http2 import PREFACE_HEAD, FenderH2Protocol, take_over
 from proxy.server.tls import client_cert_subject
 from proxy.tunnel import TunnelEnd, upgrade_offer
+from proxy.upstream.connection import NOT_TRAILERS
 
 log = logging.getLogger("uvicorn.error")  # quiet_aborts() filters the expected aborts on this logger
 
@@ -195,6 +202,7 @@ class _Exchange:
         "chunked",
         "remaining",
         "task",
+        "trailers",
     )
 
     def __init__(
@@ -218,6 +226,7 @@ class _Exchange:
         self.chunked = False
         self.remaining = -1  # body bytes still owed under Content-Length; -1: not length-framed
         self.task: asyncio.Task | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # chunked trailer fields, once the body ended
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -249,6 +258,8 @@ class _Exchange:
                 conn.resume_reading()
             else:
                 self.final_sent = True
+                if self.trailers is not None:
+                    return {"type": "http.request", "body": data, "more_body": False, TRAILERS: self.trailers}
             return {"type": "http.request", "body": data, "more_body": self.more_body}
         # The whole body was handed over: what is left to report is the client leaving.
         while not (self.disconnected or self.complete):
@@ -478,6 +489,7 @@ class FenderHttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._transfer_encoding: bytes | None = None
         self._in_trailers = False
+        self._trailers: list[tuple[bytes, bytes]] | None = None  # of the chunked body being read
         self._reject = ""
         # The connection's one timer (see _tick) and what it measures from.
         self._timer: asyncio.TimerHandle | None = None
@@ -647,8 +659,13 @@ class FenderHttpProtocol(asyncio.Protocol):
             self._reject = "header_too_large"
             raise _HeadRejected
         if self._in_trailers:
-            # Chunked trailer fields: llhttp reports them like headers. They are never
-            # merged into the head (RFC 9110 6.5.1) nor forwarded.
+            # Chunked trailer fields: llhttp reports them like headers (and checked their characters).
+            # Never merged into the head; passed on the last body message unless RFC 9110 6.5.1 forbids.
+            name = name.lower()
+            if name not in NOT_TRAILERS and name not in PROXY_TRAILERS and name[:7] != b"fender-":
+                if self._trailers is None:
+                    self._trailers = []
+                self._trailers.append((name, value))
             return
         name = name.lower()
         if _UNDERSCORE in name and self.underscores:  # an int needle: see _UNDERSCORE
@@ -764,8 +781,13 @@ class FenderHttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange = self.current
+        trailers = self._trailers
+        if trailers is not None:
+            self._trailers = None
         if exchange is None or exchange.complete:
             return
+        if trailers is not None:
+            exchange.trailers = trailers
         exchange.more_body = False
         exchange.wake()
 

@@ -54,6 +54,17 @@ class RedisOptions(PolicyModel):
         default=None,
         description="mode: sentinel: the sentinels and the service (master) name.",
     )
+    pubsub: Literal["auto", "sharded", "plain"] = Field(
+        default="auto",
+        description=(
+            "mode: cluster: how invalidations and purges travel. sharded: SPUBLISH/SSUBSCRIBE on one hash "
+            "slot (Redis or Valkey 7.0 and later; only the nodes serving that slot carry them). plain: "
+            "PUBLISH/SUBSCRIBE, which the cluster bus copies to every node. auto: sharded when the node "
+            "serving the channels' slot says (INFO) it is 7.0 or later, checked at every (re)subscription; "
+            "plain when INFO is refused. Every sidecar "
+            "of a fleet must use the same: a sharded and a plain subscriber do not hear each other."
+        ),
+    )
     url: Text = Field(
         default="redis://127.0.0.1:6379/0",
         description=(
@@ -146,6 +157,8 @@ class RedisOptions(PolicyModel):
             raise policy_error("nodes is for mode: cluster")
         if self.mode != "sentinel" and self.sentinel is not None:
             raise policy_error("sentinel is for mode: sentinel")
+        if self.mode != "cluster" and self.pubsub != "auto":
+            raise policy_error("pubsub is for mode: cluster (standalone and sentinel use plain PUBLISH)")
         return self
 
     @field_validator("url")

@@ -18,6 +18,15 @@ values, found through two bounded indexes kept beside them (see
 established again after being lost clears L1 entirely: messages sent while it
 was down are gone.
 
+On a Redis Cluster the two channels are sharded (``<key_prefix>{inv}`` and
+``<key_prefix>{inv}purge``, one hash slot: SPUBLISH/SSUBSCRIBE) when the node
+serving that slot is 7.0 or later (``state.redis.pubsub``): only that slot's
+master and replicas carry them, where a plain PUBLISH is copied by the cluster
+bus to every node. The subscription follows the slot: when its node dies or
+gives the slot up (a failover; Redis then ends the subscription with
+SUNSUBSCRIBE), the listener reloads the slot map and subscribes again on the
+slot's new master.
+
 The object is built through the runtime's hand-over (``ctx.keep``) under
 :data:`STATE_KEY` with the ``state.redis`` options as settings, so a reload
 that leaves those options unchanged keeps the same client, connections and
@@ -84,6 +93,10 @@ class FleetListener(Protocol):
     def purge(self, kind: str, value: bytes) -> int:
         """Apply a purge another sidecar published (kind tag or prefix); the keys dropped."""
         ...
+
+
+class _Lost(Exception):
+    """The subscription ended without an error (a sharded channel's slot moved): subscribe again."""
 
 
 class RedisUnavailable(Exception):
@@ -158,6 +171,13 @@ class RedisState:
         self.prefix = options.key_prefix.encode()
         self.channel = self.prefix + b"inv"
         self.purge_channel = self.prefix + b"purge"
+        # Sharded pub/sub (cluster): both channels in one hash slot, so one subscription carries them.
+        self.shard_channels = {
+            self.channel: self.prefix + b"{inv}",
+            self.purge_channel: self.prefix + b"{inv}purge",
+        }
+        # Decided at every (re)subscription in cluster mode (_sharded_pubsub).
+        self.sharded = options.mode == "cluster" and options.pubsub == "sharded"
         self.index_keys = [self.prefix + b"{idx}:target", self.prefix + b"{idx}:expiry"]
         self.lock_ttl_ms = int(options.lock_ttl * 1000)
         # Messages carry the sender's id, so a sidecar does not count its own invalidations as received.
@@ -176,6 +196,7 @@ class RedisState:
         self.m_purges = metrics.cache_purges
         self.m_purged = metrics.cache_purged
         self.m_fallback.set(0)
+        self.m_pubsub = {mode: metrics.redis_pubsub.labels(mode) for mode in ("plain", "sharded")}
         self.breaker = RedisBreaker(
             options.failure_threshold, options.open_for, clock, on_change=self._fallback_changed
         )
@@ -459,13 +480,17 @@ class RedisState:
     # ------------------------------------------------------------------ pub/sub
 
     def _publish(self, pipe, channel: bytes, messages: list[bytes]) -> None:
-        if not self._publish_apart:
+        if self.sharded:
+            # SPUBLISH names its channel as a key: the Cluster pipeline sends it to the slot's master.
+            for message in messages:
+                pipe.spublish(self.shard_channels[channel], message)
+        elif not self._publish_apart:
             for message in messages:
                 pipe.publish(channel, message)
 
     async def _publish_rest(self, channel: bytes, messages: list[bytes]) -> None:
-        # Cluster: plain PUBLISH reaches the subscribers on every node (the cluster bus forwards it).
-        if self._publish_apart:
+        # Cluster, plain: PUBLISH reaches the subscribers on every node (the cluster bus forwards it).
+        if self._publish_apart and not self.sharded:
             await asyncio.gather(*(self.client.publish(channel, m) for m in messages))
 
     async def _listen(self) -> None:
@@ -477,11 +502,7 @@ class RedisState:
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(max(self.timeout, 1.0)):
-                        if self.options.mode == "cluster":
-                            # The cluster's slot map: commands load it themselves, a subscription does not.
-                            await self.client.initialize()
-                        pubsub = self.client.pubsub()
-                        await pubsub.subscribe(self.channel, self.purge_channel)
+                        pubsub = await self._subscribe(reload=attempt > 0)
                 except BaseException:
                     self.m_duration["subscribe"].observe(time.perf_counter() - started)
                     self.m_calls[("subscribe", "error")].inc()
@@ -494,30 +515,32 @@ class RedisState:
                     self._clear_l1()
                 self.subscriptions += 1
                 self.subscribed.set()
+                self.m_pubsub["sharded" if self.sharded else "plain"].set(1)
                 async with self._progress:
                     self._progress.notify_all()
                 backoff = 0.05
+                purge_channel = (
+                    self.shard_channels[self.purge_channel] if self.sharded else self.purge_channel
+                )
                 while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
-                    if (
-                        message is not None
-                        and message.get("type") == "message"
-                        and (
-                            self._on_purge(message["data"])
-                            if message.get("channel") == self.purge_channel
-                            else self._on_message(message["data"])
-                        )
+                    message = await self._next_message(pubsub)
+                    if message is not None and (
+                        self._on_purge(message["data"])
+                        if message.get("channel") == purge_channel
+                        else self._on_message(message["data"])
                     ):
                         async with self._progress:
                             self._progress.notify_all()
             except asyncio.CancelledError:
                 raise
-            except (RedisUnavailable, TimeoutError, *self._errors) as exc:
+            except (_Lost, RedisUnavailable, TimeoutError, *self._errors) as exc:
                 log.debug("redis subscription lost: %r", exc)
             except Exception:  # pragma: no cover - keep listening whatever happens
                 log.exception("redis subscription failed")
             finally:
                 self.subscribed.clear()
+                for gauge in self.m_pubsub.values():
+                    gauge.set(0)
                 try:
                     if pubsub is not None:
                         async with asyncio.timeout(0.5):
@@ -527,6 +550,61 @@ class RedisState:
             attempt += 1
             await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    async def _subscribe(self, reload: bool):
+        """A new pub/sub subscribed to both channels: sharded or plain, per ``_sharded_pubsub``."""
+        if self.options.mode != "cluster":
+            pubsub = self.client.pubsub()
+            await pubsub.subscribe(self.channel, self.purge_channel)
+            return pubsub
+        # The cluster's slot map: commands load it themselves, a subscription does not. After a loss it
+        # is loaded again: the client refreshes it only when one of its own commands fails, so it may
+        # still name a dead master (which a subscription would then try, and fail on, until then).
+        await self.client.initialize()
+        if reload:
+            await self.client.nodes_manager.initialize()
+        self.sharded = await self._sharded_pubsub()
+        pubsub = self.client.pubsub()
+        if self.sharded:
+            await pubsub.ssubscribe(*self.shard_channels.values())
+        else:
+            await pubsub.subscribe(self.channel, self.purge_channel)
+        return pubsub
+
+    async def _sharded_pubsub(self) -> bool:
+        """Cluster: whether to use sharded pub/sub (``pubsub``; auto: the channels' node is 7.0 or later)."""
+        from redis.exceptions import ResponseError
+
+        choice = self.options.pubsub
+        if choice != "auto":
+            return choice == "sharded"
+        node = self.client.get_node_from_key(self.shard_channels[self.channel])
+        try:
+            info = await node.execute_command("INFO", "server")
+        except ResponseError as exc:
+            # INFO refused (an ACL): the version is unknown, plain pub/sub works on every version.
+            log.warning("redis: INFO refused (%s): plain pub/sub (set state.redis.pubsub to choose)", exc)
+            return False
+        version = str(info.get("redis_version", "0")) if isinstance(info, dict) else "0"
+        major = version.partition(".")[0]
+        return major.isdigit() and int(major) >= 7
+
+    async def _next_message(self, pubsub) -> dict | None:
+        """The next message of another sidecar's or None (waits up to LISTEN_POLL); raises _Lost when a
+        sharded subscription ended (its slot moved: a failover, a resharding)."""
+        if not self.sharded:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
+            return message if message is not None and message.get("type") == "message" else None
+        if not pubsub.node_pubsub_mapping:
+            raise _Lost("no shard subscription left")
+        message = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=LISTEN_POLL)
+        if message is None:
+            return None
+        kind = message.get("type")
+        if kind in ("sunsubscribe", b"sunsubscribe"):
+            # Redis ends a shard channel's subscription when its node stops serving the slot.
+            raise _Lost("shard channel unsubscribed by the server")
+        return message if kind in ("smessage", b"smessage") else None
 
     async def wait_subscriptions(self, count: int) -> None:
         """Wait until the subscription has been established ``count`` times (callers bound the wait)."""
@@ -578,6 +656,7 @@ class RedisState:
             "key_prefix": self.options.key_prefix,
             "breaker": "open" if self.breaker.is_open else "closed",
             "subscribed": self.subscribed.is_set(),
+            "pubsub": "sharded" if self.sharded else "plain",
             "subscriptions": self.subscriptions,
             "l1_clears": self.l1_clears,
             "pending_writes": len(self._writes),

@@ -40,8 +40,9 @@ from .tls import is_tls_alert, tls_words
 HIGH_WATER = 256 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _HAVE_POLL = hasattr(select, "poll")  # not on Windows: the stale check is then skipped
-# Fields a trailer section may not carry (RFC 9110 6.5.1: framing, routing, connection handling).
-_NOT_TRAILERS = frozenset(
+# Fields a trailer section may not carry (RFC 9110 6.5.1: framing, routing, connection handling);
+# the listeners drop them from request trailers too (proxy/server/protocol.py, http2.py).
+NOT_TRAILERS = _NOT_TRAILERS = frozenset(
     {
         b"content-length",
         b"transfer-encoding",

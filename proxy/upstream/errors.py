@@ -62,6 +62,18 @@ class TLSFailure(UpstreamError):
     request_sent = False
 
 
+class ALPNMismatch(TLSFailure):
+    """The TLS handshake succeeded but the replica chose another protocol by ALPN than the pool speaks.
+
+    ``selected`` is what it chose (``"http/1.1"``, ``"h2"``, or ``""`` for none). With ``protocol: h2``
+    it is the fault the request gets (``tls_failure``: nothing was sent); with ``protocol: auto`` the
+    replica's pool (proxy/upstream/alpn.py) catches it and sends the request in the chosen protocol."""
+
+    def __init__(self, message: str, *, selected: str, cause: str | None = None) -> None:
+        super().__init__(message, cause=cause)
+        self.selected = selected
+
+
 class PoolOverflow(UpstreamError):
     """No connection became free within the wait, or too many requests were already waiting."""
 

@@ -28,16 +28,21 @@ import asyncio
 import functools
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from h2.exceptions import InvalidBodyLengthError, ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import H2Stream
+from hyperframe.frame import DataFrame
 
+from .dial import tcp_connect
 from .errors import (
+    ALPNMismatch,
     BadResponse,
     ConnectFailure,
     ConnectTimeout,
@@ -49,6 +54,7 @@ from .errors import (
     UpstreamTimeout,
     os_words,
 )
+from .tls import ClientTLS, selected_alpn, tls_fault
 
 # Receive window of each stream: the most unread response body one stream may hold.
 STREAM_WINDOW = 256 * 1024
@@ -73,9 +79,71 @@ _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _MAX_GOAWAY_RESENDS = 2
 
 
+class MalformedStream(ProtocolError):
+    """h2 found a stream malformed (RFC 9113 8.1.1: content-length contradicted by DATA, an invalid
+    content-length): a stream error, which h2 alone would make a connection error."""
+
+    def __init__(self, stream_id: int, message: str) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+class Malformed:
+    """The event for a stream reset because h2 found it malformed (see MalformedStream)."""
+
+    __slots__ = ("stream_id", "message")
+
+    def __init__(self, stream_id: int, message: str = "") -> None:
+        self.stream_id = stream_id
+        self.message = message
+
+
+class CheckedStream(H2Stream):
+    """h2's stream, with its content-length checks raising MalformedStream (a stream error); both directions use it."""
+
+    def _initialize_content_length(self, headers) -> None:
+        try:
+            super()._initialize_content_length(headers)
+        except ProtocolError as exc:
+            raise MalformedStream(self.stream_id, str(exc)) from None
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        try:
+            super()._track_content_length(length, end_stream)
+        except InvalidBodyLengthError as exc:
+            raise MalformedStream(self.stream_id, str(exc)) from None
+
+    def receive_headers(self, headers, end_stream, header_encoding):
+        # Trailers end the stream too: the body must have reached its content-length (h2 checks
+        # only an END_STREAM on DATA).
+        expected = self._expected_content_length
+        actual = self._actual_content_length
+        frames, events = super().receive_headers(headers, end_stream, header_encoding)
+        if expected is not None and actual != expected and isinstance(events[0], h2.events.TrailersReceived):
+            raise MalformedStream(
+                self.stream_id, f"body of {actual} bytes ended by trailers, content-length {expected}"
+            )
+        return frames, events
+
+
 class _ClientConnection(h2.connection.H2Connection):
     """h2's state machine, except that a GOAWAY leaves the connection open for the streams at or
     below its last stream id (RFC 9113 6.8: they may still complete); h2 alone refuses every frame after it."""
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = CheckedStream  # a response body contradicting content-length fails its stream only
+        return stream
+
+    def _receive_frame(self, frame):
+        try:
+            return super()._receive_frame(frame)
+        except MalformedStream as exc:
+            sid = exc.stream_id
+            self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            if isinstance(frame, DataFrame) and frame.flow_controlled_length:
+                self.acknowledge_received_data(frame.flow_controlled_length, sid)
+            return [Malformed(sid, str(exc))]
 
     def _receive_goaway_frame(self, frame):
         state = self.state_machine.state
@@ -91,13 +159,14 @@ class StreamReset(UpstreamError):
     reason = "stream_reset"
 
 
-def alpn_protocols(protocol: str) -> list[str]:
-    """ALPN offer for a TLS replica: ``h2`` offers h2 only, ``auto`` h2 then http/1.1.
-
-    The hook for TLS replicas (not supported yet: replica URLs are http:// or unix://); on
-    cleartext ``h2`` is prior knowledge and ``auto`` is HTTP/1.1.
-    """
-    return ["h2"] if protocol == "h2" else ["h2", "http/1.1"]
+def alpn_protocols(protocol: str) -> tuple[str, ...]:
+    """ALPN offer to an ``https://`` replica: ``h2`` offers h2 only, ``auto`` h2 then http/1.1,
+    ``http1`` http/1.1 only (on cleartext ``h2`` is prior knowledge and ``auto`` is HTTP/1.1)."""
+    if protocol == "h2":
+        return ("h2",)
+    if protocol == "auto":
+        return ("h2", "http/1.1")
+    return ("http/1.1",)
 
 
 class H2Response:
@@ -254,6 +323,7 @@ class H2Conn(asyncio.Protocol):
         self.closed = False
         self.going_away = False  # GOAWAY received (or sent): no new stream
         self.idle_since = loop.time()
+        self.alpn_refused = ""  # over TLS: what the replica chose by ALPN when it was not h2
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -397,8 +467,13 @@ class H2Conn(asyncio.Protocol):
                     return waited
         if resp._conn is self and not resp._ended_local:
             resp._ended_local = True
+            trailers = None if body_stream is None else getattr(body_stream, "trailers", None)
             try:
-                self.h2.end_stream(resp.stream_id)
+                if trailers:
+                    # The request's trailer fields (checked by the listener): a HEADERS frame ends the stream.
+                    self.h2.send_headers(resp.stream_id, trailers, end_stream=True)
+                else:
+                    self.h2.end_stream(resp.stream_id)
             except h2.exceptions.StreamClosedError:
                 return waited
             self.flush()
@@ -507,6 +582,14 @@ class H2Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if self.pool.tls is not None:
+            chosen = selected_alpn(transport)
+            if chosen != "h2":
+                # Not HTTP/2 by ALPN: not a byte of HTTP/2 to it; the connect raises ALPNMismatch.
+                self.alpn_refused = chosen or "none"
+                self.closed = True
+                transport.close()
+                return
         h2c = self.h2
         h2c.local_settings = h2.settings.Settings(
             client=True,
@@ -607,6 +690,14 @@ class H2Conn(asyncio.Protocol):
         fut = resp._waiter
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    def _on_malformed(self, event: Malformed) -> None:
+        """The replica's response broke its content-length (RST_STREAM PROTOCOL_ERROR already queued)."""
+        resp = self.streams.get(event.stream_id)
+        if resp is None:
+            return
+        resp._ended_remote = True
+        self.fail_stream(resp, BadResponse(f"malformed HTTP/2 response: {event.message}"), None)
 
     def _on_trailers(self, event) -> None:
         resp = self.streams.get(event.stream_id)
@@ -762,6 +853,7 @@ _HANDLERS = {
     h2.events.WindowUpdated: H2Conn._on_window,
     h2.events.RemoteSettingsChanged: H2Conn._on_settings,
     h2.events.ConnectionTerminated: H2Conn._on_goaway,
+    Malformed: H2Conn._on_malformed,
 }
 
 
@@ -802,11 +894,15 @@ def _code_name(code) -> str:
 
 
 def request_headers(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], content_length: int | None
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_length: int | None,
+    scheme: bytes = b"http",
 ) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 request head for the data path's HTTP/1.1-shaped one (Host -> :authority)."""
     authority = b""
-    out = [(b":method", method), (b":scheme", b"http"), (b":path", target)]
+    out = [(b":method", method), (b":scheme", scheme), (b":path", target)]
     rest = []
     for name, value in headers:
         if name in _DROP:
@@ -827,7 +923,6 @@ class H2Pool:
     """HTTP/2 client for one upstream replica: the :class:`UpstreamPool` contract over streams."""
 
     protocol = "h2"
-    tls = None  # TLS replicas use the HTTP/1.1 pool (see cluster/upstream.py)
 
     def __init__(
         self,
@@ -842,8 +937,16 @@ class H2Pool:
         max_response_head: int = 65536,
         unix_path: str | None = None,
         max_concurrent_streams: int = 100,
+        tls: ClientTLS | None = None,
+        resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
     ) -> None:
         self.host = host
+        # An https:// replica: TLS with ALPN h2 (proxy/upstream/tls.py), sessions resumed as HTTP/1.1's.
+        self.tls = tls
+        self.tls_handshakes = 0
+        self.tls_resumed = 0
+        self.on_tls_handshake: Callable[[bool], None] | None = None
+        self.resolve = resolve  # a host name's addresses (DNS name cache), for TLS connects
         self.port = port
         self.unix_path = unix_path
         if unix_path is not None:
@@ -909,7 +1012,9 @@ class H2Pool:
             length = len(body) if (body or method in (b"POST", b"PUT", b"PATCH")) else None
         else:
             length = content_length
-        h2_headers = request_headers(method, target, headers, length)
+        h2_headers = request_headers(
+            method, target, headers, length, b"http" if self.tls is None else b"https"
+        )
         resends = 0
         while True:
             resp = H2Response(method == b"HEAD", idle_timeout, hooks)
@@ -1018,6 +1123,9 @@ class H2Pool:
     async def _connect(self) -> None:
         loop = self._loop
         assert loop is not None  # set by request()
+        if self.tls is not None:
+            await self._connect_tls(self.tls)
+            return
         conn = None
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -1050,11 +1158,79 @@ class H2Pool:
             raise ConnectFailure("pool closed")
         self._conns.append(conn)
 
+    async def _connect_tls(self, tls: ClientTLS) -> None:
+        """``_connect`` for an https:// replica: TCP, the handshake offering h2 by ALPN, the replica's
+        SETTINGS, all within connect_timeout. A replica that does not choose h2 raises ALPNMismatch."""
+        loop = self._loop
+        assert loop is not None
+        tcp_done = False
+        transport = conn = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await tcp_connect(loop, self.host, self.port, self.resolve)
+                tcp_done = True
+                transport, conn = await loop.create_connection(
+                    lambda: H2Conn(self, loop),
+                    sock=sock,
+                    ssl=tls.before_connect(),
+                    server_hostname=tls.server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                )
+                self.tls_handshakes += 1
+                resumed = tls.session_reused(transport)
+                if resumed:
+                    self.tls_resumed += 1
+                if self.on_tls_handshake is not None:
+                    self.on_tls_handshake(resumed)
+                tls.connected(transport)
+                if conn.alpn_refused:
+                    chosen = conn.alpn_refused
+                    raise ALPNMismatch(
+                        f"{self.address} did not choose h2 by ALPN (it chose {chosen})",
+                        selected="" if chosen == "none" else chosen,
+                        cause=f"the replica does not speak HTTP/2 over TLS (ALPN: {chosen}); "
+                        "use protocol: auto or http1",
+                    )
+                await conn.settings_seen
+        except ALPNMismatch:
+            raise
+        except BaseException as exc:
+            if conn is not None:
+                conn.abort()
+            if isinstance(exc, TimeoutError):
+                if conn is not None:
+                    raise ConnectTimeout(
+                        f"{self.address} sent no HTTP/2 SETTINGS within {self.connect_timeout:g}s",
+                        cause="no http/2 settings from the upstream",
+                    ) from None
+                if tcp_done:
+                    raise tls_fault(exc, self.address, tls.server_name) from None
+                raise ConnectTimeout(
+                    f"connect to {self.address} timed out",
+                    cause=f"no connection within {self.connect_timeout:g}s",
+                ) from None
+            if not tcp_done and isinstance(exc, OSError):
+                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
+            if isinstance(exc, Exception):
+                raise tls_fault(exc, self.address, tls.server_name) from exc
+            raise
+        if conn.closed:
+            raise ConnectFailure(
+                f"{self.address} closed the connection before the request",
+                cause="closed by the upstream before the request",
+            )
+        self.connections_opened += 1
+        if self._closed:
+            conn.goaway_and_close()
+            raise ConnectFailure("pool closed")
+        self._conns.append(conn)
+
     def stream_done(self, conn: H2Conn) -> None:
         """A stream slot was freed on ``conn`` (or its limit changed): wake a waiter, retire if idle."""
         if conn.closed:
             pass
-        elif conn.reserved == 0:
+        elif conn.reserved == 0 and (conn.going_away or self._closed or conn in self._conns):
+            # (A connection still connecting is not in _conns: its first SETTINGS must not retire it.)
             if conn.going_away or self._closed:
                 conn.close()
                 return

@@ -10,13 +10,13 @@ handed straight to the oldest waiter (FIFO) without touching the idle stack.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from .connection import Connection, UpgradeResponse, UpstreamResponse
-from .dial import dial
+from .dial import dial, tcp_connect
 from .errors import (
+    ALPNMismatch,
     ConnectFailure,
     ConnectTimeout,
     PoolOverflow,
@@ -24,7 +24,7 @@ from .errors import (
     ResetBeforeHeaders,
     os_words,
 )
-from .tls import ClientTLS, tls_fault
+from .tls import ClientTLS, selected_alpn, tls_fault
 
 # Idle connections younger than this are reused without the poll(2) liveness probe.
 STALE_PROBE_AFTER = 0.1
@@ -35,6 +35,11 @@ _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
 class UpstreamPool:
     """HTTP/1.1 client for one upstream replica; see :meth:`request`."""
+
+    protocol = "http1"
+    # protocol: auto to an https:// replica (proxy/upstream/alpn.py): a connection on which the
+    # replica chose h2 by ALPN is closed unused and the connect raises ALPNMismatch.
+    alpn_switch = False
 
     def __init__(
         self,
@@ -215,7 +220,16 @@ class UpstreamPool:
                 return waited
             if not chunk:
                 if remaining is None:
-                    write(b"0\r\n\r\n")
+                    trailers = getattr(body_stream, "trailers", None)
+                    if trailers:
+                        # The request's trailer fields (checked by the listener): a chunked body carries them.
+                        parts = [b"0\r\n"]
+                        for name, value in trailers:
+                            parts += (name, b": ", value, b"\r\n")
+                        parts.append(b"\r\n")
+                        write(b"".join(parts))
+                    else:
+                        write(b"0\r\n\r\n")
                 elif remaining:
                     raise RequestBodyError(f"request body ended {remaining} bytes short of content_length")
                 break
@@ -362,7 +376,7 @@ class UpstreamPool:
         tcp_done = False
         try:
             async with asyncio.timeout(self.connect_timeout):
-                sock = await _tcp_connect(loop, self.host, self.port, self.resolve)
+                sock = await tcp_connect(loop, self.host, self.port, self.resolve)
                 tcp_done = True
                 transport, conn = await loop.create_connection(
                     lambda: Connection(self._release, self._discard_idle, loop, tls=True),
@@ -395,6 +409,12 @@ class UpstreamPool:
             self.on_tls_handshake(resumed)
         tls.connected(transport)
         conn.checked_out = True
+        if self.alpn_switch and selected_alpn(transport) == "h2":
+            # protocol: auto and the replica chose HTTP/2: nothing was sent; its pool switches.
+            self._release(conn, False)
+            raise ALPNMismatch(
+                f"{self.address} chose h2 by ALPN", selected="h2", cause="the replica chose h2"
+            )
         if conn.closed:
             self._release(conn, False)
             raise ConnectFailure(
@@ -486,38 +506,6 @@ class UpstreamPool:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(ConnectFailure("pool closed"))
-
-
-async def _tcp_connect(
-    loop: asyncio.AbstractEventLoop,
-    host: str,
-    port: int,
-    resolve: Callable[[], Awaitable[Sequence[str]]] | None = None,
-):
-    """A connected non-blocking TCP socket (the first address that answers), before any TLS.
-
-    A host name with a resolver takes its addresses from the DNS name cache (proxy.cluster.dns)."""
-    if resolve is not None:
-        infos = []
-        for ip in await resolve():  # addresses, so getaddrinfo does no lookup
-            infos.extend(await loop.getaddrinfo(ip, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
-    else:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    last: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise last or OSError(f"{host} has no address")
 
 
 def _expire_waiter(fut: asyncio.Future, wait: float) -> None:

@@ -6,7 +6,10 @@ TLS session can only be resumed through the context that made it). A new connect
 session of the pool's latest connection (OpenSSL resumes it when the replica agrees: an
 abbreviated handshake, no certificate chain sent or verified again). When the files change on
 disk, or on a reload, :meth:`UpstreamTLS.refresh` builds new contexts: new connections use them,
-pooled connections are not cut.
+pooled connections are not cut. Each :class:`ClientTLS` offers its own ALPN list (the upstream's
+``protocol``: ``http/1.1``, ``h2``, or both for ``auto``); :func:`selected_alpn` reads the replica's
+choice after the handshake (the pools refuse a connection in the wrong protocol before any byte of
+HTTP goes over it).
 
 :func:`tls_fault` turns what the ``ssl`` module raised during a handshake into a
 :class:`~proxy.upstream.errors.TLSFailure` with the precise cause in a few words.
@@ -25,7 +28,7 @@ from .tlscontext import ALPN_HTTP1, FileStamp, TLSFileError, client_context
 
 log = logging.getLogger("fender.upstream")
 
-__all__ = ["ClientTLS", "UpstreamTLS", "tls_fault"]
+__all__ = ["ClientTLS", "UpstreamTLS", "selected_alpn", "tls_fault"]
 
 
 class _ResumingContext(ssl.SSLContext):
@@ -43,13 +46,16 @@ class _ResumingContext(ssl.SSLContext):
 class ClientTLS:
     """What one pool needs to connect over TLS: the context and the name to send and verify."""
 
-    __slots__ = ("owner", "context", "server_name", "generation", "_source")
+    __slots__ = ("owner", "context", "server_name", "generation", "alpn", "_source")
 
-    def __init__(self, owner: UpstreamTLS, server_name: str) -> None:
+    def __init__(self, owner: UpstreamTLS, server_name: str, alpn: Sequence[str] | None = None) -> None:
         self.owner = owner
         self.server_name = server_name
         self.generation = owner.generation
-        self.context: _ResumingContext = owner.build()
+        # What this pool offers by ALPN (the upstream's list unless a pool needs its own: gRPC health
+        # checks speak h2 to a replica whatever the upstream's protocol).
+        self.alpn = owner.alpn if alpn is None else tuple(alpn)
+        self.context: _ResumingContext = owner.build(self.alpn)
         self._source: ssl.SSLObject | None = None  # the latest connection's TLS state (for its session)
 
     def before_connect(self) -> ssl.SSLContext:
@@ -59,7 +65,7 @@ class ClientTLS:
             # The files changed (refresh() checked they work): a context from them, a fresh session.
             self.generation = owner.generation
             with contextlib.suppress(TLSFileError):
-                self.context = owner.build()
+                self.context = owner.build(self.alpn)
             self._source = None
         ctx = self.context
         source = self._source
@@ -78,6 +84,14 @@ class ClientTLS:
         return bool(obj is not None and obj.session_reused)
 
 
+def selected_alpn(transport: asyncio.BaseTransport) -> str:
+    """The protocol the replica chose by ALPN on this TLS connection, ``""`` when it chose none."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return ""
+    return obj.selected_alpn_protocol() or ""
+
+
 class UpstreamTLS:
     """An upstream's ``tls`` settings as contexts; rebuilt when their files change."""
 
@@ -91,11 +105,13 @@ class UpstreamTLS:
         self.generation = 0  # +1 each time the files changed and work: pools then build new contexts
         self._task: asyncio.Task | None = None
 
-    def build(self) -> _ResumingContext:
-        return client_context(self.options, self.alpn, self.where, _ResumingContext)  # type: ignore[return-value]
+    def build(self, alpn: Sequence[str] | None = None) -> _ResumingContext:
+        return client_context(  # type: ignore[return-value]
+            self.options, self.alpn if alpn is None else alpn, self.where, _ResumingContext
+        )
 
-    def client(self, replica_host: str) -> ClientTLS:
-        return ClientTLS(self, self.options.server_name or replica_host)
+    def client(self, replica_host: str, alpn: Sequence[str] | None = None) -> ClientTLS:
+        return ClientTLS(self, self.options.server_name or replica_host, alpn)
 
     def refresh(self) -> bool:
         """Re-read the files if they changed; True when new connections get new contexts.
@@ -146,6 +162,7 @@ _REASONS = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the replica requires a client certificate (set tls.cert_file and tls.key_file)",
     "TLSV1_ALERT_DECRYPT_ERROR": "the replica refused the handshake (decrypt error alert)",
     "NO_PROTOCOLS_AVAILABLE": "no TLS version enabled (see tls.min_version)",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "the replica speaks none of the protocols offered by ALPN (no application protocol alert; see the upstream's protocol)",
 }
 # The verification results people meet, reworded (the rest: OpenSSL's own words).
 _VERIFY = {

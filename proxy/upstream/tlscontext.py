@@ -3,8 +3,9 @@
 * :func:`client_context` (Fender as the client of an ``https://`` replica) and
   :func:`server_context` (Fender's HTTPS listeners) build ``ssl.SSLContext`` objects from the
   policy's TLS blocks (proxy/options/tls.py; read by attribute only, so this module sits in the
-  lowest layer that needs it). Both take the ALPN list to offer: today ``http/1.1``
-  (:data:`ALPN_HTTP1`); HTTP/2 adds ``h2`` by passing its own list, nothing else here changes.
+  lowest layer that needs it). Both take the ALPN list to offer: ``http/1.1``
+  (:data:`ALPN_HTTP1`), or ``h2`` first (the listener with HTTP/2; to replicas, what the upstream's
+  ``protocol`` speaks: proxy.upstream.http2.alpn_protocols).
 * :class:`FileStamp` says whether certificate, key or CA files changed on disk (an atomic rename
   as Kubernetes does it, or a write in place), so the holders (proxy/upstream/tls.py,
   proxy/server/tls.py) rebuild their context and new handshakes use the new files.
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = ["ALPN_H2_HTTP1", "ALPN_HTTP1", "TLSFileError", "client_context", "server_context", "FileStamp"]
 
-# What the contexts offer in ALPN. HTTP/2 (issue 21) passes ("h2", "http/1.1") instead.
+# What the contexts offer in ALPN (a replica's pool may offer ("h2",) alone: protocol h2).
 ALPN_HTTP1: tuple[str, ...] = ("http/1.1",)
 ALPN_H2_HTTP1: tuple[str, ...] = ("h2", "http/1.1")
 

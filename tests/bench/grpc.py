@@ -8,6 +8,9 @@ median of interleaved rounds:
   answering ``return 200``; without nginx the row is skipped);
 - ``grpc_unary``: gRPC unary calls (POST application/grpc with one message, ``te: trailers``),
   10 connections x 10 streams, to a grpcio server (generic handler, bytes echo);
+- ``h2_to_h2_tls``: as ``h2_to_h2`` to the same nginx answering over TLS (``listen ... ssl http2``,
+  a certificate from trustme): Fender with an ``https://`` replica and ``protocol: h2`` (ALPN h2),
+  nginx with ``grpc_pass grpcs://``; reported against the cleartext row (needs nginx and trustme);
 - ``direct`` rows: the same load straight to the origin, for scale.
 
 Reported: requests/s per row for Fender, nginx and direct, and Fender against nginx.
@@ -53,28 +56,56 @@ threading.Event().wait()
 """
 
 
-def nginx_servers(port: int, h2_origin: int, grpc_origin: int) -> str:
+def nginx_servers(
+    port: int, h2_origin: int, grpc_origin: int, tls: tuple[int, str, str] | None = None
+) -> str:
+    tls_origin = (
+        f"""
+    server {{
+        listen 127.0.0.1:{tls[0]} ssl http2;
+        ssl_certificate {tls[1]};
+        ssl_certificate_key {tls[2]};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+    upstream h2tlsorigin {{ server 127.0.0.1:{tls[0]}; keepalive 32; }}"""
+        if tls
+        else ""
+    )
+    tls_location = "location /tls/ { grpc_pass grpcs://h2tlsorigin; }" if tls else ""
     return f"""
     server {{
         listen 127.0.0.1:{h2_origin} http2;
         location / {{ return 200 "ok\\n"; }}
-    }}
+    }}{tls_origin}
     upstream h2origin {{ server 127.0.0.1:{h2_origin}; keepalive 32; }}
     upstream grpcorigin {{ server 127.0.0.1:{grpc_origin}; keepalive 32; }}
     server {{
         listen 127.0.0.1:{port} http2;
         http2_max_concurrent_streams 128;
         location /bench.Echo/ {{ grpc_pass grpc://grpcorigin; }}
+        {tls_location}
         location / {{ grpc_pass grpc://h2origin; }}
     }}"""
 
 
-def fender_policy(workdir: Path, port: int, admin: int, h2_origin: int | None, grpc_origin: int) -> Path:
+def fender_policy(
+    workdir: Path,
+    port: int,
+    admin: int,
+    h2_origin: int | None,
+    grpc_origin: int,
+    tls: tuple[int, str] | None = None,
+) -> Path:
     h2 = (
         f"  h2origin: {{replicas: [{{url: http://127.0.0.1:{h2_origin}}}], protocol: h2}}\n"
         if h2_origin
         else ""
     )
+    if tls:
+        h2 += (
+            f'  h2tlsorigin: {{replicas: [{{url: "https://127.0.0.1:{tls[0]}"}}], protocol: h2,'
+            f" tls: {{ca_file: {tls[1]}}}}}\n"
+        )
     path = workdir / "policy-grpc.yaml"
     path.write_text(
         textwrap.dedent(
@@ -93,6 +124,7 @@ def fender_policy(workdir: Path, port: int, admin: int, h2_origin: int | None, g
               http2: {{max_concurrent_streams: 128}}
             routes:
               - {{name: grpc, match: {{path_prefix: /bench.Echo/}}, upstream: grpcorigin}}
+            {"  - {name: h2tls, match: {path_prefix: /tls/}, upstream: h2tlsorigin}" if tls else ""}
             {"  - {name: h2, match: {path_prefix: /}, upstream: h2origin}" if h2_origin else ""}
             """
         )
@@ -139,15 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     fender_port, admin_port, nginx_port = free_port(), free_port(), free_port()
     h2_origin = free_port() if have_nginx else None
     grpc_origin = free_port()
+    tls = None
+    if have_nginx:
+        try:
+            import trustme
+        except ImportError:
+            print("grpc bench: trustme not installed: the TLS row is skipped")
+        else:
+            ca = trustme.CA()
+            leaf = ca.issue_cert("127.0.0.1", "localhost")
+            cert, key, ca_file = workdir / "origin.crt", workdir / "origin.key", workdir / "ca.pem"
+            cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+            key.write_bytes(leaf.private_key_pem.bytes())
+            ca.cert_pem.write_to_path(str(ca_file))
+            tls = (free_port(), str(cert), str(key), str(ca_file))
     results: dict[str, list[dict]] = {}
     try:
         procs.start([*taskset(1), sys.executable, "-c", GRPC_ORIGIN, str(grpc_origin)])
         wait_port(grpc_origin)
         if have_nginx:
-            conf = nginx_conf(workdir, "grpc", nginx_servers(nginx_port, h2_origin, grpc_origin))
+            servers = nginx_servers(nginx_port, h2_origin, grpc_origin, tls[:3] if tls else None)
+            conf = nginx_conf(workdir, "grpc", servers)
             procs.start([*taskset(0), "nginx", "-c", str(conf), "-p", str(workdir)])
             wait_port(nginx_port)
-        policy = fender_policy(workdir, fender_port, admin_port, h2_origin, grpc_origin)
+        policy = fender_policy(
+            workdir, fender_port, admin_port, h2_origin, grpc_origin, (tls[0], tls[3]) if tls else None
+        )
         procs.start(
             [*taskset(0), sys.executable, "-m", "proxy", "run", str(policy), "--log-level", "warning"],
             cwd=ROOT,
@@ -162,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             rows["fender_h2_to_h2"] = (f"http://127.0.0.1:{fender_port}/x", None)
             rows["nginx_h2_to_h2"] = (f"http://127.0.0.1:{nginx_port}/x", None)
             rows["direct_h2_to_h2"] = (f"http://127.0.0.1:{h2_origin}/x", None)
+        if tls:
+            rows["fender_h2_to_h2_tls"] = (f"http://127.0.0.1:{fender_port}/tls/x", None)
+            rows["nginx_h2_to_h2_tls"] = (f"http://127.0.0.1:{nginx_port}/tls/x", None)
         for _ in range(args.rounds):
             for key, (url, data) in rows.items():
                 results.setdefault(key, []).append(h2load(url, args.seconds, data))
@@ -173,9 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, runs in results.items()
     }
     ratios = {}
-    for row in ("grpc_unary", "h2_to_h2"):
+    for row in ("grpc_unary", "h2_to_h2", "h2_to_h2_tls"):
         if f"nginx_{row}" in report:
             ratios[f"{row}_vs_nginx"] = report[f"fender_{row}"]["rps"] / report[f"nginx_{row}"]["rps"]
+    for who in ("fender", "nginx"):
+        if f"{who}_h2_to_h2_tls" in report:
+            ratios[f"{who}_tls_vs_cleartext"] = (
+                report[f"{who}_h2_to_h2_tls"]["rps"] / report[f"{who}_h2_to_h2"]["rps"]
+            )
     out = {"rows": report, "ratios": ratios, "rounds": args.rounds, "seconds": args.seconds}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"HTTP/2 to replicas and gRPC unary (h2load {' '.join(LOAD)}), median of {args.rounds} rounds")

@@ -114,7 +114,13 @@ def _handlers(service: EchoService):
 class GrpcReplica:
     """A grpcio server on 127.0.0.1 (port from the OS) serving test.Echo and grpc.health.v1."""
 
-    def __init__(self, service: EchoService | None = None, health: str | None = "SERVING") -> None:
+    def __init__(
+        self,
+        service: EchoService | None = None,
+        health: str | None = "SERVING",
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """``tls``: (cert file, key file) to serve over TLS (grpcio offers ALPN h2) instead of cleartext."""
         self.service = service or EchoService()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         self.server.add_generic_rpc_handlers((_handlers(self.service),))
@@ -129,7 +135,12 @@ class GrpcReplica:
             self.health_pb2 = health_pb2
             self.set_health("", health)
             health_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            with open(tls[0], "rb") as cert, open(tls[1], "rb") as key:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
         self.server.start()
 
     def set_health(self, service: str, status: str) -> None:

@@ -3,10 +3,12 @@
 Paths choose the behaviour of a stream:
 
 * ``/echo``: 200 with the request body back, ``x-seen-*`` fields for the request's ``:authority``,
-  ``te`` and ``content-length``, and a trailer ``x-trailer: done`` when the request said TE: trailers;
+  ``te``, ``content-length`` and ``:scheme``, and a trailer ``x-trailer: done`` when the request said
+  TE: trailers; request trailers are kept in ``request_trailers``; ``ssl`` serves it over TLS (ALPN h2);
 * ``/refuse``: RST_STREAM REFUSED_STREAM; ``/reset``: RST_STREAM INTERNAL_ERROR;
 * ``/big?N``: N bytes of body (the stream's flow control window permitting);
-* ``/hold``: waits until ``release`` is set, then 200 ``held``.
+* ``/hold``: waits until ``release`` is set, then 200 ``held``;
+* ``/badlength``: 200 with ``content-length: 10`` and 3 bytes of DATA (a malformed response).
 
 ``goaway_after`` sends a graceful GOAWAY on a connection after that many streams arrived (last
 stream id: the last of them, still answered); ``goaway_below`` instead answers GOAWAY with a last
@@ -44,12 +46,19 @@ class _ServerConnection(h2.connection.H2Connection):
 
 
 class H2Upstream:
-    def __init__(self, max_concurrent_streams: int | None = None, goaway_after: int | None = None) -> None:
+    def __init__(
+        self, max_concurrent_streams: int | None = None, goaway_after: int | None = None, ssl=None
+    ) -> None:
+        """``ssl``: a server SSLContext to serve HTTP/2 over TLS (ALPN h2 is set on it)."""
+        self.ssl = ssl
+        if ssl is not None:
+            ssl.set_alpn_protocols(["h2"])
         self.max_concurrent_streams = max_concurrent_streams
         self.goaway_after = goaway_after
         self.connections = 0  # accepted connections
         self.open_connections = 0
         self.requests: list[tuple[str, dict[bytes, bytes]]] = []  # (path, headers) per stream
+        self.request_trailers: list[tuple[str, list[tuple[bytes, bytes]]]] = []  # (path, trailer fields)
         self.peak_streams = 0  # most concurrent streams on one connection
         self.release = asyncio.Event()
         self.held = 0  # streams waiting on release
@@ -61,7 +70,7 @@ class H2Upstream:
         self.port = 0
 
     async def start(self) -> H2Upstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -169,6 +178,10 @@ class _Conn:
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if stream is not None:
                 stream["body"] += event.data
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self.up.request_trailers.append((stream["headers"][b":path"].decode(), list(event.headers)))
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -200,6 +213,9 @@ class _Conn:
                 await asyncio.wait_for(self.up.release.wait(), 10)
                 self.send(sid, [(b":status", b"200")], b"held")
                 return
+            if path == "/badlength":  # a content-length its DATA contradicts
+                self.send(sid, [(b":status", b"200"), (b"content-length", b"10")], b"abc")
+                return
             if path.startswith("/big?"):
                 await self.send_big(sid, int(path[5:]))
                 return
@@ -210,6 +226,7 @@ class _Conn:
                 (b"x-seen-te", headers.get(b"te", b"-")),
                 (b"x-seen-length", headers.get(b"content-length", b"-")),
                 (b"x-seen-connection", headers.get(b"connection", b"-")),
+                (b"x-seen-scheme", headers.get(b":scheme", b"-")),
             ]
             trailers = [(b"x-trailer", b"done")] if headers.get(b"te") == b"trailers" else None
             self.h2.send_headers(sid, out)

@@ -94,7 +94,19 @@ class RedisServer:
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
             sock.sendall(b"".join(parts))
-            return sock.recv(65536)
+            reply = sock.recv(65536)
+            # A bulk string (CLUSTER NODES, INFO) may come in several reads: read it whole (bounded).
+            if reply.startswith(b"$") and b"\r\n" in reply:
+                size = int(reply[1 : reply.index(b"\r\n")])
+                whole = reply.index(b"\r\n") + 2 + max(size, 0) + 2
+                for _ in range(64):
+                    if len(reply) >= whole:
+                        break
+                    more = sock.recv(65536)
+                    if not more:
+                        break
+                    reply += more
+            return reply
 
 
 def redis_binary() -> str | None:
@@ -113,6 +125,19 @@ def redis_server_fixture():
 
 
 # --------------------------------------------------------------------------- Cluster and Sentinel
+
+
+def _bulk(reply: bytes) -> str:
+    """The text of a RESP bulk string reply (``$N\\r\\n...\\r\\n``)."""
+    head, _, rest = reply.partition(b"\r\n")
+    if not head.startswith(b"$"):
+        raise RuntimeError(f"not a bulk string: {reply[:80]!r}")
+    return rest[: int(head[1:])].decode(errors="replace")
+
+
+def _fields(reply: bytes) -> dict[str, str]:
+    """``key:value`` lines of an INFO or CLUSTER INFO reply."""
+    return dict(line.split(":", 1) for line in _bulk(reply).splitlines() if ":" in line)
 
 
 def redis_cli() -> str | None:
@@ -156,6 +181,10 @@ class ClusterNodeServer(RedisServer):
             os.path.join(self.workdir, f"nodes-{self.port}.conf"),
             "--cluster-node-timeout",
             str(self.node_timeout_ms),
+            # A replica syncs at once (the default waits 5 s for more replicas): a replica that never
+            # synced refuses to fail over (its data age counts from the epoch).
+            "--repl-diskless-sync-delay",
+            "0",
             "--dir",
             self.workdir,
         ]
@@ -185,6 +214,7 @@ class RedisCluster:
             timeout=timeout,
         )
         self.wait_ok(timeout)
+        self.wait_replicas_linked(timeout)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Bounded wait until every running node says cluster_state:ok."""
@@ -195,6 +225,71 @@ class RedisCluster:
                 return
             time.sleep(0.05)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def view(self, node: ClusterNodeServer) -> tuple[str, dict[tuple[int, int], tuple[int, str]]]:
+        """One node's view: its cluster_state, and each slot range's master (port, flags)."""
+        state = _fields(node.command("CLUSTER", "INFO")).get("cluster_state", "?")
+        ranges: dict[tuple[int, int], tuple[int, str]] = {}
+        for line in _bulk(node.command("CLUSTER", "NODES")).splitlines():
+            fields = line.split()
+            if len(fields) < 9 or "master" not in fields[2]:
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit():
+                    ranges[(int(low), int(high or low))] = (port, fields[2])
+        return state, ranges
+
+    def ranges_of(self, master: ClusterNodeServer) -> list[tuple[int, int]]:
+        """The slot ranges ``master`` serves, as ``master`` itself says."""
+        return [r for r, (port, _) in self.view(master)[1].items() if port == master.port]
+
+    def wait_promoted(
+        self, victim: ClusterNodeServer, ranges: list[tuple[int, int]], timeout: float = 30.0
+    ) -> ClusterNodeServer:
+        """Bounded wait, after the master ``victim`` serving ``ranges`` was stopped (or failed over), until every running
+        node says cluster_state:ok and names the same other running, non-failed master for all of
+        ``ranges`` (the promoted replica); that node."""
+        deadline = time.monotonic() + timeout
+        running = {n.port: n for n in self.nodes if n.proc is not None}
+        while time.monotonic() < deadline:
+            owners: set[int] = set()
+            ok = True
+            for node in running.values():
+                state, view = self.view(node)
+                ok = ok and state == "ok"
+                for r in ranges:
+                    port, flags = view.get(r, (0, "none"))
+                    owners.add(0 if "fail" in flags else port)
+            if ok and len(owners) == 1:
+                (port,) = owners
+                if port != victim.port and port in running:
+                    return running[port]
+            time.sleep(0.05)
+        raise RuntimeError(f"no replica took over the slots of the master on port {victim.port}")
+
+    def replica_of(self, master: ClusterNodeServer) -> ClusterNodeServer:
+        """A running replica of ``master`` (INFO replication)."""
+        for node in self.nodes:
+            if node.proc is not None and node is not master:
+                if _fields(node.command("INFO", "replication")).get("master_port") == str(master.port):
+                    return node
+        raise RuntimeError(f"the master on port {master.port} has no running replica")
+
+    def wait_replicas_linked(self, timeout: float = 30.0) -> None:
+        """Bounded wait until every running replica has synced with its master (link up).
+
+        Only a replica that synced can be promoted: one whose link never came up counts its data as
+        too old (cluster-replica-validity-factor) and never starts a failover.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [_fields(n.command("INFO", "replication")) for n in self.nodes if n.proc is not None]
+            if all(i.get("master_link_status") == "up" for i in infos if i.get("role") == "slave"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the replicas did not sync with their masters")
 
     def master_of(self, key: bytes) -> ClusterNodeServer:
         """The running master serving ``key``'s slot, as a running node sees the cluster."""

@@ -235,6 +235,11 @@ class _ReplayCopy:
     def done(self) -> bool:
         return bool(getattr(self._stream, "done", True))
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
+        """The request's trailer fields, passed through to the upstream client."""
+        return getattr(self._stream, "trailers", None)
+
     async def __call__(self) -> bytes:
         chunk = await self._stream()
         parts = self._parts
@@ -248,8 +253,8 @@ class _ReplayCopy:
             else:
                 body = b"".join(parts)
                 self._parts = None
-                if _one_message(body):
-                    self.body = body
+                if _one_message(body) and not self.trailers:
+                    self.body = body  # (with trailers it is not replayed: a retry would send it without)
         return chunk
 
 
