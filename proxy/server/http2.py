@@ -106,6 +106,7 @@ def after_preface(data: bytes) -> bytes | None:
             return data[len(tail) :]
     return None
 
+
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/server/protocol.py), offered here too.
 EXTENSIONS: dict[str, dict] = {"fender.response.body": {}, "fender.response.interim": {}}
