@@ -455,3 +455,22 @@ async def test_head_limits_per_stream(start_fender, echo_upstream):
     assert (underscore.status, underscore.headers[b"x-fender-error"]) == (400, b"underscore_header")
     assert fine.status == 200
     assert [r["path"] for r in echo_upstream.requests] == ["/fine"]
+
+
+def test_the_frames_after_the_preface_are_found_however_the_preface_was_split():
+    # llhttp stops on the read that brings the preface's last byte; that read may start
+    # anywhere in the preface (seen on uvloop, which hands over each piece as it arrives).
+    import httptools
+
+    from proxy.server.http2 import PREFACE, after_preface
+
+    frames = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
+    stream = PREFACE + frames
+    for cut in range(len(PREFACE)):
+        parser = httptools.HttpRequestParser(object())
+        if cut:
+            parser.feed_data(stream[:cut])  # accepted: still a request head or its "SM" tail
+        with pytest.raises(httptools.HttpParserError):
+            parser.feed_data(stream[cut:])
+        assert after_preface(stream[cut:]) == frames, cut
+    assert after_preface(b"GET / HTTP/1.1\r\n\r\n") is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import socket
 import ssl
 import textwrap
 from pathlib import Path
@@ -123,6 +124,37 @@ async def test_curl_with_cacert_speaks_https_and_the_upstream_sees_x_forwarded_p
         out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err
     assert out == b"proto=https 200 0"
+
+
+def _get_with_session(port: int, ctx: ssl.SSLContext, session) -> tuple[bytes, str, bool, ssl.SSLSession]:
+    """One request on a new blocking TLS connection offering ``session`` (asyncio offers none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as conn:
+            conn.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):  # bounded by Fender's close and the timeout
+                answer += chunk
+            return answer, conn.version() or "", conn.session_reused, conn.session
+
+
+@pytest.mark.parametrize(
+    ("version", "name"), [(ssl.TLSVersion.TLSv1_3, "TLSv1.3"), (ssl.TLSVersion.TLSv1_2, "TLSv1.2")]
+)
+async def test_a_new_connection_resumes_the_session_of_the_previous_one(start_fender, certs, version, name):
+    # TLS 1.3's session tickets leave with the first response (not in a write of their own), TLS
+    # 1.2's with the server's Finished: either way the next connection resumes, and is served.
+    async with RawUpstream(headers_back) as up:
+        fender = await start_fender(policy(up.port, tls_block(certs.server)))
+        ctx = certs.client_context(minimum_version=version, maximum_version=version)
+        session, reused = None, []
+        for _ in range(3):
+            answer, got, resumed, session = await asyncio.to_thread(
+                _get_with_session, fender.data_port, ctx, session
+            )
+            assert got == name
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"proto=https")
+            reused.append(resumed)
+    assert reused == [False, True, True]
 
 
 @pytest.mark.parametrize(("flag", "version"), [("--http2", b"2"), ("--http1.1", b"1.1")])

@@ -153,8 +153,8 @@ class _Server(_ExitFlag, uvicorn.Server):
 
         errors = self._handshake_errors or HandshakeErrors()
         # uvicorn only calls close() and wait_closed() of its servers: an acceptor has both.
-        self.servers = [
-            TLSAcceptor(  # type: ignore[misc]
+        acceptors = [
+            TLSAcceptor(
                 sock,
                 create_protocol,
                 self.tls,
@@ -166,6 +166,9 @@ class _Server(_ExitFlag, uvicorn.Server):
             )
             for sock in sockets
         ]
+        for acceptor in acceptors:
+            await acceptor.start()
+        self.servers = acceptors  # type: ignore[assignment]
         self.started = True
 
     async def _stop_accepting(self) -> None:

@@ -89,7 +89,23 @@ from proxy.upstream.http2 import CheckedStream, Malformed, MalformedStream
 log = logging.getLogger("uvicorn.error")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-PREFACE_HEAD = PREFACE[:18]  # what llhttp reads as a request head before it stops
+
+
+def after_preface(data: bytes) -> bytes | None:
+    """The bytes after the connection preface in ``data``, the read at which llhttp stopped.
+
+    llhttp stops ("Pause on PRI/Upgrade") on the read that brings the preface's 24th byte,
+    however the preface was split across reads, so that read holds the preface's last
+    ``24 - k`` bytes (k < 24 came before) and then frames. The longest preface tail that
+    ``data`` starts with wins: frames cannot start with CR LF (a frame length of over 850 kB).
+    None: ``data`` holds no tail of the preface (not HTTP/2).
+    """
+    for k in range(max(0, len(PREFACE) - len(data)), len(PREFACE)):
+        tail = PREFACE[k:]
+        if data.startswith(tail):
+            return data[len(tail) :]
+    return None
+
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # The ASGI extensions of Fender's HTTP/1.1 protocol (proxy/server/protocol.py), offered here too.

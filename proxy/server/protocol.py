@@ -73,7 +73,7 @@ import httptools
 from proxy.kernel.fields import HOP_BY_HOP, PROXY_TRAILERS, TRAILERS
 from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
-from proxy.server.http2 import PREFACE_HEAD, FenderH2Protocol, take_over
+from proxy.server.http2 import PREFACE, FenderH2Protocol, after_preface, take_over
 from proxy.server.tls import client_cert_subject
 from proxy.tunnel import TunnelEnd, upgrade_offer
 from proxy.upstream.connection import NOT_TRAILERS
@@ -580,10 +580,9 @@ class FenderHttpProtocol(asyncio.Protocol):
             # llhttp stops at the HTTP/2 preface's head (PRI * HTTP/2.0): h2c with prior knowledge,
             # told apart here at no cost to HTTP/1.1 requests.
             if self.http2 and self._served == 0 and self._url == b"*" and exc.args[:1] == (_PRI_PAUSE,):
-                at = data.find(b"S")  # what the parser left of this read: "SM\r\n\r\n" and frames
-                consumed = data if at < 0 else data[:at]
-                if PREFACE_HEAD.endswith(consumed):
-                    take_over(self, PREFACE_HEAD + (data[at:] if at >= 0 else b""), "prior_knowledge")
+                frames = after_preface(data)
+                if frames is not None:
+                    take_over(self, PREFACE + frames, "prior_knowledge")
                     return
             self.refuse()
             return

@@ -6,13 +6,14 @@ write in place). New handshakes use the new pair; established connections contin
 new pair that cannot be used (unreadable, not PEM, key of another certificate) is refused with a
 log line and the old one stays.
 
-:class:`TLSAcceptor` accepts the listener's connections in place of ``asyncio.Server`` (uvicorn's
-``Server`` keeps it in ``servers``: ``close`` and ``wait_closed`` are all it asks). Per connection it
-peeks at the first bytes before any TLS:
+:class:`TLSAcceptor` stands in for ``asyncio.Server`` (uvicorn's ``Server`` keeps it in ``servers``:
+``close`` and ``wait_closed`` are all it asks). The event loop accepts; each connection's protocol
+is a :class:`~proxy.server.tlsstream.TLSStream` (TLS with ``ssl.SSLObject`` and memory BIOs), which
+looks at the first bytes as they arrive:
 
-* a TLS handshake record: the handshake runs (``loop.connect_accepted_socket``), bounded by what
-  is left of ``server.header_timeout`` since the accept, and the HTTP protocol's head timer counts
-  from the accept too, so handshake plus request head fit in one header_timeout;
+* a TLS handshake record: the handshake runs, bounded by what is left of ``server.header_timeout``
+  since the accept, and the HTTP protocol's head timer counts from the accept too, so handshake
+  plus request head fit in one header_timeout;
 * plain HTTP (``GET /``...): a clear 400 in plain text, as nginx does ("plain HTTP request sent to
   the HTTPS port"), then a close;
 * anything else, a stall, a failed handshake: the connection is closed, counted in
@@ -33,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 from proxy.cluster.faultlog import LineLimiter
 from proxy.options.tls import ListenerTLSOptions
+from proxy.server.tlsstream import TLSStream
 from proxy.upstream.tlscontext import ALPN_HTTP1, FileStamp, TLSFileError, server_context
 
 log = logging.getLogger("fender.tls")
@@ -50,15 +52,12 @@ HANDSHAKE_ERRORS = (
     "overload",  # more handshakes under way than server.max_connections: closed at once
     "other",
 )
-_ACCEPT_BURST = 64  # connections accepted per wake-up
-_LINGER = 2.0  # after the plain-HTTP 400: how long to discard what the client still sends
 _PLAIN_HTTP_BODY = b"fender: plain HTTP request sent to the HTTPS port (use https://)\n"
 PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: %d\r\nx-fender-error: bad_request\r\nconnection: close\r\n\r\n%s"
     % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
 )
-_HTTP_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -103,11 +102,6 @@ def client_cert_subject(transport) -> str | None:
         return None
     parts = [f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn]
     return ",".join(parts) or "-"
-
-
-def _wake(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class ServerTLS:
@@ -204,7 +198,14 @@ class HandshakeErrors:
 
 
 class TLSAcceptor:
-    """Accepts a listening socket's connections and runs TLS on them (see the module docstring)."""
+    """Accepts a listening socket's connections and runs TLS on them (see the module docstring).
+
+    The event loop accepts (``create_server`` on the socket, no Python per accept); each
+    connection's protocol is a :class:`~proxy.server.tlsstream.TLSStream`, which looks at the
+    first bytes, runs the handshake, and then carries the HTTP protocol made here.
+    """
+
+    plain_http_answer = PLAIN_HTTP_ANSWER
 
     def __init__(
         self,
@@ -222,124 +223,66 @@ class TLSAcceptor:
         self.tls = tls
         self.header_timeout = header_timeout
         self.errors = errors
+        self.backlog = backlog
         self.max_pending = max_pending  # handshakes under way at most (bounds fds and memory)
         self.handshakes = 0  # completed
-        self._loop = asyncio.get_running_loop()
-        self._pending: set[asyncio.Task] = set()
+        self.loop = asyncio.get_running_loop()
+        self._pending: set[TLSStream] = set()
+        self._server: asyncio.base_events.Server | None = None
         self._closed = False
-        sock.setblocking(False)
-        sock.listen(backlog)
-        self._loop.add_reader(sock.fileno(), self._accept)
+
+    async def start(self) -> None:
+        """Listen: from here on the event loop accepts."""
+        loop, tls = self.loop, self.tls
+        self._server = await loop.create_server(
+            lambda: TLSStream(self, tls.context, loop.time()), sock=self.sock, backlog=self.backlog
+        )
 
     # asyncio.Server's interface, as far as uvicorn's Server uses it
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        for task in self._pending:
-            task.cancel()  # handshakes in progress: not yet connections to drain
+        if self._server is not None:
+            self._server.close()
+        pending, self._pending = self._pending, set()
+        for stream in pending:
+            stream.abort()  # handshakes in progress: not yet connections to drain
 
     async def wait_closed(self) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=5)
+        return None  # the handshakes under way were cut by close(); connections drain in uvicorn
 
-    def _accept(self) -> None:
-        for _ in range(_ACCEPT_BURST):
-            try:
-                conn, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: pause accepting for a second (as asyncio does)
-                log.warning("accept failed on the TLS listener: %s; retrying in 1s", exc)
-                self._loop.remove_reader(self.sock.fileno())
-                self._loop.call_later(1.0, self._resume)
-                return
-            if len(self._pending) >= self.max_pending():
-                conn.close()
-                self.errors.record("overload", peer, "more handshakes under way than server.max_connections")
-                continue
-            conn.setblocking(False)
-            if conn.family != socket.AF_UNIX:
-                with contextlib.suppress(OSError):
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._serve(conn, peer, self._loop.time()))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+    # what a TLSStream asks of its listener
+    def admit(self, stream: TLSStream) -> bool:
+        if self._closed:
+            return False
+        if len(self._pending) >= self.max_pending():
+            self.errors.record(
+                "overload",
+                stream.get_extra_info("peername"),
+                "more handshakes under way than server.max_connections",
+            )
+            return False
+        self._pending.add(stream)
+        return True
 
-    def _resume(self) -> None:
-        if not self._closed:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
-
-    async def _serve(self, conn: socket.socket, peer, accepted: float) -> None:
-        loop = self._loop
-        deadline = accepted + self.header_timeout()
-        handed = False
-        try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    first = await self._peek(conn)
-            except TimeoutError as exc:
-                self.errors.record("timeout", peer, _words(exc))
-                return
-            if not first:
-                self.errors.record("closed", peer, "closed before sending anything")
-                return
-            if first[0] != 0x16:
-                if first[0] in _HTTP_START:
-                    self.errors.record("plain_http", peer, "plain HTTP request sent to the HTTPS port")
-                    await self._answer_plain(conn, deadline)
-                else:
-                    self.errors.record("not_tls", peer, f"first byte 0x{first[0]:02x} is not a TLS handshake")
-                return
-            factory = self.protocol_factory
-
-            def protocol():
-                made = factory()
-                if hasattr(made, "opened_at"):
-                    made.opened_at = accepted  # the head timer counts from the accept (handshake included)
-                return made
-
-            remaining = max(deadline - loop.time(), 0.001)
-            try:
-                handed = True  # from here on the transport owns the socket
-                await loop.connect_accepted_socket(
-                    protocol, conn, ssl=self.tls.context, ssl_handshake_timeout=remaining
-                )
-            except (OSError, ssl.SSLError, TimeoutError, ConnectionError, EOFError) as exc:
-                self.errors.record(handshake_reason(exc), peer, _words(exc))
-                return
+    def handshake_done(self, stream: TLSStream, reason: str | None = None, words: str = "") -> None:
+        """The handshake of ``stream`` ended (once per stream; later calls are no-ops)."""
+        pending = self._pending
+        if stream not in pending:
+            return
+        pending.discard(stream)
+        if reason is None:
             self.handshakes += 1
-        finally:
-            if not handed:
-                conn.close()
+        else:
+            self.errors.record(reason, stream.get_extra_info("peername"), words)
 
-    async def _peek(self, conn: socket.socket) -> bytes:
-        loop = self._loop
-        while True:
-            try:
-                return conn.recv(8, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return b""
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), _wake, ready)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(conn.fileno())
+    @staticmethod
+    def describe(exc: BaseException) -> tuple[str, str]:
+        return handshake_reason(exc), _words(exc)
 
-    async def _answer_plain(self, conn: socket.socket, deadline: float) -> None:
-        """The nginx answer to plain HTTP on an HTTPS port, then a lingering close."""
-        loop = self._loop
-        try:
-            await loop.sock_sendall(conn, PLAIN_HTTP_ANSWER)
-            conn.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(_LINGER):
-                while await loop.sock_recv(conn, 16384):
-                    pass
-        except (OSError, TimeoutError):
-            pass
+    def make_protocol(self, accepted: float) -> asyncio.Protocol:
+        made = self.protocol_factory()
+        if hasattr(made, "opened_at"):
+            made.opened_at = accepted  # the head timer counts from the accept (handshake included)
+        return made
