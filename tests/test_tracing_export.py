@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from proxy.metrics import Metrics
 from proxy.tracing import spans
-from proxy.tracing.export import BATCH, ExportError, OtlpHttpClient, SpanExporter
+from proxy.tracing.export import BATCH, MAX_BATCH, ExportError, OtlpHttpClient, SpanExporter
 from tests.support.metrics import metric_value
 from tests.support.otlp_receiver import OtlpReceiver, attributes
 
@@ -172,17 +172,18 @@ async def test_a_full_queue_drops_and_counts_and_close_stops_with_the_collector_
     metrics = Metrics()
     async with OtlpReceiver() as collector:
         url = collector.url + "/v1/traces"
-    exporter = SpanExporter(url, {}, "svc", 3, metrics, interval=60.0)  # the collector is gone now
+    cap = MAX_BATCH + 3
+    exporter = SpanExporter(url, {}, "svc", cap, metrics, interval=60.0)  # the collector is gone now
     exporter.start()
-    for i in range(5):
+    for i in range(cap + 2):
         exporter.add(one_span(i))
-    assert len(exporter.queue) == 3
+    assert len(exporter.queue) == cap
     assert value(metrics, "fender_trace_spans_dropped_total", reason="queue_full") == 2
     async with asyncio.timeout(5):
         await exporter.close()
     assert exporter._task is None and not exporter.queue
-    assert value(metrics, "fender_trace_spans_dropped_total", reason="export_failed") == 3
-    assert exporter.posts == 1  # close() tries once
+    assert value(metrics, "fender_trace_spans_dropped_total", reason="export_failed") == cap
+    assert exporter.posts == 1  # close() tries once, and not again for the second batch
 
 
 async def test_the_client_reuses_its_connection_reads_chunked_replies_and_reconnects_after_a_close():

@@ -203,7 +203,10 @@ class SpanExporter:
         client = OtlpHttpClient(self.url, self._headers)
         try:
             while self.queue:  # bounded: each pass takes up to MAX_BATCH spans off a queue nobody adds to
-                await self._send(client, self._take(), attempts=1)
+                if not await self._send(client, self._take(), attempts=1):
+                    # The collector is down or slow: do not wait TIMEOUT for each batch left.
+                    self._failed.inc(len(self.queue))
+                    self.queue.clear()
         finally:
             client.close()
 
@@ -240,7 +243,8 @@ class SpanExporter:
         finally:
             client.close()
 
-    async def _send(self, client: OtlpHttpClient, batch: list[bytes], attempts: int) -> None:
+    async def _send(self, client: OtlpHttpClient, batch: list[bytes], attempts: int) -> bool:
+        """Whether the collector took ``batch``; a batch it did not take is counted dropped."""
         body = export_request(batch, self._header)
         wait = BACKOFF
         problem = ""
@@ -256,7 +260,7 @@ class SpanExporter:
                 continue
             if status < 300:
                 self._exported.inc(len(batch))
-                return
+                return True
             problem = f"HTTP {status}"
             if status < 500 and status != 429:
                 break  # the collector refuses this request as such: trying again would not help
@@ -270,3 +274,4 @@ class SpanExporter:
                 self.url,
                 problem,
             )
+        return False
