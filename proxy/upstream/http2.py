@@ -54,7 +54,7 @@ from .errors import (
     UpstreamTimeout,
     os_words,
 )
-from .tls import ClientTLS, selected_alpn, tls_fault
+from .tls import ClientTLS, selected_alpn, tls_connect_fault
 
 # Receive window of each stream: the most unread response body one stream may hold.
 STREAM_WINDOW = 256 * 1024
@@ -1147,16 +1147,7 @@ class H2Pool:
             ) from None
         except OSError as exc:
             raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
-        if conn.closed:
-            raise ConnectFailure(
-                f"{self.address} closed the connection before the request",
-                cause="closed by the upstream before the request",
-            )
-        self.connections_opened += 1
-        if self._closed:
-            conn.goaway_and_close()
-            raise ConnectFailure("pool closed")
-        self._conns.append(conn)
+        self._adopt(conn)
 
     async def _connect_tls(self, tls: ClientTLS) -> None:
         """``_connect`` for an https:// replica: TCP, the handshake offering h2 by ALPN, the replica's
@@ -1197,23 +1188,19 @@ class H2Pool:
         except BaseException as exc:
             if conn is not None:
                 conn.abort()
-            if isinstance(exc, TimeoutError):
-                if conn is not None:
-                    raise ConnectTimeout(
-                        f"{self.address} sent no HTTP/2 SETTINGS within {self.connect_timeout:g}s",
-                        cause="no http/2 settings from the upstream",
-                    ) from None
-                if tcp_done:
-                    raise tls_fault(exc, self.address, tls.server_name) from None
+            if isinstance(exc, TimeoutError) and conn is not None:
                 raise ConnectTimeout(
-                    f"connect to {self.address} timed out",
-                    cause=f"no connection within {self.connect_timeout:g}s",
+                    f"{self.address} sent no HTTP/2 SETTINGS within {self.connect_timeout:g}s",
+                    cause="no http/2 settings from the upstream",
                 ) from None
-            if not tcp_done and isinstance(exc, OSError):
-                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
-            if isinstance(exc, Exception):
-                raise tls_fault(exc, self.address, tls.server_name) from exc
-            raise
+            fault = tls_connect_fault(exc, self.address, self.connect_timeout, tls.server_name, tcp_done)
+            if fault is exc:
+                raise
+            raise fault from (None if isinstance(exc, TimeoutError) else exc)
+        self._adopt(conn)
+
+    def _adopt(self, conn: H2Conn) -> None:
+        """A connection whose SETTINGS arrived joins the pool (unless it or the pool closed meanwhile)."""
         if conn.closed:
             raise ConnectFailure(
                 f"{self.address} closed the connection before the request",

@@ -24,7 +24,7 @@ from .errors import (
     ResetBeforeHeaders,
     os_words,
 )
-from .tls import ClientTLS, selected_alpn, tls_fault
+from .tls import ClientTLS, selected_alpn, tls_connect_fault
 
 # Idle connections younger than this are reused without the poll(2) liveness probe.
 STALE_PROBE_AFTER = 0.1
@@ -388,18 +388,10 @@ class UpstreamPool:
         except BaseException as exc:
             self._in_use -= 1
             self._wake_for_slot()
-            if isinstance(exc, TimeoutError):
-                if tcp_done:
-                    raise tls_fault(exc, self.address, tls.server_name) from None
-                raise ConnectTimeout(
-                    f"connect to {self.address} timed out",
-                    cause=f"no connection within {self.connect_timeout:g}s",
-                ) from None
-            if not tcp_done and isinstance(exc, OSError):
-                raise ConnectFailure(f"connect to {self.address} failed: {exc}", cause=os_words(exc)) from exc
-            if isinstance(exc, Exception):
-                raise tls_fault(exc, self.address, tls.server_name) from exc
-            raise
+            fault = tls_connect_fault(exc, self.address, self.connect_timeout, tls.server_name, tcp_done)
+            if fault is exc:
+                raise
+            raise fault from (None if isinstance(exc, TimeoutError) else exc)
         self.connections_opened += 1
         self.tls_handshakes += 1
         resumed = tls.session_reused(transport)

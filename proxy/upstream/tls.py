@@ -23,7 +23,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 
-from .errors import TLSFailure
+from .errors import ConnectFailure, ConnectTimeout, TLSFailure, os_words
 from .tlscontext import ALPN_HTTP1, FileStamp, TLSFileError, client_context
 
 log = logging.getLogger("fender.upstream")
@@ -175,6 +175,27 @@ _VERIFY = {
     64: "name mismatch: the replica's certificate is not valid for the address verified (see tls.server_name)",
     62: "name mismatch: the replica's certificate is not valid for the name verified (see tls.server_name)",
 }
+
+
+def tls_connect_fault(
+    exc: BaseException, address: str, connect_timeout: float, server_name: str, tcp_done: bool
+) -> BaseException:
+    """The typed fault for a failed TCP connect plus TLS handshake (what retries and breakers read).
+
+    ``tcp_done``: the TCP connect succeeded, so a timeout or error belongs to the handshake.
+    Anything that is not an ``Exception`` (cancellation) comes back as it is, to be re-raised.
+    """
+    if isinstance(exc, TimeoutError):
+        if tcp_done:
+            return tls_fault(exc, address, server_name)
+        return ConnectTimeout(
+            f"connect to {address} timed out", cause=f"no connection within {connect_timeout:g}s"
+        )
+    if not tcp_done and isinstance(exc, OSError):
+        return ConnectFailure(f"connect to {address} failed: {exc}", cause=os_words(exc))
+    if isinstance(exc, Exception):
+        return tls_fault(exc, address, server_name)
+    return exc
 
 
 def tls_fault(exc: BaseException, address: str, server_name: str) -> TLSFailure:
