@@ -62,7 +62,6 @@ import logging
 from urllib.parse import unquote
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -79,12 +78,12 @@ from h2.exceptions import DenialOfServiceError, FlowControlError, ProtocolError,
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple as _NotIndexed
-from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 
 from proxy.kernel.fields import PROXY_TRAILERS, TRAILERS
 from proxy.metrics import Metrics
 from proxy.upstream.connection import NOT_TRAILERS
-from proxy.upstream.http2 import CheckedStream, Malformed, MalformedStream
+from proxy.upstream.http2 import Malformed, StreamErrorConnection
 
 log = logging.getLogger("uvicorn.error")
 
@@ -171,7 +170,7 @@ class _FrameBuffer(FrameBuffer):
         return super()._update_header_buffer(f)
 
 
-class _Connection(H2Connection):
+class _Connection(StreamErrorConnection):
     """h2's connection, leaving the concurrent-stream limit to the protocol.
 
     h2 ends the whole connection (GOAWAY) when a client opens a stream beyond
@@ -182,24 +181,6 @@ class _Connection(H2Connection):
     """
 
     prune_above = 256  # streams (open and closed) h2 may hold before they are pruned
-
-    def _begin_new_stream(self, stream_id, allowed_ids):
-        stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream.__class__ = CheckedStream  # same state, its content-length faults a stream error
-        return stream
-
-    def _receive_frame(self, frame):
-        try:
-            return super()._receive_frame(frame)
-        except MalformedStream as exc:
-            # RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR; the
-            # other streams of the connection go on. HPACK state is intact (the block was decoded).
-            sid = exc.stream_id
-            self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
-            if isinstance(frame, DataFrame) and frame.flow_controlled_length:
-                # Nobody reads these bytes: the connection window they took is handed back.
-                self.acknowledge_received_data(frame.flow_controlled_length, sid)
-            return [Malformed(sid)]
 
     @property
     def open_inbound_streams(self) -> int:

@@ -126,13 +126,14 @@ class CheckedStream(H2Stream):
         return frames, events
 
 
-class _ClientConnection(h2.connection.H2Connection):
-    """h2's state machine, except that a GOAWAY leaves the connection open for the streams at or
-    below its last stream id (RFC 9113 6.8: they may still complete); h2 alone refuses every frame after it."""
+class StreamErrorConnection(h2.connection.H2Connection):
+    """h2's connection, with a malformed stream (content-length contradicted by DATA, an invalid
+    content-length) a stream error: RFC 9113 8.1.1 makes it PROTOCOL_ERROR on that stream, and the
+    other streams go on (HPACK state is intact: the block was decoded). Both directions use it."""
 
     def _begin_new_stream(self, stream_id, allowed_ids):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream.__class__ = CheckedStream  # a response body contradicting content-length fails its stream only
+        stream.__class__ = CheckedStream  # same state, its content-length faults a stream error
         return stream
 
     def _receive_frame(self, frame):
@@ -142,8 +143,14 @@ class _ClientConnection(h2.connection.H2Connection):
             sid = exc.stream_id
             self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             if isinstance(frame, DataFrame) and frame.flow_controlled_length:
+                # Nobody reads these bytes: the connection window they took is handed back.
                 self.acknowledge_received_data(frame.flow_controlled_length, sid)
             return [Malformed(sid, str(exc))]
+
+
+class _ClientConnection(StreamErrorConnection):
+    """h2's state machine, except that a GOAWAY leaves the connection open for the streams at or
+    below its last stream id (RFC 9113 6.8: they may still complete); h2 alone refuses every frame after it."""
 
     def _receive_goaway_frame(self, frame):
         state = self.state_machine.state
