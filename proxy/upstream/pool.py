@@ -260,11 +260,13 @@ class UpstreamPool:
         # them; under load a connection is reused within milliseconds and the probe is pure cost
         # (an EOF the loop already processed marks the connection closed either way).
         assert self._loop is not None  # set by request(), the only way in
+        # <=: uvloop's clock moves in whole milliseconds, so "idle at least STALE_PROBE_AFTER" (0 in a
+        # test: always) must include a connection pooled in the same millisecond.
         probe_before = self._loop.time() - STALE_PROBE_AFTER
         while idle:
             conn = idle.pop()
             conn.pooled = False
-            if conn.closed or (conn.idle_since < probe_before and conn.is_stale()):
+            if conn.closed or (conn.idle_since <= probe_before and conn.is_stale()):
                 conn.close()
                 continue
             conn.checked_out = True
