@@ -8,6 +8,7 @@ records' TTL so that changes show within about half a second. Waits on what the 
 does (a SIGHUP re-read, a restart) are bounded real-time waits; nothing sleeps to synchronise.
 """
 
+# ruff: noqa: F811  (the fenders fixture comes from tests/support/policyfile.py)
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +21,9 @@ import pytest
 
 from proxy.cluster.dns.resolver import DnsResolver, LookupFailed
 from proxy.cluster.options import DnsOptions
-from proxy.config import load_policy
-from proxy.server.fender import Fender, bind_socket
+from proxy.server.fender import Fender
 from tests.support.dnsmasq import Dnsmasq
+from tests.support.policyfile import fenders  # noqa: F401  (the fenders fixture)
 from tests.support.procs import wait_until
 from tests.support.raw_upstream import NeverAccepts, RawUpstream, Request, Responder
 
@@ -73,32 +74,6 @@ async def replicas():
     group = Replicas()
     yield group
     await group.close()
-
-
-@pytest.fixture
-async def fenders(tmp_path):
-    started: list[Fender] = []
-
-    async def start(text: str) -> Fender:
-        path = tmp_path / f"policy-{len(started)}.yaml"
-        path.write_text(text)
-        fender = Fender(load_policy(path), str(path))
-        await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
-        fender.url = f"http://127.0.0.1:{fender.data_port}"
-        fender.admin_url = f"http://127.0.0.1:{fender.admin_port}"
-        fender.path = path
-        started.append(fender)
-        return fender
-
-    async def reload(fender: Fender, text: str) -> None:
-        fender.path.write_text(text)
-        attempt = await fender.reloader.reload("api")
-        assert attempt.result == "applied", attempt.errors
-
-    start.reload = reload
-    yield start
-    for fender in started:
-        await fender.stop()
 
 
 def policy(dns_port: int, replicas: str, upstream: str = "", dns: str = "", route: str = "") -> str:

@@ -25,7 +25,7 @@ async def fenders(tmp_path):
     started: list[Fender] = []
 
     async def start(text: str) -> Fender:
-        path = tmp_path / "policy.yaml"
+        path = tmp_path / f"policy-{len(started)}.yaml"  # one file per Fender: each reloads its own
         path.write_text(text)
         fender = Fender(load_policy(path), str(path), clock=SYSTEM_CLOCK)
         await fender.start(bind_socket("127.0.0.1", 0), bind_socket("127.0.0.1", 0))
