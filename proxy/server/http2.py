@@ -82,6 +82,7 @@ from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 
 from proxy.kernel.fields import PROXY_TRAILERS, TRAILERS
 from proxy.metrics import Metrics
+from proxy.server.writeflow import WriteFlow
 from proxy.upstream.connection import NOT_TRAILERS
 from proxy.upstream.http2 import Malformed, StreamErrorConnection
 
@@ -376,7 +377,7 @@ class _Stream:
         self.conn.stream_complete(self)
 
 
-class FenderH2Protocol(asyncio.Protocol):
+class FenderH2Protocol(WriteFlow, asyncio.Protocol):
     """One HTTP/2 client connection of the data listener (see the module docstring).
 
     The class attributes are set from the policy by :meth:`configure`; a new
@@ -1046,29 +1047,6 @@ class FenderH2Protocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-        self._wake_drain()
-
-    async def drain(self) -> None:
-        waiter = self.loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def _wake_drain(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     def _send_timed_out(self) -> None:
         self._send_timer = None

@@ -75,6 +75,7 @@ from proxy.kernel.reasons import REASONS
 from proxy.metrics import Metrics
 from proxy.server.http2 import PREFACE, FenderH2Protocol, after_preface, take_over
 from proxy.server.tls import client_cert_subject
+from proxy.server.writeflow import WriteFlow
 from proxy.tunnel import TunnelEnd, upgrade_offer
 from proxy.upstream.connection import NOT_TRAILERS
 
@@ -407,7 +408,7 @@ class _Exchange:
         return b"".join(parts)
 
 
-class FenderHttpProtocol(asyncio.Protocol):
+class FenderHttpProtocol(WriteFlow, asyncio.Protocol):
     """HTTP/1.1 for the data listener, built by uvicorn's ``Server`` (``Config(http=FenderHttpProtocol)``).
 
     The class attributes are set from the policy by :meth:`configure`; new
@@ -889,29 +890,6 @@ class FenderHttpProtocol(asyncio.Protocol):
         if self._read_paused and not self.pipeline:
             self._read_paused = False
             self.transport.resume_reading()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-        self._wake_drain()
-
-    async def drain(self) -> None:
-        waiter = self.loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def _wake_drain(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
