@@ -50,3 +50,32 @@ def test_a_policy_module_imports_on_its_own():
         "proxy.kernel.exchange",
     ):
         assert module in _modules_after(f"import {module}")
+
+
+def test_the_import_contracts_name_every_policy_package():
+    # A policy added without its lines in pyproject.toml would escape the options and
+    # independence contracts silently (fault injection once did).
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    policies = sorted(
+        p.name for p in (root / "proxy" / "policies").iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    )
+    assert "fault" in policies and "retry" in policies  # the listing found the packages
+    contracts = {
+        c["name"]: c
+        for c in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    }
+    independent = contracts["Policies do not know each other (the chain composes them)"]["modules"]
+    options = contracts["Options modules import only the options vocabulary, the reasons and each other"]
+    assert sorted(m.removeprefix("proxy.policies.") for m in independent) == policies
+    with_options = [p for p in policies if (root / "proxy" / "policies" / p / "options.py").exists()]
+    assert (
+        sorted(
+            m.removeprefix("proxy.policies.").removesuffix(".options")
+            for m in options["source_modules"]
+            if m.startswith("proxy.policies.")
+        )
+        == with_options
+    )
