@@ -121,10 +121,15 @@ def test_unsampled_traceparents_come_in_blocks_of_valid_distinct_ids():
     from proxy.tracing.context import parse_traceparent
     from proxy.tracing.tracer import _traceparents
 
-    headers = _traceparents() + _traceparents()
+    first, second = _traceparents(), _traceparents()
+    headers = first + second
     parsed = [parse_traceparent(h) for h in headers]
     assert all(p is not None and p[2] is False for p in parsed), headers[:3]
-    assert len({p[0] for p in parsed}) == len({p[1] for p in parsed}) == len(headers) == 512
+    assert all(len(h) == 55 and h.startswith(b"00-") and h.endswith(b"-00") for h in headers)
+    assert len({p[0] for p in parsed}) == len(headers) == 512  # every trace id fresh
+    # One parent span id per block (span ids are unique within a trace; these are all different traces).
+    assert len({p[1] for p in parsed[:256]}) == len({p[1] for p in parsed[256:]}) == 1
+    assert parsed[0][1] != parsed[256][1]
 
 
 # --------------------------------------------------------------------------- the exporter

@@ -21,6 +21,7 @@ import os
 import random
 import struct
 import time
+from binascii import hexlify
 from bisect import bisect_left
 
 from prometheus_client.samples import Exemplar
@@ -63,21 +64,25 @@ _BACKOFF = double_head("fender.backoff_ms")
 _CLIENT_NAMES: dict = {}  # client span name and kind by method
 
 # Traceparents of unsampled new traces, made a block at a time: formatting two random ints as hex
-# per request cost ~4.9k instructions, taking one from a block ~1.6k (callgrind, per request).
+# per request cost ~4.9k instructions; a block of 256 formatted with `%` ~1.6k each; as below ~0.3k
+# (callgrind, per traceparent). Each trace id is fresh; the block's traceparents share one parent
+# span id: W3C and OpenTelemetry ask a span id to be unique within its trace, and no two of these
+# are in one trace (nobody records an unsampled parent's span anyway).
 _BLOCK = 256
-_SPLIT_IDS = struct.Struct("32s16s" * _BLOCK).unpack
-_FORMAT = b"00-%s-%s-00" * _BLOCK
 _SPLIT_HEADERS = struct.Struct("55s" * _BLOCK).unpack
-_ZERO_TRACE = b"-" + b"0" * 32 + b"-"
-_ZERO_SPAN = b"-" + b"0" * 16 + b"-00"
+_ZERO_ID = b"\0" * 8  # conservative: any 8 zero bytes in a row in the random bytes draws again
 
 
 def _traceparents() -> tuple[bytes, ...]:
-    """A block of unsampled traceparents with fresh random trace and span ids (none all zero)."""
-    while True:  # bounded in practice: a retry happens with probability ~2^-56 per block
-        block = _FORMAT % _SPLIT_IDS(os.urandom(24 * _BLOCK).hex().encode())
-        if _ZERO_TRACE not in block and _ZERO_SPAN not in block:
-            return _SPLIT_HEADERS(block)
+    """A block of unsampled traceparents with fresh random trace ids (none all zero)."""
+    while True:  # bounded in practice: a retry happens with probability ~2^-51 per block
+        raw = os.urandom(16 * _BLOCK + 8)
+        if _ZERO_ID not in raw:
+            break
+    span = b"-" + hexlify(raw[-8:]) + b"-00"
+    # hexlify puts "|" between the trace ids; each becomes the end of one header and the start of the next.
+    ids = hexlify(raw[:-8], "|", 16).replace(b"|", span + b"00-")
+    return _SPLIT_HEADERS(b"00-" + ids + span)
 
 
 class Tracer:
