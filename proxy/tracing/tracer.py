@@ -64,7 +64,7 @@ _BACKOFF = double_head("fender.backoff_ms")
 _CLIENT_NAMES: dict = {}  # client span name and kind by method
 
 # Traceparents of unsampled new traces, made a block at a time: formatting two random ints as hex
-# per request cost ~4.9k instructions; a block of 256 formatted with `%` ~1.6k each; as below ~0.3k
+# per request cost ~4.9k instructions; a block of 256 formatted with `%` ~1.6k each; as below ~0.73k
 # (callgrind, per traceparent). Each trace id is fresh; the block's traceparents share one parent
 # span id: W3C and OpenTelemetry ask a span id to be unique within its trace, and no two of these
 # are in one trace (nobody records an unsampled parent's span anyway).
